@@ -1,0 +1,1 @@
+"""The data side: read and validate Parquet, flat series arrays, window index, batches."""

@@ -1,0 +1,162 @@
+"""Batches gathered from the flat series arrays by index arithmetic, on the CPU or the GPU.
+
+`WindowLoader` moves the arrays to a device once; a batch of windows (series, start) is then
+`values[indptr[series] + start + arange(L + H)]`, scaled by the per-series statistics of the
+cutoff in use. Calendar features are computed from timestamps per batch, never stored. The
+batch follows the models' tensor contract:
+  x      [B, L, 1 + C_past]  scaled target, past covariates, future covariates and calendar
+                             over the lookback
+  xf     [B, H, C_fut]       future covariates and calendar over the horizon (None if none)
+  y      [B, H]              scaled target (None for forecast windows)
+  y_mask [B, H]              1 where the target was observed
+  static [B, C_s], idx [B]   static features and embedding index (None when not used)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.data.calendar import PERIODS, calendar_values
+from pipeline.data.series import SeriesArrays
+from pipeline.data.windows import WindowIndex
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    xf: torch.Tensor | None
+    y: torch.Tensor | None
+    y_mask: torch.Tensor | None
+    static: torch.Tensor | None
+    idx: torch.Tensor | None
+    loc: torch.Tensor      # [B] to invert the scaling of outputs
+    scale: torch.Tensor    # [B]
+    series: torch.Tensor   # [B]
+    start: torch.Tensor    # [B]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def static_matrix(arrays: SeriesArrays) -> np.ndarray | None:
+    """[S, C_s] float32: numeric static columns standardized, string columns one-hot."""
+    cols = []
+    for col in arrays.static.values():
+        if np.issubdtype(np.asarray(col).dtype, np.number):
+            v = np.asarray(col, np.float64)
+            cols.append(((v - v.mean()) / (v.std() or 1.0))[:, None])
+        else:
+            _, codes = np.unique(np.asarray(col).astype(str), return_inverse=True)
+            cols.append(np.eye(codes.max() + 1)[codes])  # [S] -> [S, K]
+    return np.concatenate(cols, 1).astype(np.float32) if cols else None
+
+
+def embedding_index(arrays: SeriesArrays, kind: str) -> np.ndarray | None:
+    """[S] int64: the series number ('series') or the group number ('group')."""
+    if kind == "series":
+        return np.arange(len(arrays), dtype=np.int64)
+    if kind == "group":
+        return np.unique(arrays.groups.astype(str), return_inverse=True)[1].astype(np.int64)
+    return None
+
+
+class WindowLoader:
+    """Gathers windows of fixed lookback/horizon from SeriesArrays held on `device`."""
+
+    def __init__(self, arrays: SeriesArrays, lookback: int, horizon: int, loc: np.ndarray,
+                 scale: np.ndarray, *, calendar: list[str] = (), embedding: str = "none",
+                 use_static: bool = True, device: str | torch.device = "cpu") -> None:
+        self.L, self.H, self.device = lookback, horizon, torch.device(device)
+        self.calendar = list(calendar)
+        self.freq_ns = arrays.freq_ns
+        self.lengths = arrays.lengths
+        t = self._to
+        self.values, self.mask = t(arrays.values), t(arrays.mask)
+        self.indptr, self.start_ns = t(arrays.indptr), t(arrays.start_ns)
+        self.past = t(arrays.past) if arrays.past is not None else None
+        self.future = t(arrays.future) if arrays.future is not None else None
+        self.loc, self.scale = t(np.asarray(loc, np.float32)), t(np.asarray(scale, np.float32))
+        st = static_matrix(arrays) if use_static else None
+        self.static = t(st) if st is not None else None
+        emb = embedding_index(arrays, embedding)
+        self.embed = t(emb) if emb is not None else None
+        self.steps = torch.arange(lookback + horizon, device=self.device)
+
+    def _to(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    @property
+    def past_size(self) -> int:
+        """Channels of x besides the target."""
+        return self.x_channels - 1
+
+    @property
+    def x_channels(self) -> int:
+        cp = 0 if self.past is None else self.past.shape[1]
+        cf = 0 if self.future is None else self.future.shape[1]
+        return 1 + cp + cf + 2 * len(self.calendar)
+
+    @property
+    def future_size(self) -> int:
+        cf = 0 if self.future is None else self.future.shape[1]
+        return cf + 2 * len(self.calendar)
+
+    @property
+    def static_size(self) -> int:
+        return 0 if self.static is None else self.static.shape[1]
+
+    def gather(self, series: torch.Tensor, start: torch.Tensor, with_target: bool = True
+               ) -> Batch:
+        """Windows (series[b], start[b]); with_target=False reads the lookback only (forecast
+        windows whose horizon lies beyond the data)."""
+        series = series.to(self.device, torch.long)
+        start = start.to(self.device, torch.long)
+        L, H = self.L, self.H
+        T = L + H if with_target else L
+        rows = (self.indptr[series] + start)[:, None] + self.steps[None, :T]  # [B, T]
+        loc, scale = self.loc[series], self.scale[series]
+        v = (self.values[rows] - loc[:, None]) / scale[:, None]               # [B, T]
+        feats, fut = [v[:, :L, None]], []                                     # [B, L, 1]
+        if self.past is not None:
+            feats.append(self.past[rows[:, :L]])                              # [B, L, Cp]
+        if self.future is not None:
+            frows = rows if with_target else torch.cat(                       # hold the last
+                [rows, rows[:, -1:].expand(-1, H)], 1)                        # value: [B, L+H]
+            f = self.future[frows]                                            # [B, L+H, Cf]
+            feats.append(f[:, :L])
+            fut.append(f[:, L:])
+        if self.calendar:
+            t = self.start_ns[series, None] + (start[:, None] + self.steps[None, :]) * self.freq_ns
+            cal = self._cyclic(t)                                             # [B, L+H, 2K]
+            feats.append(cal[:, :L])
+            fut.append(cal[:, L:])
+        return Batch(
+            x=torch.cat(feats, -1), xf=torch.cat(fut, -1) if fut else None,
+            y=v[:, L:] if with_target else None,
+            y_mask=self.mask[rows[:, L:]].float() if with_target else None,
+            static=self.static[series] if self.static is not None else None,
+            idx=self.embed[series] if self.embed is not None else None,
+            loc=loc, scale=scale, series=series, start=start)
+
+    def _cyclic(self, t_ns: torch.Tensor) -> torch.Tensor:
+        cols = []
+        for name, val in zip(self.calendar, calendar_values(t_ns, self.calendar), strict=True):
+            angle = val.float() * (2 * np.pi / PERIODS[name])
+            cols += [torch.sin(angle), torch.cos(angle)]
+        return torch.stack(cols, -1)  # K × 2 × [B, T] -> [B, T, 2K]
+
+    def batches(self, index: WindowIndex, batch_size: int, *, shuffle: bool = False,
+                generator: torch.Generator | None = None, with_target: bool = True
+                ) -> Iterator[Batch]:
+        """Batches over a window index, optionally in a seeded random order."""
+        series = torch.from_numpy(index.series).to(self.device)
+        start = torch.from_numpy(index.start).to(self.device)
+        n = len(index)
+        order = (torch.randperm(n, generator=generator).to(self.device) if shuffle
+                 else torch.arange(n, device=self.device))
+        for i in range(0, n, batch_size):
+            rows = order[i:i + batch_size]
+            yield self.gather(series[rows], start[rows], with_target)

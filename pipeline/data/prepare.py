@@ -1,0 +1,140 @@
+"""The data stage: input parts → per-part validation and arrays (mapped by a runner) → one
+SeriesArrays, a report of every repaired or skipped series, and the window index.
+
+The runner maps a function over argument tuples and returns the results in order. The default
+runs in this process; `pipeline.execution.ray_runner` fans the parts out as Ray tasks. Both give
+identical arrays because the parts, and their order, are planned here.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from pipeline.config import Config, WindowsConfig
+from pipeline.data import windows as W
+from pipeline.data.calendar import auto_features, format_freq, parse_freq
+from pipeline.data.io import Part, list_parts, read_columns
+from pipeline.data.series import STATUS, SeriesArrays
+from pipeline.data.validate import load_part
+from pipeline.errors import DataError
+
+Runner = Callable[[Callable, list[tuple]], list]
+REPORT_SCHEMA = {"series": pl.String, "file": pl.String, "issue": pl.String,
+                 "action": pl.String, "detail": pl.String}
+
+
+def local_runner(fn: Callable, args: list[tuple]) -> list:
+    return [fn(*a) for a in args]
+
+
+@dataclass
+class Prepared:
+    arrays: SeriesArrays
+    report: pl.DataFrame      # series, file, issue, action, detail
+    parts: int
+    rows: int
+    seconds: float
+    calendar: list[str]
+
+    def skipped(self) -> dict[str, int]:
+        counts = Counter(self.arrays.status.tolist())
+        return {STATUS[k]: v for k, v in sorted(counts.items()) if k != 0}
+
+
+def infer_freq(part: Part, id_col: str, time_col: str, sample_rows: int = 1_000_000) -> int:
+    """The most common positive step between consecutive timestamps of a series."""
+    df = pl.from_arrow(read_columns(part, [id_col, time_col])).head(sample_rows)
+    if not isinstance(df.schema[time_col], pl.Datetime | pl.Date):
+        raise DataError(f"column {time_col!r} in {part.path} has type {df.schema[time_col]}; "
+                        "expected a timestamp (Datetime or Date)")
+    t = pl.col(time_col).cast(pl.Datetime("ns")).cast(pl.Int64)
+    steps = (df.sort(id_col, time_col).select(t.diff().over(id_col).alias("d"))
+             .filter(pl.col("d") > 0)["d"])
+    if len(steps) == 0:
+        raise DataError(f"cannot infer the frequency from {part.path} (no series with two "
+                        "timestamps); set data.freq")
+    return int(steps.mode().sort()[0])
+
+
+def resolve_freq(cfg: Config, parts: list[Part]) -> int:
+    if cfg.data.freq:
+        try:
+            return parse_freq(cfg.data.freq)
+        except ValueError as e:
+            raise DataError(f"data.freq: {e}") from None
+    return infer_freq(parts[0], cfg.data.id_col, cfg.data.time_col)
+
+
+def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
+    """Read, validate and regularize the input into SeriesArrays (DESIGN.md §3–4)."""
+    t0 = time.perf_counter()
+    parts = list_parts(cfg.data.path, cfg.data.rows_per_task)
+    if sum(p.num_rows for p in parts) == 0:
+        raise DataError(f"input {cfg.data.path!r} is empty: 0 rows in {len(parts)} file(s)")
+    freq_ns = resolve_freq(cfg, parts)
+    args = [(p, cfg.data, freq_ns, cfg.windows.min_length) for p in parts]
+    results = runner(load_part, args)
+    arrays = SeriesArrays.concat([r[0] for r in results], labels=[p.label for p in parts])
+    rows = [row for r in results for row in r[1]]
+    del results
+    report = pl.DataFrame(rows or None, schema=REPORT_SCHEMA)
+    calendar = auto_features(freq_ns) if cfg.data.calendar == "auto" else list(cfg.data.calendar)
+    return Prepared(arrays, report, len(parts), sum(p.num_rows for p in parts if p.chunk == 0),
+                    time.perf_counter() - t0, calendar)
+
+
+@dataclass
+class WindowPlan:
+    """The window indexes of one job: training and validation at the latest backtest cutoff,
+    and one backtest index per cutoff (latest first)."""
+
+    cutoffs: np.ndarray           # [n_windows, S]
+    train: W.WindowIndex
+    val: W.WindowIndex
+    backtest: list[W.WindowIndex]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in [self.train, self.val, *self.backtest])
+
+
+def plan_windows(arrays: SeriesArrays, cfg: WindowsConfig) -> WindowPlan:
+    ok = arrays.status == 0
+    lengths = arrays.lengths
+    cutoffs = W.cutoff_positions(lengths, cfg.horizon, cfg.n_windows, cfg.step)
+    oldest = cutoffs[-1]  # train before the oldest backtest cutoff: no test data seen
+    return WindowPlan(
+        cutoffs=cutoffs,
+        train=W.train_windows(oldest, cfg, ok),
+        val=W.val_windows(oldest, cfg, ok),
+        backtest=[W.backtest_windows(c, lengths, cfg, ok) for c in cutoffs],
+    )
+
+
+def summary_lines(prep: Prepared, plan: WindowPlan | None, cfg: Config) -> list[str]:
+    a = prep.arrays
+    lines = [f"input        {cfg.data.path}: {prep.parts} part(s), {prep.rows:,} rows, "
+             f"frequency {format_freq(a.freq_ns)}",
+             f"series read  {len(a):,} ({int((a.status == 0).sum()):,} usable, "
+             f"{a.indptr[-1]:,} steps on the grid)"]
+    skipped = prep.skipped()
+    lines.append("skipped      " + (", ".join(f"{v:,} {k}" for k, v in skipped.items())
+                                    if skipped else "none"))
+    repaired = prep.report.filter(pl.col("action") != "skipped").group_by("issue").len()
+    for issue, n in sorted(repaired.iter_rows()):
+        lines.append(f"repaired     {n:,} × {issue}")
+    if plan is not None:
+        n_bt = sum(len(b) for b in plan.backtest)
+        mat = W.materialized_bytes(len(plan.train) + len(plan.val), cfg.windows.lookback,
+                                   cfg.windows.horizon)
+        lines.append(f"windows      {len(plan.train):,} train, {len(plan.val):,} validation, "
+                     f"{n_bt:,} backtest over {cfg.windows.n_windows} cutoff(s)")
+        lines.append(f"memory       arrays {a.nbytes() / 2**20:,.1f} MiB, window index "
+                     f"{plan.nbytes / 2**20:,.1f} MiB (materialized windows would take "
+                     f"{mat / 2**20:,.1f} MiB)")
+    return lines

@@ -1,0 +1,282 @@
+"""Read one input part, validate it against the data contract, and build its SeriesArrays.
+
+`load_part` is the per-partition function the data stage maps over the input (on Ray or
+locally). Problems that make the data unusable raise `DataError` naming the column, series and
+row; problems limited to a series are repaired or the series is marked skipped, and every such
+case becomes a report row. Row numbers count from 0 within the file.
+"""
+from __future__ import annotations
+
+import difflib
+from datetime import datetime, timezone
+
+import numpy as np
+import polars as pl
+
+from pipeline.config import DataConfig
+from pipeline.data.calendar import format_freq
+from pipeline.data.io import Part, file_schema, read_columns
+from pipeline.data.series import STATUS_CODE, SeriesArrays
+from pipeline.errors import DataError
+
+ROW = "_row"
+MAX_FILL_RATIO = 10  # a series whose grid is this many times longer than its rows is suspicious
+
+
+def required_columns(data: DataConfig) -> list[str]:
+    cols = [data.id_col, data.time_col, data.target_col, data.group_col, *data.static_cols,
+            *data.past_covariates, *data.future_covariates]
+    return list(dict.fromkeys(c for c in cols if c))
+
+
+def fmt_ts(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def report_row(part: Part, series, issue: str, action: str, detail: str) -> dict:
+    return {"series": None if series is None else str(series), "file": part.label,
+            "issue": issue, "action": action, "detail": detail}
+
+
+def load_part(part: Part, data: DataConfig, freq_ns: int, min_length: int
+              ) -> tuple[SeriesArrays, list[dict]]:
+    """One part → (its series arrays, its report rows)."""
+    df = _read(part, data)
+    report: list[dict] = []
+    df = _sort(df, part, data, report)
+    _check_duplicates(df, part, data)
+    return _to_arrays(df, part, data, freq_ns, min_length, report), report
+
+
+# ------------------------------------------------------------------ reading and typing
+
+def _read(part: Part, data: DataConfig) -> pl.DataFrame:
+    cols = required_columns(data)
+    names = file_schema(part).names + list(part.partition)
+    for col in cols:
+        if col not in names:
+            close = difflib.get_close_matches(col, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DataError(f"column {col!r} is missing from {part.path} "
+                            f"(it has {', '.join(names)}){hint}")
+    df = pl.from_arrow(read_columns(part, cols)).with_row_index(ROW)
+    df = _cast(df, part, data)
+    if part.n_chunks > 1:  # route whole series to chunks by a hash of the id
+        df = df.filter(pl.col(data.id_col).hash(seed=0) % part.n_chunks == part.chunk)
+    _check_nulls(df, part, [data.id_col, data.time_col])
+    return df
+
+
+def _cast(df: pl.DataFrame, part: Part, data: DataConfig) -> pl.DataFrame:
+    def bad(col: str, expected: str) -> DataError:
+        return DataError(f"column {col!r} in {part.path} has type {df.schema[col]}; "
+                         f"expected {expected}")
+
+    exprs = []
+    id_t = df.schema[data.id_col]
+    if not (id_t.is_integer() or id_t in (pl.String, pl.Categorical) or isinstance(id_t, pl.Enum)):
+        raise bad(data.id_col, "a string or integer series id")
+    exprs.append(pl.col(data.id_col).cast(pl.String))
+    t = df.schema[data.time_col]
+    if isinstance(t, pl.Datetime):
+        ts = pl.col(data.time_col)
+        if t.time_zone is not None:
+            ts = ts.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+        exprs.append(ts.dt.cast_time_unit("ns").cast(pl.Int64))
+    elif t == pl.Date:
+        exprs.append(pl.col(data.time_col).cast(pl.Datetime("ns")).cast(pl.Int64))
+    else:
+        raise bad(data.time_col, "a timestamp (Datetime or Date)")
+    if not df.schema[data.target_col].is_numeric():
+        raise bad(data.target_col, "a numeric target")
+    exprs.append(pl.col(data.target_col).cast(pl.Float64).fill_null(float("nan")))
+    for col in [*data.past_covariates, *data.future_covariates]:
+        if not (df.schema[col].is_numeric() or df.schema[col] == pl.Boolean):
+            raise bad(col, "a numeric or boolean covariate")
+        exprs.append(pl.col(col).cast(pl.Float32).fill_null(float("nan")))
+    if data.group_col:
+        exprs.append(pl.col(data.group_col).cast(pl.String))
+    return df.with_columns(exprs)
+
+
+def _check_nulls(df: pl.DataFrame, part: Part, cols: list[str]) -> None:
+    for col in cols:
+        nulls = df.filter(pl.col(col).is_null())
+        if len(nulls):
+            rows = nulls[ROW].head(5).to_list()
+            raise DataError(f"column {col!r} in {part.path} has {len(nulls)} null value(s), "
+                            f"first at rows {rows}")
+
+
+def _sort(df: pl.DataFrame, part: Part, data: DataConfig, report: list[dict]) -> pl.DataFrame:
+    df = df.sort([data.id_col, data.time_col], maintain_order=True)
+    ids = df[data.id_col]
+    back = (df[ROW].diff() < 0) & (ids == ids.shift(1))  # time order broken inside a series
+    n = int(ids.filter(back).n_unique()) if back.any() else 0
+    if n:
+        report.append(report_row(part, None, "unsorted", "sorted",
+                                 f"rows of {n} series were not in time order; sorted them"))
+    return df
+
+
+def _check_duplicates(df: pl.DataFrame, part: Part, data: DataConfig) -> None:
+    sid, ts = pl.col(data.id_col), pl.col(data.time_col)
+    dup = df.filter((sid == sid.shift(1)) & (ts == ts.shift(1)))
+    if len(dup):
+        first = dup.row(0, named=True)
+        twin = df.filter((sid == first[data.id_col]) & (ts == first[data.time_col]))[ROW].to_list()
+        raise DataError(
+            f"duplicate ({data.id_col}, {data.time_col}) rows in {part.path}: series "
+            f"{first[data.id_col]!r} at {fmt_ts(first[data.time_col])} (rows {twin}); "
+            f"{len(dup)} duplicate row(s) in this file")
+
+
+# ------------------------------------------------------------------ the regular grid
+
+def _to_arrays(df: pl.DataFrame, part: Part, data: DataConfig, freq_ns: int, min_length: int,
+               report: list[dict]) -> SeriesArrays:
+    code = df[data.id_col].rle_id().to_numpy().astype(np.int64)  # series number of each row
+    t = df[data.time_col].to_numpy()
+    first_row = np.flatnonzero(np.r_[True, code[1:] != code[:-1]]) if len(df) else np.zeros(0, int)
+    ids = df[data.id_col].to_numpy()[first_row].astype(object)
+    start = t[first_row]
+    rel = t - start[code]
+    _check_grid(df, part, data, rel, freq_ns, code, ids)
+    pos = rel // freq_ns
+    counts = np.bincount(code, minlength=len(ids))
+    lengths = pos[np.r_[first_row[1:], len(df)] - 1] + 1 if len(df) else np.zeros(0, np.int64)
+    _check_fill_ratio(part, ids, lengths, counts, freq_ns)
+    indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    flat = indptr[code] + pos  # where each row lands on the grid
+    status = np.zeros(len(ids), np.int8)
+    y = df[data.target_col].to_numpy()
+    values, mask, no_finite = _scatter_target(y, flat, indptr, len(ids))
+    _target_report(part, data, y, code, ids, df, lengths - counts, status, report)
+    status[(status == 0) & no_finite] = STATUS_CODE["no_finite_values"]
+    if data.nonnegative:
+        neg = np.bincount(code, weights=(y < 0), minlength=len(ids)) > 0
+        status[(status == 0) & neg] = STATUS_CODE["negative_values"]
+    status[(status == 0) & (lengths < min_length)] = STATUS_CODE["too_short"]
+    _status_report(part, ids, lengths, status, min_length, report)
+    past = _scatter_covariates(df, data.past_covariates, flat, indptr, part, report)
+    future = _scatter_covariates(df, data.future_covariates, flat, indptr, part, report)
+    return SeriesArrays(
+        ids=ids, indptr=indptr, values=values, mask=mask, start_ns=start.astype(np.int64),
+        freq_ns=freq_ns, status=status, past=past, future=future,
+        past_names=list(data.past_covariates), future_names=list(data.future_covariates),
+        static={c: _per_series(df, data, c, first_row, part) for c in data.static_cols},
+        groups=(_per_series(df, data, data.group_col, first_row, part).astype(object)
+                if data.group_col else None),
+    )
+
+
+def _check_grid(df, part, data, rel, freq_ns, code, ids) -> None:
+    off = np.flatnonzero(rel % freq_ns)
+    if len(off):
+        i = off[0]
+        raise DataError(
+            f"series {ids[code[i]]!r} in {part.path}: timestamp "
+            f"{fmt_ts(df[data.time_col][int(i)])} "
+            f"(row {df[ROW][int(i)]}) is off the {format_freq(freq_ns)} grid that starts "
+            f"at its first timestamp; {len(off)} row(s) are off the grid. Set data.freq or "
+            "aggregate the input to a regular frequency")
+
+
+def _check_fill_ratio(part, ids, lengths, counts, freq_ns) -> None:
+    bad = np.flatnonzero((lengths > MAX_FILL_RATIO * counts) & (lengths > 10_000))
+    if len(bad):
+        s = bad[0]
+        raise DataError(f"series {ids[s]!r} in {part.path} spans {lengths[s]} steps of "
+                        f"{format_freq(freq_ns)} but has only {counts[s]} rows; is data.freq "
+                        "right, or are some timestamps wrong?")
+
+
+def _scatter_target(y, flat, indptr, n_series):
+    """Place rows on the grid; fill gaps and NaN/inf by forward then backward fill."""
+    values = np.full(indptr[-1], np.nan, np.float32)
+    values[flat] = y
+    finite = np.isfinite(values)
+    values, no_finite = _fill_segments(values, finite, indptr)
+    return values, finite.astype(np.uint8), no_finite
+
+
+def _fill_segments(values: np.ndarray, finite: np.ndarray, indptr: np.ndarray):
+    """Forward fill non-finite entries within each segment, then back fill leading ones from
+    the segment's first finite value. Segments with no finite value become 0."""
+    n = len(values)
+    if n == 0 or finite.all():
+        return values, np.zeros(len(indptr) - 1, bool)
+    starts = indptr[:-1]
+    idx = np.where(finite, np.arange(n), 0)
+    nonempty = starts < indptr[1:]
+    idx[starts[nonempty]] = starts[nonempty]  # never reach into the previous segment
+    np.maximum.accumulate(idx, out=idx)
+    out = values[idx]
+    first = np.minimum.reduceat(np.where(finite, np.arange(n), n), starts[nonempty])
+    first_all = np.full(len(starts), n)
+    first_all[nonempty] = first
+    seg_len = np.diff(indptr)
+    seg = np.repeat(np.arange(len(starts)), seg_len)
+    lead = ~np.isfinite(out)
+    no_finite = first_all >= indptr[1:]
+    src = np.minimum(first_all, n - 1)[seg[lead]]
+    out[lead] = np.where(no_finite[seg[lead]], 0.0, values[src])
+    return out, no_finite & nonempty
+
+
+def _target_report(part, data, y, code, ids, df, gaps, status, report) -> None:
+    bad_rows = np.flatnonzero(~np.isfinite(y))
+    n_bad = np.bincount(code[bad_rows], minlength=len(ids))
+    if data.nan_policy == "fail" and len(bad_rows):
+        i = bad_rows[0]
+        raise DataError(f"column {data.target_col!r} in {part.path}: series {ids[code[i]]!r} has a "
+                        f"NaN/inf value at row {df[ROW][int(i)]} "
+                        f"({int(n_bad.sum())} in this file); "
+                        "data.nan_policy is 'fail' (use 'impute' or 'drop')")
+    for s in np.flatnonzero(n_bad):
+        if data.nan_policy == "drop":
+            status[s] = STATUS_CODE["nan_target_dropped"]
+        action = "skipped" if data.nan_policy == "drop" else "imputed"
+        report.append(report_row(part, ids[s], "nan_target", action,
+                                 f"{n_bad[s]} NaN/inf target value(s)"))
+    for s in np.flatnonzero(gaps):
+        report.append(report_row(part, ids[s], "gaps", "filled",
+                                 f"{gaps[s]} missing timestamp(s) filled and masked"))
+
+
+def _status_report(part, ids, lengths, status, min_length, report) -> None:
+    reasons = {STATUS_CODE["too_short"]: lambda s: f"{lengths[s]} steps < {min_length} needed "
+               "(lookback + horizon + backtest)",
+               STATUS_CODE["no_finite_values"]: lambda s: "no finite target value",
+               STATUS_CODE["negative_values"]: lambda s: "negative target values"}
+    names = {1: "too_short", 3: "no_finite_values", 4: "negative_values"}
+    for s in np.flatnonzero(np.isin(status, list(reasons))):
+        report.append(report_row(part, ids[s], names[int(status[s])], "skipped",
+                                 reasons[int(status[s])](s)))
+
+
+def _scatter_covariates(df, cols, flat, indptr, part, report):
+    if not cols:
+        return None
+    out = np.empty((indptr[-1], len(cols)), np.float32)  # [N, C]
+    for j, col in enumerate(cols):
+        v = np.full(indptr[-1], np.nan, np.float32)
+        v[flat] = df[col].to_numpy()
+        finite = np.isfinite(v)
+        out[:, j], _ = _fill_segments(v, finite, indptr)
+        n_missing = int((~finite).sum())
+        if n_missing:
+            report.append(report_row(part, None, "covariate_missing", "filled",
+                                     f"covariate {col!r}: {n_missing} missing value(s) filled "
+                                     "forward (backward at series starts)"))
+    return out
+
+
+def _per_series(df, data, col, first_row, part) -> np.ndarray:
+    varying = (df.group_by(data.id_col).agg(pl.col(col).n_unique().alias("n"))
+               .filter(pl.col("n") > 1))
+    if len(varying):
+        raise DataError(f"column {col!r} in {part.path} must be constant per series, but series "
+                        f"{varying[data.id_col][0]!r} has {varying['n'][0]} different values "
+                        f"({len(varying)} series vary)")
+    return df[col].to_numpy()[first_row]

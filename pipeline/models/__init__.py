@@ -1,0 +1,36 @@
+"""The model zoo: encoders and decoders registered by name, composed by `build_model`.
+
+    model = build_model(cfg.model, lookback=168, horizon=24, past_size=3, future_size=2)
+    y_hat = model(x, xf, static, idx)          # [B, H, Q]
+    save_model(model, "model.pt"); model = load_model("model.pt")
+
+See docs/models.md for the blocks and their config keys.
+"""
+from pipeline.models.decoders import (
+    DECODERS,
+    DirectDecoder,
+    NonCrossingQuantiles,
+    RNNDecoder,
+    register_decoder,
+)
+from pipeline.models.encoders import (
+    ENCODERS,
+    CNNEncoder,
+    FFNEncoder,
+    Latent,
+    RNNEncoder,
+    StateSpec,
+    causal_left_padding,
+    conv_output_length,
+    register_encoder,
+)
+from pipeline.models.losses import HuberLoss, MAELoss, MSELoss, QuantileLoss, make_loss
+from pipeline.models.seq2seq import EncoderDecoder, build_model, load_model, save_model
+
+__all__ = [
+    "DECODERS", "ENCODERS", "CNNEncoder", "DirectDecoder", "EncoderDecoder", "FFNEncoder",
+    "HuberLoss", "Latent", "MAELoss", "MSELoss", "NonCrossingQuantiles", "QuantileLoss",
+    "RNNDecoder", "RNNEncoder", "StateSpec", "build_model", "causal_left_padding",
+    "conv_output_length", "load_model", "make_loss", "register_decoder", "register_encoder",
+    "save_model",
+]

@@ -1,0 +1,128 @@
+"""EncoderDecoder: encoder + decoder + optional id embedding; build, save and load by spec.
+
+Tensor contract (the data loader produces exactly this):
+    x       [B, L, 1 + C_past]  channel 0 the scaled past target, then past-known features
+    xf      [B, H, C_fut]       known-future features over the horizon, or None when C_fut = 0
+    static  [B, C_s]            static features, or None when C_s = 0
+    idx     [B] long            embedding index (series or group) when model.embedding != none
+    target  [B, H]              scaled true future; only used for teacher forcing in training
+    ->      [B, H, Q]           Q = len(model.quantiles) or 1
+
+`build_model` records its arguments in `model.spec`; `save_model` stores spec + state_dict and
+`load_model` rebuilds the same model from the file alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import nn
+
+from pipeline.config import DecoderConfig, EncoderConfig, ModelConfig
+from pipeline.models.decoders import DECODERS
+from pipeline.models.encoders import ENCODERS
+
+FORMAT_VERSION = 1
+
+
+class EncoderDecoder(nn.Module):
+    """h(x) -> latent -> g(latent, xf, context) -> [B, H, Q]; context = [static, embedding(idx)]."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, *, static_size: int = 0,
+                 num_embeddings: int = 0, embedding_dim: int = 0, spec: dict | None = None):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.static_size = static_size
+        self.embedding = nn.Embedding(num_embeddings, embedding_dim) if num_embeddings else None
+        self.spec = spec  # build_model's arguments; what save_model stores beside the weights
+
+    def forward(self, x: torch.Tensor, xf: torch.Tensor | None = None,
+                static: torch.Tensor | None = None, idx: torch.Tensor | None = None,
+                target: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_inputs(x, xf, static, idx)
+        latent = self.encoder(x)
+        return self.decoder(latent, y_last=x[:, -1, 0], xf=xf, context=self.context(static, idx),
+                            target=target)
+
+    def context(self, static: torch.Tensor | None, idx: torch.Tensor | None) -> torch.Tensor | None:
+        """[static, embedding(idx)] -> [B, C_s + E], or None when the model uses neither."""
+        parts = []
+        if self.static_size:
+            parts.append(static)
+        if self.embedding is not None:
+            parts.append(self.embedding(idx))  # [B] -> [B, E]
+        return torch.cat(parts, -1) if parts else None
+
+    def check_inputs(self, x: torch.Tensor, xf: torch.Tensor | None,
+                     static: torch.Tensor | None, idx: torch.Tensor | None) -> None:
+        """Clear errors for inputs that do not match the sizes the model was built with."""
+        def width(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.shape[-1]
+        past = x.shape[-1] - 1 if x.dim() == 3 else None
+        if past != self.encoder.input_size - 1:
+            raise ValueError(f"x must be [B, L, 1 + past_size] with past_size = "
+                             f"{self.encoder.input_size - 1}; got {tuple(x.shape)}")
+        if width(xf) != self.decoder.future_size:
+            raise ValueError(f"xf must be [B, H, {self.decoder.future_size}] (future_size); got "
+                             f"{None if xf is None else tuple(xf.shape)}")
+        if width(static) != self.static_size:
+            raise ValueError(f"static must have {self.static_size} features (static_size); got "
+                             f"{None if static is None else tuple(static.shape)}")
+        if self.embedding is not None and idx is None:
+            raise ValueError("this model has a learned embedding: pass idx [B]")
+
+
+def build_model(model_cfg: ModelConfig, *, lookback: int, horizon: int, past_size: int,
+                future_size: int, static_size: int = 0, num_embeddings: int = 0) -> EncoderDecoder:
+    """Build the encoder x decoder pair `model_cfg` names.
+
+    past_size = C_past (x has 1 + past_size channels), future_size = C_fut, static_size = C_s;
+    num_embeddings (series or groups) is needed when model_cfg.embedding != "none".
+    """
+    if model_cfg.embedding != "none" and num_embeddings <= 0:
+        raise ValueError(f"model.embedding = {model_cfg.embedding!r} needs num_embeddings > 0")
+    embedding_dim = model_cfg.embedding_dim if model_cfg.embedding != "none" else 0
+    encoder = _lookup(ENCODERS, "encoder", model_cfg.encoder.type).from_config(
+        model_cfg.encoder, input_size=1 + past_size, lookback=lookback)
+    decoder = _lookup(DECODERS, "decoder", model_cfg.decoder.type).from_config(
+        model_cfg.decoder, latent_size=encoder.latent_size, state_spec=encoder.state_spec,
+        horizon=horizon, future_size=future_size, context_size=static_size + embedding_dim,
+        quantiles=model_cfg.quantiles)
+    spec = dict(model=dataclasses.asdict(model_cfg), lookback=lookback, horizon=horizon,
+                past_size=past_size, future_size=future_size, static_size=static_size,
+                num_embeddings=num_embeddings)
+    return EncoderDecoder(encoder, decoder, static_size=static_size,
+                          num_embeddings=num_embeddings if embedding_dim else 0,
+                          embedding_dim=embedding_dim, spec=spec)
+
+
+def _lookup(registry: dict[str, type[nn.Module]], kind: str, name: str) -> type[nn.Module]:
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    """Inverse of dataclasses.asdict for a ModelConfig (as stored in a spec)."""
+    return ModelConfig(**{**raw, "encoder": EncoderConfig(**raw["encoder"]),
+                          "decoder": DecoderConfig(**raw["decoder"])})
+
+
+def save_model(model: EncoderDecoder, path: str | Path | BinaryIO) -> None:
+    """torch.save spec + state_dict: the file alone is enough to rebuild the model."""
+    if model.spec is None:
+        raise ValueError("model has no spec: build it with build_model to make it saveable")
+    torch.save({"format": FORMAT_VERSION, "spec": model.spec, "state_dict": model.state_dict()},
+               path)
+
+
+def load_model(path: str | Path | BinaryIO, map_location: str | torch.device = "cpu"
+               ) -> EncoderDecoder:
+    """Rebuild a saved model bit-exactly; it comes back in eval mode."""
+    saved = torch.load(path, map_location=map_location, weights_only=True)
+    spec = dict(saved["spec"])
+    model = build_model(model_config_from_dict(spec.pop("model")), **spec)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()

@@ -1,0 +1,43 @@
+"""Shared fixtures: one real local Ray instance per test session, small datasets on disk."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("RAY_ACCEPT_USAGE_STATS_PROMPT", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray instance shared by every test that asks for it (starting one takes seconds)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    from pipeline.data.demo import make_demo_data
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    make_demo_data(str(out), n_series=40, seed=1)
+    return str(out)
+
+
+def write_long(path, ids, ds, y, **cols) -> str:
+    """Write a long table (lists or arrays) as one Parquet file and return its path."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    table = pa.table({"unique_id": ids, "ds": np.asarray(ds, "datetime64[ns]"),
+                      "y": np.asarray(y, float), **cols})
+    pq.write_table(table, path)
+    return str(path)
+
+
+def hourly(n: int, start: str = "2024-01-01T00") -> np.ndarray:
+    return np.datetime64(start, "ns") + np.arange(n) * np.timedelta64(1, "h")

@@ -1,0 +1,56 @@
+import pytest
+
+from pipeline import config as C
+
+
+def test_defaults_build_and_flatten():
+    cfg = C.load(None)
+    flat = cfg.flat()
+    assert flat["windows.lookback"] == 168 and flat["model.encoder.type"] == "gru"
+    assert cfg.windows.val_size == cfg.windows.horizon and cfg.windows.step == cfg.windows.horizon
+
+
+def test_yaml_and_set_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\nwindows: {lookback: 48, horizon: 12}\n")
+    cfg = C.load(p, ["windows.horizon=6", "model.encoder.type=cnn", "data.static_cols=[a, b]"])
+    assert (cfg.windows.lookback, cfg.windows.horizon) == (48, 6)
+    assert cfg.model.encoder.type == "cnn" and cfg.data.static_cols == ["a", "b"]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["windows.lookbak=3"], "unknown key 'windows.lookbak'; did you mean 'lookback'?"),
+    (["windos.lookback=3"], "unknown key 'windos'; did you mean 'windows'?"),
+    (["model.encoder.hiden_size=3"], "did you mean 'hidden_size'?"),
+    (["windows.lookback=abc"], "windows.lookback must be an integer"),
+    (["windows.lookback=0"], "windows.lookback = 0 must be > 0"),
+    (["data.nan_policy=ignore"], "data.nan_policy = 'ignore' is not one of"),
+    (["train.mode=per_group"], "train.mode = 'per_group' needs data.group_col"),
+    (["model.loss=quantile"], "needs model.quantiles"),
+    (["data.static_cols=[y]"], "given more than one role"),
+    (["windows"], "expected section.key=value"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(C.ConfigError, match=None) as e:
+        C.load(None, override)
+    assert message in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("windows: [1, 2\n")
+    with pytest.raises(C.ConfigError, match="not valid YAML"):
+        C.load(bad)
+
+
+def test_cnn_receptive_field_refused_or_warned():
+    args = ["model.encoder.type=cnn", "model.encoder.num_layers=2", "model.encoder.kernel_size=2",
+            "model.season=24"]
+    with pytest.warns(UserWarning, match="receptive field is 4 steps"):
+        C.load(None, args)
+    with pytest.raises(C.ConfigError, match="receptive field is 4 steps"):
+        C.load(None, [*args, "model.require_receptive_field=true"])
+    ok = C.load(None, ["model.encoder.type=cnn", "model.encoder.num_layers=5", "model.season=24"])
+    assert ok.model.encoder.receptive_field() == 1 + 2 * (1 + 2 + 4 + 8 + 16)

@@ -1,0 +1,120 @@
+"""The window index: exact arrays on hand-built series, and gathered windows equal slices."""
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import WindowsConfig
+from pipeline.data import windows as W
+from pipeline.data.loader import WindowLoader
+from pipeline.data.prepare import plan_windows
+from pipeline.data.series import SeriesArrays
+
+
+def pairs(idx: W.WindowIndex) -> list[tuple[int, int]]:
+    return list(zip(idx.series.tolist(), idx.start.tolist(), strict=True))
+
+
+def test_starts_between_is_aligned_on_the_latest_window():
+    idx = W.starts_between([0, 0, 5], [4, -1, 9], stride=2)
+    assert pairs(idx) == [(0, 0), (0, 2), (0, 4), (2, 5), (2, 7), (2, 9)]
+    assert pairs(W.starts_between([0], [5], stride=2)) == [(0, 1), (0, 3), (0, 5)]
+    assert idx.series.dtype == np.int32 and idx.start.dtype == np.int32
+
+
+def test_cap_keeps_the_most_recent_windows():
+    idx = W.starts_between([0, 0, 5], [4, -1, 9], stride=2, max_windows=2)
+    assert pairs(idx) == [(0, 2), (0, 4), (2, 7), (2, 9)]
+
+
+def test_splits_at_one_cutoff_exact():
+    cfg = WindowsConfig(lookback=3, horizon=2, val_size=2, n_windows=1)
+    lengths = np.array([10, 7])
+    ok = np.array([True, True])
+    cut = W.cutoff_positions(lengths, 2, 1, 2)[0]
+    assert cut.tolist() == [8, 5]
+    # train: target end <= cutoff - val_size  ->  start <= 8 - 2 - 5 = 1
+    assert pairs(W.train_windows(cut, cfg, ok)) == [(0, 0), (0, 1)]
+    # validation: target end in (cutoff - 2, cutoff]
+    assert pairs(W.val_windows(cut, cfg, ok)) == [(0, 2), (0, 3), (1, 0)]
+    assert pairs(W.backtest_windows(cut, lengths, cfg, ok)) == [(0, 5), (1, 2)]
+    assert pairs(W.forecast_windows(lengths, 3, ok)) == [(0, 7), (1, 4)]
+
+
+def test_windows_never_cross_the_cutoff_or_the_series_end():
+    cfg = WindowsConfig(lookback=4, horizon=3, val_size=5, stride=3, n_windows=3, step=2)
+    arrays = SeriesArrays.from_list([np.arange(n) for n in (9, 30, 17, 12)])
+    plan = plan_windows(arrays, cfg)
+    oldest = plan.cutoffs[-1]
+    assert plan.cutoffs.tolist() == [[6, 27, 14, 9], [4, 25, 12, 7], [2, 23, 10, 5]]
+    end = plan.train.start + cfg.lookback + cfg.horizon
+    assert (end <= oldest[plan.train.series] - cfg.val_size).all()
+    vend = plan.val.start + cfg.lookback + cfg.horizon
+    assert (vend <= oldest[plan.val.series]).all()
+    assert (vend > oldest[plan.val.series] - cfg.val_size).all()
+    assert pairs(plan.train) == [(1, 2), (1, 5), (1, 8), (1, 11)]  # 23 - 5 - 7 = 11
+    for k, bt in enumerate(plan.backtest):
+        c = plan.cutoffs[k]
+        assert (bt.start + cfg.lookback == c[bt.series]).all()
+        assert (c[bt.series] + cfg.horizon <= arrays.lengths[bt.series]).all()
+    assert [bt.series.tolist() for bt in plan.backtest] == [[0, 1, 2, 3], [0, 1, 2, 3], [1, 2, 3]]
+
+
+def test_skipped_series_get_no_windows():
+    cfg = WindowsConfig(lookback=2, horizon=1, val_size=1)
+    arrays = SeriesArrays.from_list([np.arange(8), np.arange(8)])
+    arrays.status[0] = 1
+    plan = plan_windows(arrays, cfg)
+    assert set(plan.train.series.tolist()) == {1} and plan.backtest[0].series.tolist() == [1]
+
+
+def test_cutoff_at_time_counts_steps_strictly_before():
+    h = 3_600_000_000_000
+    c = W.cutoff_at_time(np.array([0, 5 * h, 0]), np.array([10, 10, 4]), h, 7 * h)
+    assert c.tolist() == [7, 2, 4]
+
+
+def test_gather_over_gaps_returns_filled_values_and_mask():
+    arrays = SeriesArrays.from_list([[1, 2, 2, 4, 5, 6]], mask=[[1, 1, 0, 1, 1, 1]])
+    loader = WindowLoader(arrays, 3, 2, np.zeros(1), np.ones(1))
+    b = loader.gather(torch.tensor([0]), torch.tensor([1]))
+    assert b.x[0, :, 0].tolist() == [2, 2, 4] and b.y[0].tolist() == [5, 6]
+    assert b.y_mask[0].tolist() == [1, 1]
+    b = loader.gather(torch.tensor([0]), torch.tensor([0]))
+    assert b.y[0].tolist() == [4, 5]
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+       L=st.integers(1, 8), H=st.integers(1, 6), stride=st.integers(1, 4),
+       cap=st.one_of(st.none(), st.integers(1, 5)), seed=st.integers(0, 2**16))
+def test_every_gathered_window_equals_the_slice_of_its_series(lengths, L, H, stride, cap, seed):
+    rng = np.random.default_rng(seed)
+    series = [rng.normal(size=n).astype(np.float32) for n in lengths]
+    arrays = SeriesArrays.from_list(series)
+    lens = arrays.lengths
+    idx = W.starts_between(np.zeros(len(lens)), lens - L - H, stride, cap)
+    loc = rng.normal(size=len(lens)).astype(np.float32)
+    scale = rng.uniform(0.5, 2, size=len(lens)).astype(np.float32)
+    loader = WindowLoader(arrays, L, H, loc, scale)
+    seen = 0
+    gen = torch.Generator().manual_seed(seed)
+    for b in loader.batches(idx, batch_size=7, shuffle=True, generator=gen):
+        for s, t0, x, y in zip(b.series.tolist(), b.start.tolist(), b.x[..., 0], b.y, strict=True):
+            want = (series[s][t0:t0 + L + H] - loc[s]) / scale[s]
+            assert len(want) == L + H  # never crosses the series end
+            np.testing.assert_array_equal(torch.cat([x, y]).numpy(), want.astype(np.float32))
+            seen += 1
+    assert seen == len(idx)
+    if cap is not None:
+        assert (np.bincount(idx.series, minlength=len(lens)) <= cap).all()
+
+
+def test_chunked_construction_equals_one_pass(monkeypatch):
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 5, 50)
+    last = rng.integers(-3, 60, 50)
+    whole = W.starts_between(first, last, 3, 7)
+    monkeypatch.setattr(W, "CHUNK", 4)
+    chunked = W.starts_between(first, last, 3, 7)
+    assert pairs(chunked) == pairs(whole)
