@@ -70,3 +70,67 @@ class RayRunner:
 
 def ray_runner(cfg: RayConfig) -> RayRunner:
     return RayRunner(cfg)
+
+
+# ------------------------------------------------------------------ training on Ray
+
+def _run_job_task(arrays, job, cfg):
+    from pipeline.jobs import run_job
+    return run_job(arrays, job, cfg)
+
+
+def train_per_group(arrays, jobs: list, cfg) -> list:
+    """One Ray task per job with `ray.task_num_cpus` / `ray.task_num_gpus` (fractions allowed;
+    a scheduling label, not a memory cap). The arrays go to the object store once and every
+    task maps them without a copy. A job that raises is retried `ray.max_retries` times; if it
+    still fails it comes back as a failed JobResult and every other job completes."""
+    from pipeline.jobs import failed
+    connect(cfg.ray)
+    ref = ray.put(arrays)
+    task = ray.remote(_run_job_task).options(
+        num_cpus=cfg.ray.task_num_cpus, num_gpus=cfg.ray.task_num_gpus,
+        max_retries=cfg.ray.max_retries, retry_exceptions=True)
+    refs = [task.remote(ref, job, cfg) for job in jobs]
+    out = []
+    for job, r in zip(jobs, refs, strict=True):
+        try:
+            res = ray.get(r)
+            res.attempts = 1
+            out.append(res)
+        except ray.exceptions.RayTaskError as e:
+            out.append(failed(job, e.as_instanceof_cause(), attempts=cfg.ray.max_retries + 1))
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as e:
+            out.append(failed(job, e, attempts=cfg.ray.max_retries + 1))
+    return out
+
+
+def _ddp_worker(config: dict):
+    """Ray Train's train_loop_per_worker: the same job function, the model wrapped in DDP;
+    each rank samples its own shard of the window index (see pipeline.train.shard)."""
+    import ray.train.torch as rtt
+
+    from pipeline.jobs import run_job
+    arrays = ray.get(config["arrays"])
+    return run_job(arrays, config["job"], config["cfg"], wrap=rtt.prepare_model)
+
+
+def train_global_ddp(arrays, job, cfg):
+    """Global training with Ray Train's TorchTrainer (DDP over `ray.num_workers` workers, on
+    GPUs when the cluster has them and train.device allows). Returns rank 0's JobResult."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.jobs import failed
+    connect(cfg.ray)
+    use_gpu = cfg.train.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
+    trainer = TorchTrainer(
+        _ddp_worker,
+        train_loop_config={"arrays": ray.put(arrays), "job": job, "cfg": cfg},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=f"{cfg.name}-{job.name}"),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray Train wraps worker errors in its own types
+        return failed(job, e)
+    return result.return_value

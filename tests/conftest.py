@@ -7,7 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+torch.set_num_threads(1)  # 2 cores shared with Ray workers: oversubscribed OpenMP crawls
 os.environ.setdefault("RAY_ACCEPT_USAGE_STATS_PROMPT", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

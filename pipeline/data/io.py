@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
 
-
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 
 
@@ -57,7 +56,8 @@ def list_parts(uri: str, rows_per_task: int) -> list[Part]:
                  and f.path.endswith(PARQUET_SUFFIXES)
                  and not any(p.startswith(("_", ".")) for p in f.path[len(path):].split("/"))]
         if not files:
-            raise DataError(f"input {uri!r} holds no Parquet files (*{', *'.join(PARQUET_SUFFIXES)})")
+            raise DataError(f"input {uri!r} holds no Parquet files "
+                            f"(*{', *'.join(PARQUET_SUFFIXES)})")
     else:
         files = [path]
     try:

@@ -149,14 +149,37 @@ class WindowLoader:
         return torch.stack(cols, -1)  # K × 2 × [B, T] -> [B, T, 2K]
 
     def batches(self, index: WindowIndex, batch_size: int, *, shuffle: bool = False,
-                generator: torch.Generator | None = None, with_target: bool = True
-                ) -> Iterator[Batch]:
-        """Batches over a window index, optionally in a seeded random order."""
+                generator: torch.Generator | None = None, steps: int | None = None,
+                with_target: bool = True) -> Iterator[Batch]:
+        """Batches over a window index, optionally in a seeded random order.
+
+        steps=None: one pass, the last batch possibly smaller. steps=k: exactly k full batches
+        from an endless stream of fresh permutations (so groups of different sizes can take
+        the same number of steps)."""
         series = torch.from_numpy(index.series).to(self.device)
         start = torch.from_numpy(index.start).to(self.device)
-        n = len(index)
-        order = (torch.randperm(n, generator=generator).to(self.device) if shuffle
-                 else torch.arange(n, device=self.device))
-        for i in range(0, n, batch_size):
-            rows = order[i:i + batch_size]
+        for rows in window_order(len(index), batch_size, shuffle, generator, steps):
+            rows = rows.to(self.device)
             yield self.gather(series[rows], start[rows], with_target)
+
+
+def window_order(n: int, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None, steps: int | None = None
+                 ) -> Iterator[torch.Tensor]:
+    """Row numbers of each batch (see `WindowLoader.batches`)."""
+    def perm() -> torch.Tensor:
+        return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+
+    if steps is None:
+        order = perm()
+        for i in range(0, n, batch_size):
+            yield order[i:i + batch_size]
+        return
+    if n == 0:
+        return
+    buf = perm()
+    for _ in range(steps):
+        while len(buf) < batch_size:
+            buf = torch.cat([buf, perm()])
+        yield buf[:batch_size]
+        buf = buf[batch_size:]

@@ -103,8 +103,12 @@ class WindowPlan:
         return sum(i.nbytes for i in [self.train, self.val, *self.backtest])
 
 
-def plan_windows(arrays: SeriesArrays, cfg: WindowsConfig) -> WindowPlan:
+def plan_windows(arrays: SeriesArrays, cfg: WindowsConfig,
+                 eligible: np.ndarray | None = None) -> WindowPlan:
+    """Windows of the usable series (and, when given, only those where `eligible` is true)."""
     ok = arrays.status == 0
+    if eligible is not None:
+        ok = ok & eligible
     lengths = arrays.lengths
     cutoffs = W.cutoff_positions(lengths, cfg.horizon, cfg.n_windows, cfg.step)
     oldest = cutoffs[-1]  # train before the oldest backtest cutoff: no test data seen

@@ -1,0 +1,136 @@
+"""Training jobs. Global and per-group training are one code path: a plan of jobs (a job is
+the set of series it trains on) run by the same job function, `run_job`, wherever the execution
+layer places it (this process, a Ray task, a Ray Train worker).
+
+A job's windows come from `pipeline.data.prepare.plan_windows`: training and validation end
+before the oldest backtest cutoff, and the scaling statistics are fitted on the same prefix, so
+nothing after that cutoff leaks into the model.
+"""
+from __future__ import annotations
+
+import io
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.data.loader import WindowLoader
+from pipeline.data.prepare import plan_windows
+from pipeline.data.scaling import fit_scaling
+from pipeline.data.series import SeriesArrays
+from pipeline.models import build_model, make_loss
+from pipeline.models.seq2seq import EncoderDecoder
+from pipeline.train import FitResult, TrainData, fit, resolve_device, seed_everything
+
+
+@dataclass
+class Job:
+    name: str                 # "global" or the group value
+    series: np.ndarray        # indices into the SeriesArrays
+    group: str | None = None
+
+
+@dataclass
+class JobResult:
+    name: str
+    group: str | None
+    ok: bool
+    error: str | None = None
+    spec: dict | None = None          # build_model's arguments: rebuild with load_state
+    state: bytes | None = None        # torch.save(state_dict), CPU tensors
+    history: list[dict] = field(default_factory=list)
+    best_val: float = float("nan")
+    best_epoch: int = -1
+    samples_per_s: float = 0.0
+    seconds: float = 0.0
+    n_series: int = 0
+    n_windows: int = 0
+    attempts: int = 1
+
+    def model(self) -> EncoderDecoder:
+        """The trained model, rebuilt from spec + weights."""
+        from pipeline.models.seq2seq import load_model
+        buf = io.BytesIO()
+        torch.save({"format": 1, "spec": self.spec,
+                    "state_dict": torch.load(io.BytesIO(self.state), weights_only=True)}, buf)
+        buf.seek(0)
+        return load_model(buf)
+
+
+def plan_jobs(arrays: SeriesArrays, cfg: Config) -> list[Job]:
+    """One global job over every series, or one job per group value (sorted)."""
+    if cfg.train.mode == "global":
+        return [Job("global", np.arange(len(arrays)))]
+    groups = arrays.groups.astype(str)
+    return [Job(str(g), np.flatnonzero(groups == g), str(g)) for g in np.unique(groups)]
+
+
+def job_data(arrays: SeriesArrays, job: Job, cfg: Config, device: torch.device) -> TrainData:
+    """The job's windows, scaling and loader (the loader holds all series; the index only the
+    job's)."""
+    member = np.zeros(len(arrays), bool)
+    member[job.series] = True
+    plan = plan_windows(arrays, cfg.windows, eligible=member)
+    loc, scale = fit_scaling(arrays, plan.cutoffs[-1], cfg.windows.scaling)
+    calendar = calendar_for(arrays, cfg)
+    loader = WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
+                          calendar=calendar, embedding=cfg.model.embedding, device=device)
+    return TrainData(loader, plan.train, plan.val)
+
+
+def calendar_for(arrays: SeriesArrays, cfg: Config) -> list[str]:
+    from pipeline.data.calendar import auto_features
+    return auto_features(arrays.freq_ns) if cfg.data.calendar == "auto" else list(cfg.data.calendar)
+
+
+def new_model(loader: WindowLoader, cfg: Config, n_series: int, n_groups: int) -> EncoderDecoder:
+    n_emb = {"series": n_series, "group": n_groups}.get(cfg.model.embedding, 0)
+    return build_model(cfg.model, lookback=cfg.windows.lookback, horizon=cfg.windows.horizon,
+                       past_size=loader.past_size, future_size=loader.future_size,
+                       static_size=loader.static_size, num_embeddings=n_emb)
+
+
+def n_groups(arrays: SeriesArrays) -> int:
+    return 0 if arrays.groups is None else len(np.unique(arrays.groups.astype(str)))
+
+
+def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: bool = False,
+            wrap=None) -> JobResult:
+    """Build the job's data and model, fit, and return the weights (on the CPU) and history.
+    `wrap(model) -> model` lets the execution layer wrap the model (e.g. DDP) before training."""
+    t0 = time.perf_counter()
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    data = job_data(arrays, job, cfg, device)
+    model = new_model(data.loader, cfg, len(arrays), n_groups(arrays)).to(device)
+    trained = wrap(model) if wrap is not None else model
+    res: FitResult = fit(trained, data, cfg.train, make_loss(cfg.model), log=log,
+                         progress=progress)
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return JobResult(job.name, job.group, True, spec=model.spec, state=buf.getvalue(),
+                     history=res.history, best_val=res.best_val, best_epoch=res.best_epoch,
+                     samples_per_s=res.samples_per_s, seconds=time.perf_counter() - t0,
+                     n_series=len(job.series), n_windows=len(data.train))
+
+
+def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
+    """A job that raised: its error, one line plus the innermost frame."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" ({tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
+    return JobResult(job.name, job.group, False, error=f"{type(exc).__name__}: {exc}{where}",
+                     n_series=len(job.series), attempts=attempts)
+
+
+def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config) -> list[JobResult]:
+    """Every job in this process, one after another; a failing job does not stop the others."""
+    out = []
+    for job in jobs:
+        try:
+            out.append(run_job(arrays, job, cfg))
+        except Exception as e:  # noqa: BLE001 - reported per job, the batch goes on
+            out.append(failed(job, e))
+    return out

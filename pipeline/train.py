@@ -1,0 +1,217 @@
+"""The training loop: `fit(model, data, cfg, loss_fn, log=callback)`. Imports neither Ray nor
+MLflow; the execution layer calls it inside Ray tasks or Ray Train workers.
+
+Batches are gathered from the series arrays by index arithmetic (`WindowLoader`); on a GPU the
+arrays sit on the device and batches are gathered there, with no DataLoader workers. The window
+order comes from a torch.Generator seeded with (seed, epoch, rank), so the same seed and data on
+the CPU give bit-identical weights. Under torch.distributed (DDP), each rank trains on its shard
+of the window index and the validation loss is averaged over ranks, so all stop together.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import TrainConfig
+from pipeline.data.loader import Batch, WindowLoader
+from pipeline.data.windows import WindowIndex
+
+Log = Callable[[dict], None]
+
+
+@dataclass
+class TrainData:
+    loader: WindowLoader
+    train: WindowIndex
+    val: WindowIndex | None = None
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)  # one row per epoch
+    best_epoch: int = -1
+    best_val: float = math.inf
+    seconds: float = 0.0
+    samples: int = 0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA unless fp32 is asked for; none on the CPU unless bf16 is."""
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def dist_info() -> tuple[int, int]:
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    rank, world = dist_info()
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / world
+
+
+def shard(index: WindowIndex, rank: int, world: int) -> WindowIndex:
+    """Every world-th window from `rank`, cut to the same length on every rank (DDP needs the
+    same number of steps everywhere)."""
+    if world == 1:
+        return index
+    per_rank = len(index) // world
+    return index.take(np.arange(rank, per_rank * world, world))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    elif cfg.scheduler == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr,
+                                                    total_steps=max(total_steps, 1))
+    else:
+        sched = None
+    return opt, sched
+
+
+def forward(model: nn.Module, b: Batch, amp: torch.dtype | None, train: bool) -> torch.Tensor:
+    with torch.autocast(b.x.device.type, dtype=amp, enabled=amp is not None):
+        return model(b.x, b.xf, b.static, b.idx, target=b.y if train else None).float()
+
+
+def train_epoch(model, data: TrainData, index: WindowIndex, opt, sched, loss_fn, cfg, amp,
+                gen: torch.Generator) -> tuple[float, int]:
+    """One pass (or `steps_per_epoch` batches) over the windows; (mean loss, samples)."""
+    model.train()
+    total, n = 0.0, 0
+    for b in data.loader.batches(index, cfg.batch_size, shuffle=True, generator=gen,
+                                 steps=cfg.steps_per_epoch):
+        loss = loss_fn(forward(model, b, amp, True), b.y, b.y_mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total += loss.detach() * len(b)  # stays on the device: no sync per step
+        n += len(b)
+    return float(total) / max(n, 1), n
+
+
+@torch.no_grad()
+def evaluate_loss(model, data: TrainData, index: WindowIndex, loss_fn, batch_size: int,
+                  amp) -> float:
+    """Mean loss over `index`, weighted by batch size."""
+    model.eval()
+    total, n = 0.0, 0
+    for b in data.loader.batches(index, batch_size):
+        total += loss_fn(forward(model, b, amp, False), b.y, b.y_mask) * len(b)
+        n += len(b)
+    return float(total) / n if n else math.nan
+
+
+def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, loss_fn: nn.Module, *,
+        log: Log | None = None, progress: bool = True) -> FitResult:
+    """Train `model` in place; the weights of the best validation epoch are restored at the end
+    (the last epoch's when there is no validation data)."""
+    device = data.loader.device
+    amp = autocast_dtype(cfg, device)
+    rank, world = dist_info()
+    train_idx = shard(data.train, rank, world)
+    if len(train_idx) == 0:
+        raise ValueError("no training windows: the series are too short for lookback + horizon "
+                         "+ validation, or every series was skipped")
+    val_idx = shard(data.val, rank, world) if data.val is not None and len(data.val) else None
+    per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    steps = min(per_epoch, cfg.steps_per_epoch or per_epoch)
+    opt, sched = make_optimizer(model, cfg, steps * cfg.epochs)
+    display = Progress(cfg.epochs, enabled=progress and rank == 0)
+    result, best_state, bad_epochs = FitResult(), None, 0
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
+        te = time.perf_counter()
+        train_loss, n = train_epoch(model, data, train_idx, opt, sched, loss_fn, cfg, amp, gen)
+        train_loss = mean_over_ranks(train_loss, device)
+        val_loss = (mean_over_ranks(evaluate_loss(model, data, val_idx, loss_fn,
+                                                  cfg.batch_size * 4, amp), device)
+                    if val_idx is not None else math.nan)
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+               "samples_per_s": n * world / (time.perf_counter() - te),
+               "lr": opt.param_groups[0]["lr"]}
+        result.history.append(row)
+        result.samples += n * world
+        display.update(row)
+        if log is not None:
+            log(row)
+        score = val_loss if val_idx is not None else train_loss
+        if score < result.best_val:
+            result.best_val, result.best_epoch, bad_epochs = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+            if val_idx is not None and bad_epochs >= cfg.patience:
+                display.note(f"early stop: no better validation loss for {cfg.patience} epochs")
+                break
+    result.seconds = time.perf_counter() - t0
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    display.close(result)
+    return result
+
+
+class Progress:
+    """One updating line on a terminal; plain log lines otherwise (cron, CI, Ray logs)."""
+
+    def __init__(self, epochs: int, enabled: bool = True, stream=None) -> None:
+        self.epochs, self.enabled = epochs, enabled
+        self.stream = stream or sys.stderr
+        self.tty = self.enabled and getattr(self.stream, "isatty", lambda: False)()
+
+    def update(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        text = (f"epoch {row['epoch'] + 1}/{self.epochs}  train {row['train_loss']:.4f}  "
+                f"val {row['val_loss']:.4f}  {row['samples_per_s']:,.0f} samples/s")
+        self.stream.write(f"\r{text}\033[K" if self.tty else text + "\n")
+        self.stream.flush()
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(("\n" if self.tty else "") + text + "\n")
+
+    def close(self, result: FitResult) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")

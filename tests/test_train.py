@@ -1,0 +1,103 @@
+"""The training loop and the job layer, without Ray: learning, seeds, early stopping, logs."""
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import config as C
+from pipeline.data.series import SeriesArrays
+from pipeline.jobs import Job, plan_jobs, run_job, run_jobs_locally
+from pipeline.train import Progress
+
+SMALL = ["windows.lookback=48", "windows.horizon=12", "windows.val_size=24",
+         "model.encoder.hidden_size=16", "model.encoder.num_layers=2",
+         "model.decoder.hidden_size=32", "train.batch_size=64", "train.device=cpu",
+         "train.lr=0.003", "data.calendar=[]"]
+
+
+def sines(n_series=12, length=300, seed=0, groups=None):
+    """Learnable data: daily sines with random phase, amplitude and level, little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length)
+    vals = [rng.uniform(5, 50) + rng.uniform(1, 5) * np.sin(2 * np.pi * t / 24 + rng.uniform(0, 6))
+            + rng.normal(0, 0.05, length) for _ in range(n_series)]
+    arrays = SeriesArrays.from_list(vals)
+    if groups:
+        arrays.groups = np.array([groups[i % len(groups)] for i in range(n_series)], object)
+    return arrays
+
+
+@pytest.mark.parametrize("encoder", ["gru", "cnn"])
+def test_loss_falls_on_learnable_data(encoder):
+    cfg = C.load(None, [*SMALL, f"model.encoder.type={encoder}", "train.epochs=6",
+                        "model.encoder.num_layers=4"] if encoder == "cnn" else
+                 [*SMALL, f"model.encoder.type={encoder}", "train.epochs=6"])
+    res = run_job(sines(), plan_jobs(sines(), cfg)[0], cfg)
+    first, last = res.history[0], res.history[-1]
+    assert res.ok and res.n_windows > 0
+    assert last["train_loss"] < 0.5 * first["train_loss"]
+    assert res.best_val < 0.5 * first["val_loss"]  # scaled MAE on held-out windows
+
+
+def test_same_seed_same_data_gives_bit_identical_weights():
+    cfg = C.load(None, [*SMALL, "train.epochs=2", "model.encoder.dropout=0.1",
+                        "model.decoder.dropout=0.1", "train.steps_per_epoch=4"])
+    arrays = sines(6)
+    job = plan_jobs(arrays, cfg)[0]
+    a = torch.load(io.BytesIO(run_job(arrays, job, cfg).state), weights_only=True)
+    b = torch.load(io.BytesIO(run_job(arrays, job, cfg).state), weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg2 = C.load(None, [*SMALL, "train.epochs=2", "train.seed=1", "model.encoder.dropout=0.1",
+                         "model.decoder.dropout=0.1", "train.steps_per_epoch=4"])
+    c = torch.load(io.BytesIO(run_job(arrays, job, cfg2).state), weights_only=True)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_early_stopping_restores_the_best_epoch():
+    cfg = C.load(None, [*SMALL, "train.epochs=30", "train.patience=2", "train.lr=0.05",
+                        "train.scheduler=none"])
+    res = run_job(sines(4), plan_jobs(sines(4), cfg)[0], cfg)
+    vals = [h["val_loss"] for h in res.history]
+    assert len(vals) < 30 and len(vals) - 1 - res.best_epoch == 2
+    assert res.best_val == min(vals)
+    model = res.model()  # the restored weights are the best epoch's
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_steps_per_epoch_and_schedulers_run():
+    for sched in ("cosine", "onecycle"):
+        cfg = C.load(None, [*SMALL, "train.epochs=2", "train.steps_per_epoch=3",
+                            f"train.scheduler={sched}", "train.optimizer=adamw"])
+        res = run_job(sines(3), plan_jobs(sines(3), cfg)[0], cfg)
+        assert [h["epoch"] for h in res.history] == [0, 1]
+        assert res.history[0]["lr"] != cfg.train.lr or sched == "cosine"
+
+
+def test_a_failing_job_is_reported_and_the_others_complete():
+    arrays = sines(6, groups=["a", "b"])
+    arrays.status[arrays.groups == "b"] = 1  # every series of b skipped: b has no windows
+    cfg = C.load(None, [*SMALL, "train.epochs=1", "train.mode=per_group", "data.group_col=g"])
+    results = run_jobs_locally(arrays, plan_jobs(arrays, cfg), cfg)
+    by = {r.name: r for r in results}
+    assert by["a"].ok and by["a"].state
+    assert not by["b"].ok and "no training windows" in by["b"].error
+
+
+def test_embeddings_and_quantiles_train():
+    arrays = sines(6, groups=["a", "b"])
+    cfg = C.load(None, [*SMALL, "train.epochs=1", "model.embedding=group", "data.group_col=g",
+                        "model.loss=quantile", "model.quantiles=[0.1, 0.5, 0.9]"])
+    res = run_job(arrays, Job("global", np.arange(6)), cfg)
+    assert res.ok and math.isfinite(res.best_val)
+
+
+def test_progress_is_plain_lines_off_a_terminal():
+    out = io.StringIO()
+    p = Progress(3, stream=out)
+    p.update({"epoch": 0, "train_loss": 1.0, "val_loss": 2.0, "samples_per_s": 1234.0})
+    p.note("early stop")
+    assert out.getvalue() == ("epoch 1/3  train 1.0000  val 2.0000  1,234 samples/s\n"
+                              "early stop\n")
