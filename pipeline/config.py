@@ -199,8 +199,18 @@ class ModelConfig:
 
 
 @dataclass
+class PerGroupConfig:
+    """`train.per_group.packed`: train every group's model together as one packed module (one
+    grouped kernel for all groups) instead of one task per group. CNN or GRU encoder with the
+    direct decoder only."""
+
+    packed: bool = False
+
+
+@dataclass
 class TrainConfig:
     mode: str = "global"           # global | per_group
+    per_group: PerGroupConfig = field(default_factory=PerGroupConfig)
     epochs: int = 20
     batch_size: int = 512
     lr: float = 1e-3
@@ -272,9 +282,22 @@ class Config:
     def __post_init__(self) -> None:
         if self.train.mode == "per_group" and not self.data.group_col:
             raise ConfigError("train.mode = 'per_group' needs data.group_col")
+        if self.train.per_group.packed:
+            self._check_packable()
         if self.model.embedding == "group" and not self.data.group_col:
             raise ConfigError("model.embedding = 'group' needs data.group_col")
         self._check_receptive_field()
+
+    def _check_packable(self) -> None:
+        enc, dec = self.model.encoder, self.model.decoder
+        if self.train.mode != "per_group":
+            raise ConfigError("train.per_group.packed = true needs train.mode = 'per_group'")
+        if enc.type not in ("cnn", "gru") or enc.bidirectional or dec.type != "direct":
+            raise ConfigError(
+                "train.per_group.packed = true supports model.encoder.type cnn or gru "
+                "(unidirectional) with model.decoder.type direct; got encoder "
+                f"{enc.type!r}{' (bidirectional)' if enc.bidirectional else ''}, decoder "
+                f"{dec.type!r}")
 
     def _check_receptive_field(self) -> None:
         enc = self.model.encoder

@@ -134,3 +134,22 @@ def train_global_ddp(arrays, job, cfg):
     except Exception as e:  # noqa: BLE001 - Ray Train wraps worker errors in its own types
         return failed(job, e)
     return result.return_value
+
+
+def train(arrays, jobs: list, cfg) -> list:
+    """Run the plan of jobs on Ray: per-group jobs as tasks (or packed into one task when
+    `train.packed`), the global job in one task, or under Ray Train DDP when
+    `ray.num_workers > 1`."""
+    if cfg.train.mode == "global" and cfg.ray.num_workers > 1:
+        return [train_global_ddp(arrays, jobs[0], cfg)]
+    if cfg.train.per_group.packed:
+        connect(cfg.ray)
+        task = ray.remote(_run_packed_task).options(num_cpus=cfg.ray.task_num_cpus,
+                                                    num_gpus=cfg.ray.task_num_gpus)
+        return ray.get(task.remote(ray.put(arrays), jobs, cfg))
+    return train_per_group(arrays, jobs, cfg)
+
+
+def _run_packed_task(arrays, jobs, cfg):
+    from pipeline.jobs import run_packed
+    return run_packed(arrays, jobs, cfg)

@@ -9,6 +9,7 @@ nothing after that cutoff leaks into the model.
 from __future__ import annotations
 
 import io
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -117,6 +118,15 @@ def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: boo
                      n_series=len(job.series), n_windows=len(data.train))
 
 
+def save_result(result: JobResult, path: str) -> None:
+    """The trained model as a file `pipeline.models.load_model` rebuilds (written atomically)."""
+    from pipeline.models import save_model
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_model(result.model(), tmp)
+    os.replace(tmp, path)
+
+
 def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
     """A job that raised: its error, one line plus the innermost frame."""
     tb = traceback.extract_tb(exc.__traceback__)
@@ -126,7 +136,10 @@ def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
 
 
 def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config) -> list[JobResult]:
-    """Every job in this process, one after another; a failing job does not stop the others."""
+    """Every job in this process, one after another (packed into one module when
+    `train.per_group.packed`); a failing job does not stop the others."""
+    if cfg.train.per_group.packed:
+        return run_packed(arrays, jobs, cfg)
     out = []
     for job in jobs:
         try:
@@ -134,3 +147,41 @@ def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config) -> list
         except Exception as e:  # noqa: BLE001 - reported per job, the batch goes on
             out.append(failed(job, e))
     return out
+
+
+def run_packed(arrays: SeriesArrays, jobs: list[Job], cfg: Config, progress: bool = False
+               ) -> list[JobResult]:
+    """Every per-group job trained together as one PackedModel in this process (or one Ray
+    task); each group comes back as an ordinary model, as from separate jobs. Groups with no
+    training windows are reported as failed and left out of the pack."""
+    from pipeline.models.packed import PackedModel
+    from pipeline.train import fit_packed
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.train.device)
+    datas = [job_data(arrays, job, cfg, device) for job in jobs]
+    out: dict[str, JobResult] = {}
+    keep = []
+    for job, data in zip(jobs, datas, strict=True):
+        if len(data.train) == 0:
+            out[job.name] = failed(job, ValueError("no training windows: the series are too "
+                                                   "short, or every series was skipped"))
+        else:
+            keep.append((job, data))
+    if keep:
+        models = []
+        for _ in keep:  # each initialised as run_job would initialise it
+            seed_everything(cfg.train.seed)
+            models.append(new_model(keep[0][1].loader, cfg, len(arrays), n_groups(arrays)))
+        packed = PackedModel.from_models(models).to(device)
+        fits = fit_packed(packed, [d for _, d in keep], cfg.train, make_loss(cfg.model),
+                          progress=progress)
+        for g, ((job, data), res) in enumerate(zip(keep, fits, strict=True)):
+            model = packed.extract(g)
+            buf = io.BytesIO()
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+            out[job.name] = JobResult(
+                job.name, job.group, True, spec=model.spec, state=buf.getvalue(),
+                history=res.history, best_val=res.best_val, best_epoch=res.best_epoch,
+                samples_per_s=res.samples_per_s, seconds=time.perf_counter() - t0,
+                n_series=len(job.series), n_windows=len(data.train))
+    return [out[job.name] for job in jobs]

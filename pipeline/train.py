@@ -215,3 +215,130 @@ class Progress:
     def close(self, result: FitResult) -> None:
         if self.enabled and self.tty:
             self.stream.write("\n")
+
+
+# ------------------------------------------------------------------ packed per-group training
+
+def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_fn: nn.Module,
+               *, log: Log | None = None, progress: bool = True) -> list[FitResult]:
+    """Train G per-group models packed in one module (`pipeline.models.packed.PackedModel`).
+
+    Group g draws its batches exactly as `fit` would for its own job (same seeded stream), the
+    loss is the sum of per-group means and gradients are clipped per group, so each group's
+    weights equal separate training on the same steps. Every step needs one full batch per
+    group: an epoch is `steps_per_epoch` steps, or as many as the largest group needs (smaller
+    groups then cycle through fresh permutations). Early stopping and the restored best weights
+    are per group; training ends when every group has stopped.
+    """
+    from pipeline.models.packed import clip_grad_norm_per_group, group_losses
+    G = len(data)
+    amp = autocast_dtype(cfg, data[0].loader.device)
+    if any(len(d.train) == 0 for d in data):
+        empty = [g for g, d in enumerate(data) if len(d.train) == 0]
+        raise ValueError(f"groups {empty} have no training windows")
+    steps = cfg.steps_per_epoch or max(math.ceil(len(d.train) / cfg.batch_size) for d in data)
+    opt, sched = make_optimizer(packed, cfg, steps * cfg.epochs)
+    results = [FitResult() for _ in range(G)]
+    best = {k: v.detach().clone() for k, v in packed.state_dict().items()}
+    bad, stopped = [0] * G, [False] * G
+    display = Progress(cfg.epochs, enabled=progress)
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        te = time.perf_counter()
+        train_loss = _packed_epoch(packed, data, steps, opt, sched, loss_fn, cfg, amp, epoch,
+                                   clip_grad_norm_per_group, group_losses)
+        val_loss = _packed_val(packed, data, loss_fn, cfg, amp, group_losses)
+        rate = steps * cfg.batch_size * G / (time.perf_counter() - te)
+        for g, res in enumerate(results):
+            if stopped[g]:
+                continue
+            row = {"epoch": epoch, "train_loss": train_loss[g], "val_loss": val_loss[g],
+                   "samples_per_s": rate / G, "lr": opt.param_groups[0]["lr"]}
+            res.history.append(row)
+            res.samples += steps * cfg.batch_size
+            score = val_loss[g] if not math.isnan(val_loss[g]) else train_loss[g]
+            if score < res.best_val:
+                res.best_val, res.best_epoch, bad[g] = score, epoch, 0
+                for k, v in packed.state_dict().items():
+                    best[k][g] = v[g]
+            else:
+                bad[g] += 1
+                stopped[g] = not math.isnan(val_loss[g]) and bad[g] >= cfg.patience
+        display.update({"epoch": epoch, "train_loss": float(np.mean(train_loss)),
+                        "val_loss": float(np.nanmean(val_loss)) if not np.isnan(val_loss).all()
+                        else math.nan, "samples_per_s": rate})
+        if log is not None:
+            log({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                 "samples_per_s": rate})
+        if all(stopped):
+            display.note("early stop: every group stopped improving")
+            break
+    packed.load_state_dict(best)
+    elapsed = time.perf_counter() - t0
+    for res in results:
+        res.seconds = elapsed
+    display.close(results[0])
+    return results
+
+
+def _packed_epoch(packed, data, steps, opt, sched, loss_fn, cfg, amp, epoch, clip, group_losses):
+    """`steps` steps of one full batch per group; returns each group's mean train loss."""
+    packed.train()
+    streams = [d.loader.batches(d.train, cfg.batch_size, shuffle=True, steps=steps,
+                                generator=torch.Generator().manual_seed(
+                                    cfg.seed * 1_000_003 + epoch * 101))
+               for d in data]
+    total = None
+    for group_batches in zip(*streams, strict=True):
+        b = stack_batches(group_batches)
+        with torch.autocast(b.x.device.type, dtype=amp, enabled=amp is not None):
+            pred = packed(b.x, b.xf, b.static, b.idx).float()
+        losses = group_losses(loss_fn, pred, b.y, b.y_mask)  # [G]
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        if cfg.grad_clip:
+            clip(packed, cfg.grad_clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total = losses.detach() if total is None else total + losses.detach()
+    return (total / steps).tolist()
+
+
+@torch.no_grad()
+def _packed_val(packed, data, loss_fn, cfg, amp, group_losses) -> list[float]:
+    """Each group's validation loss over its own windows (NaN where a group has none)."""
+    packed.eval()
+    n_val = [0 if d.val is None else len(d.val) for d in data]
+    if not any(n_val):
+        return [math.nan] * len(data)
+    bs = cfg.batch_size * 4  # as evaluate_loss, so the batches (and losses) match fit's
+    sums, counts = torch.zeros(len(data)), torch.zeros(len(data))
+    for i in range(0, max(n_val), bs):
+        group_batches, real = [], []
+        for d, n in zip(data, n_val, strict=True):
+            rows = torch.arange(i, i + bs)
+            ok = rows < n
+            real.append(int(ok.sum()))
+            rows = torch.where(ok, rows, 0)  # pad with window 0, masked out below
+            idx = d.val if n else d.train
+            b = d.loader.gather(torch.from_numpy(idx.series)[rows],
+                                torch.from_numpy(idx.start)[rows])
+            b.y_mask = b.y_mask * ok.to(b.y_mask)[:, None]
+            group_batches.append(b)
+        b = stack_batches(tuple(group_batches))
+        with torch.autocast(b.x.device.type, dtype=amp, enabled=amp is not None):
+            pred = packed(b.x, b.xf, b.static, b.idx).float()
+        weight = torch.tensor(real, dtype=torch.float32)
+        sums += group_losses(loss_fn, pred, b.y, b.y_mask).cpu() * weight
+        counts += weight
+    out = (sums / counts.clamp(min=1)).tolist()
+    return [v if n else math.nan for v, n in zip(out, n_val, strict=True)]
+
+
+def stack_batches(batches: tuple[Batch, ...]) -> Batch:
+    """G batches of equal size -> one batch with a leading group dimension [G, B, ...]."""
+    def st(name):
+        first = getattr(batches[0], name)
+        return None if first is None else torch.stack([getattr(b, name) for b in batches])
+    return Batch(**{name: st(name) for name in Batch.__dataclass_fields__})

@@ -34,3 +34,14 @@ __all__ = [
     "conv_output_length", "load_model", "make_loss", "register_decoder", "register_encoder",
     "save_model",
 ]
+
+from pipeline.models.packed import (  # noqa: E402  (appended: packed per-group models)
+    PackedModel,
+    check_packable,
+    clip_grad_norm_per_group,
+    group_losses,
+    packed_loss,
+)
+
+__all__ += ["PackedModel", "check_packable", "clip_grad_norm_per_group", "group_losses",
+            "packed_loss"]

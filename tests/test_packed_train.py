@@ -1,0 +1,52 @@
+"""Packed per-group training (train.per_group.packed) equals training each group on its own."""
+import io
+
+import pytest
+import torch
+from test_train import SMALL, sines
+
+from pipeline import config as C
+from pipeline.jobs import plan_jobs, run_job, run_jobs_locally
+
+
+def weights(result):
+    return torch.load(io.BytesIO(result.state), weights_only=True)
+
+
+@pytest.mark.parametrize("encoder", ["cnn", "gru"])
+def test_packed_equals_separate_training(encoder):
+    arrays = sines(9, length=260, groups=["a", "b", "c"])
+    arrays.status[0] = 1  # groups of different sizes
+    base = [*SMALL, f"model.encoder.type={encoder}", "model.encoder.num_layers=2",
+            "train.mode=per_group", "data.group_col=g", "train.epochs=4",
+            "train.steps_per_epoch=5", "train.grad_clip=0.5", "train.patience=2"]
+    packed_cfg = C.load(None, [*base, "train.per_group.packed=true"])
+    separate_cfg = C.load(None, base)
+    jobs = plan_jobs(arrays, separate_cfg)
+    packed = {r.name: r for r in run_jobs_locally(arrays, jobs, packed_cfg)}
+    for job in jobs:
+        alone = run_job(arrays, job, separate_cfg)
+        p = packed[job.name]
+        assert p.ok and p.best_epoch == alone.best_epoch
+        assert p.best_val == pytest.approx(alone.best_val, rel=1e-4)
+        a, b = weights(p), weights(alone)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{job.name}: {k}")
+
+
+def test_packed_reports_groups_without_windows():
+    arrays = sines(6, groups=["a", "b"])
+    arrays.status[arrays.groups == "b"] = 1
+    cfg = C.load(None, [*SMALL, "train.mode=per_group", "data.group_col=g", "train.epochs=1",
+                        "train.steps_per_epoch=2", "train.per_group.packed=true",
+                        "model.encoder.type=cnn"])
+    by = {r.name: r for r in run_jobs_locally(arrays, plan_jobs(arrays, cfg), cfg)}
+    assert by["a"].ok and not by["b"].ok and "no training windows" in by["b"].error
+
+
+def test_packed_config_is_checked():
+    with pytest.raises(C.ConfigError, match="needs train.mode = 'per_group'"):
+        C.load(None, ["train.per_group.packed=true"])
+    with pytest.raises(C.ConfigError, match="supports model.encoder.type cnn or gru"):
+        C.load(None, ["train.per_group.packed=true", "train.mode=per_group",
+                      "data.group_col=g", "model.encoder.type=lstm"])
