@@ -10,6 +10,7 @@ sampled every 0.1 s. Prints a table, then one JSON line with the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -57,10 +58,8 @@ class PeakMemory:
         me = psutil.Process()
         total = 0
         for p in [me, *me.children(recursive=True)]:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 total += p.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
         return total
 
     def _run(self) -> None:
@@ -96,7 +95,8 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--generate-only", "--data-dir", data,
                         "--series", str(args.series), "--length", str(args.length),
                         "--files", str(args.files)], check=True)
-    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    with open(os.path.join(data, "manifest.json")) as fh:
+        manifest = json.load(fh)
     print(json.dumps(run(args, data, manifest)))
 
 

@@ -19,9 +19,9 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.loader import WindowLoader
-from pipeline.data.prepare import plan_windows
 from pipeline.data.scaling import fit_scaling
 from pipeline.data.series import SeriesArrays
+from pipeline.data.windows import plan_windows
 from pipeline.models import build_model, make_loss
 from pipeline.models.seq2seq import EncoderDecoder
 from pipeline.train import FitResult, TrainData, fit, resolve_device, seed_everything

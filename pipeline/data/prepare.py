@@ -12,15 +12,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import polars as pl
 
-from pipeline.config import Config, WindowsConfig
+from pipeline.config import Config
 from pipeline.data import windows as W
 from pipeline.data.calendar import auto_features, format_freq, parse_freq
 from pipeline.data.io import Part, list_parts, read_columns
 from pipeline.data.series import STATUS, SeriesArrays
 from pipeline.data.validate import load_part
+from pipeline.data.windows import WindowPlan, plan_windows  # noqa: F401 - re-exported
 from pipeline.errors import DataError
 
 Runner = Callable[[Callable, list[tuple]], list]
@@ -86,38 +86,6 @@ def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
     calendar = auto_features(freq_ns) if cfg.data.calendar == "auto" else list(cfg.data.calendar)
     return Prepared(arrays, report, len(parts), sum(p.num_rows for p in parts if p.chunk == 0),
                     time.perf_counter() - t0, calendar)
-
-
-@dataclass
-class WindowPlan:
-    """The window indexes of one job: training and validation at the latest backtest cutoff,
-    and one backtest index per cutoff (latest first)."""
-
-    cutoffs: np.ndarray           # [n_windows, S]
-    train: W.WindowIndex
-    val: W.WindowIndex
-    backtest: list[W.WindowIndex]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(i.nbytes for i in [self.train, self.val, *self.backtest])
-
-
-def plan_windows(arrays: SeriesArrays, cfg: WindowsConfig,
-                 eligible: np.ndarray | None = None) -> WindowPlan:
-    """Windows of the usable series (and, when given, only those where `eligible` is true)."""
-    ok = arrays.status == 0
-    if eligible is not None:
-        ok = ok & eligible
-    lengths = arrays.lengths
-    cutoffs = W.cutoff_positions(lengths, cfg.horizon, cfg.n_windows, cfg.step)
-    oldest = cutoffs[-1]  # train before the oldest backtest cutoff: no test data seen
-    return WindowPlan(
-        cutoffs=cutoffs,
-        train=W.train_windows(oldest, cfg, ok),
-        val=W.val_windows(oldest, cfg, ok),
-        backtest=[W.backtest_windows(c, lengths, cfg, ok) for c in cutoffs],
-    )
 
 
 def summary_lines(prep: Prepared, plan: WindowPlan | None, cfg: Config) -> list[str]:

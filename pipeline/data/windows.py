@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import WindowsConfig
+from pipeline.data.series import SeriesArrays
 
 CHUNK = 1 << 22  # windows built per pass
 
@@ -109,3 +110,35 @@ def forecast_windows(lengths: np.ndarray, lookback: int, eligible: np.ndarray) -
 def materialized_bytes(n_windows: int, lookback: int, horizon: int, channels: int = 1) -> int:
     """What a float32 tensor of every window would take: the cost this design avoids."""
     return n_windows * (lookback + horizon) * channels * 4
+
+
+@dataclass
+class WindowPlan:
+    """The window indexes of one job: training and validation at the latest backtest cutoff,
+    and one backtest index per cutoff (latest first)."""
+
+    cutoffs: np.ndarray           # [n_windows, S]
+    train: WindowIndex
+    val: WindowIndex
+    backtest: list[WindowIndex]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in [self.train, self.val, *self.backtest])
+
+
+def plan_windows(arrays: SeriesArrays, cfg: WindowsConfig,
+                 eligible: np.ndarray | None = None) -> WindowPlan:
+    """Windows of the usable series (and, when given, only those where `eligible` is true)."""
+    ok = arrays.status == 0
+    if eligible is not None:
+        ok = ok & eligible
+    lengths = arrays.lengths
+    cutoffs = cutoff_positions(lengths, cfg.horizon, cfg.n_windows, cfg.step)
+    oldest = cutoffs[-1]  # train before the oldest backtest cutoff: no test data seen
+    return WindowPlan(
+        cutoffs=cutoffs,
+        train=train_windows(oldest, cfg, ok),
+        val=val_windows(oldest, cfg, ok),
+        backtest=[backtest_windows(c, lengths, cfg, ok) for c in cutoffs],
+    )
