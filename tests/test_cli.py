@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import polars as pl
+import pytest
 
 from pipeline.cli import main
 
@@ -32,3 +33,22 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         assert r.returncode == 2, r.stderr
         assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["global", "packed"])
+def test_run_trains_on_ray_and_saves_loadable_models(ray_session, demo_dir, tmp_path, capsys,
+                                                     mode):
+    from pipeline.models import load_model
+    config = "configs/demo.yaml" if mode == "global" else "configs/per_group.yaml"
+    args = ["run", "--config", config, "--set", f"data.path={demo_dir}", "--set",
+            f"output.path={tmp_path}", "--set", "train.epochs=1", "--set",
+            "train.steps_per_epoch=2"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    models = sorted((tmp_path).rglob("*.pt"))
+    expected = 1 if mode == "global" else 4
+    assert len(models) == expected and text.count("  ok") == expected
+    model = load_model(models[0])
+    assert sum(p.numel() for p in model.parameters()) > 0
