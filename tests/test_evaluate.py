@@ -122,7 +122,7 @@ def test_metrics_table_names_every_metric_and_infers_symmetric_intervals():
                           "pinball", "coverage_80"}
     close(table["mase"], [2.0, 7 / 3])
     close(table[ev.WAPE_NUM], [3.0, 7.0])
-    close(table["coverage_80"], [2 / 3, 0.0])               # |e| <= 1 inside
+    close(table["coverage_80"], [2 / 3, 1 / 3])               # inside where |e| <= 1
 
 
 def test_metrics_table_takes_explicit_intervals():
@@ -307,6 +307,8 @@ def test_m4_hourly_baselines_reproduce_the_published_table():
         summary = ev.summarize(ev.metrics_table(test, baseline(train, 48, 24), scale))
         assert round(summary["smape"], 3) == smape, baseline.__name__
         assert round(summary["mase"], 3) == mase, baseline.__name__
+    n2 = ev.summarize(ev.metrics_table(test, ev.naive2(train, 48, 24), scale))
     sn = ev.summarize(ev.metrics_table(test, ev.seasonal_naive(train, 48, 24), scale))
-    assert ev.owa(sn["smape"], sn["mase"], *published[ev.naive2]) == pytest.approx(0.627,
-                                                                                   abs=5e-4)
+    # published 0.627; from unrounded averages it is 0.62750, so allow the last digit
+    assert ev.owa(sn["smape"], sn["mase"], n2["smape"], n2["mase"]) == pytest.approx(
+        0.627, abs=1e-3)
