@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     for name, text in [("prepare", "the data stage alone: read, validate, arrays, windows"),
                        ("train", "read, validate, then train (global or per group)"),
-                       ("run", "the main job (so far: data stage and training)")]:
+                       ("backtest", "read, validate, train, backtest against baselines"),
+                       ("forecast", "read, validate, train on all data, write forecasts"),
+                       ("run", "the main job: data, train, backtest, forecast, write")]:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", required=True)
         cmd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -49,13 +51,23 @@ def runner_for(cfg: C.Config):
     return RayRunner(cfg.ray)
 
 
-def cmd_prepare(args: argparse.Namespace, train: bool = False) -> None:
+def cmd_prepare(args: argparse.Namespace, stages: tuple = ()) -> None:
+    import uuid
     t0 = time.perf_counter()
     cfg = C.load(args.config, args.set)
+    run_id = uuid.uuid4().hex
     with runner_for(cfg) as runner:
         prep = data_stage(cfg, runner)
-        if train:
-            train_stage(cfg, prep.arrays)
+        arrays = prep.arrays
+        results, bt_cols = None, None
+        if "train" in stages or "backtest" in stages:
+            results = train_stage(cfg, arrays)
+        if "backtest" in stages:
+            bt_cols = backtest_stage(cfg, arrays, results, run_id)
+        if "forecast" in stages:
+            reuse = results is not None and cfg.evaluate.final_model == "reuse"
+            final = results if reuse else train_stage(cfg, arrays, final=True)
+            forecast_stage(cfg, arrays, final, run_id, bt_cols)
     print(f"wall time    {time.perf_counter() - t0:.1f} s")
 
 
@@ -79,20 +91,22 @@ def data_stage(cfg: C.Config, runner):
     return prep
 
 
-def train_stage(cfg: C.Config, arrays) -> list:
+def train_stage(cfg: C.Config, arrays, final: bool = False) -> list:
     """Train the plan of jobs where the config says (Ray tasks, Ray Train, or this process),
-    save each model next to the outputs and print one line per job."""
+    save each model next to the outputs and print one line per job. final=True trains on all
+    the data (the forecast model); otherwise training stops before the oldest backtest cutoff."""
     from pipeline.jobs import plan_jobs, run_jobs_locally, save_result
     from pipeline.train import resolve_device
     jobs = plan_jobs(arrays, cfg)
+    what = "final model (all data)" if final else "before the backtest cutoffs"
     print(f"training     {cfg.model.name}: {len(jobs)} job(s), mode {cfg.train.mode}, "
-          f"device {resolve_device(cfg.train.device)}")
+          f"device {resolve_device(cfg.train.device)}, {what}")
     if not cfg.ray.enabled:
-        results = run_jobs_locally(arrays, jobs, cfg)
+        results = run_jobs_locally(arrays, jobs, cfg, final=final)
     else:
         from pipeline import execution
-        results = execution.train(arrays, jobs, cfg)
-    out = os.path.join(cfg.output.path, cfg.name, "models")
+        results = execution.train(arrays, jobs, cfg, final=final)
+    out = os.path.join(cfg.output.path, cfg.name, "models", "final" if final else "backtest")
     print(f"  {'job':<12} {'series':>7} {'windows':>9} {'epochs':>6} {'best val':>9} "
           f"{'samples/s':>10}  status")
     for r in results:
@@ -108,12 +122,71 @@ def train_stage(cfg: C.Config, arrays) -> list:
     return results
 
 
+def backtest_stage(cfg: C.Config, arrays, results: list, run_id: str) -> dict:
+    """Score the models and the baselines at every cutoff, write predictions and per-series
+    metrics, print the comparison; returns the backtest prediction columns."""
+    from pipeline import output
+    from pipeline.backtest import backtest, concat_columns
+    from pipeline.jobs import plan_jobs
+    jobs = plan_jobs(arrays, cfg)
+    bt = backtest(arrays, jobs, results, cfg, extra={"run_id": run_id})
+    end = int(arrays.end_ns.max())
+    pred_cols = concat_columns(bt.frames)
+    preds = output.to_table(pred_cols, run_id)
+    metrics = output.metrics_table(concat_columns(bt.metrics), run_id)
+    p1 = output.write(cfg.output.path, "backtest", cfg.name, end, preds)
+    p2 = output.write(cfg.output.path, "metrics", cfg.name, end, metrics)
+    summary = bt.summary()
+    print(f"backtest     {cfg.windows.n_windows} cutoff(s), every {cfg.windows.step} steps, "
+          f"{cfg.windows.horizon} steps ahead")
+    cols = ["mae", "rmse", "smape", "mase", "wape", "skill_mase"]
+    print("  " + f"{'model':<22}" + "".join(f"{c:>11}" for c in cols))
+    for model, row in summary.items():
+        print("  " + f"{model:<22}" + "".join(f"{row.get(c, float('nan')):>11.4f}"
+                                              for c in cols))
+    print(f"  (skill_mase = 1 - MASE / MASE of seasonal naive)\noutputs      {p1}\n"
+          f"             {p2}")
+    return pred_cols
+
+
+def forecast_stage(cfg: C.Config, arrays, results: list, run_id: str, bt_cols=None) -> str:
+    from pipeline import output
+    from pipeline.backtest import FALLBACK, final_forecast
+    from pipeline.jobs import plan_jobs
+    cols = final_forecast(arrays, plan_jobs(arrays, cfg), results, cfg)
+    table = output.to_table(cols, run_id)
+    path = output.write(cfg.output.path, "forecasts", cfg.name, int(arrays.end_ns.max()), table)
+    n_fb = int(len(set(cols["unique_id"][cols["model"] == FALLBACK])))
+    print(f"forecast     {len(set(cols['unique_id'])):,} series × {cfg.windows.horizon} steps "
+          f"({n_fb} by {FALLBACK}) -> {path}")
+    if cfg.evaluate.plots and "://" not in cfg.output.path:
+        from pipeline.plots import plot_sample
+        pngs = plot_sample(path.replace(os.sep + "forecasts" + os.sep, os.sep + "plots" + os.sep),
+                           arrays, cols, bt_cols, cfg.evaluate.plots, cfg.windows.horizon,
+                           cfg.model.quantiles)
+        if pngs:
+            print(f"plots        {len(pngs)} PNGs in {os.path.dirname(pngs[0])}")
+    return path
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    cmd_prepare(args, train=True)
+    cmd_prepare(args, ("train",))
+
+
+def cmd_backtest(args: argparse.Namespace) -> None:
+    cmd_prepare(args, ("backtest",))
+
+
+def cmd_forecast(args: argparse.Namespace) -> None:
+    cmd_prepare(args, ("forecast",))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    cmd_prepare(args, ("backtest", "forecast"))
 
 
 COMMANDS = {"make-demo-data": cmd_make_demo_data, "prepare": cmd_prepare, "train": cmd_train,
-            "run": cmd_train}
+            "backtest": cmd_backtest, "forecast": cmd_forecast, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,6 +234,21 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """Backtest and final forecast. The backtest cutoffs are `windows.n_windows` / `step`."""
+
+    season: int | None = None      # m of MASE and seasonal naive; None = from the frequency
+    final_model: str = "refit"     # refit: train again on all data for the forecast | reuse
+    plots: int = 6                 # PNGs of this many series (history, backtest, forecast)
+
+    def __post_init__(self) -> None:
+        _choice("evaluate.final_model", self.final_model, ("refit", "reuse"))
+        if self.season is not None:
+            _positive("evaluate.season", self.season)
+        _positive("evaluate.plots", self.plots, allow_zero=True)
+
+
+@dataclass
 class RayConfig:
     enabled: bool = True           # false: everything runs in this process (tests, debugging)
     address: str | None = None     # None: start a local instance; "auto" or "ray://…" joins
@@ -275,6 +290,7 @@ class Config:
     windows: WindowsConfig = field(default_factory=WindowsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -74,12 +74,12 @@ def ray_runner(cfg: RayConfig) -> RayRunner:
 
 # ------------------------------------------------------------------ training on Ray
 
-def _run_job_task(arrays, job, cfg):
+def _run_job_task(arrays, job, cfg, final=False):
     from pipeline.jobs import run_job
-    return run_job(arrays, job, cfg)
+    return run_job(arrays, job, cfg, final=final)
 
 
-def train_per_group(arrays, jobs: list, cfg) -> list:
+def train_per_group(arrays, jobs: list, cfg, final: bool = False) -> list:
     """One Ray task per job with `ray.task_num_cpus` / `ray.task_num_gpus` (fractions allowed;
     a scheduling label, not a memory cap). The arrays go to the object store once and every
     task maps them without a copy. A job that raises is retried `ray.max_retries` times; if it
@@ -90,7 +90,7 @@ def train_per_group(arrays, jobs: list, cfg) -> list:
     task = ray.remote(_run_job_task).options(
         num_cpus=cfg.ray.task_num_cpus, num_gpus=cfg.ray.task_num_gpus,
         max_retries=cfg.ray.max_retries, retry_exceptions=True)
-    refs = [task.remote(ref, job, cfg) for job in jobs]
+    refs = [task.remote(ref, job, cfg, final) for job in jobs]
     out = []
     for job, r in zip(jobs, refs, strict=True):
         try:
@@ -111,10 +111,11 @@ def _ddp_worker(config: dict):
 
     from pipeline.jobs import run_job
     arrays = ray.get(config["arrays"])
-    return run_job(arrays, config["job"], config["cfg"], wrap=rtt.prepare_model)
+    return run_job(arrays, config["job"], config["cfg"], wrap=rtt.prepare_model,
+                   final=config.get("final", False))
 
 
-def train_global_ddp(arrays, job, cfg):
+def train_global_ddp(arrays, job, cfg, final: bool = False):
     """Global training with Ray Train's TorchTrainer (DDP over `ray.num_workers` workers, on
     GPUs when the cluster has them and train.device allows). Returns rank 0's JobResult."""
     from ray.train import RunConfig, ScalingConfig
@@ -125,7 +126,7 @@ def train_global_ddp(arrays, job, cfg):
     use_gpu = cfg.train.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
     trainer = TorchTrainer(
         _ddp_worker,
-        train_loop_config={"arrays": ray.put(arrays), "job": job, "cfg": cfg},
+        train_loop_config={"arrays": ray.put(arrays), "job": job, "cfg": cfg, "final": final},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=f"{cfg.name}-{job.name}"),
     )
@@ -136,20 +137,20 @@ def train_global_ddp(arrays, job, cfg):
     return result.return_value
 
 
-def train(arrays, jobs: list, cfg) -> list:
+def train(arrays, jobs: list, cfg, final: bool = False) -> list:
     """Run the plan of jobs on Ray: per-group jobs as tasks (or packed into one task when
     `train.packed`), the global job in one task, or under Ray Train DDP when
     `ray.num_workers > 1`."""
     if cfg.train.mode == "global" and cfg.ray.num_workers > 1:
-        return [train_global_ddp(arrays, jobs[0], cfg)]
+        return [train_global_ddp(arrays, jobs[0], cfg, final)]
     if cfg.train.per_group.packed:
         connect(cfg.ray)
         task = ray.remote(_run_packed_task).options(num_cpus=cfg.ray.task_num_cpus,
                                                     num_gpus=cfg.ray.task_num_gpus)
-        return ray.get(task.remote(ray.put(arrays), jobs, cfg))
-    return train_per_group(arrays, jobs, cfg)
+        return ray.get(task.remote(ray.put(arrays), jobs, cfg, final))
+    return train_per_group(arrays, jobs, cfg, final)
 
 
-def _run_packed_task(arrays, jobs, cfg):
+def _run_packed_task(arrays, jobs, cfg, final=False):
     from pipeline.jobs import run_packed
-    return run_packed(arrays, jobs, cfg)
+    return run_packed(arrays, jobs, cfg, final=final)

@@ -69,12 +69,14 @@ def plan_jobs(arrays: SeriesArrays, cfg: Config) -> list[Job]:
     return [Job(str(g), np.flatnonzero(groups == g), str(g)) for g in np.unique(groups)]
 
 
-def job_data(arrays: SeriesArrays, job: Job, cfg: Config, device: torch.device) -> TrainData:
+def job_data(arrays: SeriesArrays, job: Job, cfg: Config, device: torch.device,
+             final: bool = False) -> TrainData:
     """The job's windows, scaling and loader (the loader holds all series; the index only the
-    job's)."""
+    job's). final=True trains on every step (the forecast model), else before the oldest
+    backtest cutoff."""
     member = np.zeros(len(arrays), bool)
     member[job.series] = True
-    plan = plan_windows(arrays, cfg.windows, eligible=member)
+    plan = plan_windows(arrays, cfg.windows, eligible=member, final=final)
     loc, scale = fit_scaling(arrays, plan.cutoffs[-1], cfg.windows.scaling)
     calendar = calendar_for(arrays, cfg)
     loader = WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
@@ -99,13 +101,13 @@ def n_groups(arrays: SeriesArrays) -> int:
 
 
 def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: bool = False,
-            wrap=None) -> JobResult:
+            wrap=None, final: bool = False) -> JobResult:
     """Build the job's data and model, fit, and return the weights (on the CPU) and history.
     `wrap(model) -> model` lets the execution layer wrap the model (e.g. DDP) before training."""
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    data = job_data(arrays, job, cfg, device)
+    data = job_data(arrays, job, cfg, device, final)
     model = new_model(data.loader, cfg, len(arrays), n_groups(arrays)).to(device)
     trained = wrap(model) if wrap is not None else model
     res: FitResult = fit(trained, data, cfg.train, make_loss(cfg.model), log=log,
@@ -135,22 +137,23 @@ def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
                      n_series=len(job.series), attempts=attempts)
 
 
-def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config) -> list[JobResult]:
+def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: bool = False
+                     ) -> list[JobResult]:
     """Every job in this process, one after another (packed into one module when
     `train.per_group.packed`); a failing job does not stop the others."""
     if cfg.train.per_group.packed:
-        return run_packed(arrays, jobs, cfg)
+        return run_packed(arrays, jobs, cfg, final=final)
     out = []
     for job in jobs:
         try:
-            out.append(run_job(arrays, job, cfg))
+            out.append(run_job(arrays, job, cfg, final=final))
         except Exception as e:  # noqa: BLE001 - reported per job, the batch goes on
             out.append(failed(job, e))
     return out
 
 
-def run_packed(arrays: SeriesArrays, jobs: list[Job], cfg: Config, progress: bool = False
-               ) -> list[JobResult]:
+def run_packed(arrays: SeriesArrays, jobs: list[Job], cfg: Config, progress: bool = False,
+               final: bool = False) -> list[JobResult]:
     """Every per-group job trained together as one PackedModel in this process (or one Ray
     task); each group comes back as an ordinary model, as from separate jobs. Groups with no
     training windows are reported as failed and left out of the pack."""
@@ -158,7 +161,7 @@ def run_packed(arrays: SeriesArrays, jobs: list[Job], cfg: Config, progress: boo
     from pipeline.train import fit_packed
     t0 = time.perf_counter()
     device = resolve_device(cfg.train.device)
-    datas = [job_data(arrays, job, cfg, device) for job in jobs]
+    datas = [job_data(arrays, job, cfg, device, final) for job in jobs]
     out: dict[str, JobResult] = {}
     keep = []
     for job, data in zip(jobs, datas, strict=True):

@@ -127,3 +127,36 @@ def write_parquet_atomic(table: pa.Table, uri: str) -> None:
                 fs.delete_file(tmp)
     else:
         pq.write_table(table, path, filesystem=fs)
+
+
+def replace_partition(table: pa.Table, uri: str) -> None:
+    """Write `table` as the whole content of partition folder `uri`, replacing what was there.
+
+    Local: the new folder is written beside it under a temporary name, then swapped in by two
+    renames: a reader sees the old partition or the new one (or, for the instant between the
+    renames, none), never half of one; a crash while writing leaves the old one in place.
+    Object stores have no rename: the new file is uploaded under a fresh name, then the old
+    files are deleted (a reader may briefly see both)."""
+    fs, path = filesystem_for(uri)
+    parent, name = os.path.dirname(path), os.path.basename(path)
+    fs.create_dir(parent, recursive=True)
+    token = uuid.uuid4().hex
+    if not isinstance(fs, pafs.LocalFileSystem):
+        old = [f.path for f in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
+        pq.write_table(table, f"{path}/part-{token}.parquet", filesystem=fs)
+        for f in old:
+            fs.delete_file(f)
+        return
+    tmp = os.path.join(parent, f".tmp-{token}-{name}")
+    trash = os.path.join(parent, f".old-{token}")
+    os.makedirs(tmp)
+    try:
+        pq.write_table(table, os.path.join(tmp, "part-0.parquet"))
+        if os.path.exists(path):
+            os.rename(path, trash)
+        os.rename(tmp, path)
+    finally:
+        for leftover in (tmp, trash):
+            if os.path.exists(leftover):
+                import shutil
+                shutil.rmtree(leftover)

@@ -128,12 +128,16 @@ class WindowPlan:
 
 
 def plan_windows(arrays: SeriesArrays, cfg: WindowsConfig,
-                 eligible: np.ndarray | None = None) -> WindowPlan:
-    """Windows of the usable series (and, when given, only those where `eligible` is true)."""
+                 eligible: np.ndarray | None = None, final: bool = False) -> WindowPlan:
+    """Windows of the usable series (and, when given, only those where `eligible` is true).
+    final=True: no backtest; training and validation use every step (the forecast model)."""
     ok = arrays.status == 0
     if eligible is not None:
         ok = ok & eligible
     lengths = arrays.lengths
+    if final:
+        cut = lengths[None, :].astype(np.int64)
+        return WindowPlan(cut, train_windows(cut[0], cfg, ok), val_windows(cut[0], cfg, ok), [])
     cutoffs = cutoff_positions(lengths, cfg.horizon, cfg.n_windows, cfg.step)
     oldest = cutoffs[-1]  # train before the oldest backtest cutoff: no test data seen
     return WindowPlan(

@@ -1,0 +1,135 @@
+"""M4 Hourly: the pipeline's GRU and CNN against the competition's published results.
+
+    python benchmarks/m4.py [--data ../shared/data/m4] [--configs configs/m4_gru.yaml ...]
+
+Converts the wide CSVs to the pipeline's long Parquet (a regular hourly index ending at the same
+hour for every series: M4 gives no timestamps), runs the pipeline's data stage and final
+training (early stopping on the last `windows.val_size` steps of the training part only: the
+test part is never seen), forecasts h = 48, and scores with the competition's sMAPE, MASE
+(m = 24) and OWA against Naive2. Prints the rows next to the published ones, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline import config as C  # noqa: E402
+from pipeline import evaluate as E  # noqa: E402
+
+PUBLISHED = {"Naive2": (18.383, 2.395, 1.000), "Seasonal naive": (13.912, 1.193, 0.627),
+             "Theta": (18.138, 2.455, 1.006), "M4 MLP benchmark": (13.842, 2.607, 0.921),
+             "M4 RNN benchmark": (14.698, 3.048, 1.036),
+             "CNN entry (Trotta)": (14.006, 1.213, 0.634),
+             "ES-RNN (Smyl, winner)": (9.328, 0.893, 0.440)}
+H, M = 48, 24
+
+
+def read_wide(path: str) -> dict[str, np.ndarray]:
+    out = {}
+    with open(path, newline="") as fh:
+        rows = csv.reader(fh)
+        next(rows)
+        for row in rows:
+            out[row[0]] = np.array([float(v) for v in row[1:] if v != ""])
+    return out
+
+
+def write_long(train: dict[str, np.ndarray], path: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    end = np.datetime64("2017-12-31T23", "ns")
+    ids, ds, ys = [], [], []
+    for sid, y in train.items():
+        ids.append(np.full(len(y), sid))
+        ds.append(end - np.arange(len(y))[::-1] * np.timedelta64(1, "h"))
+        ys.append(y)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.table({"unique_id": np.concatenate(ids), "ds": np.concatenate(ds),
+                             "y": np.concatenate(ys)}), path)
+
+
+def score(names: list[str], train, test, forecasts: dict[str, np.ndarray]) -> tuple:
+    y = np.stack([test[n][:H] for n in names])
+    yhat = np.stack([forecasts[n] for n in names])
+    scale = E.mase_scale([train[n] for n in names], M)
+    return float(np.mean(E.smape(y, yhat))), float(np.nanmean(E.mase(y, yhat, scale)))
+
+
+def run_config(path: str, data: str, out: str) -> tuple[dict[str, np.ndarray], float, dict]:
+    from pipeline.backtest import final_forecast
+    from pipeline.data.prepare import prepare
+    from pipeline.jobs import plan_jobs, run_jobs_locally
+    cfg = C.load(path, [f"data.path={data}", f"output.path={out}", "ray.enabled=false"])
+    t0 = time.process_time()
+    w0 = time.perf_counter()
+    prep = prepare(cfg)
+    arrays = prep.arrays
+    jobs = plan_jobs(arrays, cfg)
+    results = run_jobs_locally(arrays, jobs, cfg, final=True)
+    cols = final_forecast(arrays, jobs, results, cfg)
+    cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+    fc = {}
+    for sid in np.unique(cols["unique_id"]):
+        rows = cols["unique_id"] == sid
+        fc[str(sid)] = cols["y_hat"][rows][np.argsort(cols["step"][rows])]
+    r = results[0]
+    info = {"config": path, "model": cfg.model.name, "cpu_s": round(cpu, 1),
+            "wall_s": round(wall, 1), "epochs": len(r.history), "best_epoch": r.best_epoch,
+            "best_val": r.best_val, "samples_per_s": round(r.samples_per_s),
+            "skipped": int((arrays.status != 0).sum())}
+    return fc, cpu, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--data", default=os.path.join(here, "..", "shared", "data", "m4"))
+    ap.add_argument("--configs", nargs="+", default=["configs/m4_gru.yaml",
+                                                     "configs/m4_cnn.yaml"])
+    ap.add_argument("--work", default="/tmp/m4-bench")
+    args = ap.parse_args()
+    train = read_wide(os.path.join(args.data, "Hourly-train.csv"))
+    test = read_wide(os.path.join(args.data, "Hourly-test.csv"))
+    names = sorted(train)
+    long_path = os.path.join(args.work, "hourly", "train.parquet")
+    write_long(train, long_path)
+    hist = [train[n] for n in names]
+    base = {"Naive2": dict(zip(names, E.naive2(hist, H, M), strict=True)),
+            "Seasonal naive": dict(zip(names, E.seasonal_naive(hist, H, M), strict=True))}
+    rows = {k: score(names, train, test, v) for k, v in base.items()}
+    s2, m2 = rows["Naive2"]
+    infos = []
+    for path in args.configs:
+        fc, cpu, info = run_config(path, os.path.dirname(long_path), args.work)
+        rows[f"pipeline {info['model']} ({os.path.basename(path)})"] = score(names, train,
+                                                                             test, fc)
+        infos.append(info)
+    print(f"\n{'method':<44} {'sMAPE':>8} {'MASE':>7} {'OWA':>7}   published")
+    for name, (s, m) in rows.items():
+        pub = PUBLISHED.get(name)
+        pub_text = f"{pub[0]:.3f} / {pub[1]:.3f} / {pub[2]:.3f}" if pub else ""
+        print(f"{name:<44} {s:>8.3f} {m:>7.3f} {E.owa(s, m, s2, m2):>7.3f}   {pub_text}")
+    for name, pub in PUBLISHED.items():
+        if name not in rows:
+            print(f"{name + ' (published)':<44} {pub[0]:>8.3f} {pub[1]:>7.3f} {pub[2]:>7.3f}")
+    for info in infos:
+        print(f"  {info['model']}: {info['cpu_s']} s CPU, {info['wall_s']} s wall, "
+              f"{info['epochs']} epochs (best {info['best_epoch'] + 1}), "
+              f"{info['samples_per_s']:,} samples/s")
+    print(json.dumps({"benchmark": "m4_hourly", "machine": platform.node(),
+                      "cpus": os.cpu_count(),
+                      "rows": {k: {"smape": s, "mase": m, "owa": E.owa(s, m, s2, m2)}
+                               for k, (s, m) in rows.items()}, "runs": infos}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Rolling-origin backtest against baselines, and the final forecast with fallbacks.
+
+`backtest` scores every trained job on its series at each cutoff (latest first): the model's
+forecasts, naive and seasonal naive on the same cutoffs, per-series metrics and the frames
+the pipeline writes. Scaling statistics are refitted at each cutoff from data before it.
+`final_forecast` predicts H steps past each series' end; series that were skipped (too short,
+no finite value, …) or whose job failed get a seasonal-naive forecast marked
+`model = "fallback:seasonal_naive"`, so every input series has a forecast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline import evaluate as E
+from pipeline.config import Config
+from pipeline.data.calendar import DAY_NS, NS
+from pipeline.data.loader import WindowLoader
+from pipeline.data.scaling import fit_scaling
+from pipeline.data.series import SeriesArrays
+from pipeline.data.windows import backtest_windows, cutoff_positions, forecast_windows
+from pipeline.forecast import history, long_frame, predict
+from pipeline.jobs import Job, JobResult, calendar_for
+
+BASELINES = {"naive": E.naive, "seasonal_naive": E.seasonal_naive}
+FALLBACK = "fallback:seasonal_naive"
+
+
+def season_of(cfg: Config, freq_ns: int) -> int:
+    """m for MASE and seasonal naive: evaluate.season, else the daily (sub-daily data), weekly
+    (daily data) or yearly (weekly data) cycle."""
+    if cfg.evaluate.season:
+        return cfg.evaluate.season
+    if freq_ns < DAY_NS:
+        return max(1, DAY_NS // freq_ns)
+    return 7 if freq_ns < NS["w"] else 52
+
+
+@dataclass
+class Backtest:
+    frames: list[dict] = field(default_factory=list)    # long prediction columns per block
+    metrics: list[dict] = field(default_factory=list)   # per-series metric columns per block
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # model -> metric tables
+
+    def add(self, model: str, table: dict) -> None:
+        self.tables.setdefault(model, []).append(table)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """model -> overall metrics over every series and cutoff, plus skill vs seasonal naive
+        (1 - MASE / MASE of seasonal naive)."""
+        out = {m: E.summarize({k: np.concatenate([t[k] for t in ts]) for k in ts[0]})
+               for m, ts in self.tables.items()}
+        ref = out.get("seasonal_naive", {}).get("mase")
+        for row in out.values():
+            row["skill_mase"] = float(E.skill(row["mase"], ref)) if ref else float("nan")
+        return out
+
+
+def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu"
+              ) -> WindowLoader:
+    loc, scale = fit_scaling(arrays, cutoff, cfg.windows.scaling)
+    return WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
+                        calendar=calendar_for(arrays, cfg), embedding=cfg.model.embedding,
+                        device=device)
+
+
+def backtest(arrays: SeriesArrays, jobs: list[Job], results: list[JobResult], cfg: Config,
+             extra: dict | None = None, device="cpu") -> Backtest:
+    out = Backtest()
+    m = season_of(cfg, arrays.freq_ns)
+    ok = arrays.status == 0
+    quantiles = cfg.model.quantiles
+    models = {r.name: r.model() for r in results if r.ok}
+    cutoffs = cutoff_positions(arrays.lengths, cfg.windows.horizon, cfg.windows.n_windows,
+                               cfg.windows.step)
+    for cut in cutoffs:
+        loader = loader_at(arrays, cfg, cut, device)
+        for job in jobs:
+            member = np.zeros(len(arrays), bool)
+            member[job.series] = True
+            idx = backtest_windows(cut, arrays.lengths, cfg.windows, ok & member)
+            if len(idx) == 0:
+                continue
+            hist = history(arrays, idx.series, cut[idx.series])
+            scale = E.mase_scale(hist, m)
+            p = None
+            if job.name in models:
+                p = predict(models[job.name], loader, idx, quantiles=quantiles)
+                _score(out, cfg.model.name, arrays, idx, p.y, p.y_hat, p.mask, scale, extra,
+                       cfg.windows.lookback, quantiles, p.q_hat)
+            y, mask = (p.y, p.mask) if p is not None else _actuals(arrays, idx, cfg)
+            for name, fn in BASELINES.items():
+                _score(out, name, arrays, idx, y, fn(hist, cfg.windows.horizon, m), mask,
+                       scale, extra, cfg.windows.lookback)
+    return out
+
+
+def _actuals(arrays, idx, cfg):
+    rows = (arrays.indptr[idx.series] + idx.start + cfg.windows.lookback)[:, None] + \
+        np.arange(cfg.windows.horizon)                                   # [N, H]
+    return arrays.values[rows], arrays.mask[rows].astype(np.float32)
+
+
+def _score(out: Backtest, model, arrays, idx, y, y_hat, mask, scale, extra, lookback,
+           quantiles=(), q_hat=None) -> None:
+    """Metrics and long rows of one block of backtest forecasts."""
+    origin = idx.start.astype(np.int64) + lookback
+    table = E.metrics_table(y, y_hat, scale, mask=mask, quantiles=list(quantiles) or None,
+                            q_pred=q_hat)
+    out.add(model, table)
+    frame = long_frame(arrays, idx.series, origin, y_hat, model, quantiles=quantiles,
+                       q_hat=q_hat, y=y, extra=extra)
+    out.frames.append(frame)
+    h = y_hat.shape[1]
+    out.metrics.append({"unique_id": frame["unique_id"][::h], "cutoff": frame["cutoff"][::h],
+                        "model": np.full(len(idx), model, dtype=object),
+                        "group": frame["group"][::h],
+                        **{k: v.astype(np.float64) for k, v in table.items()}})
+
+
+def final_forecast(arrays: SeriesArrays, jobs: list[Job], results: list[JobResult],
+                   cfg: Config, extra: dict | None = None, device="cpu") -> dict:
+    """H steps past every series' end: the job's model where it trained, else the fallback."""
+    L, H = cfg.windows.lookback, cfg.windows.horizon
+    loader = loader_at(arrays, cfg, arrays.lengths, device)
+    models = {r.name: r.model() for r in results if r.ok}
+    ok = arrays.status == 0
+    covered = np.zeros(len(arrays), bool)
+    frames = []
+    for job in jobs:
+        if job.name not in models:
+            continue
+        member = np.zeros(len(arrays), bool)
+        member[job.series] = True
+        idx = forecast_windows(arrays.lengths, L, ok & member)
+        p = predict(models[job.name], loader, idx, quantiles=cfg.model.quantiles,
+                    with_target=False)
+        frames.append(long_frame(arrays, idx.series, idx.start.astype(np.int64) + L, p.y_hat,
+                                 cfg.model.name, quantiles=cfg.model.quantiles, q_hat=p.q_hat,
+                                 extra=extra))
+        covered[idx.series] = True
+    rest = np.flatnonzero(~covered)
+    if len(rest):
+        y_hat = E.seasonal_naive(history(arrays, rest, arrays.lengths[rest]), H,
+                                 season_of(cfg, arrays.freq_ns))
+        y_hat[arrays.status[rest] == 3] = np.nan  # no finite value: nothing to repeat
+        q_hat = np.repeat(y_hat[..., None], len(cfg.model.quantiles), -1) \
+            if cfg.model.quantiles else None
+        frames.append(long_frame(arrays, rest, arrays.lengths[rest].astype(np.int64), y_hat,
+                                 FALLBACK, quantiles=cfg.model.quantiles, q_hat=q_hat,
+                                 extra=extra))
+    return concat_columns(frames)
+
+
+def concat_columns(frames: list[dict]) -> dict:
+    if not frames:
+        return {}
+    return {k: np.concatenate([f[k] for f in frames]) for k in frames[0]}

@@ -1,0 +1,90 @@
+"""The `run` main job end to end on the demo data: outputs, schema, idempotent reruns."""
+import glob
+import os
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main
+
+FAST = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
+        "windows.lookback=48", "--set", "model.encoder.hidden_size=8"]
+SCHEMA = ["unique_id", "ds", "cutoff", "step", "y_hat", "model", "group", "run_id",
+          "created_at"]
+
+
+def run(config, data, out, *extra):
+    args = ["run", "--config", config, "--set", f"data.path={data}", "--set",
+            f"output.path={out}", *FAST, *extra]
+    assert main(args) == 0
+
+
+def read(out, kind):
+    files = glob.glob(os.path.join(out, kind, "job=*", "cutoff=*", "*.parquet"))
+    return files, pl.read_parquet(files, hive_partitioning=False) if files else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/demo.yaml", "configs/per_group.yaml"])
+def test_run_writes_one_forecast_per_series_and_step(demo_dir, tmp_path, config, capsys):
+    run(config, demo_dir, tmp_path, "--set", "ray.enabled=false")
+    text = capsys.readouterr().out
+    name = "demo_per_group" if "per_group" in config else "demo"
+    report = pl.read_parquet(tmp_path / name / "validation_report.parquet")
+    skipped = sorted(report.filter(pl.col("action") == "skipped")["series"])
+    assert skipped and set(skipped) <= {"S0001", "S0002", "S0003"}
+    assert "seasonal_naive" in text
+    assert f"forecast     40 series × 24 steps ({len(skipped)} by" in text
+    files, fc = read(tmp_path, "forecasts")
+    assert len(files) == 1 and fc.columns == SCHEMA
+    assert fc.group_by("unique_id", "step").len()["len"].max() == 1
+    assert fc["unique_id"].n_unique() == 40 and len(fc) == 40 * 24
+    assert fc["y_hat"].is_finite().all()
+    fallback = fc.filter(pl.col("model") == "fallback:seasonal_naive")["unique_id"].unique()
+    assert sorted(fallback) == skipped
+    assert (fc["ds"] > fc["cutoff"]).all() and set(fc["group"]) == {f"store_{c}" for c in "ABCD"}
+    _, metrics = read(tmp_path, "metrics")
+    assert set(metrics["model"]) >= {"naive", "seasonal_naive"}
+    model_rows = metrics.filter(~pl.col("model").is_in(["naive", "seasonal_naive"]))
+    assert len(model_rows) == 2 * (40 - len(skipped))
+    assert np.isfinite(model_rows["mase"].to_numpy()).all()
+    _, bt = read(tmp_path, "backtest")
+    assert {"y", "y_hat"} <= set(bt.columns) and bt["y"].is_finite().all()
+
+
+@pytest.mark.slow
+def test_rerun_of_the_same_cutoff_leaves_one_copy(demo_dir, tmp_path):
+    run("configs/demo.yaml", demo_dir, tmp_path, "--set", "ray.enabled=false")
+    first = read(tmp_path, "forecasts")[1]["run_id"].unique().to_list()
+    run("configs/demo.yaml", demo_dir, tmp_path, "--set", "ray.enabled=false")
+    for kind in ("forecasts", "backtest", "metrics"):
+        files, frame = read(tmp_path, kind)
+        assert len(files) == 1, files
+        assert frame["run_id"].n_unique() == 1 and frame["run_id"][0] not in first
+    leftovers = [p for p in glob.glob(os.path.join(tmp_path, "**", ".*"), recursive=True)]
+    assert leftovers == []
+
+
+def test_forecast_schema_is_pinned(tmp_path):
+    from pipeline import output
+    cols = {"unique_id": np.array(["a"]), "ds": np.array([0], "datetime64[ns]"),
+            "cutoff": np.array([0], "datetime64[ns]"), "step": np.array([1], np.int16),
+            "y_hat": np.array([1.0], np.float32), "q_0.1": np.array([0.5], np.float32),
+            "model": np.array(["m"], object), "group": np.array([""], object)}
+    table = output.to_table(cols, "rid")
+    assert [f"{f.name}:{f.type}" for f in table.schema] == [
+        "unique_id:string", "ds:timestamp[ns]", "cutoff:timestamp[ns]", "step:int16",
+        "y_hat:float", "q_0.1:float", "model:string", "group:string", "run_id:string",
+        "created_at:timestamp[us, tz=UTC]"]
+    path = output.write(str(tmp_path), "forecasts", "job", 0, table)
+    assert pq.read_table(path).num_rows == 1
+
+
+def test_bad_config_and_path_fail_before_training(tmp_path, capsys):
+    assert main(["run", "--config", "configs/demo.yaml", "--set", "evaluate.final_model=x"]) == 2
+    assert "evaluate.final_model = 'x' is not one of" in capsys.readouterr().err
+    assert main(["run", "--config", "configs/demo.yaml", "--set",
+                 f"data.path={tmp_path}/missing"]) == 2
+    assert "does not exist" in capsys.readouterr().err
