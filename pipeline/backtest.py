@@ -65,16 +65,26 @@ def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu
                         device=device)
 
 
-def backtest(arrays: SeriesArrays, jobs: list[Job], results: list[JobResult], cfg: Config,
-             extra: dict | None = None, device="cpu") -> Backtest:
+def config_at(cfg: Config, k: int) -> Config:
+    """The config whose training stops before backtest cutoff k (0 = latest): the cutoffs are
+    counted back from each series' end, so it is the same job with k + 1 backtest windows."""
+    import dataclasses
+    return dataclasses.replace(cfg, windows=dataclasses.replace(cfg.windows, n_windows=k + 1))
+
+
+def backtest(arrays: SeriesArrays, jobs: list[Job], results: list[JobResult] | dict,
+             cfg: Config, extra: dict | None = None, device="cpu") -> Backtest:
+    """`results`: the jobs trained once before the oldest cutoff (a list), or, with
+    `evaluate.refit`, a dict cutoff number -> the jobs trained before that cutoff."""
     out = Backtest()
     m = season_of(cfg, arrays.freq_ns)
     ok = arrays.status == 0
     quantiles = cfg.model.quantiles
-    models = {r.name: r.model() for r in results if r.ok}
     cutoffs = cutoff_positions(arrays.lengths, cfg.windows.horizon, cfg.windows.n_windows,
                                cfg.windows.step)
-    for cut in cutoffs:
+    for k, cut in enumerate(cutoffs):
+        res_k = results[k] if isinstance(results, dict) else results
+        models = {r.name: r.model() for r in res_k if r.ok}
         loader = loader_at(arrays, cfg, cut, device)
         for job in jobs:
             member = np.zeros(len(arrays), bool)

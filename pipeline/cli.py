@@ -63,7 +63,14 @@ def cmd_prepare(args: argparse.Namespace, stages: tuple = ()) -> None:
         if "train" in stages or "backtest" in stages:
             results = train_stage(cfg, arrays)
         if "backtest" in stages:
-            bt_cols = backtest_stage(cfg, arrays, results, run_id)
+            trained = results
+            if cfg.evaluate.refit:  # one more training per later cutoff
+                from pipeline.backtest import config_at
+                trained = {cfg.windows.n_windows - 1: results}
+                for k in range(cfg.windows.n_windows - 1):
+                    trained[k] = train_stage(config_at(cfg, k), arrays,
+                                             label=f"backtest-cutoff{k}")
+            bt_cols = backtest_stage(cfg, arrays, trained, run_id)
         if "forecast" in stages:
             reuse = results is not None and cfg.evaluate.final_model == "reuse"
             final = results if reuse else train_stage(cfg, arrays, final=True)
@@ -91,7 +98,7 @@ def data_stage(cfg: C.Config, runner):
     return prep
 
 
-def train_stage(cfg: C.Config, arrays, final: bool = False) -> list:
+def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = None) -> list:
     """Train the plan of jobs where the config says (Ray tasks, Ray Train, or this process),
     save each model next to the outputs and print one line per job. final=True trains on all
     the data (the forecast model); otherwise training stops before the oldest backtest cutoff."""
@@ -106,7 +113,8 @@ def train_stage(cfg: C.Config, arrays, final: bool = False) -> list:
     else:
         from pipeline import execution
         results = execution.train(arrays, jobs, cfg, final=final)
-    out = os.path.join(cfg.output.path, cfg.name, "models", "final" if final else "backtest")
+    label = label or ("final" if final else "backtest")
+    out = os.path.join(cfg.output.path, cfg.name, "models", label)
     print(f"  {'job':<12} {'series':>7} {'windows':>9} {'epochs':>6} {'best val':>9} "
           f"{'samples/s':>10}  status")
     for r in results:

@@ -239,6 +239,8 @@ class EvaluateConfig:
 
     season: int | None = None      # m of MASE and seasonal naive; None = from the frequency
     final_model: str = "refit"     # refit: train again on all data for the forecast | reuse
+    refit: bool = False            # backtest: train before every cutoff (else once, before the
+                                   # oldest, and predict every cutoff with that model)
     plots: int = 6                 # PNGs of this many series (history, backtest, forecast)
 
     def __post_init__(self) -> None:

@@ -48,7 +48,8 @@ def test_run_trains_on_ray_and_saves_loadable_models(ray_session, demo_dir, tmp_
     assert main(args) == 0
     text = capsys.readouterr().out
     models = sorted((tmp_path).rglob("*.pt"))
-    expected = 1 if mode == "global" else 4
+    expected = 2 * (1 if mode == "global" else 4)  # backtest models and final models
     assert len(models) == expected and text.count("  ok") == expected
+    assert len(list((tmp_path / "forecasts").rglob("*.parquet"))) == 1
     model = load_model(models[0])
     assert sum(p.numel() for p in model.parameters()) > 0

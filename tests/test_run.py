@@ -10,7 +10,7 @@ import pytest
 from pipeline.cli import main
 
 FAST = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
-        "windows.lookback=48", "--set", "model.encoder.hidden_size=8"]
+        "windows.lookback=72", "--set", "model.encoder.hidden_size=8"]
 SCHEMA = ["unique_id", "ds", "cutoff", "step", "y_hat", "model", "group", "run_id",
           "created_at"]
 
@@ -88,3 +88,16 @@ def test_bad_config_and_path_fail_before_training(tmp_path, capsys):
     assert main(["run", "--config", "configs/demo.yaml", "--set",
                  f"data.path={tmp_path}/missing"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_refit_per_cutoff_trains_before_each_cutoff(demo_dir, tmp_path, capsys):
+    run("configs/demo.yaml", demo_dir, tmp_path, "--set", "ray.enabled=false", "--set",
+        "evaluate.refit=true", "--set", "windows.n_windows=2", "--set", "evaluate.plots=0")
+    text = capsys.readouterr().out
+    assert text.count("before the backtest cutoffs") == 2 and text.count("final model") == 1
+    assert sorted(os.listdir(tmp_path / "demo" / "models")) == [
+        "backtest", "backtest-cutoff0", "final"]
+    _, metrics = read(tmp_path, "metrics")
+    rows = metrics.filter(pl.col("model") == "gru_direct")
+    assert rows["cutoff"].n_unique() == 2 and rows["mase"].is_finite().all()
