@@ -74,7 +74,8 @@ def run_config(path: str, data: str, out: str) -> tuple[dict[str, np.ndarray], f
     prep = prepare(cfg)
     arrays = prep.arrays
     jobs = plan_jobs(arrays, cfg)
-    results = run_jobs_locally(arrays, jobs, cfg, final=True)
+    print(f"{path}: training on {len(arrays)} series", file=sys.stderr, flush=True)
+    results = run_jobs_locally(arrays, jobs, cfg, final=True, progress=True)
     cols = final_forecast(arrays, jobs, results, cfg)
     cpu, wall = time.process_time() - t0, time.perf_counter() - w0
     fc = {}
@@ -96,7 +97,10 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["configs/m4_gru.yaml",
                                                      "configs/m4_cnn.yaml"])
     ap.add_argument("--work", default="/tmp/m4-bench")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU time = wall)")
     args = ap.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
     train = read_wide(os.path.join(args.data, "Hourly-train.csv"))
     test = read_wide(os.path.join(args.data, "Hourly-test.csv"))
     names = sorted(train)

@@ -62,7 +62,7 @@ def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu
     loc, scale = fit_scaling(arrays, cutoff, cfg.windows.scaling)
     return WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
                         calendar=calendar_for(arrays, cfg), embedding=cfg.model.embedding,
-                        device=device)
+                        device=device, window_scaling=cfg.windows.scaling == "window")
 
 
 def config_at(cfg: Config, k: int) -> Config:

@@ -86,7 +86,7 @@ class WindowsConfig:
     val_size: int | None = None          # steps held out before the cutoff; None = horizon
     n_windows: int = 1                   # backtest cutoffs
     step: int | None = None              # steps between backtest cutoffs; None = horizon
-    scaling: str = "standard"            # none | standard | robust | minmax
+    scaling: str = "standard"            # none | standard | robust | minmax | window
 
     def __post_init__(self) -> None:
         _positive("windows.lookback", self.lookback)
@@ -101,7 +101,8 @@ class WindowsConfig:
         if self.step is None:
             self.step = self.horizon
         _positive("windows.step", self.step)
-        _choice("windows.scaling", self.scaling, ("none", "standard", "robust", "minmax"))
+        _choice("windows.scaling", self.scaling,
+                ("none", "standard", "robust", "minmax", "window"))
 
     @property
     def min_length(self) -> int:

@@ -80,7 +80,8 @@ def job_data(arrays: SeriesArrays, job: Job, cfg: Config, device: torch.device,
     loc, scale = fit_scaling(arrays, plan.cutoffs[-1], cfg.windows.scaling)
     calendar = calendar_for(arrays, cfg)
     loader = WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
-                          calendar=calendar, embedding=cfg.model.embedding, device=device)
+                          calendar=calendar, embedding=cfg.model.embedding, device=device,
+                          window_scaling=cfg.windows.scaling == "window")
     return TrainData(loader, plan.train, plan.val)
 
 
@@ -137,8 +138,8 @@ def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
                      n_series=len(job.series), attempts=attempts)
 
 
-def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: bool = False
-                     ) -> list[JobResult]:
+def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: bool = False,
+                     progress: bool = False) -> list[JobResult]:
     """Every job in this process, one after another (packed into one module when
     `train.per_group.packed`); a failing job does not stop the others."""
     if cfg.train.per_group.packed:
@@ -146,7 +147,7 @@ def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: 
     out = []
     for job in jobs:
         try:
-            out.append(run_job(arrays, job, cfg, final=final))
+            out.append(run_job(arrays, job, cfg, final=final, progress=progress))
         except Exception as e:  # noqa: BLE001 - reported per job, the batch goes on
             out.append(failed(job, e))
     return out

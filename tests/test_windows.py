@@ -118,3 +118,20 @@ def test_chunked_construction_equals_one_pass(monkeypatch):
     monkeypatch.setattr(W, "CHUNK", 4)
     chunked = W.starts_between(first, last, 3, 7)
     assert pairs(chunked) == pairs(whole)
+
+
+def test_window_scaling_uses_only_each_lookback():
+    rng = np.random.default_rng(0)
+    series = [rng.normal(50, 5, 40).astype(np.float32), rng.normal(-3, 0.1, 40).astype(np.float32)]
+    arrays = SeriesArrays.from_list(series)
+    loader = WindowLoader(arrays, 8, 4, np.zeros(2), np.ones(2), window_scaling=True)
+    b = loader.gather(torch.tensor([0, 1, 1]), torch.tensor([3, 0, 20]))
+    x = b.x[..., 0]
+    torch.testing.assert_close(x.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(1, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    for i, (s, t) in enumerate([(0, 3), (1, 0), (1, 20)]):  # invert: the raw values again
+        raw = torch.cat([x[i], b.y[i]]) * b.scale[i] + b.loc[i]
+        np.testing.assert_allclose(raw.numpy(), series[s][t:t + 12], rtol=1e-5)
+    arrays.values[arrays.indptr[0] + 11:arrays.indptr[1]] = 1e6  # after the lookback
+    again = loader.gather(torch.tensor([0]), torch.tensor([3]))
+    assert again.loc[0] == b.loc[0] and again.scale[0] == b.scale[0]

@@ -68,8 +68,10 @@ class WindowLoader:
 
     def __init__(self, arrays: SeriesArrays, lookback: int, horizon: int, loc: np.ndarray,
                  scale: np.ndarray, *, calendar: list[str] = (), embedding: str = "none",
-                 use_static: bool = True, device: str | torch.device = "cpu") -> None:
+                 use_static: bool = True, device: str | torch.device = "cpu",
+                 window_scaling: bool = False) -> None:
         self.L, self.H, self.device = lookback, horizon, torch.device(device)
+        self.window_scaling = window_scaling
         self.calendar = list(calendar)
         self.freq_ns = arrays.freq_ns
         self.lengths = arrays.lengths
@@ -118,6 +120,8 @@ class WindowLoader:
         T = L + H if with_target else L
         rows = (self.indptr[series] + start)[:, None] + self.steps[None, :T]  # [B, T]
         loc, scale = self.loc[series], self.scale[series]
+        if self.window_scaling:
+            loc, scale = self._lookback_stats(rows[:, :L])
         v = (self.values[rows] - loc[:, None]) / scale[:, None]               # [B, T]
         feats, fut = [v[:, :L, None]], []                                     # [B, L, 1]
         if self.past is not None:
@@ -140,6 +144,16 @@ class WindowLoader:
             static=self.static[series] if self.static is not None else None,
             idx=self.embed[series] if self.embed is not None else None,
             loc=loc, scale=scale, series=series, start=start)
+
+    def _lookback_stats(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of each window's observed lookback values ([B, L] rows -> [B], [B]);
+        a (near) constant lookback gets scale 1."""
+        v, m = self.values[rows], self.mask[rows].float()                     # [B, L]
+        n = m.sum(1).clamp(min=1)
+        loc = (v * m).sum(1) / n
+        std = (((v - loc[:, None]) ** 2) * m).sum(1).div(n).sqrt()
+        ok = std > 1e-6 * loc.abs().clamp(min=1)
+        return loc, torch.where(ok, std, torch.ones_like(std))
 
     def _cyclic(self, t_ns: torch.Tensor) -> torch.Tensor:
         cols = []

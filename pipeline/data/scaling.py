@@ -1,5 +1,9 @@
 """Leak-free per-series scaling: statistics from observed values before each series' cutoff.
 
+`window` is instance scaling instead: every window is standardized by the mean and standard
+deviation of its own observed lookback (done per batch by `WindowLoader`), so it follows level
+shifts and never sees past its lookback; here it returns the identity.
+
 `fit_scaling` returns (loc, scale) per series; `apply` maps y → (y - loc) / scale and `invert`
 maps it back. Series with no observed value before their cutoff get (0, 1); a scale that is
 (numerically) zero becomes 1, so constant series pass through shifted, not divided by 0.
@@ -10,7 +14,7 @@ import numpy as np
 
 from pipeline.data.series import SeriesArrays
 
-METHODS = ("none", "standard", "robust", "minmax")
+METHODS = ("none", "standard", "robust", "minmax", "window")
 CHUNK = 1 << 22  # values reduced per pass: bounds the temporaries to a few MB
 
 
@@ -21,7 +25,7 @@ def fit_scaling(arrays: SeriesArrays, cutoff: np.ndarray, method: str
         raise ValueError(f"scaling method {method!r} is not one of {METHODS}")
     n = len(arrays)
     loc, scale = np.zeros(n, np.float64), np.ones(n, np.float64)
-    if method == "none":
+    if method in ("none", "window"):  # window: each batch scales by its own lookback (loader)
         return loc.astype(np.float32), scale.astype(np.float32)
     cut = np.clip(np.asarray(cutoff, np.int64), 0, arrays.lengths)
     fit = _robust if method == "robust" else _moments
