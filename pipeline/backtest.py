@@ -164,6 +164,13 @@ def final_forecast(arrays: SeriesArrays, jobs: list[Job], results: list[JobResul
 
 
 def concat_columns(frames: list[dict]) -> dict:
+    """Join column blocks; a column some blocks lack (a model's quantiles, pinball) is NaN
+    there."""
     if not frames:
         return {}
-    return {k: np.concatenate([f[k] for f in frames]) for k in frames[0]}
+    keys = list(dict.fromkeys(k for f in frames for k in f))
+
+    def col(f: dict, k: str) -> np.ndarray:
+        n = len(next(iter(f.values())))
+        return f[k] if k in f else np.full(n, np.nan, np.float32)
+    return {k: np.concatenate([col(f, k) for f in frames]) for k in keys}

@@ -101,3 +101,33 @@ def test_refit_per_cutoff_trains_before_each_cutoff(demo_dir, tmp_path, capsys):
     _, metrics = read(tmp_path, "metrics")
     rows = metrics.filter(pl.col("model") == "gru_direct")
     assert rows["cutoff"].n_unique() == 2 and rows["mase"].is_finite().all()
+
+
+@pytest.mark.slow
+def test_quantile_model_writes_quantiles_coverage_and_plots(demo_dir, tmp_path):
+    run("configs/demo.yaml", demo_dir, tmp_path, "--set", "ray.enabled=false", "--set",
+        "model.loss=quantile", "--set", "model.quantiles=[0.1, 0.5, 0.9]", "--set",
+        "evaluate.plots=2", "--set", "evaluate.final_model=reuse")
+    _, fc = read(tmp_path, "forecasts")
+    assert {"q_0.1", "q_0.5", "q_0.9"} <= set(fc.columns)
+    model = fc.filter(pl.col("model") == "gru_direct")
+    assert (model["q_0.1"] <= model["q_0.5"]).all() and (model["q_0.5"] <= model["q_0.9"]).all()
+    assert (model["y_hat"] == model["q_0.5"]).all()
+    _, metrics = read(tmp_path, "metrics")
+    q_rows = metrics.filter(pl.col("model") == "gru_direct")
+    assert q_rows["pinball"].is_finite().all()
+    assert q_rows["coverage_80"].is_between(0, 1).all()
+    pngs = glob.glob(os.path.join(tmp_path, "plots", "job=demo", "cutoff=*", "*.png"))
+    assert len(pngs) == 2 and all(os.path.getsize(p) > 5000 for p in pngs)
+    assert not os.path.exists(tmp_path / "demo" / "models" / "final")  # reused
+
+
+@pytest.mark.slow
+def test_backtest_and_forecast_commands_run_their_parts(demo_dir, tmp_path):
+    base = ["--config", "configs/demo.yaml", "--set", f"data.path={demo_dir}", "--set",
+            f"output.path={tmp_path}", "--set", "ray.enabled=false", *FAST]
+    assert main(["backtest", *base]) == 0
+    assert read(tmp_path, "metrics")[0] and not read(tmp_path, "forecasts")[0]
+    assert main(["forecast", *base]) == 0
+    files, fc = read(tmp_path, "forecasts")
+    assert len(files) == 1 and fc["unique_id"].n_unique() == 40
