@@ -24,6 +24,7 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.data.loader import Batch, WindowLoader
 from pipeline.data.windows import WindowIndex
+from pipeline.models.packed import clip_grad_norm_per_group, group_losses
 
 Log = Callable[[dict], None]
 
@@ -81,6 +82,11 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return float(t.item()) / world
+
+
+def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The window order of one epoch: a function of (seed, epoch, rank) only."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + rank)
 
 
 def shard(index: WindowIndex, rank: int, world: int) -> WindowIndex:
@@ -161,7 +167,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, loss_fn: nn.Module,
     result, best_state, bad_epochs = FitResult(), None, 0
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
+        gen = epoch_generator(cfg.seed, epoch, rank)
         te = time.perf_counter()
         train_loss, n = train_epoch(model, data, train_idx, opt, sched, loss_fn, cfg, amp, gen)
         train_loss = mean_over_ranks(train_loss, device)
@@ -230,7 +236,6 @@ def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_
     groups then cycle through fresh permutations). Early stopping and the restored best weights
     are per group; training ends when every group has stopped.
     """
-    from pipeline.models.packed import clip_grad_norm_per_group, group_losses
     G = len(data)
     amp = autocast_dtype(cfg, data[0].loader.device)
     if any(len(d.train) == 0 for d in data):
@@ -245,9 +250,8 @@ def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
         te = time.perf_counter()
-        train_loss = _packed_epoch(packed, data, steps, opt, sched, loss_fn, cfg, amp, epoch,
-                                   clip_grad_norm_per_group, group_losses)
-        val_loss = _packed_val(packed, data, loss_fn, cfg, amp, group_losses)
+        train_loss = _packed_epoch(packed, data, steps, opt, sched, loss_fn, cfg, amp, epoch)
+        val_loss = _packed_val(packed, data, loss_fn, cfg, amp)
         rate = steps * cfg.batch_size * G / (time.perf_counter() - te)
         for g, res in enumerate(results):
             if stopped[g]:
@@ -281,12 +285,11 @@ def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_
     return results
 
 
-def _packed_epoch(packed, data, steps, opt, sched, loss_fn, cfg, amp, epoch, clip, group_losses):
+def _packed_epoch(packed, data, steps, opt, sched, loss_fn, cfg, amp, epoch):
     """`steps` steps of one full batch per group; returns each group's mean train loss."""
     packed.train()
     streams = [d.loader.batches(d.train, cfg.batch_size, shuffle=True, steps=steps,
-                                generator=torch.Generator().manual_seed(
-                                    cfg.seed * 1_000_003 + epoch * 101))
+                                generator=epoch_generator(cfg.seed, epoch))
                for d in data]
     total = None
     for group_batches in zip(*streams, strict=True):
@@ -297,7 +300,7 @@ def _packed_epoch(packed, data, steps, opt, sched, loss_fn, cfg, amp, epoch, cli
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         if cfg.grad_clip:
-            clip(packed, cfg.grad_clip)
+            clip_grad_norm_per_group(packed, cfg.grad_clip)
         opt.step()
         if sched is not None:
             sched.step()
@@ -306,7 +309,7 @@ def _packed_epoch(packed, data, steps, opt, sched, loss_fn, cfg, amp, epoch, cli
 
 
 @torch.no_grad()
-def _packed_val(packed, data, loss_fn, cfg, amp, group_losses) -> list[float]:
+def _packed_val(packed, data, loss_fn, cfg, amp) -> list[float]:
     """Each group's validation loss over its own windows (NaN where a group has none)."""
     packed.eval()
     n_val = [0 if d.val is None else len(d.val) for d in data]
