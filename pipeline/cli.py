@@ -51,7 +51,8 @@ def runner_for(cfg: C.Config):
     return RayRunner(cfg.ray)
 
 
-def cmd_prepare(args: argparse.Namespace, stages: tuple = ()) -> None:
+def run_stages(args: argparse.Namespace, stages: tuple = ()) -> None:
+    """Data stage, then the named stages: train | backtest | forecast."""
     import uuid
     t0 = time.perf_counter()
     cfg = C.load(args.config, args.set)
@@ -177,20 +178,24 @@ def forecast_stage(cfg: C.Config, arrays, results: list, run_id: str, bt_cols=No
     return path
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    run_stages(args)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    cmd_prepare(args, ("train",))
+    run_stages(args, ("train",))
 
 
 def cmd_backtest(args: argparse.Namespace) -> None:
-    cmd_prepare(args, ("backtest",))
+    run_stages(args, ("backtest",))
 
 
 def cmd_forecast(args: argparse.Namespace) -> None:
-    cmd_prepare(args, ("forecast",))
+    run_stages(args, ("forecast",))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    cmd_prepare(args, ("backtest", "forecast"))
+    run_stages(args, ("backtest", "forecast"))
 
 
 COMMANDS = {"make-demo-data": cmd_make_demo_data, "prepare": cmd_prepare, "train": cmd_train,
