@@ -1,0 +1,327 @@
+"""MLflow tracking layer: run hierarchy, params, metrics, models and the registry, against the
+embedded SQLite default and a real `mlflow server` process on loopback."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+
+import pytest
+import torch
+
+from pipeline.config import (
+    Config,
+    DecoderConfig,
+    EncoderConfig,
+    ModelConfig,
+    OutputConfig,
+    TrackingConfig,
+)
+from pipeline.errors import PipelineError
+from pipeline.jobs import JobResult
+from pipeline.models import build_model
+
+mlflow = pytest.importorskip("mlflow")
+tracking = pytest.importorskip("pipeline.tracking")
+
+LOOKBACK, HORIZON = 12, 4
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(encoder=EncoderConfig(type="gru", hidden_size=8, num_layers=1),
+                      decoder=DecoderConfig(hidden_size=8))
+    return build_model(cfg, lookback=LOOKBACK, horizon=HORIZON, past_size=1, future_size=0)
+
+
+def batch(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, LOOKBACK, 2, generator=torch.Generator().manual_seed(seed))
+
+
+def make_cfg(tmp_path, uri=None, child_runs="per_model", name="tracktest") -> Config:
+    return Config(name=name, output=OutputConfig(path=str(tmp_path / "out")),
+                  model=ModelConfig(quantiles=[0.1, 0.5, 0.9], loss="quantile"),
+                  tracking=TrackingConfig(uri=uri, child_runs=child_runs))
+
+
+def job_result(name="gru_direct", group=None) -> JobResult:
+    hist = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 1.5 / (e + 1),
+             "samples_per_s": 100.0} for e in range(3)]
+    return JobResult(name, group, True, history=hist, best_val=0.5, best_epoch=2,
+                     samples_per_s=123.0)
+
+
+@pytest.fixture(scope="module")
+def shared_sqlite(tmp_path_factory):
+    """The embedded default (tracking_uri with neither uri nor env), one database file for the
+    module: creating and migrating a fresh MLflow SQLite database costs ~2.5 s."""
+    root = tmp_path_factory.mktemp("embedded")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        uri = tracking.tracking_uri(make_cfg(root))
+    assert uri == f"sqlite:///{root / 'out' / 'mlflow.db'}"
+    return uri
+
+
+@pytest.fixture
+def sqlite_uri(shared_sqlite, monkeypatch):
+    """The shared embedded store; the URI is passed explicitly, never set globally."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return shared_sqlite
+
+
+def check_run_hierarchy_and_model(uri, tmp_path, name="tracktest"):
+    """The shared checks: nesting, params, epoch metrics, backtest names, model reload."""
+    cfg = make_cfg(tmp_path, uri, name=name)
+    tr = tracking.Tracker.from_config(cfg)
+    parent = tr.start(cfg, batch_id="b1", cutoff="2024-01-01", data_hash="abc",
+                      tags={"who": "test"})
+    kids = {m: tr.child(m, "g1") for m in ("gru_direct", "cnn_direct")}
+    assert tr.child("gru_direct", "g1") == kids["gru_direct"]      # reused, not duplicated
+    for m, run_id in kids.items():
+        tr.log_job(run_id, job_result(m, "g1"))
+        tr.log_backtest(run_id, {m: {"mase": 0.9, "smape": 10.0, "mae": float("nan")}})
+    tr.log_backtest(parent, {"gru_direct": {"mase": 0.9}, "seasonal_naive": {"mase": 1.0}})
+    model = tiny_model()
+    uri_model = tr.log_model(kids["gru_direct"], model, batch(5))
+    tr.finish()
+    assert tr.failures == []
+
+    c = mlflow.MlflowClient(tracking_uri=uri)
+    p = c.get_run(parent)
+    assert p.data.tags["batch_id"] == "b1" and p.data.tags["cutoff"] == "2024-01-01"
+    assert p.data.tags["data_hash"] == "abc" and p.data.tags["pipeline_version"]
+    assert p.data.params["train.epochs"] == str(cfg.train.epochs)
+    assert p.data.params["model.quantiles"] == "[0.1,0.5,0.9]"
+    assert set(p.data.params) == set(cfg.flat())
+    assert p.data.metrics["backtest_seasonal_naive_mase"] == 1.0
+    assert p.info.status == "FINISHED"
+    exp = c.get_experiment_by_name(name)
+    assert p.info.experiment_id == exp.experiment_id
+    for m, run_id in kids.items():
+        r = c.get_run(run_id)
+        assert r.data.tags["mlflow.parentRunId"] == parent
+        assert (r.data.tags["model"], r.data.tags["group"]) == (m, "g1")
+        assert r.info.experiment_id == exp.experiment_id and r.info.status == "FINISHED"
+        hist = c.get_metric_history(run_id, "val_loss")
+        assert sorted((h.step, h.value) for h in hist) == [(0, 1.5), (1, 0.75), (2, 0.5)]
+        assert len(c.get_metric_history(run_id, "train_loss")) == 3
+        assert {"best_val", "samples_per_s", f"backtest_{m}_mase",
+                f"backtest_{m}_smape"} <= set(r.data.metrics)
+        assert f"backtest_{m}_mae" not in r.data.metrics        # NaN is not logged
+    # the model reloads and predicts identically on a batch size other than the example's
+    assert c.get_run(kids["gru_direct"]).data.tags[tracking.MODEL_URI_TAG] == uri_model
+    with tracking.using(uri):
+        loaded = mlflow.pytorch.load_model(uri_model)
+    x = batch(7, seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
+    return tr, kids, model
+
+
+# ------------------------------------------------------------------------------ SQLite
+
+def test_sqlite_hierarchy_params_metrics_model(sqlite_uri, tmp_path):
+    check_run_hierarchy_and_model(sqlite_uri, tmp_path)
+
+
+def test_multi_input_model_reloads_and_predicts_identically(sqlite_uri):
+    """xf, static and idx: logged as the real module; the example is a dict of tensors."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(encoder=EncoderConfig(type="gru", hidden_size=8, num_layers=1),
+                      decoder=DecoderConfig(hidden_size=8), embedding="series")
+    model = build_model(cfg, lookback=LOOKBACK, horizon=HORIZON, past_size=1, future_size=2,
+                        static_size=3, num_embeddings=5)
+
+    def inputs(n):
+        g = torch.Generator().manual_seed(n)
+        return {"x": torch.randn(n, LOOKBACK, 2, generator=g),
+                "xf": torch.randn(n, HORIZON, 2, generator=g),
+                "static": torch.randn(n, 3, generator=g),
+                "idx": torch.randint(0, 5, (n,), generator=g)}
+    c = mlflow.MlflowClient(tracking_uri=sqlite_uri)
+    run = c.create_run(c.create_experiment("multi_input"))
+    model_uri = tracking.log_torch_model(run.info.run_id, model, inputs(4), sqlite_uri)
+    with tracking.using(sqlite_uri):
+        loaded = mlflow.pytorch.load_model(model_uri)
+        sig = mlflow.models.get_model_info(model_uri).signature
+    assert set(sig.inputs.input_names()) == {"x", "xf", "static", "idx"}
+    b = inputs(9)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**b), model.eval()(**b))
+
+
+def test_per_group_child_runs_get_group_metrics(sqlite_uri, tmp_path):
+    cfg = make_cfg(tmp_path, sqlite_uri, child_runs="per_group", name="pergroup")
+    tr = tracking.Tracker.from_config(cfg)
+    tr.start(cfg, "b5")
+    tr.log_group_metrics("gru_direct", {"group": ["g1", "g2"], "mase": [0.5, 1.5]})
+    tr.finish()
+    board = tracking.leaderboard("pergroup", uri=sqlite_uri)
+    assert board.select("group", "value").rows() == [("g1", 0.5), ("g2", 1.5)]
+
+
+def test_inputs_artifacts_and_per_group_parquet(sqlite_uri, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.parquet").write_bytes(b"x" * 3_000_000)
+    (data / "b.parquet").write_bytes(b"y" * 10)
+    h = tracking.data_hash([data])
+    assert h == tracking.data_hash([data]) and len(h) == 64
+    (data / "b.parquet").write_bytes(b"z" * 10)
+    assert tracking.data_hash([data]) != h
+    cfg = make_cfg(tmp_path, sqlite_uri, name="inputs")
+    tr = tracking.Tracker.from_config(cfg)
+    parent = tr.start(cfg, "b2", data_hash=h)
+    tr.log_input(parent, str(data), h)
+    (tmp_path / "config.yaml").write_text("name: tracktest\n")
+    tr.log_artifacts(parent, [tmp_path / "config.yaml"])
+    tr.log_group_metrics("gru_direct", {"group": ["g1", "g2"], "mase": [0.5, 1.5]})
+    tr.finish()
+    assert tr.failures == []
+    c = mlflow.MlflowClient(tracking_uri=sqlite_uri)
+    run = c.get_run(parent)
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.digest == h[:36] and str(data) in ds.dataset.source
+    assert run.data.metrics["groups_gru_direct_mase_mean"] == 1.0
+    names = {a.path for a in c.list_artifacts(parent)} | \
+        {a.path for a in c.list_artifacts(parent, "metrics")}
+    assert {"config.yaml", "metrics/per_group_gru_direct.parquet"} <= names
+
+
+def test_leaderboard_champion_registry(sqlite_uri, tmp_path):
+    cfg = make_cfg(tmp_path, sqlite_uri, name="compare")
+    tr = tracking.Tracker.from_config(cfg)
+    tr.start(cfg, "b3")
+    cases = [("gru_direct", "g1", 0.8), ("cnn_direct", "g1", 0.6), ("gru_direct", "g2", 0.7)]
+    models = {}
+    for i, (m, g, mase) in enumerate(cases):
+        run_id = tr.child(m, g)
+        tr.log_backtest(run_id, {m: {"mase": mase}, "seasonal_naive": {"mase": 1.0}})
+        if g == "g1" and m == "cnn_direct":
+            models[run_id] = tiny_model(seed=i)
+            tr.log_model(run_id, models[run_id], batch(3))
+    tr.finish()
+    board = tracking.leaderboard("compare", "mase", uri=sqlite_uri)
+    assert board["value"].to_list() == [0.6, 0.7, 0.8]
+    champ = tracking.champion_per_group(board)
+    assert champ["group"].to_list() == ["g1", "g2"]
+    assert champ["model"].to_list() == ["cnn_direct", "gru_direct"]
+    assert champ["run_id"][0] == tr.children[("cnn_direct", "g1")]
+    run_id = champ["run_id"][0]
+    version = tracking.register_champion(run_id, "tracktest_g1", uri=sqlite_uri)
+    assert version == "1"
+    loaded = tracking.load_champion("tracktest_g1", uri=sqlite_uri)
+    x = batch(9, seed=4)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), models[run_id].eval()(x))
+
+
+def test_logging_failures_are_recorded_not_raised(sqlite_uri, tmp_path):
+    cfg = make_cfg(tmp_path, sqlite_uri, name="failures")
+    tr = tracking.Tracker.from_config(cfg)
+    tr.start(cfg, "b4")
+    with pytest.warns(UserWarning, match="MLflow logging failed"):
+        tr.log_metrics("no-such-run", {"x": 1.0})
+        tr.log_artifacts("no-such-run", [tmp_path / "missing.txt"])
+    assert len(tr.failures) == 2
+    tr.finish()
+
+
+def test_uri_resolution_and_redaction(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:secret@host:5000")
+    assert tracking.tracking_uri(make_cfg(tmp_path)) == "http://u:secret@host:5000"
+    assert tracking.tracking_uri(make_cfg(tmp_path, "sqlite:///x.db")) == "sqlite:///x.db"
+    assert tracking.redact("https://u:secret@host:5000/p") == "https://host:5000/p"
+    assert tracking._param_value("http://u:pw@h/x") == "http://h/x"
+    assert len(tracking._param_value("a" * 7000)) == 6000
+
+
+# ------------------------------------------------------------------------------ unreachable
+
+def test_unreachable_server_fails_fast_with_a_clear_error():
+    t0 = time.perf_counter()
+    with pytest.raises(PipelineError, match=r"MLflow tracking server at http://127\.0\.0\.1:9 "
+                                            r"is unreachable"):
+        tracking.check_server("http://user:pw@127.0.0.1:9", timeout=2)
+    assert time.perf_counter() - t0 < 15
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert tracking.check_server("http://127.0.0.1:9", timeout=2, required=False) is False
+    assert any("unreachable" in str(x.message) for x in w)
+    assert all("pw" not in str(x.message) for x in w)
+    assert tracking.check_server("sqlite:///whatever.db") is True
+
+
+# ------------------------------------------------------------------------------ real server
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def backend_store_uri(tmp_path_factory) -> str:
+    """The server's backend store. SQLite now; a PostgreSQL fixture can replace this one."""
+    return f"sqlite:///{tmp_path_factory.mktemp('server') / 'backend.db'}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(backend_store_uri, tmp_path_factory):
+    """A real `mlflow server --serve-artifacts` on a free loopback port; its URL."""
+    exe = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
+    if not os.path.exists(exe):
+        pytest.skip("the `mlflow` executable is not installed")
+    port = free_port()
+    root = tmp_path_factory.mktemp("artifacts")
+    log = open(root.parent / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [exe, "server", "--backend-store-uri", backend_store_uri, "--serve-artifacts",
+         "--artifacts-destination", str(root), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:  # /health answers before the backend store is ready: ask the API too
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    ok = r.status == 200
+                with urllib.request.urlopen(
+                        f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
+                        timeout=max(1, deadline - time.time())) as r:
+                    if ok and r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log.flush()
+                pytest.fail(f"mlflow server did not become healthy:\n"
+                            f"{(root.parent / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_real_server_hierarchy_params_metrics_model(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.check_server(mlflow_server) is True
+    tr, kids, model = check_run_hierarchy_and_model(mlflow_server, tmp_path)
+    assert tracking.register_champion(kids["gru_direct"], "srv_model", uri=mlflow_server) == "1"
+    loaded = tracking.load_champion("srv_model", uri=mlflow_server)
+    x = batch(6, seed=8)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
