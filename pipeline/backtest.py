@@ -16,12 +16,10 @@ import numpy as np
 from pipeline import evaluate as E
 from pipeline.config import Config
 from pipeline.data.calendar import DAY_NS, NS
-from pipeline.data.loader import WindowLoader
-from pipeline.data.scaling import fit_scaling
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import backtest_windows, cutoff_positions, forecast_windows
 from pipeline.forecast import history, long_frame, predict
-from pipeline.jobs import Job, JobResult, calendar_for
+from pipeline.jobs import Job, JobResult, loader_at
 
 BASELINES = {"naive": E.naive, "seasonal_naive": E.seasonal_naive}
 FALLBACK = "fallback:seasonal_naive"
@@ -57,14 +55,6 @@ class Backtest:
         return out
 
 
-def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu"
-              ) -> WindowLoader:
-    loc, scale = fit_scaling(arrays, cutoff, cfg.windows.scaling)
-    return WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
-                        calendar=calendar_for(arrays, cfg), embedding=cfg.model.embedding,
-                        device=device, window_scaling=cfg.windows.scaling == "window")
-
-
 def config_at(cfg: Config, k: int) -> Config:
     """The config whose training stops before backtest cutoff k (0 = latest): the cutoffs are
     counted back from each series' end, so it is the same job with k + 1 backtest windows."""
@@ -87,9 +77,8 @@ def backtest(arrays: SeriesArrays, jobs: list[Job], results: list[JobResult] | d
         models = {r.name: r.model() for r in res_k if r.ok}
         loader = loader_at(arrays, cfg, cut, device)
         for job in jobs:
-            member = np.zeros(len(arrays), bool)
-            member[job.series] = True
-            idx = backtest_windows(cut, arrays.lengths, cfg.windows, ok & member)
+            idx = backtest_windows(cut, arrays.lengths, cfg.windows,
+                                   ok & job.member(len(arrays)))
             if len(idx) == 0:
                 continue
             hist = history(arrays, idx.series, cut[idx.series])
@@ -141,9 +130,7 @@ def final_forecast(arrays: SeriesArrays, jobs: list[Job], results: list[JobResul
     for job in jobs:
         if job.name not in models:
             continue
-        member = np.zeros(len(arrays), bool)
-        member[job.series] = True
-        idx = forecast_windows(arrays.lengths, L, ok & member)
+        idx = forecast_windows(arrays.lengths, L, ok & job.member(len(arrays)))
         p = predict(models[job.name], loader, idx, quantiles=cfg.model.quantiles,
                     with_target=False)
         frames.append(long_frame(arrays, idx.series, idx.start.astype(np.int64) + L, p.y_hat,

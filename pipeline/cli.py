@@ -138,7 +138,7 @@ def backtest_stage(cfg: C.Config, arrays, results: list, run_id: str) -> dict:
     from pipeline.backtest import backtest, concat_columns
     from pipeline.jobs import plan_jobs
     jobs = plan_jobs(arrays, cfg)
-    bt = backtest(arrays, jobs, results, cfg, extra={"run_id": run_id})
+    bt = backtest(arrays, jobs, results, cfg)
     end = int(arrays.end_ns.max())
     pred_cols = concat_columns(bt.frames)
     preds = output.to_table(pred_cols, run_id)

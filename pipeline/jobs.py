@@ -33,6 +33,12 @@ class Job:
     series: np.ndarray        # indices into the SeriesArrays
     group: str | None = None
 
+    def member(self, n_series: int) -> np.ndarray:
+        """[S] bool: true for the job's series."""
+        out = np.zeros(n_series, bool)
+        out[self.series] = True
+        return out
+
 
 @dataclass
 class JobResult:
@@ -74,15 +80,17 @@ def job_data(arrays: SeriesArrays, job: Job, cfg: Config, device: torch.device,
     """The job's windows, scaling and loader (the loader holds all series; the index only the
     job's). final=True trains on every step (the forecast model), else before the oldest
     backtest cutoff."""
-    member = np.zeros(len(arrays), bool)
-    member[job.series] = True
-    plan = plan_windows(arrays, cfg.windows, eligible=member, final=final)
-    loc, scale = fit_scaling(arrays, plan.cutoffs[-1], cfg.windows.scaling)
-    calendar = calendar_for(arrays, cfg)
-    loader = WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
-                          calendar=calendar, embedding=cfg.model.embedding, device=device,
-                          window_scaling=cfg.windows.scaling == "window")
-    return TrainData(loader, plan.train, plan.val)
+    plan = plan_windows(arrays, cfg.windows, eligible=job.member(len(arrays)), final=final)
+    return TrainData(loader_at(arrays, cfg, plan.cutoffs[-1], device), plan.train, plan.val)
+
+
+def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu"
+              ) -> WindowLoader:
+    """A loader over every series with the scaling fitted before `cutoff` (per series)."""
+    loc, scale = fit_scaling(arrays, cutoff, cfg.windows.scaling)
+    return WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
+                        calendar=calendar_for(arrays, cfg), embedding=cfg.model.embedding,
+                        device=device, window_scaling=cfg.windows.scaling == "window")
 
 
 def calendar_for(arrays: SeriesArrays, cfg: Config) -> list[str]:
@@ -113,12 +121,18 @@ def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: boo
     trained = wrap(model) if wrap is not None else model
     res: FitResult = fit(trained, data, cfg.train, make_loss(cfg.model), log=log,
                          progress=progress)
+    return trained_result(job, model, res, len(data.train), t0)
+
+
+def trained_result(job: Job, model: EncoderDecoder, res: FitResult, n_windows: int,
+                   t0: float) -> JobResult:
+    """A finished job: its weights on the CPU as bytes, its history and figures."""
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     return JobResult(job.name, job.group, True, spec=model.spec, state=buf.getvalue(),
                      history=res.history, best_val=res.best_val, best_epoch=res.best_epoch,
                      samples_per_s=res.samples_per_s, seconds=time.perf_counter() - t0,
-                     n_series=len(job.series), n_windows=len(data.train))
+                     n_series=len(job.series), n_windows=n_windows)
 
 
 def save_result(result: JobResult, path: str) -> None:
@@ -180,12 +194,5 @@ def run_packed(arrays: SeriesArrays, jobs: list[Job], cfg: Config, progress: boo
         fits = fit_packed(packed, [d for _, d in keep], cfg.train, make_loss(cfg.model),
                           progress=progress)
         for g, ((job, data), res) in enumerate(zip(keep, fits, strict=True)):
-            model = packed.extract(g)
-            buf = io.BytesIO()
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-            out[job.name] = JobResult(
-                job.name, job.group, True, spec=model.spec, state=buf.getvalue(),
-                history=res.history, best_val=res.best_val, best_epoch=res.best_epoch,
-                samples_per_s=res.samples_per_s, seconds=time.perf_counter() - t0,
-                n_series=len(job.series), n_windows=len(data.train))
+            out[job.name] = trained_result(job, packed.extract(g), res, len(data.train), t0)
     return [out[job.name] for job in jobs]

@@ -57,7 +57,7 @@ def to_table(cols: dict, run_id: str, created_at: datetime | None = None) -> pa.
 
 
 def metrics_table(cols: dict, run_id: str) -> pa.Table:
-    base = {k: v for k, v in cols.items()}
+    base = dict(cols)
     n = len(base["unique_id"])
     base["run_id"] = np.full(n, run_id, dtype=object)
     return pa.table(base)
