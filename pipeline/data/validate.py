@@ -16,7 +16,7 @@ import polars as pl
 from pipeline.config import DataConfig
 from pipeline.data.calendar import format_freq
 from pipeline.data.io import Part, file_schema, read_columns
-from pipeline.data.series import STATUS_CODE, SeriesArrays
+from pipeline.data.series import STATUS, STATUS_CODE, SeriesArrays
 from pipeline.errors import DataError
 
 ROW = "_row"
@@ -249,9 +249,8 @@ def _status_report(part, ids, lengths, status, min_length, report) -> None:
                "(lookback + horizon + backtest)",
                STATUS_CODE["no_finite_values"]: lambda s: "no finite target value",
                STATUS_CODE["negative_values"]: lambda s: "negative target values"}
-    names = {1: "too_short", 3: "no_finite_values", 4: "negative_values"}
     for s in np.flatnonzero(np.isin(status, list(reasons))):
-        report.append(report_row(part, ids[s], names[int(status[s])], "skipped",
+        report.append(report_row(part, ids[s], STATUS[int(status[s])], "skipped",
                                  reasons[int(status[s])](s)))
 
 
