@@ -119,8 +119,10 @@ def _score(out: Backtest, model, arrays, idx, y, y_hat, mask, scale, extra, look
 
 
 def final_forecast(arrays: SeriesArrays, jobs: list[Job], results: list[JobResult],
-                   cfg: Config, extra: dict | None = None, device="cpu") -> dict:
-    """H steps past every series' end: the job's model where it trained, else the fallback."""
+                   cfg: Config, extra: dict | None = None, device="cpu",
+                   within: np.ndarray | None = None) -> dict:
+    """H steps past every series' end: the job's model where it trained, else the fallback.
+    `within` ([S] bool) limits the forecast to those series (default: every series)."""
     L, H = cfg.windows.lookback, cfg.windows.horizon
     loader = loader_at(arrays, cfg, arrays.lengths, device)
     models = {r.name: r.model() for r in results if r.ok}
@@ -137,7 +139,7 @@ def final_forecast(arrays: SeriesArrays, jobs: list[Job], results: list[JobResul
                                  cfg.model.name, quantiles=cfg.model.quantiles, q_hat=p.q_hat,
                                  extra=extra))
         covered[idx.series] = True
-    rest = np.flatnonzero(~covered)
+    rest = np.flatnonzero(~covered & (within if within is not None else True))
     if len(rest):
         y_hat = E.seasonal_naive(history(arrays, rest, arrays.lengths[rest]), H,
                                  season_of(cfg, arrays.freq_ns))

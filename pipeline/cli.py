@@ -22,14 +22,32 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="data/demo")
     demo.add_argument("--series", type=int, default=120)
     demo.add_argument("--seed", type=int, default=0)
+    cmds = {}
     for name, text in [("prepare", "the data stage alone: read, validate, arrays, windows"),
                        ("train", "read, validate, then train (global or per group)"),
                        ("backtest", "read, validate, train, backtest against baselines"),
                        ("forecast", "read, validate, train on all data, write forecasts"),
-                       ("run", "the main job: data, train, backtest, forecast, write")]:
-        cmd = sub.add_parser(name, help=text)
+                       ("run", "the main job: data, train, backtest, forecast, write"),
+                       ("compare", "leaderboard of the tracked runs; register the champions")]:
+        cmd = cmds[name] = sub.add_parser(name, help=text)
         cmd.add_argument("--config", required=True)
         cmd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+        if name != "compare":
+            cmd.add_argument("--batch-id", help="the tracked batch (default: the data cutoff)")
+    cmds["forecast"].add_argument(
+        "--from-registry", action="store_true",
+        help="no training: forecast with the champions registered by `compare`")
+    for name in ("forecast", "compare"):
+        cmds[name].add_argument(
+            "--by", choices=["group", "global"],
+            help="a champion per group or one global champion (default: per group when "
+                 "data.group_col is set)")
+    cmds["compare"].add_argument("--metric", default="mase",
+                                 help="backtest metric to rank by, lower is better")
+    cmds["compare"].add_argument("--all-cutoffs", action="store_true",
+                                 help="rank runs of every data cutoff, not only the latest")
+    cmds["compare"].add_argument("--no-register", action="store_true",
+                                 help="print the leaderboard without touching the registry")
     return p
 
 
@@ -52,31 +70,66 @@ def runner_for(cfg: C.Config):
 
 
 def run_stages(args: argparse.Namespace, stages: tuple = ()) -> None:
-    """Data stage, then the named stages: train | backtest | forecast."""
+    """Data stage, then the named stages: train | backtest | forecast. With tracking on, the
+    server is checked before anything runs, and the run is logged as it goes (pipeline.runlog);
+    it ends FAILED if a stage raises."""
     import uuid
+
+    from pipeline.output import cutoff_label
     t0 = time.perf_counter()
     cfg = C.load(args.config, args.set)
-    run_id = uuid.uuid4().hex
-    with runner_for(cfg) as runner:
-        prep = data_stage(cfg, runner)
-        arrays = prep.arrays
-        results, bt_cols = None, None
-        if "train" in stages or "backtest" in stages:
-            results = train_stage(cfg, arrays)
-        if "backtest" in stages:
-            trained = results
-            if cfg.evaluate.refit:  # one more training per later cutoff
-                from pipeline.backtest import config_at
-                trained = {cfg.windows.n_windows - 1: results}
-                for k in range(cfg.windows.n_windows - 1):
-                    trained[k] = train_stage(config_at(cfg, k), arrays,
-                                             label=f"backtest-cutoff{k}")
-            bt_cols = backtest_stage(cfg, arrays, trained, run_id)
-        if "forecast" in stages:
-            reuse = results is not None and cfg.evaluate.final_model == "reuse"
-            final = results if reuse else train_stage(cfg, arrays, final=True)
-            forecast_stage(cfg, arrays, final, run_id, bt_cols)
+    log = None
+    if stages:
+        from pipeline.runlog import RunLog
+        log = RunLog.open(cfg)
+    ok = False
+    try:
+        with runner_for(cfg) as runner:
+            prep, report = data_stage(cfg, runner)
+            arrays = prep.arrays
+            cutoff = cutoff_label(int(arrays.end_ns.max())) if len(arrays) else "none"
+            if log is not None:
+                log.start(getattr(args, "batch_id", None) or cutoff, cutoff, report)
+            run_id = (log and log.parent_id) or uuid.uuid4().hex
+            if getattr(args, "from_registry", False):
+                from pipeline.compare import registry_forecast
+                cols, labels = registry_forecast(cfg, arrays, args.by)
+                write_forecast(cfg, arrays, cols, run_id, log=log, champions=labels)
+                ok = True
+                return
+            trained = results = None
+            if "train" in stages or "backtest" in stages:
+                results = train_stage(cfg, arrays, log=log)
+                trained = results
+            bt_cols = None
+            if "backtest" in stages:
+                if cfg.evaluate.refit:  # one more training per later cutoff
+                    from pipeline.backtest import config_at
+                    trained = {cfg.windows.n_windows - 1: results}
+                    for k in range(cfg.windows.n_windows - 1):
+                        trained[k] = train_stage(config_at(cfg, k), arrays,
+                                                 label=f"backtest-cutoff{k}")
+                bt_cols = backtest_stage(cfg, arrays, trained, run_id, log=log)
+            final, label = results, "backtest"
+            if "forecast" in stages:
+                if results is None or cfg.evaluate.final_model != "reuse":
+                    final, label = train_stage(cfg, arrays, final=True, log=log), "final"
+                forecast_stage(cfg, arrays, final, run_id, bt_cols, log=log)
+            if log is not None and final is not None:
+                log.models(final, models_dir(cfg, label))
+            ok = True
+    finally:
+        if log is not None:
+            log.finish(ok)
+            if log.parent_id:
+                print(f"tracking     {log.where()}"
+                      + (f" ({len(log.failures)} logging failure(s), outputs kept)"
+                         if log.failures else ""))
     print(f"wall time    {time.perf_counter() - t0:.1f} s")
+
+
+def models_dir(cfg: C.Config, label: str) -> str:
+    return os.path.join(cfg.output.path, cfg.name, "models", label)
 
 
 def data_stage(cfg: C.Config, runner):
@@ -96,10 +149,11 @@ def data_stage(cfg: C.Config, runner):
         print(f"  … {len(skipped) - 10} more in the report")
     if cfg.output.report:
         print(f"report       {report_path} ({len(prep.report)} rows)")
-    return prep
+    return prep, (report_path if cfg.output.report else None)
 
 
-def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = None) -> list:
+def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = None,
+                log=None) -> list:
     """Train the plan of jobs where the config says (Ray tasks, Ray Train, or this process),
     save each model next to the outputs and print one line per job. final=True trains on all
     the data (the forecast model); otherwise training stops before the oldest backtest cutoff."""
@@ -109,13 +163,17 @@ def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = 
     what = "final model (all data)" if final else "before the backtest cutoffs"
     print(f"training     {cfg.model.name}: {len(jobs)} job(s), mode {cfg.train.mode}, "
           f"device {resolve_device(cfg.train.device)}, {what}")
+    prefix = "final_" if final else ""
+    loggers = log.loggers(jobs, prefix) if log is not None else None
     if not cfg.ray.enabled:
-        results = run_jobs_locally(arrays, jobs, cfg, final=final)
+        results = run_jobs_locally(arrays, jobs, cfg, final=final, loggers=loggers)
     else:
         from pipeline import execution
-        results = execution.train(arrays, jobs, cfg, final=final)
+        results = execution.train(arrays, jobs, cfg, final=final, loggers=loggers)
+    if log is not None:
+        log.trained(results, prefix)
     label = label or ("final" if final else "backtest")
-    out = os.path.join(cfg.output.path, cfg.name, "models", label)
+    out = models_dir(cfg, label)
     print(f"  {'job':<12} {'series':>7} {'windows':>9} {'epochs':>6} {'best val':>9} "
           f"{'samples/s':>10}  status")
     for r in results:
@@ -131,7 +189,7 @@ def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = 
     return results
 
 
-def backtest_stage(cfg: C.Config, arrays, results: list, run_id: str) -> dict:
+def backtest_stage(cfg: C.Config, arrays, results: list, run_id: str, log=None) -> dict:
     """Score the models and the baselines at every cutoff, write predictions and per-series
     metrics, print the comparison; returns the backtest prediction columns."""
     from pipeline import output
@@ -155,19 +213,31 @@ def backtest_stage(cfg: C.Config, arrays, results: list, run_id: str) -> dict:
                                               for c in cols))
     print(f"  (skill_mase = 1 - MASE / MASE of seasonal naive)\noutputs      {p1}\n"
           f"             {p2}")
+    if log is not None:
+        log.backtest(bt, os.path.join(p2, "part-0.parquet"))
     return pred_cols
 
 
-def forecast_stage(cfg: C.Config, arrays, results: list, run_id: str, bt_cols=None) -> str:
-    from pipeline import output
-    from pipeline.backtest import FALLBACK, final_forecast
+def forecast_stage(cfg: C.Config, arrays, results: list, run_id: str, bt_cols=None,
+                   log=None) -> str:
+    from pipeline.backtest import final_forecast
     from pipeline.jobs import plan_jobs
     cols = final_forecast(arrays, plan_jobs(arrays, cfg), results, cfg)
+    return write_forecast(cfg, arrays, cols, run_id, bt_cols, log)
+
+
+def write_forecast(cfg: C.Config, arrays, cols: dict, run_id: str, bt_cols=None, log=None,
+                   champions: str | None = None) -> str:
+    """Write the forecast partition (atomically), then plots, then tell the tracking run."""
+    from pipeline import output
+    from pipeline.backtest import FALLBACK
     table = output.to_table(cols, run_id)
     path = output.write(cfg.output.path, "forecasts", cfg.name, int(arrays.end_ns.max()), table)
+    n = len(set(cols["unique_id"]))
     n_fb = int(len(set(cols["unique_id"][cols["model"] == FALLBACK])))
-    print(f"forecast     {len(set(cols['unique_id'])):,} series × {cfg.windows.horizon} steps "
-          f"({n_fb} by {FALLBACK}) -> {path}")
+    print(f"forecast     {n:,} series × {cfg.windows.horizon} steps "
+          f"({n_fb} by {FALLBACK}{', ' + champions if champions else ''}) -> {path}")
+    pngs = []
     if cfg.evaluate.plots and "://" not in cfg.output.path:
         from pipeline.plots import plot_sample
         pngs = plot_sample(path.replace(os.sep + "forecasts" + os.sep, os.sep + "plots" + os.sep),
@@ -175,7 +245,15 @@ def forecast_stage(cfg: C.Config, arrays, results: list, run_id: str, bt_cols=No
                            cfg.model.quantiles)
         if pngs:
             print(f"plots        {len(pngs)} PNGs in {os.path.dirname(pngs[0])}")
+    if log is not None:
+        log.forecast(path, n, n_fb, pngs)
     return path
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from pipeline.compare import compare
+    compare(C.load(args.config, args.set), metric=args.metric, by=args.by,
+            all_cutoffs=args.all_cutoffs, register=not args.no_register)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -199,7 +277,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"make-demo-data": cmd_make_demo_data, "prepare": cmd_prepare, "train": cmd_train,
-            "backtest": cmd_backtest, "forecast": cmd_forecast, "run": cmd_run}
+            "backtest": cmd_backtest, "forecast": cmd_forecast, "run": cmd_run,
+            "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

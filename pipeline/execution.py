@@ -74,23 +74,26 @@ def ray_runner(cfg: RayConfig) -> RayRunner:
 
 # ------------------------------------------------------------------ training on Ray
 
-def _run_job_task(arrays, job, cfg, final=False):
+def _run_job_task(arrays, job, cfg, final=False, log=None):
     from pipeline.jobs import run_job
-    return run_job(arrays, job, cfg, final=final)
+    return run_job(arrays, job, cfg, final=final, log=log)
 
 
-def train_per_group(arrays, jobs: list, cfg, final: bool = False) -> list:
+def train_per_group(arrays, jobs: list, cfg, final: bool = False, loggers: dict | None = None
+                    ) -> list:
     """One Ray task per job with `ray.task_num_cpus` / `ray.task_num_gpus` (fractions allowed;
     a scheduling label, not a memory cap). The arrays go to the object store once and every
     task maps them without a copy. A job that raises is retried `ray.max_retries` times; if it
-    still fails it comes back as a failed JobResult and every other job completes."""
+    still fails it comes back as a failed JobResult and every other job completes. `loggers`
+    (job name -> the tracking layer's EpochLogger) travel with the tasks, which log each epoch
+    into the job's existing run."""
     from pipeline.jobs import failed
     connect(cfg.ray)
     ref = ray.put(arrays)
     task = ray.remote(_run_job_task).options(
         num_cpus=cfg.ray.task_num_cpus, num_gpus=cfg.ray.task_num_gpus,
         max_retries=cfg.ray.max_retries, retry_exceptions=True)
-    refs = [task.remote(ref, job, cfg, final) for job in jobs]
+    refs = [task.remote(ref, job, cfg, final, (loggers or {}).get(job.name)) for job in jobs]
     out = []
     for job, r in zip(jobs, refs, strict=True):
         try:
@@ -111,11 +114,12 @@ def _ddp_worker(config: dict):
 
     from pipeline.jobs import run_job
     arrays = ray.get(config["arrays"])
+    rank0 = ray.train.get_context().get_world_rank() == 0
     return run_job(arrays, config["job"], config["cfg"], wrap=rtt.prepare_model,
-                   final=config.get("final", False))
+                   final=config.get("final", False), log=config.get("log") if rank0 else None)
 
 
-def train_global_ddp(arrays, job, cfg, final: bool = False):
+def train_global_ddp(arrays, job, cfg, final: bool = False, log=None):
     """Global training with Ray Train's TorchTrainer (DDP over `ray.num_workers` workers, on
     GPUs when the cluster has them and train.device allows). Returns rank 0's JobResult."""
     from ray.train import RunConfig, ScalingConfig
@@ -126,7 +130,8 @@ def train_global_ddp(arrays, job, cfg, final: bool = False):
     use_gpu = cfg.train.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
     trainer = TorchTrainer(
         _ddp_worker,
-        train_loop_config={"arrays": ray.put(arrays), "job": job, "cfg": cfg, "final": final},
+        train_loop_config={"arrays": ray.put(arrays), "job": job, "cfg": cfg, "final": final,
+                           "log": log},   # rank 0 alone logs into the job's run
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=f"{cfg.name}-{job.name}"),
     )
@@ -137,18 +142,18 @@ def train_global_ddp(arrays, job, cfg, final: bool = False):
     return result.return_value
 
 
-def train(arrays, jobs: list, cfg, final: bool = False) -> list:
+def train(arrays, jobs: list, cfg, final: bool = False, loggers: dict | None = None) -> list:
     """Run the plan of jobs on Ray: per-group jobs as tasks (or packed into one task when
     `train.packed`), the global job in one task, or under Ray Train DDP when
     `ray.num_workers > 1`."""
     if cfg.train.mode == "global" and cfg.ray.num_workers > 1:
-        return [train_global_ddp(arrays, jobs[0], cfg, final)]
+        return [train_global_ddp(arrays, jobs[0], cfg, final, (loggers or {}).get(jobs[0].name))]
     if cfg.train.per_group.packed:
         connect(cfg.ray)
         task = ray.remote(_run_packed_task).options(num_cpus=cfg.ray.task_num_cpus,
                                                     num_gpus=cfg.ray.task_num_gpus)
         return ray.get(task.remote(ray.put(arrays), jobs, cfg, final))
-    return train_per_group(arrays, jobs, cfg, final)
+    return train_per_group(arrays, jobs, cfg, final, loggers)
 
 
 def _run_packed_task(arrays, jobs, cfg, final=False):

@@ -56,6 +56,8 @@ class JobResult:
     n_series: int = 0
     n_windows: int = 0
     attempts: int = 1
+    logged: bool = False              # the per-epoch history went to tracking from the worker
+    log_errors: list[str] = field(default_factory=list)
 
     def model(self) -> EncoderDecoder:
         """The trained model, rebuilt from spec + weights."""
@@ -112,7 +114,9 @@ def n_groups(arrays: SeriesArrays) -> int:
 def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: bool = False,
             wrap=None, final: bool = False) -> JobResult:
     """Build the job's data and model, fit, and return the weights (on the CPU) and history.
-    `wrap(model) -> model` lets the execution layer wrap the model (e.g. DDP) before training."""
+    `wrap(model) -> model` lets the execution layer wrap the model (e.g. DDP) before training.
+    `log(row)` gets each epoch's row; a logger that keeps an `errors` list (the tracking
+    layer's EpochLogger) has them copied to the result, which says whether it logged."""
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
@@ -121,7 +125,11 @@ def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: boo
     trained = wrap(model) if wrap is not None else model
     res: FitResult = fit(trained, data, cfg.train, make_loss(cfg.model), log=log,
                          progress=progress)
-    return trained_result(job, model, res, len(data.train), t0)
+    out = trained_result(job, model, res, len(data.train), t0)
+    if log is not None:
+        out.log_errors = list(getattr(log, "errors", []))
+        out.logged = not out.log_errors
+    return out
 
 
 def trained_result(job: Job, model: EncoderDecoder, res: FitResult, n_windows: int,
@@ -153,15 +161,17 @@ def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
 
 
 def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: bool = False,
-                     progress: bool = False) -> list[JobResult]:
+                     progress: bool = False, loggers: dict | None = None) -> list[JobResult]:
     """Every job in this process, one after another (packed into one module when
-    `train.per_group.packed`); a failing job does not stop the others."""
+    `train.per_group.packed`); a failing job does not stop the others. `loggers`: job name
+    -> per-epoch log callback."""
     if cfg.train.per_group.packed:
         return run_packed(arrays, jobs, cfg, final=final)
     out = []
     for job in jobs:
         try:
-            out.append(run_job(arrays, job, cfg, final=final, progress=progress))
+            out.append(run_job(arrays, job, cfg, final=final, progress=progress,
+                               log=(loggers or {}).get(job.name)))
         except Exception as e:  # noqa: BLE001 - reported per job, the batch goes on
             out.append(failed(job, e))
     return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import math
 import os
 import re
@@ -48,6 +49,13 @@ MAX_PARAM_CHARS = 6000
 ROLE = "pipeline.role"      # tag: "parent" | "job"
 MODEL_URI_TAG = "pipeline.model_uri"
 MODEL_NAME = "model"        # logged model name inside a run
+GROUP_TABLE = "metrics/per_group.parquet"   # per-group rows of a "global" or "all" job run
+GROUP_TABLE_TAG = "pipeline.group_table"
+CONFIG_ARTIFACT = "config.yaml"             # the resolved config, on the parent run
+SUPERSEDED_TAG = "pipeline.superseded"      # a finished batch redone with --force
+# a history row's key -> its per-epoch metric (step = epoch); samples_per_s alone is the job's
+EPOCH_METRICS = {"train_loss": "train_loss", "val_loss": "val_loss", "lr": "lr",
+                 "samples_per_s": "epoch_samples_per_s"}
 _TRACKING_ERRORS = (MlflowException, OSError, ValueError, RuntimeError)
 
 
@@ -74,19 +82,26 @@ def tracking_uri(cfg) -> str:
 @contextlib.contextmanager
 def using(uri: str | None) -> Iterator[None]:
     """Point mlflow's fluent API (and registry) at `uri` for the block, then restore the
-    previous setting (None leaves it alone)."""
+    previous setting (None leaves it alone). mlflow's setters also export MLFLOW_TRACKING_URI
+    and MLFLOW_REGISTRY_URI; those are restored too, so one call cannot redirect later ones."""
     from mlflow.tracking._model_registry import utils as reg
     from mlflow.tracking._tracking_service import utils as trk
     if not uri:
         yield
         return
     old = trk._tracking_uri, reg._registry_uri
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
         trk._tracking_uri, reg._registry_uri = old
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -202,11 +217,12 @@ class Tracker:
     def __init__(self, uri: str, child_runs: str = "per_model"):
         self.uri = uri
         self.child_runs = child_runs
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self.children: dict[tuple[str, str], str] = {}   # (model, group) -> run id
         self.failures: list[str] = []
+        self.run_tags: dict[str, str] = {}   # batch_id, cutoff: copied onto every child
 
     @classmethod
     def from_config(cls, cfg) -> Tracker:
@@ -240,6 +256,7 @@ class Tracker:
         if commit := git_commit():
             all_tags["git_commit"] = all_tags["mlflow.source.git.commit"] = commit
         all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+        self.run_tags = {"batch_id": str(batch_id), "cutoff": str(cutoff)}
         run = self.client.create_run(self.experiment_id, run_name=f"{name}-{batch_id}",
                                      tags=all_tags)
         self.parent_id = run.info.run_id
@@ -252,13 +269,15 @@ class Tracker:
             self.safe(self.client.log_batch, run_id, params=part)
 
     def child(self, name: str, group: str | None = None) -> str | None:
-        """The nested child run of job (model `name`, `group`); created once, then reused."""
+        """The nested child run of job (model `name`, `group`); created once, then reused.
+        `group` is a group value, "global" (one model over every series) or "all" (every
+        per-group model of `name` in one run: `tracking.child_runs: per_model`)."""
         key = (name, group or "global")
         if key not in self.children:
             run = self.safe(self.client.create_run, self.experiment_id,
                             run_name=f"{name}/{key[1]}",
                             tags={"mlflow.parentRunId": self.parent_id, ROLE: "job",
-                                  "model": name, "group": key[1]})
+                                  "model": name, "group": key[1], **self.run_tags})
             if run is None:
                 return None
             self.children[key] = run.info.run_id
@@ -281,56 +300,64 @@ class Tracker:
         for part in _chunks(items, METRICS_PER_CALL):
             self.safe(self.client.log_batch, run_id, metrics=part)
 
-    def log_job(self, run_id: str, result) -> None:
-        """A JobResult: per-epoch train_loss / val_loss (step = epoch), best_val, best_epoch,
-        samples_per_s, seconds, sizes; a failed job gets its error as a tag."""
+    def log_job(self, run_id: str, result, prefix: str = "", history: bool = True) -> None:
+        """A JobResult: per-epoch train_loss / val_loss (step = epoch; skipped with
+        history=False, when the worker already logged them live), best_val, best_epoch,
+        samples_per_s, seconds, sizes, all named `<prefix><name>`; a failed job gets its error
+        as a tag."""
         import time
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(row[k]), ts, int(row.get("epoch", i)))
-                 for i, row in enumerate(result.history)
-                 for k in ("train_loss", "val_loss") if _finite(row.get(k))]
+        items = [Metric(prefix + name, float(row[k]), ts, int(row.get("epoch", i)))
+                 for i, row in enumerate(result.history if history else [])
+                 for k, name in EPOCH_METRICS.items() if _finite(row.get(k))]
         for k in ("best_val", "best_epoch", "samples_per_s", "seconds", "n_series",
                   "n_windows", "attempts"):
             if _finite(getattr(result, k, None)):
-                items.append(Metric(k, float(getattr(result, k)), ts, 0))
-        tags = [RunTag("job_ok", str(result.ok))]
+                items.append(Metric(prefix + k, float(getattr(result, k)), ts, 0))
+        tags = [RunTag(f"{prefix}job_ok", str(result.ok))]
         if result.error:
-            tags.append(RunTag("job_error", result.error[:5000]))
+            tags.append(RunTag(f"{prefix}job_error", result.error[:5000]))
         self.safe(self.client.log_batch, run_id, tags=tags)
         for part in _chunks(items, METRICS_PER_CALL):
             self.safe(self.client.log_batch, run_id, metrics=part)
 
-    def log_backtest(self, run_id: str, summary: dict[str, dict[str, float]]) -> None:
-        """Backtest.summary() as `backtest_<model>_<metric>` (same names for every model)."""
-        self.log_metrics(run_id, {f"backtest_{m}_{k}": v for m, row in summary.items()
-                                  for k, v in row.items()})
+    def log_backtest(self, run_id: str, summary: dict[str, dict[str, float]],
+                     model: str) -> None:
+        """Backtest.summary(): the run's own model as `backtest_<metric>`, each baseline as
+        `<baseline>_<metric>` (`seasonal_naive_mase`), so every run, whatever its model, has the
+        same metric names and runs compare column by column."""
+        self.log_metrics(run_id, {f"{metric_prefix(m, model)}_{k}": v
+                                  for m, row in summary.items() for k, v in row.items()})
 
-    def log_group_metrics(self, model: str, table) -> None:
-        """Per-group backtest metrics of `model` (a polars DataFrame or dict of columns with a
-        `group` column and one column per metric). per_group: each group's metrics go to its
-        child run. per_model: one Parquet artifact `metrics/per_group_<model>.parquet` on the
-        parent plus summary metrics `groups_<model>_<metric>_{mean,median,max}`."""
+    def log_group_table(self, run_id: str | None, model: str, table) -> None:
+        """Per-group rows (a polars DataFrame with a `group` column and metric columns named as
+        in `log_backtest`, plus training figures and `model_file`). child_runs per_group: each
+        group's numbers go to its own child run (model, group). Otherwise the table is a Parquet
+        artifact of `run_id` (`metrics/per_group.parquet`, tagged) with summary metrics
+        `groups_<column>_{mean,median,max}`: 10,000 groups stay one run."""
         import polars as pl
         df = table if isinstance(table, pl.DataFrame) else pl.DataFrame(table)
         cols = [c for c in df.columns if c != "group" and df[c].dtype.is_numeric()]
         if self.child_runs == "per_group":
             for row in df.iter_rows(named=True):
-                run_id = self.child(model, str(row["group"]))
-                if run_id:
-                    self.log_metrics(run_id, {f"backtest_{model}_{c}": row[c] for c in cols})
+                child = self.child(model, str(row["group"]))
+                if child:
+                    self.log_metrics(child, {c: row[c] for c in cols})
+            return
+        if run_id is None:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"per_group_{model}.parquet"
+            path = Path(tmp) / Path(GROUP_TABLE).name
             df.write_parquet(path)
-            self.safe(self.client.log_artifact, self.parent_id, str(path), "metrics")
+            self.safe(self.client.log_artifact, run_id, str(path), str(Path(GROUP_TABLE).parent))
+        self.safe(self.client.set_tag, run_id, GROUP_TABLE_TAG, GROUP_TABLE)
         stats = {}
         for c in cols:
             s = df[c].drop_nans().drop_nulls() if df[c].dtype.is_float() else df[c].drop_nulls()
             if len(s):
-                stats.update({f"groups_{model}_{c}_mean": s.mean(),
-                              f"groups_{model}_{c}_median": s.median(),
-                              f"groups_{model}_{c}_max": s.max()})
-        self.log_metrics(self.parent_id, stats)
+                stats.update({f"groups_{c}_mean": s.mean(), f"groups_{c}_median": s.median(),
+                              f"groups_{c}_max": s.max()})
+        self.log_metrics(run_id, stats)
 
     # -------------------------------------------------------------- artifacts, inputs, models
 
@@ -369,6 +396,26 @@ class Tracker:
         return self.safe(log_torch_model, run_id, model, example_batch, self.uri)
 
 
+def metric_prefix(name: str, model: str) -> str:
+    """`backtest` for the run's own model, the baseline's name otherwise."""
+    return "backtest" if name == model else name
+
+
+def example_inputs(spec: dict, rows: int = 2, seed: int = 0) -> dict:
+    """A seeded random input batch {x, xf, static, idx} for a model built from `spec`."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    L, H = spec["lookback"], spec["horizon"]
+    out = {"x": torch.randn(rows, L, 1 + spec["past_size"], generator=g)}
+    if spec.get("future_size"):
+        out["xf"] = torch.randn(rows, H, spec["future_size"], generator=g)
+    if spec.get("static_size"):
+        out["static"] = torch.randn(rows, spec["static_size"], generator=g)
+    if spec.get("num_embeddings") and spec["model"].get("embedding", "none") != "none":
+        out["idx"] = torch.randint(0, spec["num_embeddings"], (rows,), generator=g)
+    return out
+
+
 def _example(example_batch, rows: int = 2):
     """The input example: x alone, or a dict of the non-None named tensors; first `rows`."""
     if isinstance(example_batch, dict):
@@ -378,9 +425,10 @@ def _example(example_batch, rows: int = 2):
     return _numpy(example_batch)[:rows]
 
 
-def log_torch_model(run_id: str, model, example_batch, uri: str | None = None) -> str:
+def log_torch_model(run_id: str, model, example_batch, uri: str | None = None,
+                    set_tag: bool = True) -> str:
     """Log `model` (pickle format, signature and input example from `example_batch`) into
-    `run_id`; tag the run with the model URI and return it."""
+    `run_id`; tag the run with the model URI (set_tag) and return it."""
     import mlflow.pytorch
     import torch
     from mlflow.models import infer_signature
@@ -398,63 +446,238 @@ def log_torch_model(run_id: str, model, example_batch, uri: str | None = None) -
             signature=infer_signature(ex, out), input_example=ex,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                               f"numpy=={np.__version__}"])
-    mlflow.MlflowClient(tracking_uri=uri).set_tag(run_id, MODEL_URI_TAG, info.model_uri)
+    if set_tag:
+        mlflow.MlflowClient(tracking_uri=uri).set_tag(run_id, MODEL_URI_TAG, info.model_uri)
     return info.model_uri
+
+
+# ------------------------------------------------------------------------------ batches
+
+def batch_runs(uri: str, experiment: str, flow: str, batch_id: str, status: str) -> list[str]:
+    """Parent runs of `experiment` tagged with this flow and batch, in `status` (RUNNING,
+    FINISHED, …), superseded ones left out."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs(
+        [exp.experiment_id], max_results=1000,
+        filter_string=(f"tags.`{ROLE}` = 'parent' and tags.flow = '{flow}' and "
+                       f"tags.batch_id = '{batch_id}' and attributes.status = '{status}'"))
+    return [r.info.run_id for r in runs if SUPERSEDED_TAG not in r.data.tags]
+
+
+def supersede(uri: str, parent_id: str) -> None:
+    """Tag a parent run and its job runs as superseded (left out of comparisons)."""
+    client = _client(uri)
+    run = client.get_run(parent_id)
+    kids = client.search_runs([run.info.experiment_id], max_results=10000,
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    for rid in [parent_id] + [k.info.run_id for k in kids]:
+        client.set_tag(rid, SUPERSEDED_TAG, "true")
+
+
+# ------------------------------------------------------------------------------ workers
+
+class EpochLogger:
+    """The `log` callback a training job gets in its worker (a Ray task, rank 0 of Ray Train,
+    or this process): each epoch's row goes straight into the job's existing child run
+    (`<prefix>train_loss`, ... with step = epoch), so a long run is visible while it trains and
+    never opens a new experiment. Picklable; the client is made lazily in the worker. A failed
+    call is recorded in `errors` (the job carries them back and the driver logs the history
+    itself) and never stops training."""
+
+    def __init__(self, uri: str, run_id: str, prefix: str = ""):
+        self.uri, self.run_id, self.prefix = uri, run_id, prefix
+        self.errors: list[str] = []
+        self._client = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}
+
+    def __call__(self, row: dict) -> None:
+        import time
+        if self.errors:     # one failure is enough: the driver logs the history instead
+            return
+        try:
+            if self._client is None:
+                self._client = mlflow.MlflowClient(tracking_uri=self.uri)
+            ts = int(time.time() * 1000)
+            step = int(row.get("epoch", 0))
+            items = [Metric(self.prefix + name, float(row[k]), ts, step)
+                     for k, name in EPOCH_METRICS.items() if _finite(row.get(k))]
+            self._client.log_batch(self.run_id, metrics=items)
+        except _TRACKING_ERRORS as e:
+            self.errors.append(f"{type(e).__name__}: {redact(str(e))[:300]}")
 
 
 # ------------------------------------------------------------------------------ comparison
 
 def _client(uri: str | None) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(tracking_uri=uri) if uri else mlflow.MlflowClient()
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri) if uri else \
+        mlflow.MlflowClient()
 
 
-def leaderboard(experiment: str, metric: str = "mase", uri: str | None = None):
-    """Finished child (job) runs of `experiment` scored by `backtest_<model>_<metric>`: a polars
-    DataFrame (run_id, parent_run_id, model, group, metric, value), best (lowest) first. Runs
-    without the metric are left out. Always read fresh, never from a cached run id."""
+BOARD_SCHEMA = {"run_id": "String", "parent_run_id": "String", "batch_id": "String",
+                "cutoff": "String", "model": "String", "group": "String", "metric": "String",
+                "value": "Float64", "model_file": "String"}
+
+
+def _group_rows(client, run, metric: str) -> list[dict]:
+    """Rows of a job run's per-group table (`metrics/per_group.parquet`)."""
+    import polars as pl
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run.info.run_id, run.data.tags[GROUP_TABLE_TAG], tmp)
+        df = pl.read_parquet(local)
+    col = f"backtest_{metric}"
+    if col not in df.columns:
+        return []
+    files = df["model_file"] if "model_file" in df.columns else [None] * len(df)
+    return [{"group": str(g), "value": float(v), "model_file": f}
+            for g, v, f in zip(df["group"], df[col], files, strict=True) if _finite(v)]
+
+
+def leaderboard(experiment: str, metric: str = "mase", uri: str | None = None,
+                cutoff: str | None = "latest"):
+    """Finished job runs of `experiment` scored by their backtest `metric` (lower is better):
+    a polars DataFrame with one row per (run, group) — group "global" for a model over every
+    series, a group value for a per-group model or for a global model's score on that group's
+    series (from the run's per-group table) — best first. `cutoff="latest"` keeps the runs of
+    the latest data cutoff in the experiment (scores of different backtest periods do not
+    compare); None keeps every cutoff. Always read fresh, never from a cached run id."""
     import polars as pl
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     rows: list[dict] = []
-    if exp is not None:
-        token = None
-        while True:
-            page = client.search_runs(
-                [exp.experiment_id], max_results=1000, page_token=token,
-                filter_string=f"tags.`{ROLE}` = 'job' and attributes.status = 'FINISHED'")
-            for r in page:
-                model = r.data.tags.get("model", "")
-                value = r.data.metrics.get(f"backtest_{model}_{metric}")
-                if _finite(value):
-                    rows.append({"run_id": r.info.run_id, "model": model,
-                                 "parent_run_id": r.data.tags.get("mlflow.parentRunId"),
-                                 "group": r.data.tags.get("group", "global"),
-                                 "metric": metric, "value": float(value)})
-            token = page.token
-            if not token:
-                break
-    schema = {"run_id": pl.String, "parent_run_id": pl.String, "model": pl.String,
-              "group": pl.String, "metric": pl.String, "value": pl.Float64}
-    return pl.DataFrame(rows, schema=schema).sort(["value", "run_id"])
+    token = None
+    while exp is not None:
+        page = client.search_runs(
+            [exp.experiment_id], max_results=1000, page_token=token,
+            filter_string=f"tags.`{ROLE}` = 'job' and attributes.status = 'FINISHED'")
+        for r in page:
+            tags = r.data.tags
+            if SUPERSEDED_TAG in tags:
+                continue
+            base = {"run_id": r.info.run_id, "parent_run_id": tags.get("mlflow.parentRunId"),
+                    "batch_id": tags.get("batch_id"), "cutoff": tags.get("cutoff"),
+                    "model": tags.get("model", ""), "metric": metric, "model_file": None}
+            group = tags.get("group", "global")
+            value = r.data.metrics.get(f"backtest_{metric}")
+            if group != "all" and _finite(value):
+                rows.append({**base, "group": group, "value": float(value)})
+            if GROUP_TABLE_TAG in tags:
+                rows += [{**base, **row} for row in _group_rows(client, r, metric)]
+        token = page.token
+        if not token:
+            break
+    board = pl.DataFrame(rows, schema={k: getattr(pl, v) for k, v in BOARD_SCHEMA.items()})
+    if cutoff == "latest" and len(board):
+        cutoff = board["cutoff"].drop_nulls().max()
+    if cutoff is not None and len(board):
+        board = board.filter(pl.col("cutoff") == cutoff)
+    return board.sort(["value", "run_id", "group"])
 
 
-def champion_per_group(board):
-    """The best (lowest value) row of the leaderboard per group, groups sorted."""
-    return board.sort(["value", "run_id"]).group_by("group", maintain_order=True).first() \
+def run_board(experiment: str, metric: str = "mase", uri: str | None = None,
+              cutoff: str | None = "latest"):
+    """Finished pipeline (parent) runs of `experiment` with their overall backtest `metric`
+    and the seasonal-naive baseline's, best first (same cutoff rule as `leaderboard`)."""
+    import polars as pl
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    rows = []
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], max_results=5000,
+        filter_string=f"tags.`{ROLE}` = 'parent' and attributes.status = 'FINISHED'")
+    for r in runs:
+        value = r.data.metrics.get(f"backtest_{metric}")
+        if _finite(value) and SUPERSEDED_TAG not in r.data.tags:
+            t = r.data.tags
+            rows.append({"run_id": r.info.run_id, "batch_id": t.get("batch_id"),
+                         "cutoff": t.get("cutoff"), "model": t.get("model", ""),
+                         "train_mode": t.get("train_mode", ""), "value": float(value),
+                         "seasonal_naive": r.data.metrics.get(f"seasonal_naive_{metric}")})
+    schema = {"run_id": pl.String, "batch_id": pl.String, "cutoff": pl.String,
+              "model": pl.String, "train_mode": pl.String, "value": pl.Float64,
+              "seasonal_naive": pl.Float64}
+    board = pl.DataFrame(rows, schema=schema)
+    if cutoff == "latest" and len(board):
+        cutoff = board["cutoff"].drop_nulls().max()
+    if cutoff is not None and len(board):
+        board = board.filter(pl.col("cutoff") == cutoff)
+    return board.sort(["value", "run_id"])
+
+
+def champion_per_group(board, by: str = "group"):
+    """The best (lowest value) row per group, groups sorted. by="group": the per-group rows
+    (any model whose score on that group is known, a global model's included); by="global":
+    the best of the models trained over every series (one row, group "global")."""
+    import polars as pl
+    rows = board.filter(pl.col("group") == "global") if by == "global" else \
+        board.filter(~pl.col("group").is_in(["global", "all"]))
+    return rows.sort(["value", "run_id"]).group_by("group", maintain_order=True).first() \
         .sort("group")
 
 
-def register_champion(run_id: str, name: str, alias: str = "champion",
-                      uri: str | None = None) -> str:
-    """Register the model logged in `run_id` under `name` and point `alias` at the new version.
-    Returns the version."""
+def _safe_name(text: str) -> str:
+    """Characters outside [A-Za-z0-9_.-] become `_` (registry names, tag keys)."""
+    return re.sub(r"[^\w.\-]", "_", text)
+
+
+def registered_name(experiment: str, group: str | None = None) -> str:
+    """Model Registry name of a champion: `<experiment>` for the global one,
+    `<experiment>.<group>` per group."""
+    return _safe_name(experiment if group in (None, "global") else f"{experiment}.{group}")
+
+
+def _tag_key(group: str) -> str:
+    return f"{MODEL_URI_TAG}.{_safe_name(group)}"
+
+
+def model_source(run_id: str, group: str | None = None, model_file: str | None = None,
+                 uri: str | None = None) -> str:
+    """The logged model of a leaderboard row. A per-group model kept only as a file artifact
+    (`tracking.child_runs: per_model`) is logged with the PyTorch flavor on first use (and the
+    URI remembered in a run tag), so 10,000 groups cost 10,000 flavor logs only for the ones
+    that get promoted."""
     client = _client(uri)
-    run = client.get_run(run_id)
-    source = run.data.tags.get(MODEL_URI_TAG, f"runs:/{run_id}/{MODEL_NAME}")
-    with using(uri):
-        mv = mlflow.register_model(source, name, tags={"run_id": run_id})
+    tags = client.get_run(run_id).data.tags
+    if not model_file:
+        return tags.get(MODEL_URI_TAG, f"runs:/{run_id}/{MODEL_NAME}")
+    key = _tag_key(group or "global")
+    if key in tags:
+        return tags[key]
+    from pipeline.models import load_model
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_model(client.download_artifacts(run_id, model_file, tmp))
+    model_uri = log_torch_model(run_id, model, example_inputs(model.spec), uri,
+                                set_tag=False)
+    client.set_tag(run_id, key, model_uri)
+    return model_uri
+
+
+def register_champion(run_id: str, name: str, alias: str = "champion",
+                      uri: str | None = None, group: str | None = None,
+                      model_file: str | None = None, tags: dict | None = None) -> str:
+    """Register the model of `run_id` (of `group`, see `model_source`) under `name` and point
+    `alias` at the new version. Returns the version."""
+    client = _client(uri)
+    source = model_source(run_id, group, model_file, uri)
+    version_tags = {"run_id": run_id, "group": group or "global",
+                    **{k: str(v) for k, v in (tags or {}).items()}}
+    with using(uri), _quiet("mlflow.tracking._model_registry.client"), \
+            contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        mv = mlflow.register_model(source, name, tags=version_tags)  # prints "Created…"
     client.set_registered_model_alias(name, alias, mv.version)
     return str(mv.version)
+
+
+def champion_version(name: str, alias: str = "champion", uri: str | None = None):
+    """The ModelVersion `name@alias`, or None when there is no such model or alias."""
+    try:
+        return _client(uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
 
 
 def load_champion(name: str, alias: str = "champion", uri: str | None = None):
@@ -462,3 +685,15 @@ def load_champion(name: str, alias: str = "champion", uri: str | None = None):
     import mlflow.pytorch
     with using(uri):
         return mlflow.pytorch.load_model(f"models:/{name}@{alias}", map_location="cpu")
+
+
+def run_config(run_id: str, uri: str | None = None) -> dict:
+    """The resolved config (config.yaml artifact of the parent run) a job run was trained
+    with, as a dict."""
+    import yaml
+    client = _client(uri)
+    run = client.get_run(run_id)
+    parent = run.data.tags.get("mlflow.parentRunId", run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(parent, CONFIG_ARTIFACT, tmp)
+        return yaml.safe_load(Path(path).read_text())

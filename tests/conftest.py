@@ -25,6 +25,31 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def postgres_uri():
+    """A real PostgreSQL database for MLflow's backend store (tests/services.py)."""
+    from services import Postgres
+    if os.environ.get("PIPELINE_TEST_POSTGRES_URI"):
+        yield os.environ["PIPELINE_TEST_POSTGRES_URI"]
+        return
+    pg = Postgres()
+    try:
+        yield pg.start()
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres_uri, tmp_path_factory):
+    """A real `mlflow server --serve-artifacts` with the PostgreSQL backend store; its URL."""
+    from services import MlflowServer
+    server = MlflowServer(postgres_uri, str(tmp_path_factory.mktemp("mlflow_server")))
+    try:
+        yield server.wait()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     from pipeline.data.demo import make_demo_data
     out = tmp_path_factory.mktemp("demo") / "demo"

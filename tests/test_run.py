@@ -10,6 +10,7 @@ import pytest
 from pipeline.cli import main
 
 FAST = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
+        "tracking.enabled=false", "--set",
         "windows.lookback=72", "--set", "model.encoder.hidden_size=8"]
 SCHEMA = ["unique_id", "ds", "cutoff", "step", "y_hat", "model", "group", "run_id",
           "created_at"]

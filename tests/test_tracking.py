@@ -3,13 +3,7 @@ embedded SQLite default and a real `mlflow server` process on loopback."""
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import warnings
 
 import pytest
@@ -86,8 +80,10 @@ def check_run_hierarchy_and_model(uri, tmp_path, name="tracktest"):
     assert tr.child("gru_direct", "g1") == kids["gru_direct"]      # reused, not duplicated
     for m, run_id in kids.items():
         tr.log_job(run_id, job_result(m, "g1"))
-        tr.log_backtest(run_id, {m: {"mase": 0.9, "smape": 10.0, "mae": float("nan")}})
-    tr.log_backtest(parent, {"gru_direct": {"mase": 0.9}, "seasonal_naive": {"mase": 1.0}})
+        tr.log_backtest(run_id, {m: {"mase": 0.9, "smape": 10.0, "mae": float("nan")},
+                                 "seasonal_naive": {"mase": 1.0}}, m)
+    tr.log_backtest(parent, {"gru_direct": {"mase": 0.9}, "seasonal_naive": {"mase": 1.0}},
+                    "gru_direct")
     model = tiny_model()
     uri_model = tr.log_model(kids["gru_direct"], model, batch(5))
     tr.finish()
@@ -100,7 +96,7 @@ def check_run_hierarchy_and_model(uri, tmp_path, name="tracktest"):
     assert p.data.params["train.epochs"] == str(cfg.train.epochs)
     assert p.data.params["model.quantiles"] == "[0.1,0.5,0.9]"
     assert set(p.data.params) == set(cfg.flat())
-    assert p.data.metrics["backtest_seasonal_naive_mase"] == 1.0
+    assert p.data.metrics["seasonal_naive_mase"] == 1.0 and p.data.metrics["backtest_mase"] == 0.9
     assert p.info.status == "FINISHED"
     exp = c.get_experiment_by_name(name)
     assert p.info.experiment_id == exp.experiment_id
@@ -112,9 +108,11 @@ def check_run_hierarchy_and_model(uri, tmp_path, name="tracktest"):
         hist = c.get_metric_history(run_id, "val_loss")
         assert sorted((h.step, h.value) for h in hist) == [(0, 1.5), (1, 0.75), (2, 0.5)]
         assert len(c.get_metric_history(run_id, "train_loss")) == 3
-        assert {"best_val", "samples_per_s", f"backtest_{m}_mase",
-                f"backtest_{m}_smape"} <= set(r.data.metrics)
-        assert f"backtest_{m}_mae" not in r.data.metrics        # NaN is not logged
+        # the same names whatever the model, so runs compare column by column
+        assert {"best_val", "samples_per_s", "backtest_mase", "backtest_smape",
+                "seasonal_naive_mase"} <= set(r.data.metrics)
+        assert "backtest_mae" not in r.data.metrics        # NaN is not logged
+        assert (r.data.tags["batch_id"], r.data.tags["cutoff"]) == ("b1", "2024-01-01")
     # the model reloads and predicts identically on a batch size other than the example's
     assert c.get_run(kids["gru_direct"]).data.tags[tracking.MODEL_URI_TAG] == uri_model
     with tracking.using(uri):
@@ -161,10 +159,11 @@ def test_per_group_child_runs_get_group_metrics(sqlite_uri, tmp_path):
     cfg = make_cfg(tmp_path, sqlite_uri, child_runs="per_group", name="pergroup")
     tr = tracking.Tracker.from_config(cfg)
     tr.start(cfg, "b5")
-    tr.log_group_metrics("gru_direct", {"group": ["g1", "g2"], "mase": [0.5, 1.5]})
+    tr.log_group_table(None, "gru_direct", {"group": ["g1", "g2"], "backtest_mase": [0.5, 1.5]})
     tr.finish()
     board = tracking.leaderboard("pergroup", uri=sqlite_uri)
     assert board.select("group", "value").rows() == [("g1", 0.5), ("g2", 1.5)]
+    assert set(tr.children) == {("gru_direct", "g1"), ("gru_direct", "g2")}
 
 
 def test_inputs_artifacts_and_per_group_parquet(sqlite_uri, tmp_path):
@@ -182,17 +181,22 @@ def test_inputs_artifacts_and_per_group_parquet(sqlite_uri, tmp_path):
     tr.log_input(parent, str(data), h)
     (tmp_path / "config.yaml").write_text("name: tracktest\n")
     tr.log_artifacts(parent, [tmp_path / "config.yaml"])
-    tr.log_group_metrics("gru_direct", {"group": ["g1", "g2"], "mase": [0.5, 1.5]})
+    job = tr.child("gru_direct", "all")
+    tr.log_group_table(job, "gru_direct", {"group": ["g1", "g2"], "backtest_mase": [0.5, 1.5]})
     tr.finish()
     assert tr.failures == []
     c = mlflow.MlflowClient(tracking_uri=sqlite_uri)
     run = c.get_run(parent)
     (ds,) = run.inputs.dataset_inputs
     assert ds.dataset.digest == h[:36] and str(data) in ds.dataset.source
-    assert run.data.metrics["groups_gru_direct_mase_mean"] == 1.0
-    names = {a.path for a in c.list_artifacts(parent)} | \
-        {a.path for a in c.list_artifacts(parent, "metrics")}
-    assert {"config.yaml", "metrics/per_group_gru_direct.parquet"} <= names
+    assert {a.path for a in c.list_artifacts(parent)} >= {"config.yaml"}
+    job_run = c.get_run(job)
+    assert job_run.data.metrics["groups_backtest_mase_mean"] == 1.0
+    assert {a.path for a in c.list_artifacts(job, "metrics")} == {tracking.GROUP_TABLE}
+    # the leaderboard reads the table: one row per group, none for the "all" run itself
+    board = tracking.leaderboard("inputs", uri=sqlite_uri)
+    assert board.select("group", "value", "run_id").rows() == [("g1", 0.5, job),
+                                                               ("g2", 1.5, job)]
 
 
 def test_leaderboard_champion_registry(sqlite_uri, tmp_path):
@@ -203,7 +207,7 @@ def test_leaderboard_champion_registry(sqlite_uri, tmp_path):
     models = {}
     for i, (m, g, mase) in enumerate(cases):
         run_id = tr.child(m, g)
-        tr.log_backtest(run_id, {m: {"mase": mase}, "seasonal_naive": {"mase": 1.0}})
+        tr.log_backtest(run_id, {m: {"mase": mase}, "seasonal_naive": {"mase": 1.0}}, m)
         if g == "g1" and m == "cnn_direct":
             models[run_id] = tiny_model(seed=i)
             tr.log_model(run_id, models[run_id], batch(3))
@@ -241,6 +245,12 @@ def test_uri_resolution_and_redaction(tmp_path, monkeypatch):
     assert tracking.redact("https://u:secret@host:5000/p") == "https://host:5000/p"
     assert tracking._param_value("http://u:pw@h/x") == "http://h/x"
     assert len(tracking._param_value("a" * 7000)) == 6000
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    with tracking.using(f"sqlite:///{tmp_path / 'x.db'}"):
+        assert os.environ["MLFLOW_TRACKING_URI"].endswith("x.db")
+    # mlflow's setters export env vars: `using` takes them back, later calls are not redirected
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
 
 
 # ------------------------------------------------------------------------------ unreachable
@@ -260,61 +270,6 @@ def test_unreachable_server_fails_fast_with_a_clear_error():
 
 
 # ------------------------------------------------------------------------------ real server
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def backend_store_uri(tmp_path_factory) -> str:
-    """The server's backend store. SQLite now; a PostgreSQL fixture can replace this one."""
-    return f"sqlite:///{tmp_path_factory.mktemp('server') / 'backend.db'}"
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(backend_store_uri, tmp_path_factory):
-    """A real `mlflow server --serve-artifacts` on a free loopback port; its URL."""
-    exe = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
-    if not os.path.exists(exe):
-        pytest.skip("the `mlflow` executable is not installed")
-    port = free_port()
-    root = tmp_path_factory.mktemp("artifacts")
-    log = open(root.parent / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [exe, "server", "--backend-store-uri", backend_store_uri, "--serve-artifacts",
-         "--artifacts-destination", str(root), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:  # /health answers before the backend store is ready: ask the API too
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    ok = r.status == 200
-                with urllib.request.urlopen(
-                        f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
-                        timeout=max(1, deadline - time.time())) as r:
-                    if ok and r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                log.flush()
-                pytest.fail(f"mlflow server did not become healthy:\n"
-                            f"{(root.parent / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
 
 def test_real_server_hierarchy_params_metrics_model(mlflow_server, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

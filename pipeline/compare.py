@@ -1,0 +1,158 @@
+"""Model comparison and forecasts from the Model Registry (DESIGN.md §7).
+
+`compare` ranks the finished runs of the config's experiment by a backtest metric, prints the
+leaderboard (overall and per group), picks the champion per group (or one global champion) and
+points the registry alias `champion` at it. `registry_forecast` forecasts with the champions,
+without training: each champion brings the resolved config of the run that trained it (its
+windows, scaling and model), the current config brings the data. Imports mlflow only through
+`pipeline.tracking`.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from pipeline import tracking
+from pipeline.config import Config, from_dict
+from pipeline.errors import PipelineError
+
+ALIAS = "champion"
+
+
+def _open(cfg: Config, by: str | None) -> tuple[str, str, str]:
+    if not cfg.tracking.enabled:
+        raise PipelineError("tracking.enabled is false: comparing runs and the Model Registry "
+                            "need MLflow tracking")
+    uri = tracking.tracking_uri(cfg)
+    tracking.check_server(uri, required=True)
+    return uri, cfg.tracking.experiment or cfg.name, by or (
+        "group" if cfg.data.group_col else "global")
+
+
+def compare(cfg: Config, metric: str = "mase", by: str | None = None,
+            all_cutoffs: bool = False, register: bool = True, alias: str = ALIAS):
+    """Print the leaderboard, register the champions; returns the champions (polars)."""
+    import polars as pl
+    uri, exp, by = _open(cfg, by)
+    cutoff = None if all_cutoffs else "latest"
+    runs = tracking.run_board(exp, metric, uri, cutoff)
+    board = tracking.leaderboard(exp, metric, uri, cutoff)
+    champs = tracking.champion_per_group(board, by)
+    if not len(champs):
+        raise PipelineError(
+            f"no finished run in experiment {exp!r} at {tracking.redact(uri)} has a "
+            f"{'per-group' if by == 'group' else 'global'} backtest_{metric}; run "
+            f"`python -m pipeline run --config ...` first (or pass --by "
+            f"{'global' if by == 'group' else 'group'})")
+    where = "every cutoff" if all_cutoffs else f"cutoff {board['cutoff'].max()}"
+    print(f"leaderboard  {metric} (lower is better), experiment {exp!r}, {where}, "
+          f"{len(runs)} run(s)")
+    print(f"  overall  {'rank':>4}  {'model':<16} {'mode':<10} {'batch':<18} {'run':<10} "
+          f"{metric:>9} {'seas.naive':>10}")
+    for i, r in enumerate(runs.iter_rows(named=True), 1):
+        print(f"           {i:>4}  {r['model']:<16} {r['train_mode']:<10} "
+              f"{str(r['batch_id']):<18} {r['run_id'][:8]:<10} {r['value']:>9.4f} "
+              f"{_num(r['seasonal_naive']):>10}")
+    rows = board.filter(pl.col("group") == "global") if by == "global" else \
+        board.filter(~pl.col("group").is_in(["global", "all"]))
+    print(f"  {'per group' if by == 'group' else 'global'}  {'group':<14} {'champion':<16} "
+          f"{'run':<10} {metric:>9}   runner-up")
+    for g in champs.iter_rows(named=True):
+        others = rows.filter((pl.col("group") == g["group"]) &
+                             (pl.col("run_id") != g["run_id"]))
+        runner = (f"{others['model'][0]} {others['run_id'][0][:8]} {others['value'][0]:.4f}"
+                  if len(others) else "-")
+        print(f"             {g['group']:<14} {g['model']:<16} {g['run_id'][:8]:<10} "
+              f"{g['value']:>9.4f}   {runner}")
+    if not register:
+        return champs
+    for g in champs.iter_rows(named=True):
+        group = None if by == "global" else g["group"]
+        name = tracking.registered_name(exp, group)
+        current = tracking.champion_version(name, alias, uri)
+        if current is not None and current.tags.get("run_id") == g["run_id"] and \
+                current.tags.get("group") == (group or "global"):
+            print(f"champion     {name}@{alias} = version {current.version} (unchanged)")
+            continue
+        version = tracking.register_champion(
+            g["run_id"], name, alias, uri, group=group, model_file=g["model_file"],
+            tags={"model": g["model"], "metric": metric, "value": g["value"],
+                  "cutoff": g["cutoff"], "batch_id": g["batch_id"],
+                  "parent_run_id": g["parent_run_id"]})
+        print(f"champion     {name}@{alias} = version {version} ({g['model']}, "
+              f"{metric} {g['value']:.4f}, run {g['run_id'][:8]})")
+    return champs
+
+
+def _num(v) -> str:
+    return f"{v:.4f}" if v is not None and np.isfinite(v) else "-"
+
+
+def champion_config(cfg: Config, raw: dict, by: str) -> Config:
+    """The champion's resolved config with this run's data, output, Ray and tracking."""
+    mine = cfg.to_dict()
+    raw = dict(raw)
+    for section in ("data", "output", "ray", "tracking", "name", "evaluate"):
+        raw[section] = mine[section]
+    raw["train"] = {**raw.get("train", {}), "mode": "per_group" if by == "group" else "global",
+                    "per_group": {"packed": False}}
+    return from_dict(raw)
+
+
+def registry_forecast(cfg: Config, arrays, by: str | None = None) -> tuple[dict, str]:
+    """Forecast columns from the registered champions (no training) and a one-line summary.
+    Groups without a champion get the seasonal-naive fallback, and are named."""
+    import torch
+
+    from pipeline.backtest import concat_columns, final_forecast
+    from pipeline.jobs import Job, JobResult, loader_at, plan_jobs
+    uri, exp, by = _open(cfg, by)
+    if by == "group" and arrays.groups is None:
+        raise PipelineError("--by group needs data.group_col")
+    plan_cfg = champion_config(cfg, cfg.to_dict(), by)
+    jobs = plan_jobs(arrays, plan_cfg)
+    by_source: dict[str, list] = {}      # champion's parent run -> [(job, model, version)]
+    missing = []
+    for job in jobs:
+        name = tracking.registered_name(exp, job.group)
+        mv = tracking.champion_version(name, ALIAS, uri)
+        if mv is None:
+            missing.append((job, name))
+            continue
+        model = tracking.load_champion(name, ALIAS, uri)
+        by_source.setdefault(mv.tags.get("run_id") or mv.run_id, []).append((job, model, mv))
+    if not by_source:
+        raise PipelineError(
+            f"no champion registered under {', '.join(n for _, n in missing[:3])}"
+            f"{' …' if len(missing) > 3 else ''} at {tracking.redact(uri)}; run `python -m "
+            f"pipeline compare --config ...` first")
+    frames, used = [], []
+    for run_id, entries in by_source.items():
+        ccfg = champion_config(cfg, tracking.run_config(run_id, uri), by)
+        loader = loader_at(arrays, ccfg, arrays.lengths)
+        results = []
+        for job, model, mv in entries:
+            spec = model.spec
+            have = (loader.past_size, loader.future_size, loader.static_size)
+            want = (spec["past_size"], spec["future_size"], spec["static_size"])
+            if have != want:
+                raise PipelineError(
+                    f"champion {mv.name} v{mv.version} for {job.name!r} expects (past, future, "
+                    f"static) input sizes {want}, the data gives {have}: data.past_covariates, "
+                    f"future_covariates, static_cols or calendar differ from its training run")
+            buf = io.BytesIO()
+            torch.save(model.state_dict(), buf)
+            results.append(JobResult(job.name, job.group, True, spec=spec, state=buf.getvalue()))
+            used.append(f"{mv.name} v{mv.version}")
+        within = np.zeros(len(arrays), bool)
+        for job, _, _ in entries:
+            within[job.series] = True
+        frames.append(final_forecast(arrays, [e[0] for e in entries], results, ccfg,
+                                     within=within))
+    if missing:
+        print(f"registry     no champion for {len(missing)} group(s) "
+              f"({', '.join(j.name for j, _ in missing[:5])}): seasonal-naive fallback")
+        rest = Job("rest", np.concatenate([j.series for j, _ in missing]))
+        frames.append(final_forecast(arrays, [rest], [], cfg, within=rest.member(len(arrays))))
+    return concat_columns(frames), f"champions {', '.join(used)}"

@@ -1,0 +1,222 @@
+"""The tracked main job end to end: nested runs, logged models, `compare` and
+`forecast --from-registry`, on the embedded SQLite default and on a real `mlflow server` with a
+PostgreSQL backend store; an unreachable server stops the job before training."""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from pipeline import tracking
+from pipeline.cli import main
+from pipeline.models import load_model
+
+mlflow = pytest.importorskip("mlflow")
+
+FAST = ["--set", "train.epochs=2", "--set", "train.steps_per_epoch=2", "--set",
+        "windows.lookback=72", "--set", "evaluate.plots=0", "--set", "model.season=24"]
+
+
+def args(cmd, config, data, out, *extra):
+    return [cmd, "--config", config, "--set", f"data.path={data}", "--set",
+            f"output.path={out}", *FAST, *extra]
+
+
+def read(out, kind, job):
+    files = glob.glob(os.path.join(out, kind, f"job={job}", "cutoff=*", "*.parquet"))
+    assert len(files) == 1, files
+    return pl.read_parquet(files[0])
+
+
+def runs(client, exp_name, role):
+    exp = client.get_experiment_by_name(exp_name)
+    return client.search_runs([exp.experiment_id], f"tags.`pipeline.role` = '{role}'")
+
+
+def expected_champions(out, jobs):
+    """Per group, the model whose backtest MASE (mean over the group's series and cutoffs, as
+    the pipeline summarises it) is lowest, computed from the per-series metrics files."""
+    frames = [read(out, "metrics", j).filter(~pl.col("model").is_in(["naive",
+                                                                      "seasonal_naive"]))
+              for j in jobs]
+    per_group = pl.concat(frames).group_by("model", "group").agg(pl.col("mase").mean())
+    best = per_group.sort("mase").group_by("group", maintain_order=True).first()
+    return dict(zip(best["group"], best["model"], strict=True)), per_group
+
+
+@pytest.mark.slow
+def test_run_on_the_embedded_sqlite_default(demo_dir, tmp_path, monkeypatch, capsys):
+    """Global GRU, tracking on with no URI: sqlite:///<output>/mlflow.db. Parent and child
+    runs, params, per-epoch metrics, per-group table, artifacts, input, and a logged model that
+    reloads and predicts like the model the forecasts came from."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    assert main(args("run", "configs/demo.yaml", demo_dir, out, "--set",
+                     "ray.enabled=false")) == 0
+    text = capsys.readouterr().out
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    assert f"tracking     {uri} experiment 'demo' run " in text and "failure" not in text
+    c = mlflow.MlflowClient(tracking_uri=uri)
+    (parent,) = runs(c, "demo", "parent")
+    (child,) = runs(c, "demo", "job")
+    fc = read(out, "forecasts", "demo")
+    assert set(fc["run_id"]) == {parent.info.run_id}          # outputs point at the run
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (child.data.tags["model"], child.data.tags["group"]) == ("gru_direct", "global")
+    assert parent.data.tags["cutoff"] == parent.data.tags["batch_id"] == "20240630T230000"
+    assert len(parent.data.tags["data_hash"]) == 64 and parent.data.tags["pipeline_version"]
+    assert parent.data.params["windows.lookback"] == "72"
+    assert parent.data.params["data.path"] == demo_dir
+    for m in ("backtest_mase", "seasonal_naive_mase", "naive_smape", "backtest_skill_mase",
+              "forecast_series"):
+        assert m in parent.data.metrics, m
+    assert {"backtest_mase", "best_val", "final_best_val", "groups_backtest_mase_mean"} <= \
+        set(child.data.metrics)
+    assert [h.step for h in c.get_metric_history(child.info.run_id, "val_loss")] == [0, 1]
+    assert len(c.get_metric_history(child.info.run_id, "final_train_loss")) == 2
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "validation_report.parquet", "per_series_metrics"} <= arts
+    (ds,) = parent.inputs.dataset_inputs
+    assert ds.dataset.digest == parent.data.tags["data_hash"][:36]
+    table = pl.read_parquet(c.download_artifacts(child.info.run_id, tracking.GROUP_TABLE,
+                                                 str(tmp_path)))
+    assert table["group"].to_list() == [f"store_{g}" for g in "ABCD"]
+    assert table["backtest_mase"].is_finite().all()
+    # the logged model is the final model the forecasts came from
+    with tracking.using(uri):
+        logged = mlflow.pytorch.load_model(child.data.tags[tracking.MODEL_URI_TAG])
+    saved = load_model(str(out / "demo" / "models" / "final" / "gru_direct-global.pt"))
+    batch = tracking.example_inputs(saved.spec, rows=5, seed=3)
+    with torch.no_grad():
+        assert torch.equal(logged.eval()(**batch), saved.eval()(**batch))
+
+
+@pytest.mark.slow
+def test_compare_and_forecast_from_registry_on_a_postgres_backed_server(
+        demo_dir, tmp_path, mlflow_server, ray_session, capsys):
+    """Two models into one experiment on a real server: a global GRU (one Ray task) and
+    per-group CNNs (one Ray task per store, each logging into its own child run). `compare`
+    must pick, per store, the model with the lower backtest MASE (checked against the metrics
+    files), register it under the alias, and `forecast --from-registry` must reproduce the
+    champions' forecasts exactly, without training."""
+    out = tmp_path / "out"
+    common = ["--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=nightly"]
+    assert main(args("run", "configs/demo.yaml", demo_dir, out, *common)) == 0
+    assert main(args("run", "configs/per_group.yaml", demo_dir, out, *common, "--set",
+                     "train.per_group.packed=false", "--set",
+                     "tracking.child_runs=per_group")) == 0
+    c = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    parents = runs(c, "nightly", "parent")
+    assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
+    jobs = runs(c, "nightly", "job")
+    assert sorted(r.data.tags["group"] for r in jobs) == \
+        ["global", "store_A", "store_B", "store_C", "store_D"]
+    for r in jobs:   # every job run is nested and got its epochs from the Ray worker
+        assert r.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
+        assert len(c.get_metric_history(r.info.run_id, "train_loss")) == 2
+        assert tracking.MODEL_URI_TAG in r.data.tags
+    assert len(c.search_experiments()) == 2        # "Default" and "nightly": no stray ones
+    capsys.readouterr()
+
+    assert main(["compare", "--config", "configs/demo.yaml", "--set",
+                 f"output.path={out}", *common]) == 0
+    text = capsys.readouterr().out
+    want, per_group = expected_champions(out, ["demo", "demo_per_group"])
+    board = tracking.leaderboard("nightly", "mase", uri=mlflow_server)
+    got = {}
+    for g, model in want.items():
+        mv = c.get_model_version_by_alias(f"nightly.{g}", "champion")
+        got[g] = mv.tags["model"]
+        value = per_group.filter((pl.col("group") == g) & (pl.col("model") == model))["mase"][0]
+        assert float(mv.tags["value"]) == pytest.approx(value, rel=1e-9)
+        assert f"champion     nightly.{g}@champion = version 1 ({model}" in text
+        assert board.filter(pl.col("group") == g)["value"].min() == pytest.approx(value)
+    assert got == want
+    assert main(["compare", "--config", "configs/demo.yaml", "--set",
+                 f"output.path={out}", *common]) == 0
+    assert capsys.readouterr().out.count("(unchanged)") == 4     # rerun: same champions
+
+    # forecast from the registry into another folder: equal to each champion's own forecast
+    reg_out = tmp_path / "registry"
+    assert main(args("forecast", "configs/demo.yaml", demo_dir, reg_out, *common,
+                     "--from-registry")) == 0
+    text = capsys.readouterr().out
+    assert "training" not in text and "champions nightly.store_A v1" in text
+    mine = read(reg_out, "forecasts", "demo")
+    theirs = {"gru_direct": read(out, "forecasts", "demo"),
+              "cnn_direct": read(out, "forecasts", "demo_per_group")}
+    for g, model in want.items():
+        a = mine.filter((pl.col("group") == g) & (pl.col("model") == model)).sort(
+            "unique_id", "step")
+        b = theirs[model].filter((pl.col("group") == g) & (pl.col("model") == model)).sort(
+            "unique_id", "step")
+        assert len(a) and a["unique_id"].to_list() == b["unique_id"].to_list()
+        np.testing.assert_array_equal(a["y_hat"].to_numpy(), b["y_hat"].to_numpy())
+    assert mine["unique_id"].n_unique() == 40
+
+
+@pytest.mark.slow
+def test_per_model_runs_keep_one_run_and_promote_a_file_model(demo_dir, tmp_path,
+                                                              monkeypatch, capsys):
+    """Packed per-group CNNs with child_runs per_model: one job run holding every group's
+    model as a file and the per-group table; promoting a group logs that model with the
+    PyTorch flavor on demand, and the registry forecast equals the run's own."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    assert main(args("run", "configs/per_group.yaml", demo_dir, out, "--set",
+                     "ray.enabled=false")) == 0
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    c = mlflow.MlflowClient(tracking_uri=uri)
+    (job,) = runs(c, "demo_per_group", "job")
+    assert job.data.tags["group"] == "all"
+    files = {a.path for a in c.list_artifacts(job.info.run_id, "models")}
+    assert files == {f"models/cnn_direct-store_{g}.pt" for g in "ABCD"}
+    assert main(["compare", "--config", "configs/per_group.yaml", "--set",
+                 f"output.path={out}"]) == 0
+    mv = c.get_model_version_by_alias("demo_per_group.store_B", "champion")
+    assert mv.tags["run_id"] == job.info.run_id
+    capsys.readouterr()
+    assert main(args("forecast", "configs/per_group.yaml", demo_dir, tmp_path / "reg",
+                     "--from-registry", "--set", f"tracking.uri={uri}")) == 0
+    a = read(tmp_path / "reg", "forecasts", "demo_per_group").sort("unique_id", "step")
+    b = read(out, "forecasts", "demo_per_group").sort("unique_id", "step")
+    assert a["model"].to_list() == b["model"].to_list()
+    np.testing.assert_array_equal(a["y_hat"].to_numpy(), b["y_hat"].to_numpy())
+
+
+def test_unreachable_server_stops_the_job_before_training(demo_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(args("run", "configs/demo.yaml", demo_dir, out, "--set", "ray.enabled=false",
+                     "--set", "tracking.uri=http://user:secret@127.0.0.1:9"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: MLflow tracking server at http://127.0.0.1:9 is unreachable")
+    assert "secret" not in err and "tracking.required: false" in err
+    assert not out.exists()                                   # nothing read, trained, written
+
+
+@pytest.mark.slow
+def test_not_required_tracking_and_logging_failures_keep_the_outputs(
+        demo_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="unreachable"):
+        assert main(args("run", "configs/demo.yaml", demo_dir, out, "--set",
+                         "ray.enabled=false", "--set", "tracking.uri=http://127.0.0.1:9",
+                         "--set", "tracking.required=false")) == 0
+    assert len(read(out, "forecasts", "demo")) == 40 * 24
+    assert "tracking " not in capsys.readouterr().out
+
+    def broken(*a, **k):
+        raise mlflow.exceptions.MlflowException("artifact store is full")
+    monkeypatch.setattr(tracking, "log_torch_model", broken)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out2 = tmp_path / "out2"
+    with pytest.warns(UserWarning, match="artifact store is full"):
+        assert main(args("run", "configs/demo.yaml", demo_dir, out2, "--set",
+                         "ray.enabled=false")) == 0
+    assert "(1 logging failure(s), outputs kept)" in capsys.readouterr().out
+    assert len(read(out2, "forecasts", "demo")) == 40 * 24
