@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 from pipeline import config as C
 from pipeline.errors import PipelineError
@@ -69,63 +70,121 @@ def runner_for(cfg: C.Config):
     return RayRunner(cfg.ray)
 
 
-def run_stages(args: argparse.Namespace, stages: tuple = ()) -> None:
-    """Data stage, then the named stages: train | backtest | forecast. With tracking on, the
-    server is checked before anything runs, and the run is logged as it goes (pipeline.runlog);
-    it ends FAILED if a stage raises."""
+@dataclass
+class Outcome:
+    """What run_stages did, for the flows' exit codes."""
+    parent_id: str | None = None
+    forecast_path: str | None = None
+    failed_jobs: list[str] = field(default_factory=list)
+    promoted: list[str] = field(default_factory=list)
+
+
+NEEDS_REGISTRY = {"promote", "registry_forecast"}
+
+
+def run_stages(args: argparse.Namespace, stages: tuple = (), flow: str | None = None
+               ) -> Outcome:
+    """The data stage, then the named stages in this order:
+
+    train | backtest   train before the backtest cutoffs (backtest: and score them)
+    final | forecast   train the forecast model on all data (forecast: and write forecasts)
+    promote            challenger against the registered champions; register the better
+    registry_forecast  forecast with the registered champions (no training)
+
+    With tracking on, the server is checked before anything runs and the run is logged as it
+    goes (pipeline.runlog); it ends FAILED if a stage raises. With `flow`, the work after the
+    data stage is one batch (pipeline.batch): locked, and skipped when already finished."""
     import uuid
 
     from pipeline.output import cutoff_label
     t0 = time.perf_counter()
     cfg = C.load(args.config, args.set)
+    needs_registry = bool(NEEDS_REGISTRY & set(stages)) or (
+        cfg.train.warm_start and bool({"train", "backtest", "final", "forecast"} & set(stages)))
+    if needs_registry and not cfg.tracking.enabled:
+        raise PipelineError(f"{'train.warm_start' if cfg.train.warm_start else flow or 'this'}"
+                            " needs the Model Registry: set tracking.enabled: true")
     log = None
     if stages:
         from pipeline.runlog import RunLog
         log = RunLog.open(cfg)
-    ok = False
-    try:
-        with runner_for(cfg) as runner:
-            prep, report = data_stage(cfg, runner)
-            arrays = prep.arrays
-            cutoff = cutoff_label(int(arrays.end_ns.max())) if len(arrays) else "none"
+        if needs_registry and log is None:
+            raise PipelineError("the Model Registry is unreachable and this job needs it")
+    out = Outcome()
+    with runner_for(cfg) as runner, contextlib.ExitStack() as stack:
+        prep, report = data_stage(cfg, runner)
+        arrays = prep.arrays
+        cutoff = cutoff_label(int(arrays.end_ns.max())) if len(arrays) else "none"
+        batch_id = getattr(args, "batch_id", None) or cutoff
+        batch = None
+        if flow:
+            from pipeline.batch import Batch
+            batch = Batch(cfg, flow, batch_id, log, getattr(args, "force", False))
+            stack.enter_context(batch.guard())
+        ok = False
+        try:
             if log is not None:
-                log.start(getattr(args, "batch_id", None) or cutoff, cutoff, report)
-            run_id = (log and log.parent_id) or uuid.uuid4().hex
-            if getattr(args, "from_registry", False):
-                from pipeline.compare import registry_forecast
-                cols, labels = registry_forecast(cfg, arrays, args.by)
-                write_forecast(cfg, arrays, cols, run_id, log=log, champions=labels)
-                ok = True
-                return
-            trained = results = None
-            if "train" in stages or "backtest" in stages:
-                results = train_stage(cfg, arrays, log=log)
-                trained = results
-            bt_cols = None
-            if "backtest" in stages:
-                if cfg.evaluate.refit:  # one more training per later cutoff
-                    from pipeline.backtest import config_at
-                    trained = {cfg.windows.n_windows - 1: results}
-                    for k in range(cfg.windows.n_windows - 1):
-                        trained[k] = train_stage(config_at(cfg, k), arrays,
-                                                 label=f"backtest-cutoff{k}")
-                bt_cols = backtest_stage(cfg, arrays, trained, run_id, log=log)
-            final, label = results, "backtest"
-            if "forecast" in stages:
-                if results is None or cfg.evaluate.final_model != "reuse":
-                    final, label = train_stage(cfg, arrays, final=True, log=log), "final"
-                forecast_stage(cfg, arrays, final, run_id, bt_cols, log=log)
-            if log is not None and final is not None:
-                log.models(final, models_dir(cfg, label))
+                log.start(batch_id, cutoff, report, tags={"flow": flow} if flow else None)
+            out.parent_id = log.parent_id if log is not None else None
+            run_id = out.parent_id or uuid.uuid4().hex
+            _stages(cfg, arrays, stages, run_id, log, out, args)
             ok = True
-    finally:
-        if log is not None:
-            log.finish(ok)
-            if log.parent_id:
-                print(f"tracking     {log.where()}"
-                      + (f" ({len(log.failures)} logging failure(s), outputs kept)"
-                         if log.failures else ""))
+            if batch is not None:
+                batch.mark_done({"run_id": run_id, "forecast": out.forecast_path})
+        finally:
+            if log is not None:   # inside the lock: a finished batch is never seen RUNNING
+                log.finish(ok)
+                if log.parent_id:
+                    print(f"tracking     {log.where()}"
+                          + (f" ({len(log.failures)} logging failure(s), outputs kept)"
+                             if log.failures else ""))
     print(f"wall time    {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _stages(cfg: C.Config, arrays, stages, run_id: str, log, out: Outcome, args) -> None:
+    inits = None
+    results = trained = bt = bt_cols = final = None
+    if cfg.train.warm_start and {"train", "backtest", "final", "forecast"} & set(stages):
+        from pipeline.compare import champion_states
+        from pipeline.jobs import plan_jobs
+        inits = champion_states(cfg, arrays, plan_jobs(arrays, cfg))
+        cfg = _warm(cfg)
+    if "train" in stages or "backtest" in stages:
+        results = trained = train_stage(cfg, arrays, log=log, inits=inits)
+    if "backtest" in stages:
+        if cfg.evaluate.refit:  # one more training per later cutoff
+            from pipeline.backtest import config_at
+            trained = {cfg.windows.n_windows - 1: results}
+            for k in range(cfg.windows.n_windows - 1):
+                trained[k] = train_stage(config_at(cfg, k), arrays, label=f"backtest-cutoff{k}",
+                                         inits=inits)
+        bt, bt_cols = backtest_stage(cfg, arrays, trained, run_id, log=log)
+    if {"final", "forecast"} & set(stages):
+        final, label = results, "backtest"
+        if results is None or cfg.evaluate.final_model != "reuse":
+            final, label = train_stage(cfg, arrays, final=True, log=log, inits=inits), "final"
+        if log is not None:
+            log.models(final, models_dir(cfg, label))
+    elif results is not None and log is not None:
+        log.models(results, models_dir(cfg, "backtest"))
+    if "promote" in stages:
+        from pipeline.compare import promote
+        out.promoted = promote(cfg, arrays, bt, log)
+    if "forecast" in stages:
+        out.forecast_path = forecast_stage(cfg, arrays, final, run_id, bt_cols, log=log)
+    if "registry_forecast" in stages:
+        from pipeline.compare import registry_forecast
+        cols, labels = registry_forecast(cfg, arrays, getattr(args, "by", None))
+        out.forecast_path = write_forecast(cfg, arrays, cols, run_id, bt_cols, log, labels)
+    out.failed_jobs = sorted({r.name for r in (results or []) + (final or []) if not r.ok})
+
+
+def _warm(cfg: C.Config) -> C.Config:
+    """The fine-tuning budget of a warm start: train.warm_start_epochs epochs."""
+    import dataclasses
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, epochs=cfg.train.warm_start_epochs))
 
 
 def models_dir(cfg: C.Config, label: str) -> str:
@@ -153,7 +212,7 @@ def data_stage(cfg: C.Config, runner):
 
 
 def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = None,
-                log=None) -> list:
+                log=None, inits: dict | None = None) -> list:
     """Train the plan of jobs where the config says (Ray tasks, Ray Train, or this process),
     save each model next to the outputs and print one line per job. final=True trains on all
     the data (the forecast model); otherwise training stops before the oldest backtest cutoff."""
@@ -166,10 +225,10 @@ def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = 
     prefix = "final_" if final else ""
     loggers = log.loggers(jobs, prefix) if log is not None else None
     if not cfg.ray.enabled:
-        results = run_jobs_locally(arrays, jobs, cfg, final=final, loggers=loggers)
+        results = run_jobs_locally(arrays, jobs, cfg, final=final, loggers=loggers, inits=inits)
     else:
         from pipeline import execution
-        results = execution.train(arrays, jobs, cfg, final=final, loggers=loggers)
+        results = execution.train(arrays, jobs, cfg, final=final, loggers=loggers, inits=inits)
     if log is not None:
         log.trained(results, prefix)
     label = label or ("final" if final else "backtest")
@@ -189,9 +248,9 @@ def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = 
     return results
 
 
-def backtest_stage(cfg: C.Config, arrays, results: list, run_id: str, log=None) -> dict:
+def backtest_stage(cfg: C.Config, arrays, results: list, run_id: str, log=None):
     """Score the models and the baselines at every cutoff, write predictions and per-series
-    metrics, print the comparison; returns the backtest prediction columns."""
+    metrics, print the comparison; returns the Backtest and its prediction columns."""
     from pipeline import output
     from pipeline.backtest import backtest, concat_columns
     from pipeline.jobs import plan_jobs
@@ -215,7 +274,7 @@ def backtest_stage(cfg: C.Config, arrays, results: list, run_id: str, log=None) 
           f"             {p2}")
     if log is not None:
         log.backtest(bt, os.path.join(p2, "part-0.parquet"))
-    return pred_cols
+    return bt, pred_cols
 
 
 def forecast_stage(cfg: C.Config, arrays, results: list, run_id: str, bt_cols=None,
@@ -269,7 +328,7 @@ def cmd_backtest(args: argparse.Namespace) -> None:
 
 
 def cmd_forecast(args: argparse.Namespace) -> None:
-    run_stages(args, ("forecast",))
+    run_stages(args, ("registry_forecast",) if args.from_registry else ("forecast",))
 
 
 def cmd_run(args: argparse.Namespace) -> None:

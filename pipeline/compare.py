@@ -100,19 +100,15 @@ def champion_config(cfg: Config, raw: dict, by: str) -> Config:
     return from_dict(raw)
 
 
-def registry_forecast(cfg: Config, arrays, by: str | None = None) -> tuple[dict, str]:
-    """Forecast columns from the registered champions (no training) and a one-line summary.
-    Groups without a champion get the seasonal-naive fallback, and are named."""
-    import torch
-
-    from pipeline.backtest import concat_columns, final_forecast
-    from pipeline.jobs import Job, JobResult, loader_at, plan_jobs
+def champions(cfg: Config, arrays, by: str | None = None):
+    """The registered champions for the jobs of today's data: (by, uri, {champion's run id ->
+    [(job, model, version)]}, [(job, registered name)] without a champion)."""
+    from pipeline.jobs import plan_jobs
     uri, exp, by = _open(cfg, by)
     if by == "group" and arrays.groups is None:
         raise PipelineError("--by group needs data.group_col")
-    plan_cfg = champion_config(cfg, cfg.to_dict(), by)
-    jobs = plan_jobs(arrays, plan_cfg)
-    by_source: dict[str, list] = {}      # champion's parent run -> [(job, model, version)]
+    jobs = plan_jobs(arrays, champion_config(cfg, cfg.to_dict(), by))
+    by_source: dict[str, list] = {}
     missing = []
     for job in jobs:
         name = tracking.registered_name(exp, job.group)
@@ -122,6 +118,37 @@ def registry_forecast(cfg: Config, arrays, by: str | None = None) -> tuple[dict,
             continue
         model = tracking.load_champion(name, ALIAS, uri)
         by_source.setdefault(mv.tags.get("run_id") or mv.run_id, []).append((job, model, mv))
+    return by, uri, by_source, missing
+
+
+def _as_results(arrays, ccfg: Config, entries: list) -> list:
+    """JobResults from loaded champions, after checking they fit today's inputs."""
+    import torch
+
+    from pipeline.jobs import JobResult, loader_at
+    loader = loader_at(arrays, ccfg, arrays.lengths)
+    results = []
+    for job, model, mv in entries:
+        spec = model.spec
+        have = (loader.past_size, loader.future_size, loader.static_size)
+        want = (spec["past_size"], spec["future_size"], spec["static_size"])
+        if have != want:
+            raise PipelineError(
+                f"champion {mv.name} v{mv.version} for {job.name!r} expects (past, future, "
+                f"static) input sizes {want}, the data gives {have}: data.past_covariates, "
+                f"future_covariates, static_cols or calendar differ from its training run")
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        results.append(JobResult(job.name, job.group, True, spec=spec, state=buf.getvalue()))
+    return results
+
+
+def registry_forecast(cfg: Config, arrays, by: str | None = None) -> tuple[dict, str]:
+    """Forecast columns from the registered champions (no training) and a one-line summary.
+    Groups without a champion get the seasonal-naive fallback, and are named."""
+    from pipeline.backtest import concat_columns, final_forecast
+    from pipeline.jobs import Job
+    by, uri, by_source, missing = champions(cfg, arrays, by)
     if not by_source:
         raise PipelineError(
             f"no champion registered under {', '.join(n for _, n in missing[:3])}"
@@ -130,21 +157,8 @@ def registry_forecast(cfg: Config, arrays, by: str | None = None) -> tuple[dict,
     frames, used = [], []
     for run_id, entries in by_source.items():
         ccfg = champion_config(cfg, tracking.run_config(run_id, uri), by)
-        loader = loader_at(arrays, ccfg, arrays.lengths)
-        results = []
-        for job, model, mv in entries:
-            spec = model.spec
-            have = (loader.past_size, loader.future_size, loader.static_size)
-            want = (spec["past_size"], spec["future_size"], spec["static_size"])
-            if have != want:
-                raise PipelineError(
-                    f"champion {mv.name} v{mv.version} for {job.name!r} expects (past, future, "
-                    f"static) input sizes {want}, the data gives {have}: data.past_covariates, "
-                    f"future_covariates, static_cols or calendar differ from its training run")
-            buf = io.BytesIO()
-            torch.save(model.state_dict(), buf)
-            results.append(JobResult(job.name, job.group, True, spec=spec, state=buf.getvalue()))
-            used.append(f"{mv.name} v{mv.version}")
+        results = _as_results(arrays, ccfg, entries)
+        used += [f"{mv.name} v{mv.version}" for _, _, mv in entries]
         within = np.zeros(len(arrays), bool)
         for job, _, _ in entries:
             within[job.series] = True
@@ -156,3 +170,110 @@ def registry_forecast(cfg: Config, arrays, by: str | None = None) -> tuple[dict,
         rest = Job("rest", np.concatenate([j.series for j, _ in missing]))
         frames.append(final_forecast(arrays, [rest], [], cfg, within=rest.member(len(arrays))))
     return concat_columns(frames), f"champions {', '.join(used)}"
+
+
+def champion_states(cfg: Config, arrays, jobs: list) -> dict[str, bytes]:
+    """Warm start: job name -> the champion's weights, for the jobs whose champion has the
+    architecture this config builds (same spec); the others train from scratch (named). A
+    global job starts from the global champion, or, when champions are registered per group,
+    from theirs if they are all one model (a global model promoted for every group)."""
+    import torch
+
+    from pipeline.jobs import loader_at, n_groups, new_model
+    by = "global" if cfg.train.mode == "global" else "group"
+    _, _, by_source, missing = champions(cfg, arrays, by)
+    if by == "global" and not by_source and arrays.groups is not None:
+        _, _, per_group, _ = champions(cfg, arrays, "group")
+        models = {(run, e[2].source) for run, entries in per_group.items() for e in entries}
+        if len(models) == 1:
+            (run, entries), = per_group.items()
+            by_source, missing = {run: [(jobs[0], entries[0][1], entries[0][2])]}, []
+    loader = loader_at(arrays, cfg, arrays.lengths)
+    want = new_model(loader, cfg, len(arrays), n_groups(arrays)).spec
+    out, fresh = {}, [j.name for j, _ in missing]
+    for entries in by_source.values():
+        for job, model, _ in entries:
+            if model.spec != want:
+                fresh.append(job.name)
+                continue
+            buf = io.BytesIO()
+            torch.save(model.state_dict(), buf)
+            out[job.name] = buf.getvalue()
+    names = {j.name for j in jobs}
+    out = {k: v for k, v in out.items() if k in names}
+    print(f"warm start   {len(out)} job(s) from the champion"
+          + (f"; from scratch (no champion of this architecture): {', '.join(sorted(fresh)[:5])}"
+             if fresh else ""))
+    return out
+
+
+def promote(cfg: Config, arrays, bt, log, metric: str = "mase") -> list[str]:
+    """Challenger (this run) against champion (the registered model, re-scored now on the
+    same backtest windows): register the challenger where it is strictly better, or where
+    there is no champion. Returns the promoted groups."""
+    from pipeline.backtest import backtest
+    from pipeline.runlog import group_summary
+    if log is None or not log.parent_id:
+        raise PipelineError("promoting a champion needs MLflow tracking (tracking.enabled)")
+    model = cfg.model.name
+    by, uri, by_source, _ = champions(cfg, arrays, None)
+    if by == "group":
+        mine = {g: r.get(f"backtest_{metric}")
+                for g, r in group_summary(bt.metrics, model).items()}
+    else:
+        mine = {"global": bt.summary().get(model, {}).get(metric)}
+    theirs: dict[str, tuple[float, object]] = {}
+    for run_id, entries in by_source.items():
+        ccfg = champion_config(cfg, tracking.run_config(run_id, uri), by)
+        ccfg.windows.n_windows, ccfg.windows.step = cfg.windows.n_windows, cfg.windows.step
+        if ccfg.windows.horizon != cfg.windows.horizon:
+            raise PipelineError(f"the champion of {entries[0][0].name!r} forecasts "
+                                f"{ccfg.windows.horizon} steps, this config "
+                                f"{cfg.windows.horizon}: they cannot be compared")
+        cbt = backtest(arrays, [e[0] for e in entries], _as_results(arrays, ccfg, entries),
+                       ccfg)
+        name = ccfg.model.name
+        scores = ({g: r.get(f"backtest_{metric}") for g, r in group_summary(cbt.metrics,
+                                                                           name).items()}
+                  if by == "group" else {"global": cbt.summary().get(name, {}).get(metric)})
+        for job, _, mv in entries:
+            key = job.group if by == "group" else "global"
+            if scores.get(key) is not None:
+                theirs[key] = (scores[key], mv)
+    exp = cfg.tracking.experiment or cfg.name
+    print(f"promote      challenger {model} against the champions, backtest {metric} on the "
+          f"same windows")
+    promoted = []
+    for g in sorted(mine):
+        value = mine[g]
+        if value is None or not np.isfinite(value):
+            continue
+        champ = theirs.get(g)
+        better = champ is None or value < champ[0]
+        was = f"{champ[0]:.4f} ({champ[1].tags.get('model', '?')} v{champ[1].version})" \
+            if champ else "none"
+        print(f"  {g:<14} challenger {value:.4f}  champion {was:<28} "
+              f"{'-> promoted' if better else 'kept'}")
+        if not better:
+            continue
+        job = log.key(_Group(g)) if by == "group" else "global"
+        run_id = log.tr.child(model, job)
+        model_file = f"models/{model}-{g}.pt" if job == "all" else None
+        version = tracking.register_champion(
+            run_id, tracking.registered_name(exp, g if by == "group" else None), ALIAS, uri,
+            group=g if by == "group" else None, model_file=model_file,
+            tags={"model": model, "metric": metric, "value": value, "cutoff":
+                  log.tr.run_tags.get("cutoff"), "batch_id": log.tr.run_tags.get("batch_id"),
+                  "parent_run_id": log.parent_id})
+        promoted.append(g)
+        print(f"               registered version {version}")
+    log.tr.log_metrics(log.parent_id, {"promoted_groups": len(promoted),
+                                       "champion_groups": len(theirs)})
+    return promoted
+
+
+class _Group:
+    """A stand-in with the attributes RunLog.key reads."""
+
+    def __init__(self, group: str):
+        self.group = group

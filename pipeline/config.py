@@ -7,6 +7,7 @@ rules live in each section's `__post_init__`. This module imports nothing of the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import typing
@@ -224,9 +225,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     precision: str = "auto"        # auto (bf16 on CUDA) | fp32 | bf16
+    warm_start: bool = False       # start from the registered champion (same architecture)
+    warm_start_epochs: int = 2     # the fine-tuning budget: epochs × steps_per_epoch steps
 
     def __post_init__(self) -> None:
         _choice("train.mode", self.mode, ("global", "per_group"))
+        _positive("train.warm_start_epochs", self.warm_start_epochs)
         _choice("train.optimizer", self.optimizer, ("adam", "adamw"))
         _choice("train.scheduler", self.scheduler, ("none", "cosine", "onecycle"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
@@ -416,6 +420,9 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):   # YAML 1.1 reads `1e-5` (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)

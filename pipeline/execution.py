@@ -74,13 +74,15 @@ def ray_runner(cfg: RayConfig) -> RayRunner:
 
 # ------------------------------------------------------------------ training on Ray
 
-def _run_job_task(arrays, job, cfg, final=False, log=None):
+def _run_job_task(arrays, job, cfg, final=False, log=None, init=None):
     from pipeline.jobs import run_job
-    return run_job(arrays, job, cfg, final=final, log=log)
+    res = run_job(arrays, job, cfg, final=final, log=log, init=init)
+    res.node = ray.get_runtime_context().get_node_id()
+    return res
 
 
-def train_per_group(arrays, jobs: list, cfg, final: bool = False, loggers: dict | None = None
-                    ) -> list:
+def train_per_group(arrays, jobs: list, cfg, final: bool = False, loggers: dict | None = None,
+                    inits: dict | None = None) -> list:
     """One Ray task per job with `ray.task_num_cpus` / `ray.task_num_gpus` (fractions allowed;
     a scheduling label, not a memory cap). The arrays go to the object store once and every
     task maps them without a copy. A job that raises is retried `ray.max_retries` times; if it
@@ -93,7 +95,8 @@ def train_per_group(arrays, jobs: list, cfg, final: bool = False, loggers: dict 
     task = ray.remote(_run_job_task).options(
         num_cpus=cfg.ray.task_num_cpus, num_gpus=cfg.ray.task_num_gpus,
         max_retries=cfg.ray.max_retries, retry_exceptions=True)
-    refs = [task.remote(ref, job, cfg, final, (loggers or {}).get(job.name)) for job in jobs]
+    refs = [task.remote(ref, job, cfg, final, (loggers or {}).get(job.name),
+                        (inits or {}).get(job.name)) for job in jobs]
     out = []
     for job, r in zip(jobs, refs, strict=True):
         try:
@@ -116,10 +119,11 @@ def _ddp_worker(config: dict):
     arrays = ray.get(config["arrays"])
     rank0 = ray.train.get_context().get_world_rank() == 0
     return run_job(arrays, config["job"], config["cfg"], wrap=rtt.prepare_model,
-                   final=config.get("final", False), log=config.get("log") if rank0 else None)
+                   final=config.get("final", False), log=config.get("log") if rank0 else None,
+                   init=config.get("init"))
 
 
-def train_global_ddp(arrays, job, cfg, final: bool = False, log=None):
+def train_global_ddp(arrays, job, cfg, final: bool = False, log=None, init=None):
     """Global training with Ray Train's TorchTrainer (DDP over `ray.num_workers` workers, on
     GPUs when the cluster has them and train.device allows). Returns rank 0's JobResult."""
     from ray.train import RunConfig, ScalingConfig
@@ -131,7 +135,7 @@ def train_global_ddp(arrays, job, cfg, final: bool = False, log=None):
     trainer = TorchTrainer(
         _ddp_worker,
         train_loop_config={"arrays": ray.put(arrays), "job": job, "cfg": cfg, "final": final,
-                           "log": log},   # rank 0 alone logs into the job's run
+                           "log": log, "init": init},   # rank 0 alone logs into the job's run
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=f"{cfg.name}-{job.name}"),
     )
@@ -142,20 +146,22 @@ def train_global_ddp(arrays, job, cfg, final: bool = False, log=None):
     return result.return_value
 
 
-def train(arrays, jobs: list, cfg, final: bool = False, loggers: dict | None = None) -> list:
+def train(arrays, jobs: list, cfg, final: bool = False, loggers: dict | None = None,
+          inits: dict | None = None) -> list:
     """Run the plan of jobs on Ray: per-group jobs as tasks (or packed into one task when
     `train.packed`), the global job in one task, or under Ray Train DDP when
     `ray.num_workers > 1`."""
     if cfg.train.mode == "global" and cfg.ray.num_workers > 1:
-        return [train_global_ddp(arrays, jobs[0], cfg, final, (loggers or {}).get(jobs[0].name))]
+        return [train_global_ddp(arrays, jobs[0], cfg, final, (loggers or {}).get(jobs[0].name),
+                                 (inits or {}).get(jobs[0].name))]
     if cfg.train.per_group.packed:
         connect(cfg.ray)
         task = ray.remote(_run_packed_task).options(num_cpus=cfg.ray.task_num_cpus,
                                                     num_gpus=cfg.ray.task_num_gpus)
-        return ray.get(task.remote(ray.put(arrays), jobs, cfg, final))
-    return train_per_group(arrays, jobs, cfg, final, loggers)
+        return ray.get(task.remote(ray.put(arrays), jobs, cfg, final, inits))
+    return train_per_group(arrays, jobs, cfg, final, loggers, inits)
 
 
-def _run_packed_task(arrays, jobs, cfg, final=False):
+def _run_packed_task(arrays, jobs, cfg, final=False, inits=None):
     from pipeline.jobs import run_packed
-    return run_packed(arrays, jobs, cfg, final=final)
+    return run_packed(arrays, jobs, cfg, final=final, inits=inits)

@@ -57,6 +57,7 @@ class JobResult:
     n_windows: int = 0
     attempts: int = 1
     logged: bool = False              # the per-epoch history went to tracking from the worker
+    node: str = ""                    # the Ray node that trained it ("" in this process)
     log_errors: list[str] = field(default_factory=list)
 
     def model(self) -> EncoderDecoder:
@@ -112,16 +113,20 @@ def n_groups(arrays: SeriesArrays) -> int:
 
 
 def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: bool = False,
-            wrap=None, final: bool = False) -> JobResult:
+            wrap=None, final: bool = False, init: bytes | None = None) -> JobResult:
     """Build the job's data and model, fit, and return the weights (on the CPU) and history.
     `wrap(model) -> model` lets the execution layer wrap the model (e.g. DDP) before training.
     `log(row)` gets each epoch's row; a logger that keeps an `errors` list (the tracking
-    layer's EpochLogger) has them copied to the result, which says whether it logged."""
+    layer's EpochLogger) has them copied to the result, which says whether it logged.
+    `init`: weights to start from (a warm start: torch.save'd state_dict of the same spec)."""
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     data = job_data(arrays, job, cfg, device, final)
-    model = new_model(data.loader, cfg, len(arrays), n_groups(arrays)).to(device)
+    model = new_model(data.loader, cfg, len(arrays), n_groups(arrays))
+    if init is not None:
+        model.load_state_dict(torch.load(io.BytesIO(init), weights_only=True))
+    model = model.to(device)
     trained = wrap(model) if wrap is not None else model
     res: FitResult = fit(trained, data, cfg.train, make_loss(cfg.model), log=log,
                          progress=progress)
@@ -161,24 +166,26 @@ def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
 
 
 def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: bool = False,
-                     progress: bool = False, loggers: dict | None = None) -> list[JobResult]:
+                     progress: bool = False, loggers: dict | None = None,
+                     inits: dict | None = None) -> list[JobResult]:
     """Every job in this process, one after another (packed into one module when
     `train.per_group.packed`); a failing job does not stop the others. `loggers`: job name
-    -> per-epoch log callback."""
+    -> per-epoch log callback; `inits`: job name -> weights to start from."""
     if cfg.train.per_group.packed:
-        return run_packed(arrays, jobs, cfg, final=final)
+        return run_packed(arrays, jobs, cfg, final=final, inits=inits)
     out = []
     for job in jobs:
         try:
             out.append(run_job(arrays, job, cfg, final=final, progress=progress,
-                               log=(loggers or {}).get(job.name)))
+                               log=(loggers or {}).get(job.name),
+                               init=(inits or {}).get(job.name)))
         except Exception as e:  # noqa: BLE001 - reported per job, the batch goes on
             out.append(failed(job, e))
     return out
 
 
 def run_packed(arrays: SeriesArrays, jobs: list[Job], cfg: Config, progress: bool = False,
-               final: bool = False) -> list[JobResult]:
+               final: bool = False, inits: dict | None = None) -> list[JobResult]:
     """Every per-group job trained together as one PackedModel in this process (or one Ray
     task); each group comes back as an ordinary model, as from separate jobs. Groups with no
     training windows are reported as failed and left out of the pack."""
@@ -197,9 +204,12 @@ def run_packed(arrays: SeriesArrays, jobs: list[Job], cfg: Config, progress: boo
             keep.append((job, data))
     if keep:
         models = []
-        for _ in keep:  # each initialised as run_job would initialise it
+        for job, _ in keep:  # each initialised as run_job would initialise it
             seed_everything(cfg.train.seed)
-            models.append(new_model(keep[0][1].loader, cfg, len(arrays), n_groups(arrays)))
+            m = new_model(keep[0][1].loader, cfg, len(arrays), n_groups(arrays))
+            if (inits or {}).get(job.name) is not None:
+                m.load_state_dict(torch.load(io.BytesIO(inits[job.name]), weights_only=True))
+            models.append(m)
         packed = PackedModel.from_models(models).to(device)
         fits = fit_packed(packed, [d for _, d in keep], cfg.train, make_loss(cfg.model),
                           progress=progress)

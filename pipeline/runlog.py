@@ -55,18 +55,24 @@ class RunLog:
         return self.tr.failures
 
     def where(self) -> str:
-        exp = self.cfg.tracking.experiment or self.cfg.name
-        return f"{tracking.redact(self.tr.uri)} experiment {exp!r} run {self.parent_id}"
+        return (f"{tracking.redact(self.tr.uri)} experiment {self.experiment!r} "
+                f"run {self.parent_id}")
 
     # -------------------------------------------------------------- parent run
 
-    def start(self, batch_id: str, cutoff: str, report_path: str | None = None) -> str | None:
+    @property
+    def experiment(self) -> str:
+        return self.cfg.tracking.experiment or self.cfg.name
+
+    def start(self, batch_id: str, cutoff: str, report_path: str | None = None,
+              tags: dict | None = None) -> str | None:
         import yaml
         cfg = self.cfg
         local = "://" not in cfg.data.path and os.path.exists(cfg.data.path)
         digest = self.tr.safe(tracking.data_hash, [cfg.data.path]) if local else None
         parent = self.tr.safe(self.tr.start, cfg, batch_id, cutoff, digest,
-                              tags={"model": self.model, "train_mode": cfg.train.mode})
+                              tags={"model": self.model, "train_mode": cfg.train.mode,
+                                    **(tags or {})})
         if parent is None:
             return None
         if digest:

@@ -54,3 +54,10 @@ def test_cnn_receptive_field_refused_or_warned():
         C.load(None, [*args, "model.require_receptive_field=true"])
     ok = C.load(None, ["model.encoder.type=cnn", "model.encoder.num_layers=5", "model.season=24"])
     assert ok.model.encoder.receptive_field() == 1 + 2 * (1 + 2 + 4 + 8 + 16)
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    from pipeline.config import from_dict
+    assert from_dict({}, ["train.lr=1e-5"]).train.lr == 1e-5
+    with pytest.raises(C.ConfigError, match="train.lr must be a number, got 'fast'"):
+        from_dict({}, ["train.lr=fast"])

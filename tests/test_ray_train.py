@@ -33,7 +33,7 @@ def test_per_group_tasks_equal_local_and_report_a_failing_group(ray_session):
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_ddp_with_two_workers_trains_close_to_one_worker(ray_session):
+def test_ddp_with_two_workers_trains_close_to_one_worker(ray_session, tmp_path):
     arrays = sines(8, length=240)
     base = [*SMALL, "train.epochs=4", "train.device=cpu", "model.encoder.type=cnn",
             "model.encoder.num_layers=4"]
@@ -41,8 +41,18 @@ def test_ddp_with_two_workers_trains_close_to_one_worker(ray_session):
     two = C.load(None, [*base, "train.batch_size=32", "ray.num_workers=2"])  # same global batch
     job = plan_jobs(arrays, one)[0]
     single = run_job(arrays, job, one)
-    ddp = train_global_ddp(arrays, job, two)
+    # the workers log into an existing run (rank 0 only), as a tracked pipeline run does
+    mlflow = pytest.importorskip("mlflow")
+    from pipeline.tracking import EpochLogger
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("ddp")).info.run_id
+    ddp = train_global_ddp(arrays, job, two, log=EpochLogger(uri, run_id))
     assert ddp.ok, ddp.error
+    assert ddp.logged and not ddp.log_errors
+    steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
+    assert sorted(steps) == list(range(len(ddp.history)))       # once per epoch: rank 0 alone
+    assert len(client.search_experiments()) == 2                 # Default + ddp: none added
     first, last = ddp.history[0]["train_loss"], ddp.history[-1]["train_loss"]
     assert last < 0.7 * first  # it trains
     assert abs(ddp.best_val - single.best_val) < 0.25 * single.best_val

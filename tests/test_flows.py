@@ -1,0 +1,169 @@
+"""Scheduled flows: exit codes, the batch lock, rerun idempotence (MLflow runs and outputs),
+recovery after a crash, and a warm start that is promoted only when it beats the champion."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from flows import backtest as backtest_flow
+from flows import forecast_only, nightly
+from flows._common import EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL, run_flow
+from pipeline import batch, tracking
+
+mlflow = pytest.importorskip("mlflow")
+
+FAST = ["--set", "train.epochs=2", "--set", "train.steps_per_epoch=3", "--set",
+        "windows.lookback=72", "--set", "evaluate.plots=0", "--set", "ray.enabled=false",
+        "--set", "model.encoder.hidden_size=8"]
+BATCH = "20240630T230000"
+
+
+def flow(module, data, out, *extra):
+    name = module.__name__.rsplit(".", 1)[-1]
+    return run_flow(name, module.__doc__, module.STAGES,
+                    ["--config", "configs/demo.yaml", "--set", f"data.path={data}", "--set",
+                     f"output.path={out}", *FAST, *extra])
+
+
+def parents(out, status=None):
+    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("demo")
+    runs = c.search_runs([exp.experiment_id], "tags.`pipeline.role` = 'parent'")
+    return [r for r in runs if status is None or r.info.status == status]
+
+
+def forecasts(out):
+    files = glob.glob(os.path.join(out, "forecasts", "job=demo", "cutoff=*", "*.parquet"))
+    assert len(files) == 1, files
+    return pl.read_parquet(files[0]).sort("unique_id", "step")
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.mark.slow
+def test_nightly_rerun_is_skipped_force_redoes_and_forecast_only_agrees(
+        demo_dir, tmp_path, no_env, capsys):
+    out = tmp_path / "out"
+    assert flow(nightly, demo_dir, out) == EXIT_OK
+    first = forecasts(out)
+    (run,) = parents(out)
+    assert run.info.status == "FINISHED" and run.data.tags["flow"] == "nightly"
+    assert run.data.tags["batch_id"] == BATCH and run.data.metrics["promoted_groups"] == 4
+    capsys.readouterr()
+
+    assert flow(nightly, demo_dir, out) == EXIT_OK             # same batch: reported, skipped
+    text = capsys.readouterr().out
+    assert f"skipped: batch {BATCH} of flow nightly (demo) already finished " \
+           f"({run.info.run_id})" in text and "training" not in text
+    assert len(parents(out)) == 1
+    assert forecasts(out)["created_at"].to_list() == first["created_at"].to_list()
+
+    assert flow(nightly, demo_dir, out, "--force") == EXIT_OK   # redone: the old run superseded
+    finished = parents(out, "FINISHED")
+    assert len(finished) == 2
+    old = [r for r in finished if r.info.run_id == run.info.run_id][0]
+    assert old.data.tags[tracking.SUPERSEDED_TAG] == "true"
+    board = tracking.run_board("demo", uri=f"sqlite:///{out / 'mlflow.db'}")
+    assert run.info.run_id not in board["run_id"].to_list() and len(board) == 1
+    assert len(glob.glob(os.path.join(out, "forecasts", "job=demo", "*"))) == 1
+    redone = forecasts(out)
+
+    # forecast_only with the champions just promoted: the nightly's forecasts, no training
+    capsys.readouterr()
+    assert flow(forecast_only, demo_dir, out) == EXIT_OK
+    assert "training" not in capsys.readouterr().out
+    np.testing.assert_array_equal(forecasts(out)["y_hat"].to_numpy(),
+                                  redone["y_hat"].to_numpy())
+
+
+@pytest.mark.slow
+def test_a_crash_is_recovered_cleanly(demo_dir, tmp_path, no_env, monkeypatch, capsys):
+    out = tmp_path / "out"
+    import pipeline.compare as compare
+
+    def boom(*a, **k):
+        raise RuntimeError("object store timed out")
+    monkeypatch.setattr(compare, "registry_forecast", boom)
+    assert flow(nightly, demo_dir, out) == EXIT_FAILED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: nightly failed: RuntimeError: object store timed out"
+    assert [r.info.status for r in parents(out)] == ["FAILED"]
+    assert not glob.glob(os.path.join(out, "forecasts", "*"))
+    monkeypatch.undo()
+    # a process killed outright leaves its run RUNNING: the next run (holding the lock) ends it
+    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("demo")
+    stale = c.create_run(exp.experiment_id, tags={"pipeline.role": "parent", "flow": "nightly",
+                                                  "batch_id": BATCH}).info.run_id
+    assert flow(nightly, demo_dir, out, "--set", "tracking.required=true") == EXIT_OK
+    status = {r.info.run_id: r.info.status for r in parents(out)}
+    assert status[stale] == "KILLED" and sorted(status.values()) == \
+        ["FAILED", "FINISHED", "KILLED"]
+    assert len(forecasts(out)) == 40 * 24
+
+
+def test_the_lock_keeps_a_second_run_out(demo_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    path = os.path.join(out, "_locks", f"backtest-demo-{BATCH}.lock")
+    with batch.lock(path):
+        code = flow(backtest_flow, demo_dir, out, "--set", "tracking.enabled=false")
+    assert code == EXIT_LOCKED
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: another run holds {path} (pid {os.getpid()} on ")
+    assert not os.path.exists(out / "metrics")                 # nothing written
+    # released: the same flow runs, then a rerun is skipped by the marker (no tracking)
+    assert flow(backtest_flow, demo_dir, out, "--set", "tracking.enabled=false") == EXIT_OK
+    assert flow(backtest_flow, demo_dir, out, "--set", "tracking.enabled=false") == EXIT_OK
+    assert "skipped: batch" in capsys.readouterr().out
+
+
+def test_exit_codes_for_bad_input_and_failed_groups(demo_dir, tmp_path, capsys):
+    assert flow(backtest_flow, demo_dir, tmp_path, "--set", "windows.lookbak=3") == EXIT_INVALID
+    assert "unknown key 'windows.lookbak'" in capsys.readouterr().err
+    # a fifth store whose only series is too short: its job fails, the others finish
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    t = pq.read_table(glob.glob(os.path.join(demo_dir, "store=store_A", "*.parquet"))[0])
+    one = t.filter(pl.from_arrow(t)["unique_id"].eq(t["unique_id"][0].as_py()).to_arrow())
+    short = one.slice(0, 60).set_column(0, "unique_id", [["E0001"] * 60])
+    os.makedirs(data / "store=store_E")
+    pq.write_table(short, data / "store=store_E" / "part-0.parquet")
+    code = flow(backtest_flow, data, tmp_path / "out", "--set", "tracking.enabled=false",
+                "--set", "train.mode=per_group")
+    assert code == EXIT_PARTIAL
+    assert "1 training job(s) failed (store_E)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_warm_start_is_promoted_only_when_it_beats_the_champion(demo_dir, tmp_path, no_env,
+                                                                capsys):
+    out = tmp_path / "out"
+    # a weak champion: almost no training
+    assert flow(nightly, demo_dir, out, "--set", "train.lr=1e-5") == EXIT_OK
+    capsys.readouterr()
+    # a warm start that wrecks the weights (lr 1.0) is worse on every store: kept
+    assert flow(nightly, demo_dir, out, "--force", "--set", "train.warm_start=true",
+                "--set", "train.lr=1.0") == EXIT_OK
+    text = capsys.readouterr().out
+    assert "warm start   1 job(s) from the champion" in text
+    assert text.count("kept") == 4 and "-> promoted" not in text
+    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    v1 = c.get_model_version_by_alias("demo.store_A", "champion")
+    assert str(v1.version) == "1"
+    # a warm start that fine-tunes properly beats the weak champion: promoted
+    assert flow(nightly, demo_dir, out, "--force", "--set", "train.warm_start=true",
+                "--set", "train.lr=3e-3", "--set", "train.steps_per_epoch=20", "--set",
+                "train.warm_start_epochs=3") == EXIT_OK
+    text = capsys.readouterr().out
+    assert text.count("-> promoted") == 4
+    mv = c.get_model_version_by_alias("demo.store_A", "champion")
+    assert str(mv.version) == "2" and float(mv.tags["value"]) < float(v1.tags["value"])
