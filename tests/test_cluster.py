@@ -1,0 +1,84 @@
+"""Ray beyond one process: a real two-node cluster, and a worker killed mid-run."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_per_group_tasks_on_two_nodes_equal_the_local_run(demo_dir):
+    """tests/multinode.py in a subprocess: head + worker node, joined through ray.address."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode.py"), demo_dir],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(info["nodes"]) == 2 and all(info["ok"]) and len(info["ok"]) == 4
+    assert set(info["trained_on"].values()) == set(info["nodes"])   # both nodes trained
+    assert info["finite"] and info["max_weight_diff"] < 1e-5
+    for on_ray, local in info["best_val"]:
+        assert on_ray == pytest.approx(local, rel=1e-5)
+
+
+def _kill_first_job_task(killed: list, stop: threading.Event) -> None:
+    """SIGKILL the first Ray worker seen running a training task (`ray::_run_job_task`)."""
+    while not stop.is_set() and not killed:
+        ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+        for line in ps.splitlines():
+            pid, _, cmd = line.strip().partition(" ")
+            if cmd.startswith("ray::_run_job_task"):
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+                return
+        time.sleep(0.05)
+
+
+def forecasts(out) -> pl.DataFrame:
+    files = glob.glob(os.path.join(out, "forecasts", "job=*", "cutoff=*", "*.parquet"))
+    assert len(files) == 1, files
+    return pl.read_parquet(files[0]).sort("unique_id", "step")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_killed_worker_is_retried_and_nothing_is_lost(demo_dir, tmp_path, ray_session):
+    base = ["run", "--config", "configs/per_group.yaml", "--set", f"data.path={demo_dir}",
+            "--set", "train.per_group.packed=false", "--set", "train.epochs=2", "--set",
+            "train.steps_per_epoch=3", "--set", "windows.lookback=72", "--set",
+            "tracking.enabled=false", "--set", "evaluate.plots=0", "--set",
+            "evaluate.final_model=reuse"]
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_first_job_task, args=(killed, stop), daemon=True)
+    killer.start()
+    try:
+        assert main([*base, "--set", f"output.path={tmp_path / 'ray'}", "--set",
+                     "ray.max_retries=2"]) == 0
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no training task was seen to kill"
+    assert main([*base, "--set", f"output.path={tmp_path / 'local'}", "--set",
+                 "ray.enabled=false"]) == 0
+    got, want = forecasts(tmp_path / "ray"), forecasts(tmp_path / "local")
+    assert got.group_by("unique_id", "step").len()["len"].max() == 1       # no duplicates
+    assert got["unique_id"].n_unique() == 40 and len(got) == 40 * 24        # nothing lost
+    assert got["model"].to_list() == want["model"].to_list()                # no fallback
+    np.testing.assert_allclose(got["y_hat"].to_numpy(), want["y_hat"].to_numpy(),
+                               rtol=1e-4, atol=1e-3)
