@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import glob
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import polars as pl
@@ -14,7 +17,7 @@ import pytest
 from flows import backtest as backtest_flow
 from flows import forecast_only, nightly
 from flows._common import EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL, run_flow
-from pipeline import batch, tracking
+from pipeline import tracking
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -22,6 +25,7 @@ FAST = ["--set", "train.epochs=2", "--set", "train.steps_per_epoch=3", "--set",
         "windows.lookback=72", "--set", "evaluate.plots=0", "--set", "ray.enabled=false",
         "--set", "model.encoder.hidden_size=8"]
 BATCH = "20240630T230000"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def flow(module, data, out, *extra):
@@ -111,19 +115,45 @@ def test_a_crash_is_recovered_cleanly(demo_dir, tmp_path, no_env, monkeypatch, c
     assert len(forecasts(out)) == 40 * 24
 
 
+HOLD = """
+import sys, time
+from pipeline.batch import lock
+with lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
 def test_the_lock_keeps_a_second_run_out(demo_dir, tmp_path, capsys):
+    """Another process holds the batch's lock: the flow exits 3 without writing; once that
+    process is gone (killed: the kernel drops its flock) the flow runs."""
     out = tmp_path / "out"
     path = os.path.join(out, "_locks", f"backtest-demo-{BATCH}.lock")
-    with batch.lock(path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, path], stdout=subprocess.PIPE,
+                              text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
         code = flow(backtest_flow, demo_dir, out, "--set", "tracking.enabled=false")
+    finally:
+        holder.kill()
+        holder.wait()
     assert code == EXIT_LOCKED
     err = capsys.readouterr().err
-    assert err.startswith(f"error: another run holds {path} (pid {os.getpid()} on ")
+    assert err.startswith(f"error: another run holds {path} (pid {holder.pid} on ")
     assert not os.path.exists(out / "metrics")                 # nothing written
-    # released: the same flow runs, then a rerun is skipped by the marker (no tracking)
+    # released by the kill: the same flow runs, then a rerun is skipped by the marker
     assert flow(backtest_flow, demo_dir, out, "--set", "tracking.enabled=false") == EXIT_OK
     assert flow(backtest_flow, demo_dir, out, "--set", "tracking.enabled=false") == EXIT_OK
     assert "skipped: batch" in capsys.readouterr().out
+
+
+def test_flows_run_as_modules_and_exit_with_a_code_and_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "flows.backtest", "--config", "configs/demo.yaml",
+                        "--set", f"data.path={tmp_path}/missing"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == EXIT_INVALID
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
+    assert "does not exist" in r.stderr
 
 
 def test_exit_codes_for_bad_input_and_failed_groups(demo_dir, tmp_path, capsys):
