@@ -25,7 +25,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import tracking  # noqa: E402
+from pipeline import registry, tracking  # noqa: E402
 from pipeline.config import Config, TrackingConfig  # noqa: E402
 from pipeline.jobs import JobResult  # noqa: E402
 
@@ -59,7 +59,7 @@ def layout(uri: str, child_runs: str, groups: int, seed: int = 0) -> dict:
     tr.finish()
     seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    board = tracking.leaderboard(cfg.name, "mase", uri=uri)
+    board = registry.leaderboard(cfg.name, "mase", uri=uri)
     return {"layout": child_runs, "groups": groups, "runs": len(tr.children) + 1,
             "log_seconds": round(seconds, 2), "leaderboard_seconds":
             round(time.perf_counter() - t1, 2), "leaderboard_rows": len(board),

@@ -82,8 +82,8 @@ class Batch:
         return [self.marker] if os.path.exists(self.marker) else []
 
     def _runs(self, status: str) -> list[str]:
-        from pipeline import tracking
-        return self.log.tr.safe(tracking.batch_runs, self.log.tr.uri, self.log.experiment,
+        from pipeline import registry
+        return self.log.tr.safe(registry.batch_runs, self.log.tr.uri, self.log.experiment,
                                 self.flow, self.batch_id, status) or []
 
     @contextlib.contextmanager
@@ -94,11 +94,11 @@ class Batch:
                 raise AlreadyDone(f"batch {self.batch_id} of flow {self.flow} ({self.cfg.name}) "
                                   f"already finished ({done[0]}); --force redoes it")
             if self.log is not None:
-                from pipeline import tracking
+                from pipeline import registry
                 for run_id in self._runs("RUNNING"):       # left by a crash: we hold the lock
                     self.log.tr.safe(self.log.tr.client.set_terminated, run_id, "KILLED")
                 for run_id in done:
-                    self.log.tr.safe(tracking.supersede, self.log.tr.uri, run_id)
+                    self.log.tr.safe(registry.supersede, self.log.tr.uri, run_id)
             if os.path.exists(self.marker):
                 os.remove(self.marker)
             yield

@@ -13,7 +13,7 @@ import io
 
 import numpy as np
 
-from pipeline import tracking
+from pipeline import registry, tracking
 from pipeline.config import Config, from_dict
 from pipeline.errors import PipelineError
 
@@ -36,9 +36,9 @@ def compare(cfg: Config, metric: str = "mase", by: str | None = None,
     import polars as pl
     uri, exp, by = _open(cfg, by)
     cutoff = None if all_cutoffs else "latest"
-    runs = tracking.run_board(exp, metric, uri, cutoff)
-    board = tracking.leaderboard(exp, metric, uri, cutoff)
-    champs = tracking.champion_per_group(board, by)
+    runs = registry.run_board(exp, metric, uri, cutoff)
+    board = registry.leaderboard(exp, metric, uri, cutoff)
+    champs = registry.champion_per_group(board, by)
     if not len(champs):
         raise PipelineError(
             f"no finished run in experiment {exp!r} at {tracking.redact(uri)} has a "
@@ -69,13 +69,13 @@ def compare(cfg: Config, metric: str = "mase", by: str | None = None,
         return champs
     for g in champs.iter_rows(named=True):
         group = None if by == "global" else g["group"]
-        name = tracking.registered_name(exp, group)
-        current = tracking.champion_version(name, alias, uri)
+        name = registry.registered_name(exp, group)
+        current = registry.champion_version(name, alias, uri)
         if current is not None and current.tags.get("run_id") == g["run_id"] and \
                 current.tags.get("group") == (group or "global"):
             print(f"champion     {name}@{alias} = version {current.version} (unchanged)")
             continue
-        version = tracking.register_champion(
+        version = registry.register_champion(
             g["run_id"], name, alias, uri, group=group, model_file=g["model_file"],
             tags={"model": g["model"], "metric": metric, "value": g["value"],
                   "cutoff": g["cutoff"], "batch_id": g["batch_id"],
@@ -111,12 +111,12 @@ def champions(cfg: Config, arrays, by: str | None = None):
     by_source: dict[str, list] = {}
     missing = []
     for job in jobs:
-        name = tracking.registered_name(exp, job.group)
-        mv = tracking.champion_version(name, ALIAS, uri)
+        name = registry.registered_name(exp, job.group)
+        mv = registry.champion_version(name, ALIAS, uri)
         if mv is None:
             missing.append((job, name))
             continue
-        model = tracking.load_champion(name, ALIAS, uri)
+        model = registry.load_champion(name, ALIAS, uri)
         by_source.setdefault(mv.tags.get("run_id") or mv.run_id, []).append((job, model, mv))
     return by, uri, by_source, missing
 
@@ -156,7 +156,7 @@ def registry_forecast(cfg: Config, arrays, by: str | None = None) -> tuple[dict,
             f"pipeline compare --config ...` first")
     frames, used = [], []
     for run_id, entries in by_source.items():
-        ccfg = champion_config(cfg, tracking.run_config(run_id, uri), by)
+        ccfg = champion_config(cfg, registry.run_config(run_id, uri), by)
         results = _as_results(arrays, ccfg, entries)
         used += [f"{mv.name} v{mv.version}" for _, _, mv in entries]
         within = np.zeros(len(arrays), bool)
@@ -224,7 +224,7 @@ def promote(cfg: Config, arrays, bt, log, metric: str = "mase") -> list[str]:
         mine = {"global": bt.summary().get(model, {}).get(metric)}
     theirs: dict[str, tuple[float, object]] = {}
     for run_id, entries in by_source.items():
-        ccfg = champion_config(cfg, tracking.run_config(run_id, uri), by)
+        ccfg = champion_config(cfg, registry.run_config(run_id, uri), by)
         ccfg.windows.n_windows, ccfg.windows.step = cfg.windows.n_windows, cfg.windows.step
         if ccfg.windows.horizon != cfg.windows.horizon:
             raise PipelineError(f"the champion of {entries[0][0].name!r} forecasts "
@@ -259,8 +259,8 @@ def promote(cfg: Config, arrays, bt, log, metric: str = "mase") -> list[str]:
         job = log.key(_Group(g)) if by == "group" else "global"
         run_id = log.tr.child(model, job)
         model_file = f"models/{model}-{g}.pt" if job == "all" else None
-        version = tracking.register_champion(
-            run_id, tracking.registered_name(exp, g if by == "group" else None), ALIAS, uri,
+        version = registry.register_champion(
+            run_id, registry.registered_name(exp, g if by == "group" else None), ALIAS, uri,
             group=g if by == "group" else None, model_file=model_file,
             tags={"model": model, "metric": metric, "value": value, "cutoff":
                   log.tr.run_tags.get("cutoff"), "batch_id": log.tr.run_tags.get("batch_id"),

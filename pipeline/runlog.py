@@ -157,7 +157,7 @@ class RunLog:
 
     def models(self, results: list, folder: str) -> None:
         """The models the forecasts come from: logged with the PyTorch flavor into the job's
-        run; in an "all" run as the files in `folder` (see tracking.model_source)."""
+        run; in an "all" run as the files in `folder` (see registry.model_source)."""
         if not self.parent_id:
             return
         for r in results:

@@ -17,7 +17,7 @@ import pytest
 from flows import backtest as backtest_flow
 from flows import forecast_only, nightly
 from flows._common import EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL, run_flow
-from pipeline import tracking
+from pipeline import registry, tracking
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -76,7 +76,7 @@ def test_nightly_rerun_is_skipped_force_redoes_and_forecast_only_agrees(
     assert len(finished) == 2
     old = [r for r in finished if r.info.run_id == run.info.run_id][0]
     assert old.data.tags[tracking.SUPERSEDED_TAG] == "true"
-    board = tracking.run_board("demo", uri=f"sqlite:///{out / 'mlflow.db'}")
+    board = registry.run_board("demo", uri=f"sqlite:///{out / 'mlflow.db'}")
     assert run.info.run_id not in board["run_id"].to_list() and len(board) == 1
     assert len(glob.glob(os.path.join(out, "forecasts", "job=demo", "*"))) == 1
     redone = forecasts(out)

@@ -23,6 +23,7 @@ from pipeline.models import build_model
 
 mlflow = pytest.importorskip("mlflow")
 tracking = pytest.importorskip("pipeline.tracking")
+registry = pytest.importorskip("pipeline.registry")
 
 LOOKBACK, HORIZON = 12, 4
 
@@ -161,7 +162,7 @@ def test_per_group_child_runs_get_group_metrics(sqlite_uri, tmp_path):
     tr.start(cfg, "b5")
     tr.log_group_table(None, "gru_direct", {"group": ["g1", "g2"], "backtest_mase": [0.5, 1.5]})
     tr.finish()
-    board = tracking.leaderboard("pergroup", uri=sqlite_uri)
+    board = registry.leaderboard("pergroup", uri=sqlite_uri)
     assert board.select("group", "value").rows() == [("g1", 0.5), ("g2", 1.5)]
     assert set(tr.children) == {("gru_direct", "g1"), ("gru_direct", "g2")}
 
@@ -194,7 +195,7 @@ def test_inputs_artifacts_and_per_group_parquet(sqlite_uri, tmp_path):
     assert job_run.data.metrics["groups_backtest_mase_mean"] == 1.0
     assert {a.path for a in c.list_artifacts(job, "metrics")} == {tracking.GROUP_TABLE}
     # the leaderboard reads the table: one row per group, none for the "all" run itself
-    board = tracking.leaderboard("inputs", uri=sqlite_uri)
+    board = registry.leaderboard("inputs", uri=sqlite_uri)
     assert board.select("group", "value", "run_id").rows() == [("g1", 0.5, job),
                                                                ("g2", 1.5, job)]
 
@@ -212,16 +213,16 @@ def test_leaderboard_champion_registry(sqlite_uri, tmp_path):
             models[run_id] = tiny_model(seed=i)
             tr.log_model(run_id, models[run_id], batch(3))
     tr.finish()
-    board = tracking.leaderboard("compare", "mase", uri=sqlite_uri)
+    board = registry.leaderboard("compare", "mase", uri=sqlite_uri)
     assert board["value"].to_list() == [0.6, 0.7, 0.8]
-    champ = tracking.champion_per_group(board)
+    champ = registry.champion_per_group(board)
     assert champ["group"].to_list() == ["g1", "g2"]
     assert champ["model"].to_list() == ["cnn_direct", "gru_direct"]
     assert champ["run_id"][0] == tr.children[("cnn_direct", "g1")]
     run_id = champ["run_id"][0]
-    version = tracking.register_champion(run_id, "tracktest_g1", uri=sqlite_uri)
+    version = registry.register_champion(run_id, "tracktest_g1", uri=sqlite_uri)
     assert version == "1"
-    loaded = tracking.load_champion("tracktest_g1", uri=sqlite_uri)
+    loaded = registry.load_champion("tracktest_g1", uri=sqlite_uri)
     x = batch(9, seed=4)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), models[run_id].eval()(x))
@@ -275,8 +276,8 @@ def test_real_server_hierarchy_params_metrics_model(mlflow_server, tmp_path, mon
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.check_server(mlflow_server) is True
     tr, kids, model = check_run_hierarchy_and_model(mlflow_server, tmp_path)
-    assert tracking.register_champion(kids["gru_direct"], "srv_model", uri=mlflow_server) == "1"
-    loaded = tracking.load_champion("srv_model", uri=mlflow_server)
+    assert registry.register_champion(kids["gru_direct"], "srv_model", uri=mlflow_server) == "1"
+    loaded = registry.load_champion("srv_model", uri=mlflow_server)
     x = batch(6, seed=8)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model.eval()(x))
