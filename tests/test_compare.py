@@ -120,6 +120,12 @@ def test_compare_and_forecast_from_registry_on_a_postgres_backed_server(
         assert r.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
         assert len(c.get_metric_history(r.info.run_id, "train_loss")) == 2
         assert tracking.MODEL_URI_TAG in r.data.tags
+    # the same names in every run, whatever the model or layout: runs compare column by column
+    assert set(parents[0].data.params) == set(parents[1].data.params)
+    assert {"backtest_mase", "seasonal_naive_mase", "naive_mase", "backtest_skill_mase"} <= \
+        set(parents[0].data.metrics) & set(parents[1].data.metrics)
+    assert {"train_loss", "val_loss", "best_val", "final_best_val", "backtest_mase",
+            "seasonal_naive_mase"} <= set.intersection(*(set(r.data.metrics) for r in jobs))
     after = {e.name for e in c.search_experiments()}
     assert after - before == {"nightly"}       # the workers made no experiments of their own
     capsys.readouterr()
