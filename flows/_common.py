@@ -1,8 +1,10 @@
 """What every scheduled flow shares: its arguments and the exit codes a scheduler acts on.
 
     0  done, or the batch had already finished (reported; --force redoes it)
-    1  unexpected failure (one line on stderr; the traceback goes to the log file if any)
-    2  bad config or bad data (the reason names the key, column or series)
+    1  a failure worth retrying: the MLflow server or Ray cluster unreachable, every training
+       job failed, or anything unexpected (one line on stderr; a traceback on stdout for the
+       unexpected)
+    2  bad config or bad data (the reason names the key, column or series): do not retry
     3  another run of the same flow and batch holds the lock
     4  finished, but some training jobs failed (their series got the fallback forecast)
 """
@@ -30,7 +32,7 @@ def run_flow(flow: str, doc: str, stages: tuple, argv: list[str] | None = None) 
     from pipeline.batch import AlreadyDone, LockHeld
     from pipeline.cli import run_stages
     from pipeline.config import ConfigError
-    from pipeline.errors import PipelineError
+    from pipeline.errors import InfraError, PipelineError
     args = parse(flow, doc, argv)
     try:
         outcome = run_stages(args, stages, flow=flow)
@@ -40,6 +42,9 @@ def run_flow(flow: str, doc: str, stages: tuple, argv: list[str] | None = None) 
     except LockHeld as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_LOCKED
+    except InfraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except (ConfigError, PipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID

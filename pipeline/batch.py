@@ -9,10 +9,11 @@ run over the same data is the same batch. `guard` is entered once the cutoff is 
   `$PIPELINE_LOCK_DIR` or `~/.cache/forecast-pipeline/locks`: it serialises runs on one machine
   (or on machines sharing that folder); across schedulers, also forbid overlap in the scheduler
   (a CronJob's `concurrencyPolicy: Forbid`).
-- the record: with tracking, the finished parent runs tagged with this flow and batch; without,
-  a marker file written on success. A finished batch -> `AlreadyDone` unless `force`; with
-  `force` the old runs are tagged superseded (`compare` ignores them). Parent runs of the batch
-  still RUNNING under the lock can only be left by a crash: they are marked KILLED.
+- the record: a marker file written on success and, with tracking, the finished parent runs
+  tagged with this flow, config and batch; either one means done. A finished batch ->
+  `AlreadyDone` unless `force`; with `force` the old runs are tagged superseded (`compare`
+  ignores them). Parent runs of the batch still RUNNING under the lock can only be left by a
+  crash: they are marked KILLED.
 """
 from __future__ import annotations
 
@@ -76,15 +77,15 @@ class Batch:
         self.marker = os.path.join(lock_dir(cfg), f"{name}.done")
 
     def finished(self) -> list[str]:
-        """Ids of the finished runs (or the marker) of this batch."""
-        if self.log is not None:
-            return self._runs("FINISHED")
-        return [self.marker] if os.path.exists(self.marker) else []
+        """Ids of the finished runs of this batch, and the marker: either one means done (a
+        batch that finished while MLflow was unreachable has only the marker)."""
+        runs = self._runs("FINISHED") if self.log is not None else []
+        return runs + ([self.marker] if os.path.exists(self.marker) else [])
 
     def _runs(self, status: str) -> list[str]:
         from pipeline import registry
         return self.log.tr.safe(registry.batch_runs, self.log.tr.uri, self.log.experiment,
-                                self.flow, self.batch_id, status) or []
+                                self.flow, self.cfg.name, self.batch_id, status) or []
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
@@ -98,7 +99,8 @@ class Batch:
                 for run_id in self._runs("RUNNING"):       # left by a crash: we hold the lock
                     self.log.tr.safe(self.log.tr.client.set_terminated, run_id, "KILLED")
                 for run_id in done:
-                    self.log.tr.safe(registry.supersede, self.log.tr.uri, run_id)
+                    if run_id != self.marker:
+                        self.log.tr.safe(registry.supersede, self.log.tr.uri, run_id)
             if os.path.exists(self.marker):
                 os.remove(self.marker)
             yield

@@ -1,19 +1,21 @@
 """`python -m pipeline <command> --config PATH [--set section.key=value ...]`.
 
 Commands compose the package's public functions; user errors (bad config, bad data) print one
-clear line and exit with status 2, never a traceback.
+clear line and exit with status 2, a failed service (MLflow server, Ray cluster, every training
+job) one line and status 1; never a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 
 from pipeline import config as C
-from pipeline.errors import PipelineError
+from pipeline.errors import InfraError, PipelineError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,7 +114,7 @@ def run_stages(args: argparse.Namespace, stages: tuple = (), flow: str | None = 
             raise PipelineError("the Model Registry is unreachable and this job needs it")
     out = Outcome()
     with runner_for(cfg) as runner, contextlib.ExitStack() as stack:
-        prep, report = data_stage(cfg, runner)
+        prep = data_stage(cfg, runner)
         arrays = prep.arrays
         cutoff = cutoff_label(int(arrays.end_ns.max())) if len(arrays) else "none"
         batch_id = getattr(args, "batch_id", None) or cutoff
@@ -124,8 +126,12 @@ def run_stages(args: argparse.Namespace, stages: tuple = (), flow: str | None = 
         ok = False
         try:
             if log is not None:
-                log.start(batch_id, cutoff, report, tags={"flow": flow} if flow else None)
+                log.start(batch_id, cutoff, prep.report,
+                          tags={"flow": flow} if flow else None)
             out.parent_id = log.parent_id if log is not None else None
+            if needs_registry and not out.parent_id:
+                raise InfraError("could not open the MLflow run this job needs "
+                                 f"({'; '.join(log.failures[:1]) or 'unknown error'})")
             run_id = out.parent_id or uuid.uuid4().hex
             _stages(cfg, arrays, stages, run_id, log, out, args)
             ok = True
@@ -149,7 +155,6 @@ def _stages(cfg: C.Config, arrays, stages, run_id: str, log, out: Outcome, args)
         from pipeline.compare import champion_states
         from pipeline.jobs import plan_jobs
         inits = champion_states(cfg, arrays, plan_jobs(arrays, cfg))
-        cfg = _warm(cfg)
     if "train" in stages or "backtest" in stages:
         results = trained = train_stage(cfg, arrays, log=log, inits=inits)
     if "backtest" in stages:
@@ -170,7 +175,7 @@ def _stages(cfg: C.Config, arrays, stages, run_id: str, log, out: Outcome, args)
         log.models(results, models_dir(cfg, "backtest"))
     if "promote" in stages:
         from pipeline.compare import promote
-        out.promoted = promote(cfg, arrays, bt, log)
+        out.promoted = promote(cfg, arrays, bt, log, final)
     if "forecast" in stages:
         out.forecast_path = forecast_stage(cfg, arrays, final, run_id, bt_cols, log=log)
     if "registry_forecast" in stages:
@@ -188,7 +193,15 @@ def _warm(cfg: C.Config) -> C.Config:
 
 
 def models_dir(cfg: C.Config, label: str) -> str:
-    return os.path.join(cfg.output.path, cfg.name, "models", label)
+    """Where a stage's model files go: next to the outputs when they are local; with outputs
+    on object storage, a local staging folder ($PIPELINE_WORK_DIR or the temp dir) — the
+    models themselves are kept by MLflow."""
+    root = cfg.output.path
+    if "://" in root:
+        import tempfile
+        root = os.environ.get("PIPELINE_WORK_DIR") or os.path.join(tempfile.gettempdir(),
+                                                                   "forecast-pipeline")
+    return os.path.join(root, cfg.name, "models", label)
 
 
 def data_stage(cfg: C.Config, runner):
@@ -208,7 +221,7 @@ def data_stage(cfg: C.Config, runner):
         print(f"  … {len(skipped) - 10} more in the report")
     if cfg.output.report:
         print(f"report       {report_path} ({len(prep.report)} rows)")
-    return prep, (report_path if cfg.output.report else None)
+    return prep
 
 
 def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = None,
@@ -224,17 +237,30 @@ def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = 
           f"device {resolve_device(cfg.train.device)}, {what}")
     prefix = "final_" if final else ""
     loggers = log.loggers(jobs, prefix) if log is not None else None
-    if not cfg.ray.enabled:
-        results = run_jobs_locally(arrays, jobs, cfg, final=final, loggers=loggers, inits=inits)
-    else:
-        from pipeline import execution
-        results = execution.train(arrays, jobs, cfg, final=final, loggers=loggers, inits=inits)
+    # warm-started jobs get the fine-tuning budget, the others (no champion of this
+    # architecture) the full one
+    parts = [(_warm(cfg), [j for j in jobs if j.name in (inits or {})]),
+             (cfg, [j for j in jobs if j.name not in (inits or {})])]
+    done = {}
+    for part_cfg, part in parts:
+        if not part:
+            continue
+        if not cfg.ray.enabled:
+            res = run_jobs_locally(arrays, part, part_cfg, final=final, loggers=loggers,
+                                   inits=inits)
+        else:
+            from pipeline import execution
+            res = execution.train(arrays, part, part_cfg, final=final, loggers=loggers,
+                                  inits=inits)
+        done.update({r.name: r for r in res})
+    results = [done[j.name] for j in jobs]
     if log is not None:
         log.trained(results, prefix)
     label = label or ("final" if final else "backtest")
     out = models_dir(cfg, label)
     print(f"  {'job':<12} {'series':>7} {'windows':>9} {'epochs':>6} {'best val':>9} "
           f"{'samples/s':>10}  status")
+    shutil.rmtree(out, ignore_errors=True)    # no file of an earlier run is taken for ours
     for r in results:
         if r.ok:
             save_result(r, os.path.join(out, f"{cfg.model.name}-{r.name}.pt"))
@@ -243,7 +269,7 @@ def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = 
               f"{r.best_val:>9.4f} {r.samples_per_s:>10,.0f}  {status}")
     failed = [r for r in results if not r.ok]
     if failed and len(failed) == len(results):
-        raise PipelineError(f"every training job failed; first error: {failed[0].error}")
+        raise InfraError(f"every training job failed; first error: {failed[0].error}")
     print(f"models       {out}")
     return results
 
@@ -273,7 +299,7 @@ def backtest_stage(cfg: C.Config, arrays, results: list, run_id: str, log=None):
     print(f"  (skill_mase = 1 - MASE / MASE of seasonal naive)\noutputs      {p1}\n"
           f"             {p2}")
     if log is not None:
-        log.backtest(bt, os.path.join(p2, "part-0.parquet"))
+        log.backtest(bt, metrics)
     return bt, pred_cols
 
 
@@ -344,7 +370,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
+    except InfraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (C.ConfigError, PipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not type(e).__module__.startswith("mlflow"):
+            raise
+        print(f"error: MLflow: {type(e).__name__}: {str(e).splitlines()[0][:500]}",
+              file=sys.stderr)
+        return 1
     return 0

@@ -125,7 +125,7 @@ def _as_results(arrays, ccfg: Config, entries: list) -> list:
     """JobResults from loaded champions, after checking they fit today's inputs."""
     import torch
 
-    from pipeline.jobs import JobResult, loader_at
+    from pipeline.jobs import JobResult, loader_at, n_groups
     loader = loader_at(arrays, ccfg, arrays.lengths)
     results = []
     for job, model, mv in entries:
@@ -137,6 +137,13 @@ def _as_results(arrays, ccfg: Config, entries: list) -> list:
                 f"champion {mv.name} v{mv.version} for {job.name!r} expects (past, future, "
                 f"static) input sizes {want}, the data gives {have}: data.past_covariates, "
                 f"future_covariates, static_cols or calendar differ from its training run")
+        kind = spec["model"].get("embedding", "none")
+        rows = {"series": len(arrays), "group": n_groups(arrays)}.get(kind)
+        if rows is not None and spec["num_embeddings"] != rows:
+            raise PipelineError(
+                f"champion {mv.name} v{mv.version} for {job.name!r} learned a {kind} embedding "
+                f"for {spec['num_embeddings']} {kind} values, the data has {rows}: its "
+                f"embedding rows no longer match; retrain (nightly) instead")
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
         results.append(JobResult(job.name, job.group, True, spec=spec, state=buf.getvalue()))
@@ -207,22 +214,25 @@ def champion_states(cfg: Config, arrays, jobs: list) -> dict[str, bytes]:
     return out
 
 
-def promote(cfg: Config, arrays, bt, log, metric: str = "mase") -> list[str]:
-    """Challenger (this run) against champion (the registered model, re-scored now on the
-    same backtest windows): register the challenger where it is strictly better, or where
-    there is no champion. Returns the promoted groups."""
-    from pipeline.backtest import backtest
-    from pipeline.runlog import group_summary
+def promote(cfg: Config, arrays, bt, log, final: list | None = None, metric: str = "mase"
+            ) -> list[str]:
+    """Challenger (this run) against champion (the registered model, re-scored now): register
+    the challenger where its backtest `metric` is strictly lower, or where there is no valid
+    champion. Both are scored on the backtest windows after the champion's own data cutoff
+    (out of sample for both); when there are none (the same data again), on every window, and
+    the output says the champion trained on them. Groups whose final model failed to train are
+    not promoted. Returns the promoted groups."""
+    from pipeline.backtest import backtest, concat_columns
     if log is None or not log.parent_id:
         raise PipelineError("promoting a champion needs MLflow tracking (tracking.enabled)")
     model = cfg.model.name
     by, uri, by_source, _ = champions(cfg, arrays, None)
-    if by == "group":
-        mine = {g: r.get(f"backtest_{metric}")
-                for g, r in group_summary(bt.metrics, model).items()}
-    else:
-        mine = {"global": bt.summary().get(model, {}).get(metric)}
-    theirs: dict[str, tuple[float, object]] = {}
+    mine = concat_columns(bt.metrics)
+    keys = sorted(set(mine["group"].astype(str))) if by == "group" else ["global"]
+    ready = {("global" if by == "global" or r.group is None else str(r.group)) if r.ok else None
+             for r in (final or [])}
+    everyone = "global" in ready           # a global final model serves every group
+    theirs: dict[str, tuple] = {}          # key -> (metric columns, model name, version)
     for run_id, entries in by_source.items():
         ccfg = champion_config(cfg, registry.run_config(run_id, uri), by)
         ccfg.windows.n_windows, ccfg.windows.step = cfg.windows.n_windows, cfg.windows.step
@@ -232,28 +242,33 @@ def promote(cfg: Config, arrays, bt, log, metric: str = "mase") -> list[str]:
                                 f"{cfg.windows.horizon}: they cannot be compared")
         cbt = backtest(arrays, [e[0] for e in entries], _as_results(arrays, ccfg, entries),
                        ccfg)
-        name = ccfg.model.name
-        scores = ({g: r.get(f"backtest_{metric}") for g, r in group_summary(cbt.metrics,
-                                                                           name).items()}
-                  if by == "group" else {"global": cbt.summary().get(name, {}).get(metric)})
+        cols = concat_columns(cbt.metrics)
         for job, _, mv in entries:
-            key = job.group if by == "group" else "global"
-            if scores.get(key) is not None:
-                theirs[key] = (scores[key], mv)
+            theirs[job.group if by == "group" else "global"] = (cols, ccfg.model.name, mv)
     exp = cfg.tracking.experiment or cfg.name
-    print(f"promote      challenger {model} against the champions, backtest {metric} on the "
-          f"same windows")
+    print(f"promote      challenger {model} against the champions, backtest {metric}")
     promoted = []
-    for g in sorted(mine):
-        value = mine[g]
+    for g in keys:
+        if final is not None and not (everyone or g in ready):
+            print(f"  {g:<14} no final model (its training failed): not promoted")
+            continue
+        since, note = None, ""
+        champ = theirs.get(g)
+        if champ is not None:
+            since = _label_time(champ[2].tags.get("cutoff"))
+            if _score(mine, model, metric, g, by, since) is None or \
+                    _score(champ[0], champ[1], metric, g, by, since) is None:
+                since, note = None, "  (every window is in the champion's training data)"
+        value = _score(mine, model, metric, g, by, since)
         if value is None or not np.isfinite(value):
             continue
-        champ = theirs.get(g)
-        better = champ is None or value < champ[0]
-        was = f"{champ[0]:.4f} ({champ[1].tags.get('model', '?')} v{champ[1].version})" \
-            if champ else "none"
+        theirs_value = _score(champ[0], champ[1], metric, g, by, since) if champ else None
+        valid = theirs_value is not None and np.isfinite(theirs_value)
+        better = not valid or value < theirs_value
+        was = (f"{theirs_value:.4f} ({champ[2].tags.get('model', '?')} v{champ[2].version})"
+               if valid else "none")
         print(f"  {g:<14} challenger {value:.4f}  champion {was:<28} "
-              f"{'-> promoted' if better else 'kept'}")
+              f"{'-> promoted' if better else 'kept'}{note}")
         if not better:
             continue
         job = log.key(_Group(g)) if by == "group" else "global"
@@ -270,6 +285,32 @@ def promote(cfg: Config, arrays, bt, log, metric: str = "mase") -> list[str]:
     log.tr.log_metrics(log.parent_id, {"promoted_groups": len(promoted),
                                        "champion_groups": len(theirs)})
     return promoted
+
+
+def _label_time(label: str | None):
+    """'20240630T230000' -> numpy datetime64[ns] (None when missing or malformed)."""
+    try:
+        t = f"{label[:4]}-{label[4:6]}-{label[6:8]}T{label[9:11]}:{label[11:13]}:{label[13:15]}"
+        return np.datetime64(t, "ns")
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _score(cols: dict, model: str, metric: str, key: str, by: str, since=None) -> float | None:
+    """`metric` of `model` summarised (as Backtest.summary does) over the per-series rows of
+    group `key` (every row when by="global") whose cutoff is at or after `since`."""
+    from pipeline import evaluate as E
+    if not cols:
+        return None
+    sel = cols["model"].astype(str) == model
+    if by == "group":
+        sel &= cols["group"].astype(str) == key
+    if since is not None:
+        sel &= cols["cutoff"] >= since
+    if not sel.any():
+        return None
+    names = [k for k in cols if k not in ("unique_id", "cutoff", "model", "group")]
+    return E.summarize({k: cols[k][sel] for k in names}).get(metric)
 
 
 class _Group:

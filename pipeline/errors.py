@@ -7,3 +7,8 @@ class PipelineError(Exception):
 
 class DataError(PipelineError):
     """The input data breaks the data contract (DESIGN.md §3)."""
+
+
+class InfraError(PipelineError):
+    """A service the job needs failed (the MLflow server, the Ray cluster, every training job):
+    worth retrying later, unlike a bad config or bad data. Flows and the CLI exit with 1."""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import ray
 
 from pipeline.config import RayConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import InfraError, PipelineError
 
 
 def connect(cfg: RayConfig) -> bool:
@@ -29,7 +29,7 @@ def connect(cfg: RayConfig) -> bool:
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
-        raise PipelineError(f"cannot start or join {where}: {e}") from None
+        raise InfraError(f"cannot start or join {where}: {e}") from None
     return True
 
 
@@ -156,9 +156,16 @@ def train(arrays, jobs: list, cfg, final: bool = False, loggers: dict | None = N
                                  (inits or {}).get(jobs[0].name))]
     if cfg.train.per_group.packed:
         connect(cfg.ray)
-        task = ray.remote(_run_packed_task).options(num_cpus=cfg.ray.task_num_cpus,
-                                                    num_gpus=cfg.ray.task_num_gpus)
-        return ray.get(task.remote(ray.put(arrays), jobs, cfg, final, inits))
+        from pipeline.jobs import failed
+        task = ray.remote(_run_packed_task).options(
+            num_cpus=cfg.ray.task_num_cpus, num_gpus=cfg.ray.task_num_gpus,
+            max_retries=cfg.ray.max_retries, retry_exceptions=True)
+        try:
+            return ray.get(task.remote(ray.put(arrays), jobs, cfg, final, inits))
+        except ray.exceptions.RayTaskError as e:   # the pack failed: every group reports it
+            return [failed(j, e.as_instanceof_cause(), cfg.ray.max_retries + 1) for j in jobs]
+        except ray.exceptions.RayError as e:
+            return [failed(j, e, cfg.ray.max_retries + 1) for j in jobs]
     return train_per_group(arrays, jobs, cfg, final, loggers, inits)
 
 

@@ -172,7 +172,10 @@ def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: 
     `train.per_group.packed`); a failing job does not stop the others. `loggers`: job name
     -> per-epoch log callback; `inits`: job name -> weights to start from."""
     if cfg.train.per_group.packed:
-        return run_packed(arrays, jobs, cfg, final=final, inits=inits)
+        try:
+            return run_packed(arrays, jobs, cfg, final=final, inits=inits)
+        except Exception as e:  # noqa: BLE001 - the pack failed: every group reports it
+            return [failed(job, e) for job in jobs]
     out = []
     for job in jobs:
         try:

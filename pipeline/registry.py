@@ -8,6 +8,7 @@ import contextlib
 import io
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -30,9 +31,11 @@ from pipeline.tracking import (
 
 # ------------------------------------------------------------------------------ batches
 
-def batch_runs(uri: str, experiment: str, flow: str, batch_id: str, status: str) -> list[str]:
-    """Parent runs of `experiment` tagged with this flow and batch, in `status` (RUNNING,
-    FINISHED, …), superseded ones left out."""
+def batch_runs(uri: str, experiment: str, flow: str, config: str, batch_id: str,
+               status: str) -> list[str]:
+    """Parent runs of `experiment` tagged with this flow, config name and batch, in `status`
+    (RUNNING, FINISHED, …), superseded ones left out. Configs sharing an experiment (a GRU and
+    a CNN compared side by side) are separate batches."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -40,7 +43,8 @@ def batch_runs(uri: str, experiment: str, flow: str, batch_id: str, status: str)
     runs = client.search_runs(
         [exp.experiment_id], max_results=1000,
         filter_string=(f"tags.`{ROLE}` = 'parent' and tags.flow = '{flow}' and "
-                       f"tags.batch_id = '{batch_id}' and attributes.status = '{status}'"))
+                       f"tags.config = '{config}' and tags.batch_id = '{batch_id}' and "
+                       f"attributes.status = '{status}'"))
     return [r.info.run_id for r in runs if SUPERSEDED_TAG not in r.data.tags]
 
 
@@ -58,7 +62,7 @@ def supersede(uri: str, parent_id: str) -> None:
 
 BOARD_SCHEMA = {"run_id": "String", "parent_run_id": "String", "batch_id": "String",
                 "cutoff": "String", "model": "String", "group": "String", "metric": "String",
-                "value": "Float64", "model_file": "String"}
+                "value": "Float64", "model_file": "String", "has_model": "Boolean"}
 
 
 def _group_rows(client, run, metric: str) -> list[dict]:
@@ -71,7 +75,7 @@ def _group_rows(client, run, metric: str) -> list[dict]:
     if col not in df.columns:
         return []
     files = df["model_file"] if "model_file" in df.columns else [None] * len(df)
-    return [{"group": str(g), "value": float(v), "model_file": f}
+    return [{"group": str(g), "value": float(v), "model_file": f or None}
             for g, v, f in zip(df["group"], df[col], files, strict=True) if _finite(v)]
 
 
@@ -96,15 +100,24 @@ def leaderboard(experiment: str, metric: str = "mase", uri: str | None = None,
             tags = r.data.tags
             if SUPERSEDED_TAG in tags:
                 continue
+            logged = MODEL_URI_TAG in tags
             base = {"run_id": r.info.run_id, "parent_run_id": tags.get("mlflow.parentRunId"),
                     "batch_id": tags.get("batch_id"), "cutoff": tags.get("cutoff"),
-                    "model": tags.get("model", ""), "metric": metric, "model_file": None}
+                    "model": tags.get("model", ""), "metric": metric, "model_file": None,
+                    "has_model": logged}
             group = tags.get("group", "global")
             value = r.data.metrics.get(f"backtest_{metric}")
             if group != "all" and _finite(value):
                 rows.append({**base, "group": group, "value": float(value)})
             if GROUP_TABLE_TAG in tags:
-                rows += [{**base, **row} for row in _group_rows(client, r, metric)]
+                try:
+                    table = _group_rows(client, r, metric)
+                except (MlflowException, OSError) as e:   # one bad run does not stop compare
+                    warnings.warn(f"run {r.info.run_id}: per-group table unreadable "
+                                  f"({type(e).__name__}); left out", stacklevel=2)
+                    table = []
+                rows += [{**base, **row, "has_model": logged or bool(row["model_file"])}
+                         for row in table]
         token = page.token
         if not token:
             break
@@ -147,10 +160,12 @@ def run_board(experiment: str, metric: str = "mase", uri: str | None = None,
 
 
 def champion_per_group(board, by: str = "group"):
-    """The best (lowest value) row per group, groups sorted. by="group": the per-group rows
-    (any model whose score on that group is known, a global model's included); by="global":
-    the best of the models trained over every series (one row, group "global")."""
+    """The best (lowest value) row per group among the rows whose model was logged (a job
+    whose final training failed has a score but no model), groups sorted. by="group": the
+    per-group rows (any model whose score on that group is known, a global model's included);
+    by="global": the best of the models trained over every series (group "global")."""
     import polars as pl
+    board = board.filter(pl.col("has_model"))
     rows = board.filter(pl.col("group") == "global") if by == "global" else \
         board.filter(~pl.col("group").is_in(["global", "all"]))
     return rows.sort(["value", "run_id"]).group_by("group", maintain_order=True).first() \
@@ -211,11 +226,15 @@ def register_champion(run_id: str, name: str, alias: str = "champion",
 
 
 def champion_version(name: str, alias: str = "champion", uri: str | None = None):
-    """The ModelVersion `name@alias`, or None when there is no such model or alias."""
+    """The ModelVersion `name@alias`, or None when there is no such model or alias. Any other
+    error (server down, 5xx) is raised: it must not read as "no champion" and promote an
+    untested challenger."""
     try:
         return _client(uri).get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
 
 
 def load_champion(name: str, alias: str = "champion", uri: str | None = None):

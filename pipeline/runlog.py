@@ -1,7 +1,7 @@
 """What one pipeline run records in MLflow, stage by stage (DESIGN.md §7).
 
     log = RunLog.open(cfg)          # before anything runs: an unreachable server is an error
-    log.start(prep, batch_id, cutoff)   # parent run: tags, config params, input, report
+    log.start(batch_id, cutoff, report) # parent run: tags, config params, input, report
     log.loggers(jobs, prefix)       # per-job EpochLoggers the training workers log into
     log.trained(results, prefix)    # training figures (history when the worker could not)
     log.backtest(bt)                # overall and per-group backtest metrics, per-series Parquet
@@ -64,15 +64,17 @@ class RunLog:
     def experiment(self) -> str:
         return self.cfg.tracking.experiment or self.cfg.name
 
-    def start(self, batch_id: str, cutoff: str, report_path: str | None = None,
+    def start(self, batch_id: str, cutoff: str, report=None,
               tags: dict | None = None) -> str | None:
+        """The parent run; `report` is the validation report (a polars DataFrame), logged as
+        an artifact from memory (the outputs may live on object storage)."""
         import yaml
         cfg = self.cfg
         local = "://" not in cfg.data.path and os.path.exists(cfg.data.path)
         digest = self.tr.safe(tracking.data_hash, [cfg.data.path]) if local else None
         parent = self.tr.safe(self.tr.start, cfg, batch_id, cutoff, digest,
                               tags={"model": self.model, "train_mode": cfg.train.mode,
-                                    **(tags or {})})
+                                    "config": cfg.name, **(tags or {})})
         if parent is None:
             return None
         if digest:
@@ -80,8 +82,10 @@ class RunLog:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / tracking.CONFIG_ARTIFACT
             path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            files = [path] + ([report_path] if report_path and os.path.exists(report_path)
-                              else [])
+            files = [path]
+            if report is not None:
+                files.append(Path(tmp) / "validation_report.parquet")
+                report.write_parquet(files[-1])
             self.tr.log_artifacts(parent, files)
         return parent
 
@@ -130,15 +134,19 @@ class RunLog:
 
     # -------------------------------------------------------------- backtest
 
-    def backtest(self, bt, per_series_path: str | None = None) -> None:
+    def backtest(self, bt, per_series=None) -> None:
         """Overall metrics on the parent (`backtest_<metric>`, `<baseline>_<metric>`), the
         job's own numbers on each child run, per-group numbers for every group."""
         if not self.parent_id:
             return
         summary = bt.summary()
         self.tr.log_backtest(self.parent_id, summary, self.model)
-        if per_series_path:
-            self.tr.log_artifacts(self.parent_id, [per_series_path], "per_series_metrics")
+        if per_series is not None:       # an Arrow table: written here, logged, removed
+            import pyarrow.parquet as pq
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "per_series_metrics.parquet"
+                pq.write_table(per_series, path)
+                self.tr.log_artifacts(self.parent_id, [path])
         table = group_summary(bt.metrics, self.model) if self.cfg.data.group_col else {}
         if self.cfg.train.mode == "global":
             run_id = self.tr.child(self.model, "global")
@@ -150,7 +158,7 @@ class RunLog:
                 self.tr.log_backtest(run_id, summary, self.model)
         for g, row in table.items():
             self.groups.setdefault(g, {"group": g}).update(row)
-        if self.cfg.tracking.child_runs == "per_group" and self.cfg.train.mode == "per_group":
+        if self._group_runs():
             self._flush_groups()      # each group's numbers into its own child run
 
     # -------------------------------------------------------------- models
@@ -206,10 +214,17 @@ class RunLog:
         self.groups = {}
         cols = list(dict.fromkeys(k for r in rows for k in r))
         df = pl.DataFrame({c: [r.get(c) for r in rows] for c in cols}, strict=False)
-        target = {"global": "global", "per_model": "all"}.get(
-            "global" if self.cfg.train.mode == "global" else self.cfg.tracking.child_runs)
-        run_id = self.tr.child(self.model, target) if target else None
-        self.tr.log_group_table(run_id, self.model, df.sort("group"))
+        if self._group_runs():
+            self.tr.log_group_table(None, self.model, df.sort("group"), runs=True)
+            return
+        run_id = self.tr.child(self.model, "global" if self.cfg.train.mode == "global"
+                               else "all")
+        self.tr.log_group_table(run_id, self.model, df.sort("group"), runs=False)
+
+    def _group_runs(self) -> bool:
+        """One child run per group: per-group training with child_runs per_group (a global
+        model stays one run whatever child_runs says; its per-group numbers are a table)."""
+        return self.cfg.train.mode == "per_group" and self.cfg.tracking.child_runs == "per_group"
 
 
 def group_summary(metric_blocks: list[dict], model: str) -> dict[str, dict[str, float]]:

@@ -5,9 +5,9 @@ Hierarchy: one experiment per config name; one PARENT run per pipeline run; one 
 and workers can log into a run by id without any fluent "active run" state.
 
 Where: `tracking_uri(cfg)`; the embedded default is `sqlite:///<output.path>/mlflow.db` with
-artifacts next to it. Remote servers take credentials from the environment
-(MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN); URIs are passed through `redact` before they
-appear in any message, tag or param.
+artifacts next to it (`<output.path>/mlartifacts`, see `artifact_root`). Remote servers take
+credentials from the environment (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN); URIs are
+passed through `redact` before they appear in any message, tag or param.
 
 Models are logged with the PyTorch flavor in the "pickle" format: mlflow 3 defaults to "pt2"
 (torch.export), whose reloaded GraphModule is specialised to the example's shapes and loses the
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import re
@@ -42,7 +43,11 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from pipeline.errors import PipelineError
+from pipeline.errors import InfraError
+
+# creating or migrating a store logs INFO lines on stderr; a CLI wants its one-line messages
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 PARAMS_PER_CALL = 100       # MLflow's log_batch limit for params (and tags)
 METRICS_PER_CALL = 1000     # and for metrics
@@ -80,24 +85,38 @@ def tracking_uri(cfg) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside the SQLite file for the embedded
+    store (`<dir>/mlartifacts`; MLflow's own default is ./mlruns in the current directory),
+    the server's choice otherwise (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
 @contextlib.contextmanager
-def using(uri: str | None) -> Iterator[None]:
-    """Point mlflow's fluent API (and registry) at `uri` for the block, then restore the
-    previous setting (None leaves it alone). mlflow's setters also export MLFLOW_TRACKING_URI
-    and MLFLOW_REGISTRY_URI; those are restored too, so one call cannot redirect later ones."""
+def using(uri: str | None, experiment_id: str | None = None) -> Iterator[None]:
+    """Point mlflow's fluent API (and registry) at `uri` — and at `experiment_id`, which is
+    where mlflow 3 files a logged model (else the Default experiment) — for the block, then
+    restore the previous settings (None leaves them alone). mlflow's setters also export
+    MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI; those are restored too, so one call cannot
+    redirect later ones."""
+    from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as reg
     from mlflow.tracking._tracking_service import utils as trk
     if not uri:
         yield
         return
-    old = trk._tracking_uri, reg._registry_uri
+    old = trk._tracking_uri, reg._registry_uri, fluent._active_experiment_id
     env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if experiment_id is not None:
+        fluent._active_experiment_id = experiment_id
     try:
         yield
     finally:
-        trk._tracking_uri, reg._registry_uri = old
+        trk._tracking_uri, reg._registry_uri, fluent._active_experiment_id = old
         for k, v in env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -135,7 +154,7 @@ def _env(**values: str) -> Iterator[None]:
 
 def check_server(uri: str, timeout: float = 10.0, required: bool = True) -> bool:
     """Before any training: is the tracking server at an http(s) `uri` answering? Other URIs
-    (sqlite, file) are local and always True. Unreachable: PipelineError when `required`, else a
+    (sqlite, file) are local and always True. Unreachable: InfraError when `required`, else a
     warning and False."""
     if not uri.startswith(("http://", "https://")):
         return True
@@ -149,8 +168,8 @@ def check_server(uri: str, timeout: float = 10.0, required: bool = True) -> bool
         reason = redact(str(e).splitlines()[0] if str(e) else type(e).__name__)[:300]
         msg = f"MLflow tracking server at {redact(uri)} is unreachable: {reason}"
         if required:
-            raise PipelineError(msg + " (set tracking.required: false to run without "
-                                "tracking)") from None
+            raise InfraError(msg + " (set tracking.required: false to run without "
+                             "tracking)") from None
         warnings.warn(msg + "; continuing without tracking", stacklevel=2)
         return False
 
@@ -254,7 +273,8 @@ class Tracker:
         import pipeline
         name = cfg.tracking.experiment or cfg.name
         exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            name, artifact_location=artifact_root(self.uri))
         all_tags = {ROLE: "parent", "batch_id": str(batch_id), "cutoff": str(cutoff),
                     "pipeline_version": pipeline.__version__, "tracking_uri": redact(self.uri)}
         if data_hash:
@@ -335,16 +355,18 @@ class Tracker:
         self.log_metrics(run_id, {f"{metric_prefix(m, model)}_{k}": v
                                   for m, row in summary.items() for k, v in row.items()})
 
-    def log_group_table(self, run_id: str | None, model: str, table) -> None:
+    def log_group_table(self, run_id: str | None, model: str, table,
+                        runs: bool | None = None) -> None:
         """Per-group rows (a polars DataFrame with a `group` column and metric columns named as
-        in `log_backtest`, plus training figures and `model_file`). child_runs per_group: each
-        group's numbers go to its own child run (model, group). Otherwise the table is a Parquet
-        artifact of `run_id` (`metrics/per_group.parquet`, tagged) with summary metrics
-        `groups_<column>_{mean,median,max}`: 10,000 groups stay one run."""
+        in `log_backtest`, plus training figures and `model_file`). runs=True (default: child_runs
+        per_group): each group's numbers go to its own child run (model, group). Otherwise the
+        table is a Parquet artifact of `run_id` (`metrics/per_group.parquet`, tagged once the
+        upload succeeded) with summary metrics `groups_<column>_{mean,median,max}`: 10,000
+        groups stay one run."""
         import polars as pl
         df = table if isinstance(table, pl.DataFrame) else pl.DataFrame(table)
         cols = [c for c in df.columns if c != "group" and df[c].dtype.is_numeric()]
-        if self.child_runs == "per_group":
+        if runs if runs is not None else self.child_runs == "per_group":
             for row in df.iter_rows(named=True):
                 child = self.child(model, str(row["group"]))
                 if child:
@@ -355,8 +377,10 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(GROUP_TABLE).name
             df.write_parquet(path)
+            failures = len(self.failures)
             self.safe(self.client.log_artifact, run_id, str(path), str(Path(GROUP_TABLE).parent))
-        self.safe(self.client.set_tag, run_id, GROUP_TABLE_TAG, GROUP_TABLE)
+        if len(self.failures) == failures:   # a tag without its table would break compare
+            self.safe(self.client.set_tag, run_id, GROUP_TABLE_TAG, GROUP_TABLE)
         stats = {}
         for c in cols:
             s = df[c].drop_nans().drop_nulls() if df[c].dtype.is_float() else df[c].drop_nulls()
@@ -444,7 +468,8 @@ def log_torch_model(run_id: str, model, example_batch, uri: str | None = None,
         inputs = ({k: torch.as_tensor(v) for k, v in ex.items()} if isinstance(ex, dict)
                   else {"x": torch.as_tensor(ex)})
         out = model(**inputs).numpy()
-    with using(uri), _quiet("mlflow.pytorch", "mlflow.models.model"):
+    experiment_id = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+    with using(uri, experiment_id), _quiet("mlflow.pytorch", "mlflow.models.model"):
         # quiet: the pickle-format caution (a deliberate choice), and for dict examples the
         # "failed to validate serving input" warning (pyfunc serves one tensor only)
         info = mlflow.pytorch.log_model(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pathlib
 
 import numpy as np
 import polars as pl
@@ -16,6 +17,7 @@ from pipeline.cli import main
 from pipeline.models import load_model
 
 mlflow = pytest.importorskip("mlflow")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 FAST = ["--set", "train.epochs=2", "--set", "train.steps_per_epoch=2", "--set",
         "windows.lookback=72", "--set", "evaluate.plots=0", "--set", "model.season=24"]
@@ -55,8 +57,12 @@ def test_run_on_the_embedded_sqlite_default(demo_dir, tmp_path, monkeypatch, cap
     reloads and predicts like the model the forecasts came from."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "out"
-    assert main(args("run", "configs/demo.yaml", demo_dir, out, "--set",
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)              # MLflow's own default would put artifacts in ./mlruns
+    assert main(args("run", str(ROOT / "configs" / "demo.yaml"), demo_dir, out, "--set",
                      "ray.enabled=false")) == 0
+    assert os.listdir(cwd) == [] and (out / "mlartifacts").is_dir()
     text = capsys.readouterr().out
     uri = f"sqlite:///{out / 'mlflow.db'}"
     assert f"tracking     {uri} experiment 'demo' run " in text and "failure" not in text
@@ -79,14 +85,17 @@ def test_run_on_the_embedded_sqlite_default(demo_dir, tmp_path, monkeypatch, cap
     assert [h.step for h in c.get_metric_history(child.info.run_id, "val_loss")] == [0, 1]
     assert len(c.get_metric_history(child.info.run_id, "final_train_loss")) == 2
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
-    assert {"config.yaml", "validation_report.parquet", "per_series_metrics"} <= arts
+    assert {"config.yaml", "validation_report.parquet", "per_series_metrics.parquet"} <= arts
     (ds,) = parent.inputs.dataset_inputs
     assert ds.dataset.digest == parent.data.tags["data_hash"][:36]
     table = pl.read_parquet(c.download_artifacts(child.info.run_id, tracking.GROUP_TABLE,
                                                  str(tmp_path)))
     assert table["group"].to_list() == [f"store_{g}" for g in "ABCD"]
     assert table["backtest_mase"].is_finite().all()
-    # the logged model is the final model the forecasts came from
+    # the logged model is filed under the run's experiment (not Default) and is the final
+    # model the forecasts came from
+    model_id = child.data.tags[tracking.MODEL_URI_TAG].split("/")[-1]
+    assert c.get_logged_model(model_id).experiment_id == parent.info.experiment_id
     with tracking.using(uri):
         logged = mlflow.pytorch.load_model(child.data.tags[tracking.MODEL_URI_TAG])
     saved = load_model(str(out / "demo" / "models" / "final" / "gru_direct-global.pt"))
@@ -201,7 +210,7 @@ def test_unreachable_server_stops_the_job_before_training(demo_dir, tmp_path, ca
     code = main(args("run", "configs/demo.yaml", demo_dir, out, "--set", "ray.enabled=false",
                      "--set", "tracking.uri=http://user:secret@127.0.0.1:9"))
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1                            # a service is down: worth retrying, unlike 2
     assert err.startswith("error: MLflow tracking server at http://127.0.0.1:9 is unreachable")
     assert "secret" not in err and "tracking.required: false" in err
     assert not out.exists()                                   # nothing read, trained, written

@@ -107,6 +107,7 @@ def test_a_crash_is_recovered_cleanly(demo_dir, tmp_path, no_env, monkeypatch, c
     c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     exp = c.get_experiment_by_name("demo")
     stale = c.create_run(exp.experiment_id, tags={"pipeline.role": "parent", "flow": "nightly",
+                                                  "config": "demo",
                                                   "batch_id": BATCH}).info.run_id
     assert flow(nightly, demo_dir, out, "--set", "tracking.required=true") == EXIT_OK
     status = {r.info.run_id: r.info.status for r in parents(out)}
@@ -149,7 +150,8 @@ def test_the_lock_keeps_a_second_run_out(demo_dir, tmp_path, capsys):
 
 def test_flows_run_as_modules_and_exit_with_a_code_and_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flows.backtest", "--config", "configs/demo.yaml",
-                        "--set", f"data.path={tmp_path}/missing"], capture_output=True,
+                        "--set", f"data.path={tmp_path}/missing", "--set",
+                        f"output.path={tmp_path}/out"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == EXIT_INVALID
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
@@ -177,16 +179,23 @@ def test_exit_codes_for_bad_input_and_failed_groups(demo_dir, tmp_path, capsys):
 def test_warm_start_is_promoted_only_when_it_beats_the_champion(demo_dir, tmp_path, no_env,
                                                                 capsys):
     out = tmp_path / "out"
-    # a weak champion: almost no training
-    assert flow(nightly, demo_dir, out, "--set", "train.lr=1e-5") == EXIT_OK
-    capsys.readouterr()
+    # a weak champion: almost no training. warm_start is on but there is no champion yet, so
+    # the job trains from scratch with the full budget (2 epochs, not warm_start_epochs=1)
+    assert flow(nightly, demo_dir, out, "--set", "train.lr=1e-5", "--set",
+                "train.warm_start=true", "--set", "train.warm_start_epochs=1") == EXIT_OK
+    text = capsys.readouterr().out
+    assert "warm start   0 job(s) from the champion; from scratch" in text
+    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (job,) = [r for r in c.search_runs([c.get_experiment_by_name("demo").experiment_id])
+              if r.data.tags.get("group") == "global"]
+    assert len(c.get_metric_history(job.info.run_id, "val_loss")) == 2
     # a warm start that wrecks the weights (lr 1.0) is worse on every store: kept
     assert flow(nightly, demo_dir, out, "--force", "--set", "train.warm_start=true",
                 "--set", "train.lr=1.0") == EXIT_OK
     text = capsys.readouterr().out
     assert "warm start   1 job(s) from the champion" in text
     assert text.count("kept") == 4 and "-> promoted" not in text
-    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    assert text.count("(every window is in the champion's training data)") == 4   # same data
     v1 = c.get_model_version_by_alias("demo.store_A", "champion")
     assert str(v1.version) == "1"
     # a warm start that fine-tunes properly beats the weak champion: promoted
@@ -197,3 +206,39 @@ def test_warm_start_is_promoted_only_when_it_beats_the_champion(demo_dir, tmp_pa
     assert text.count("-> promoted") == 4
     mv = c.get_model_version_by_alias("demo.store_A", "champion")
     assert str(mv.version) == "2" and float(mv.tags["value"]) < float(v1.tags["value"])
+
+
+@pytest.mark.slow
+def test_a_newer_cutoff_scores_both_on_windows_the_champion_never_saw(demo_dir, tmp_path,
+                                                                     no_env, capsys):
+    """Night 1 sees the data up to 48 h before the end; night 2 the whole data. The champion
+    (night 1's final model) and the challenger are compared on the windows after night 1's
+    cutoff, which neither trained on."""
+    early = tmp_path / "early"
+    for part in glob.glob(os.path.join(demo_dir, "store=*", "*.parquet")):
+        df = pl.read_parquet(part, hive_partitioning=False)
+        dest = early / os.path.relpath(part, demo_dir)
+        os.makedirs(dest.parent, exist_ok=True)
+        end = df["ds"].max()
+        df.filter(pl.col("ds") <= end - pl.duration(hours=48)).write_parquet(dest)
+    out = tmp_path / "out"
+    assert flow(nightly, early, out) == EXIT_OK
+    capsys.readouterr()
+    assert flow(nightly, demo_dir, out) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "champion none" not in text and "every window" not in text
+    assert text.count("challenger ") >= 4
+    finished = parents(out, "FINISHED")
+    assert sorted(r.data.tags["batch_id"] for r in finished) == ["20240628T230000", BATCH]
+
+
+def test_configs_sharing_an_experiment_are_separate_batches(demo_dir, tmp_path, no_env,
+                                                            capsys):
+    out = tmp_path / "out"
+    shared = ["--set", "tracking.experiment=shared", "--set", "evaluate.final_model=reuse"]
+    assert flow(backtest_flow, demo_dir, out, *shared) == EXIT_OK
+    assert flow(backtest_flow, demo_dir, out, *shared, "--set", "name=demo_b") == EXIT_OK
+    text = capsys.readouterr().out
+    assert "skipped:" not in text and text.count("training     gru_direct") == 2
+    assert flow(backtest_flow, demo_dir, out, *shared, "--set", "name=demo_b") == EXIT_OK
+    assert "skipped: batch 20240630T230000 of flow backtest (demo_b)" in capsys.readouterr().out

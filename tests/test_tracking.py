@@ -17,7 +17,7 @@ from pipeline.config import (
     OutputConfig,
     TrackingConfig,
 )
-from pipeline.errors import PipelineError
+from pipeline.errors import InfraError
 from pipeline.jobs import JobResult
 from pipeline.models import build_model
 
@@ -145,7 +145,8 @@ def test_multi_input_model_reloads_and_predicts_identically(sqlite_uri):
                 "static": torch.randn(n, 3, generator=g),
                 "idx": torch.randint(0, 5, (n,), generator=g)}
     c = mlflow.MlflowClient(tracking_uri=sqlite_uri)
-    run = c.create_run(c.create_experiment("multi_input"))
+    run = c.create_run(c.create_experiment("multi_input",
+                                           artifact_location=tracking.artifact_root(sqlite_uri)))
     model_uri = tracking.log_torch_model(run.info.run_id, model, inputs(4), sqlite_uri)
     with tracking.using(sqlite_uri):
         loaded = mlflow.pytorch.load_model(model_uri)
@@ -164,6 +165,7 @@ def test_per_group_child_runs_get_group_metrics(sqlite_uri, tmp_path):
     tr.finish()
     board = registry.leaderboard("pergroup", uri=sqlite_uri)
     assert board.select("group", "value").rows() == [("g1", 0.5), ("g2", 1.5)]
+    assert len(registry.champion_per_group(board)) == 0      # no model logged: no champion
     assert set(tr.children) == {("gru_direct", "g1"), ("gru_direct", "g2")}
 
 
@@ -204,20 +206,25 @@ def test_leaderboard_champion_registry(sqlite_uri, tmp_path):
     cfg = make_cfg(tmp_path, sqlite_uri, name="compare")
     tr = tracking.Tracker.from_config(cfg)
     tr.start(cfg, "b3")
-    cases = [("gru_direct", "g1", 0.8), ("cnn_direct", "g1", 0.6), ("gru_direct", "g2", 0.7)]
+    # (model, group, backtest MASE, model logged?): the best g2 score has no model (its final
+    # training failed), so it cannot be the champion
+    cases = [("gru_direct", "g1", 0.8, False), ("cnn_direct", "g1", 0.6, True),
+             ("gru_direct", "g2", 0.7, True), ("cnn_direct", "g2", 0.5, False)]
     models = {}
-    for i, (m, g, mase) in enumerate(cases):
+    for i, (m, g, mase, logged) in enumerate(cases):
         run_id = tr.child(m, g)
         tr.log_backtest(run_id, {m: {"mase": mase}, "seasonal_naive": {"mase": 1.0}}, m)
-        if g == "g1" and m == "cnn_direct":
+        if logged:
             models[run_id] = tiny_model(seed=i)
             tr.log_model(run_id, models[run_id], batch(3))
     tr.finish()
     board = registry.leaderboard("compare", "mase", uri=sqlite_uri)
-    assert board["value"].to_list() == [0.6, 0.7, 0.8]
+    assert board["value"].to_list() == [0.5, 0.6, 0.7, 0.8]
+    assert board["has_model"].to_list() == [False, True, True, False]
     champ = registry.champion_per_group(board)
     assert champ["group"].to_list() == ["g1", "g2"]
     assert champ["model"].to_list() == ["cnn_direct", "gru_direct"]
+    assert champ["value"].to_list() == [0.6, 0.7]
     assert champ["run_id"][0] == tr.children[("cnn_direct", "g1")]
     run_id = champ["run_id"][0]
     version = registry.register_champion(run_id, "tracktest_g1", uri=sqlite_uri)
@@ -258,7 +265,7 @@ def test_uri_resolution_and_redaction(tmp_path, monkeypatch):
 
 def test_unreachable_server_fails_fast_with_a_clear_error():
     t0 = time.perf_counter()
-    with pytest.raises(PipelineError, match=r"MLflow tracking server at http://127\.0\.0\.1:9 "
+    with pytest.raises(InfraError, match=r"MLflow tracking server at http://127\.0\.0\.1:9 "
                                             r"is unreachable"):
         tracking.check_server("http://user:pw@127.0.0.1:9", timeout=2)
     assert time.perf_counter() - t0 < 15
