@@ -80,9 +80,7 @@ def tracking_uri(cfg) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     out = cfg.output.path if "://" not in cfg.output.path else "outputs"
-    path = Path(out).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / 'mlflow.db'}"
+    return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"   # made on first use (Tracker)
 
 
 def artifact_root(uri: str) -> str | None:
@@ -242,12 +240,22 @@ class Tracker:
     def __init__(self, uri: str, child_runs: str = "per_model"):
         self.uri = uri
         self.child_runs = child_runs
-        self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self._client: mlflow.MlflowClient | None = None
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self.children: dict[tuple[str, str], str] = {}   # (model, group) -> run id
         self.failures: list[str] = []
         self.run_tags: dict[str, str] = {}   # batch_id, cutoff: copied onto every child
+
+    @property
+    def client(self) -> mlflow.MlflowClient:
+        """Made on first use: a job that fails before its run starts (a bad data path) leaves
+        no empty database behind. The embedded SQLite file's folder is created here."""
+        if self._client is None:
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            self._client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        return self._client
 
     @classmethod
     def from_config(cls, cfg) -> Tracker:

@@ -83,12 +83,15 @@ def test_forecast_schema_is_pinned(tmp_path):
     assert pq.read_table(path).num_rows == 1
 
 
-def test_bad_config_and_path_fail_before_training(tmp_path, capsys):
-    assert main(["run", "--config", "configs/demo.yaml", "--set", "evaluate.final_model=x"]) == 2
+def test_bad_config_and_path_fail_before_training(tmp_path, capsys, monkeypatch):
+    config = os.path.abspath("configs/demo.yaml")
+    monkeypatch.chdir(tmp_path)          # the default output path is ./outputs
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["run", "--config", config, "--set", "evaluate.final_model=x"]) == 2
     assert "evaluate.final_model = 'x' is not one of" in capsys.readouterr().err
-    assert main(["run", "--config", "configs/demo.yaml", "--set",
-                 f"data.path={tmp_path}/missing"]) == 2
+    assert main(["run", "--config", config, "--set", f"data.path={tmp_path}/missing"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []    # no outputs, no empty tracking database
 
 
 @pytest.mark.slow

@@ -61,6 +61,7 @@ def shared_sqlite(tmp_path_factory):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         uri = tracking.tracking_uri(make_cfg(root))
     assert uri == f"sqlite:///{root / 'out' / 'mlflow.db'}"
+    (root / "out").mkdir()          # Tracker makes it on first use; plain clients need it
     return uri
 
 
