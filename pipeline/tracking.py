@@ -228,6 +228,14 @@ def _finite(v: Any) -> bool:
         return False
 
 
+def _unreachable(e: BaseException) -> bool:
+    """Did `e` come from a server that does not answer (as opposed to a refused request)?"""
+    text = f"{type(e).__name__} {e}".lower()
+    return any(k in text for k in ("max retries exceeded", "connection refused",
+                                   "failed to establish", "timed out", "connectionerror",
+                                   "remotedisconnected", "name or service not known"))
+
+
 def _numpy(t: Any) -> np.ndarray:
     return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
 
@@ -245,6 +253,7 @@ class Tracker:
         self.parent_id: str | None = None
         self.children: dict[tuple[str, str], str] = {}   # (model, group) -> run id
         self.failures: list[str] = []
+        self.unreachable = False   # set by the first connection failure (see `safe`)
         self.run_tags: dict[str, str] = {}   # batch_id, cutoff: copied onto every child
 
     @property
@@ -263,13 +272,22 @@ class Tracker:
 
     def safe(self, fn: Callable, *args, **kwargs) -> Any:
         """fn(*args, **kwargs); a tracking error is warned about, recorded in `failures`, and
-        None returned."""
+        None returned. Once the server has failed to answer (connection refused, timed out),
+        later calls are skipped and only counted: a server that died mid-run must not make
+        every remaining call wait out MLflow's HTTP retries before the forecasts are written."""
+        name = getattr(fn, "__name__", fn)
+        if self.unreachable:
+            self.failures.append(f"{name}: skipped, the tracking server stopped answering")
+            return None
         try:
             return fn(*args, **kwargs)
         except _TRACKING_ERRORS as e:
-            what = f"{getattr(fn, '__name__', fn)}: {type(e).__name__}: {redact(str(e))[:500]}"
+            what = f"{name}: {type(e).__name__}: {redact(str(e))[:500]}"
             self.failures.append(what)
-            warnings.warn(f"MLflow logging failed ({what}); outputs are kept", stacklevel=2)
+            self.unreachable = _unreachable(e)
+            warnings.warn(f"MLflow logging failed ({what}); outputs are kept"
+                          + ("; skipping further logging" if self.unreachable else ""),
+                          stacklevel=2)
             return None
 
     # -------------------------------------------------------------- runs

@@ -247,6 +247,21 @@ def test_logging_failures_are_recorded_not_raised(sqlite_uri, tmp_path):
     tr.finish()
 
 
+def test_a_server_that_stops_answering_is_not_waited_for_again(monkeypatch):
+    """After the first connection failure the tracker skips (and counts) the rest, so a dead
+    server costs one timeout, not one per remaining call."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    tr = tracking.Tracker("http://127.0.0.1:9")
+    with pytest.warns(UserWarning, match="skipping further logging"):
+        tr.log_metrics("some-run", {"x": 1.0})
+    t0 = time.perf_counter()
+    for _ in range(20):
+        tr.log_metrics("some-run", {"x": 1.0})
+    assert time.perf_counter() - t0 < 0.5
+    assert len(tr.failures) == 21 and tr.failures[-1].endswith("stopped answering")
+
+
 def test_uri_resolution_and_redaction(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:secret@host:5000")
     assert tracking.tracking_uri(make_cfg(tmp_path)) == "http://u:secret@host:5000"
