@@ -125,6 +125,7 @@ with lock(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_the_lock_keeps_a_second_run_out(demo_dir, tmp_path, capsys):
     """Another process holds the batch's lock: the flow exits 3 without writing; once that
     process is gone (killed: the kernel drops its flock) the flow runs."""
@@ -158,6 +159,7 @@ def test_flows_run_as_modules_and_exit_with_a_code_and_one_line(tmp_path):
     assert "does not exist" in r.stderr
 
 
+@pytest.mark.slow
 def test_exit_codes_for_bad_input_and_failed_groups(demo_dir, tmp_path, capsys):
     assert flow(backtest_flow, demo_dir, tmp_path, "--set", "windows.lookbak=3") == EXIT_INVALID
     assert "unknown key 'windows.lookbak'" in capsys.readouterr().err
@@ -232,6 +234,7 @@ def test_a_newer_cutoff_scores_both_on_windows_the_champion_never_saw(demo_dir, 
     assert sorted(r.data.tags["batch_id"] for r in finished) == ["20240628T230000", BATCH]
 
 
+@pytest.mark.slow
 def test_configs_sharing_an_experiment_are_separate_batches(demo_dir, tmp_path, no_env,
                                                             capsys):
     out = tmp_path / "out"
