@@ -9,8 +9,6 @@ windows, scaling and model), the current config brings the data. Imports mlflow 
 """
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 from pipeline import registry, tracking
@@ -123,9 +121,7 @@ def champions(cfg: Config, arrays, by: str | None = None):
 
 def _as_results(arrays, ccfg: Config, entries: list) -> list:
     """JobResults from loaded champions, after checking they fit today's inputs."""
-    import torch
-
-    from pipeline.jobs import JobResult, loader_at, n_groups
+    from pipeline.jobs import JobResult, loader_at, n_groups, state_bytes
     loader = loader_at(arrays, ccfg, arrays.lengths)
     results = []
     for job, model, mv in entries:
@@ -144,9 +140,8 @@ def _as_results(arrays, ccfg: Config, entries: list) -> list:
                 f"champion {mv.name} v{mv.version} for {job.name!r} learned a {kind} embedding "
                 f"for {spec['num_embeddings']} {kind} values, the data has {rows}: its "
                 f"embedding rows no longer match; retrain (nightly) instead")
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        results.append(JobResult(job.name, job.group, True, spec=spec, state=buf.getvalue()))
+        results.append(JobResult(job.name, job.group, True, spec=spec,
+                                 state=state_bytes(model)))
     return results
 
 
@@ -184,9 +179,7 @@ def champion_states(cfg: Config, arrays, jobs: list) -> dict[str, bytes]:
     architecture this config builds (same spec); the others train from scratch (named). A
     global job starts from the global champion, or, when champions are registered per group,
     from theirs if they are all one model (a global model promoted for every group)."""
-    import torch
-
-    from pipeline.jobs import loader_at, n_groups, new_model
+    from pipeline.jobs import loader_at, n_groups, new_model, state_bytes
     by = "global" if cfg.train.mode == "global" else "group"
     _, _, by_source, missing = champions(cfg, arrays, by)
     if by == "global" and not by_source and arrays.groups is not None:
@@ -203,9 +196,7 @@ def champion_states(cfg: Config, arrays, jobs: list) -> dict[str, bytes]:
             if model.spec != want:
                 fresh.append(job.name)
                 continue
-            buf = io.BytesIO()
-            torch.save(model.state_dict(), buf)
-            out[job.name] = buf.getvalue()
+            out[job.name] = state_bytes(model)
     names = {j.name for j in jobs}
     out = {k: v for k, v in out.items() if k in names}
     print(f"warm start   {len(out)} job(s) from the champion"

@@ -64,10 +64,21 @@ class JobResult:
         """The trained model, rebuilt from spec + weights."""
         from pipeline.models.seq2seq import load_model
         buf = io.BytesIO()
-        torch.save({"format": 1, "spec": self.spec,
-                    "state_dict": torch.load(io.BytesIO(self.state), weights_only=True)}, buf)
+        torch.save({"format": 1, "spec": self.spec, "state_dict": state_dict(self.state)}, buf)
         buf.seek(0)
         return load_model(buf)
+
+
+def state_bytes(model: torch.nn.Module) -> bytes:
+    """The model's weights on the CPU as bytes (what JobResult.state and warm starts carry)."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
+def state_dict(data: bytes) -> dict:
+    """Inverse of `state_bytes`."""
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def plan_jobs(arrays: SeriesArrays, cfg: Config) -> list[Job]:
@@ -125,7 +136,7 @@ def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: boo
     data = job_data(arrays, job, cfg, device, final)
     model = new_model(data.loader, cfg, len(arrays), n_groups(arrays))
     if init is not None:
-        model.load_state_dict(torch.load(io.BytesIO(init), weights_only=True))
+        model.load_state_dict(state_dict(init))
     model = model.to(device)
     trained = wrap(model) if wrap is not None else model
     res: FitResult = fit(trained, data, cfg.train, make_loss(cfg.model), log=log,
@@ -140,9 +151,7 @@ def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: boo
 def trained_result(job: Job, model: EncoderDecoder, res: FitResult, n_windows: int,
                    t0: float) -> JobResult:
     """A finished job: its weights on the CPU as bytes, its history and figures."""
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    return JobResult(job.name, job.group, True, spec=model.spec, state=buf.getvalue(),
+    return JobResult(job.name, job.group, True, spec=model.spec, state=state_bytes(model),
                      history=res.history, best_val=res.best_val, best_epoch=res.best_epoch,
                      samples_per_s=res.samples_per_s, seconds=time.perf_counter() - t0,
                      n_series=len(job.series), n_windows=n_windows)
@@ -211,7 +220,7 @@ def run_packed(arrays: SeriesArrays, jobs: list[Job], cfg: Config, progress: boo
             seed_everything(cfg.train.seed)
             m = new_model(keep[0][1].loader, cfg, len(arrays), n_groups(arrays))
             if (inits or {}).get(job.name) is not None:
-                m.load_state_dict(torch.load(io.BytesIO(inits[job.name]), weights_only=True))
+                m.load_state_dict(state_dict(inits[job.name]))
             models.append(m)
         packed = PackedModel.from_models(models).to(device)
         fits = fit_packed(packed, [d for _, d in keep], cfg.train, make_loss(cfg.model),

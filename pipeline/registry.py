@@ -122,11 +122,18 @@ def leaderboard(experiment: str, metric: str = "mase", uri: str | None = None,
         if not token:
             break
     board = pl.DataFrame(rows, schema={k: getattr(pl, v) for k, v in BOARD_SCHEMA.items()})
+    board = _at_cutoff(board, cutoff)
+    return board.sort(["value", "run_id", "group"])
+
+
+def _at_cutoff(board, cutoff: str | None):
+    """The rows of one data cutoff: "latest" (the newest in `board`), a label, or None (all)."""
+    import polars as pl
     if cutoff == "latest" and len(board):
         cutoff = board["cutoff"].drop_nulls().max()
     if cutoff is not None and len(board):
         board = board.filter(pl.col("cutoff") == cutoff)
-    return board.sort(["value", "run_id", "group"])
+    return board
 
 
 def run_board(experiment: str, metric: str = "mase", uri: str | None = None,
@@ -152,10 +159,7 @@ def run_board(experiment: str, metric: str = "mase", uri: str | None = None,
               "model": pl.String, "train_mode": pl.String, "value": pl.Float64,
               "seasonal_naive": pl.Float64}
     board = pl.DataFrame(rows, schema=schema)
-    if cutoff == "latest" and len(board):
-        cutoff = board["cutoff"].drop_nulls().max()
-    if cutoff is not None and len(board):
-        board = board.filter(pl.col("cutoff") == cutoff)
+    board = _at_cutoff(board, cutoff)
     return board.sort(["value", "run_id"])
 
 

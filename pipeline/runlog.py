@@ -148,14 +148,11 @@ class RunLog:
                 pq.write_table(per_series, path)
                 self.tr.log_artifacts(self.parent_id, [path])
         table = group_summary(bt.metrics, self.model) if self.cfg.data.group_col else {}
-        if self.cfg.train.mode == "global":
-            run_id = self.tr.child(self.model, "global")
-            if run_id:
-                self.tr.log_backtest(run_id, summary, self.model)
-        elif self.cfg.tracking.child_runs == "per_model":
-            run_id = self.tr.child(self.model, "all")
-            if run_id:
-                self.tr.log_backtest(run_id, summary, self.model)
+        job_run = "global" if self.cfg.train.mode == "global" else \
+            "all" if self.cfg.tracking.child_runs == "per_model" else None
+        run_id = self.tr.child(self.model, job_run) if job_run else None
+        if run_id:
+            self.tr.log_backtest(run_id, summary, self.model)
         for g, row in table.items():
             self.groups.setdefault(g, {"group": g}).update(row)
         if self._group_runs():

@@ -236,6 +236,12 @@ def _unreachable(e: BaseException) -> bool:
                                    "remotedisconnected", "name or service not known"))
 
 
+def _epoch_metrics(row: dict, prefix: str, ts: int, step: int) -> list[Metric]:
+    """One history row as metrics `<prefix><name>` at `step` (finite values only)."""
+    return [Metric(prefix + name, float(row[k]), ts, step)
+            for k, name in EPOCH_METRICS.items() if _finite(row.get(k))]
+
+
 def _numpy(t: Any) -> np.ndarray:
     return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
 
@@ -359,9 +365,8 @@ class Tracker:
         as a tag."""
         import time
         ts = int(time.time() * 1000)
-        items = [Metric(prefix + name, float(row[k]), ts, int(row.get("epoch", i)))
-                 for i, row in enumerate(result.history if history else [])
-                 for k, name in EPOCH_METRICS.items() if _finite(row.get(k))]
+        items = [m for i, row in enumerate(result.history if history else [])
+                 for m in _epoch_metrics(row, prefix, ts, int(row.get("epoch", i)))]
         for k in ("best_val", "best_epoch", "samples_per_s", "seconds", "n_series",
                   "n_windows", "attempts"):
             if _finite(getattr(result, k, None)):
@@ -533,10 +538,8 @@ class EpochLogger:
         try:
             if self._client is None:
                 self._client = mlflow.MlflowClient(tracking_uri=self.uri)
-            ts = int(time.time() * 1000)
-            step = int(row.get("epoch", 0))
-            items = [Metric(self.prefix + name, float(row[k]), ts, step)
-                     for k, name in EPOCH_METRICS.items() if _finite(row.get(k))]
+            items = _epoch_metrics(row, self.prefix, int(time.time() * 1000),
+                                   int(row.get("epoch", 0)))
             self._client.log_batch(self.run_id, metrics=items)
         except _TRACKING_ERRORS as e:
             self.errors.append(f"{type(e).__name__}: {redact(str(e))[:300]}")
