@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pipeline import config as C
 from pipeline.errors import InfraError, PipelineError
+from pipeline.names import model_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -263,7 +264,7 @@ def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = 
     shutil.rmtree(out, ignore_errors=True)    # no file of an earlier run is taken for ours
     for r in results:
         if r.ok:
-            save_result(r, os.path.join(out, f"{cfg.model.name}-{r.name}.pt"))
+            save_result(r, os.path.join(out, model_file(cfg.model.name, r.name)))
         status = "ok" if r.ok else f"FAILED after {r.attempts} attempt(s): {r.error}"
         print(f"  {r.name:<12} {r.n_series:>7,} {r.n_windows:>9,} {len(r.history):>6} "
               f"{r.best_val:>9.4f} {r.samples_per_s:>10,.0f}  {status}")

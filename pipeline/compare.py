@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import registry, tracking
+from pipeline import names, registry, tracking
 from pipeline.config import Config, from_dict
 from pipeline.errors import PipelineError
 
@@ -264,7 +264,7 @@ def promote(cfg: Config, arrays, bt, log, final: list | None = None, metric: str
             continue
         job = log.key(_Group(g)) if by == "group" else "global"
         run_id = log.tr.child(model, job)
-        model_file = f"models/{model}-{g}.pt" if job == "all" else None
+        model_file = f"models/{names.model_file(model, g)}" if job == "all" else None
         version = registry.register_champion(
             run_id, registry.registered_name(exp, g if by == "group" else None), ALIAS, uri,
             group=g if by == "group" else None, model_file=model_file,

@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from pipeline.names import safe_key
 from pipeline.tracking import (
     CONFIG_ARTIFACT,
     GROUP_TABLE_TAG,
@@ -184,11 +185,12 @@ def _safe_name(text: str) -> str:
 def registered_name(experiment: str, group: str | None = None) -> str:
     """Model Registry name of a champion: `<experiment>` for the global one,
     `<experiment>.<group>` per group."""
-    return _safe_name(experiment if group in (None, "global") else f"{experiment}.{group}")
+    base = _safe_name(experiment)
+    return base if group in (None, "global") else f"{base}.{safe_key(group)}"
 
 
 def _tag_key(group: str) -> str:
-    return f"{MODEL_URI_TAG}.{_safe_name(group)}"
+    return f"{MODEL_URI_TAG}.{safe_key(group)}"
 
 
 def model_source(run_id: str, group: str | None = None, model_file: str | None = None,

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.config import Config
+from pipeline.names import model_file
 
 
 class RunLog:
@@ -169,7 +170,7 @@ class RunLog:
             if not r.ok:
                 continue
             if self.key(r) == "all":
-                fname = f"{self.model}-{r.name}.pt"
+                fname = model_file(self.model, r.name)
                 self.groups.setdefault(str(r.group), {"group": str(r.group)})["model_file"] = \
                     f"models/{fname}"
                 continue

@@ -181,23 +181,31 @@ def test_per_model_runs_keep_one_run_and_promote_a_file_model(demo_dir, tmp_path
                                                               monkeypatch, capsys):
     """Packed per-group CNNs with child_runs per_model: one job run holding every group's
     model as a file and the per-group table; promoting a group logs that model with the
-    PyTorch flavor on demand, and the registry forecast equals the run's own."""
+    PyTorch flavor on demand, and the registry forecast equals the run's own. Group values
+    that are no file or registry name ("North/East", "a b" beside "a_b") stay apart."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    stores = {"store_A": "North/East", "store_B": "a b", "store_C": "a_b", "store_D": "D"}
+    data = tmp_path / "in.parquet"
+    pl.read_parquet(demo_dir).with_columns(pl.col("store").replace(stores)).write_parquet(data)
     out = tmp_path / "out"
-    assert main(args("run", "configs/per_group.yaml", demo_dir, out, "--set",
+    assert main(args("run", "configs/per_group.yaml", data, out, "--set",
                      "ray.enabled=false")) == 0
     uri = f"sqlite:///{out / 'mlflow.db'}"
     c = mlflow.MlflowClient(tracking_uri=uri)
     (job,) = runs(c, "demo_per_group", "job")
     assert job.data.tags["group"] == "all"
     files = {a.path for a in c.list_artifacts(job.info.run_id, "models")}
-    assert files == {f"models/cnn_direct-store_{g}.pt" for g in "ABCD"}
+    keys = {"North_East-d839ae0a", "a_b-7dbde935", "a_b", "D"}
+    assert files == {f"models/cnn_direct-{k}.pt" for k in keys}
     assert main(["compare", "--config", "configs/per_group.yaml", "--set",
                  f"output.path={out}"]) == 0
-    mv = c.get_model_version_by_alias("demo_per_group.store_B", "champion")
-    assert mv.tags["run_id"] == job.info.run_id
+    for k in keys:
+        mv = c.get_model_version_by_alias(f"demo_per_group.{k}", "champion")
+        assert mv.tags["run_id"] == job.info.run_id
+    assert c.get_model_version_by_alias("demo_per_group.a_b-7dbde935",
+                                        "champion").tags["group"] == "a b"
     capsys.readouterr()
-    assert main(args("forecast", "configs/per_group.yaml", demo_dir, tmp_path / "reg",
+    assert main(args("forecast", "configs/per_group.yaml", data, tmp_path / "reg",
                      "--from-registry", "--set", f"tracking.uri={uri}")) == 0
     a = read(tmp_path / "reg", "forecasts", "demo_per_group").sort("unique_id", "step")
     b = read(out, "forecasts", "demo_per_group").sort("unique_id", "step")

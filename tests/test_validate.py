@@ -197,3 +197,13 @@ def test_covariates_static_and_hive_group_are_aligned(tmp_path):
     assert a.groups.tolist() == ["A", "B"] and a.static["cat"].tolist() == ["a", "b"]
     assert a.past.shape == (24, 1) and a.future[:4, 0].tolist() == [0, 1, 0, 1]
     np.testing.assert_array_equal(a.past[:12, 0], np.arange(12) * 0.5)
+
+
+def test_reserved_and_case_colliding_group_values_are_refused(tmp_path):
+    path = two_series(tmp_path, store=["global"] * 12 + ["x"] * 12)
+    with pytest.raises(DataError, match="group column 'store' has the value 'global', which "
+                                        "the pipeline reserves"):
+        prepare(cfg_for(path, "data.group_col=store"))
+    path = two_series(tmp_path, store=["Store_A"] * 12 + ["store_a"] * 12)
+    with pytest.raises(DataError, match="'Store_A' and 'store_a', whose model files"):
+        prepare(cfg_for(path, "data.group_col=store"))

@@ -22,6 +22,7 @@ from pipeline.data.series import STATUS, SeriesArrays
 from pipeline.data.validate import load_part
 from pipeline.data.windows import WindowPlan, plan_windows  # noqa: F401 - re-exported
 from pipeline.errors import DataError
+from pipeline.names import check_groups
 
 Runner = Callable[[Callable, list[tuple]], list]
 REPORT_SCHEMA = {"series": pl.String, "file": pl.String, "issue": pl.String,
@@ -82,6 +83,8 @@ def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
     arrays = SeriesArrays.concat([r[0] for r in results], labels=[p.label for p in parts])
     rows = [row for r in results for row in r[1]]
     del results
+    if arrays.groups is not None:
+        check_groups(arrays.groups, cfg.data.group_col)
     report = pl.DataFrame(rows or None, schema=REPORT_SCHEMA)
     calendar = auto_features(freq_ns) if cfg.data.calendar == "auto" else list(cfg.data.calendar)
     return Prepared(arrays, report, len(parts), sum(p.num_rows for p in parts if p.chunk == 0),
