@@ -265,7 +265,8 @@ def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = 
     for r in results:
         if r.ok:
             save_result(r, os.path.join(out, model_file(cfg.model.name, r.name)))
-        status = "ok" if r.ok else f"FAILED after {r.attempts} attempt(s): {r.error}"
+        status = (f"FAILED after {r.attempts} attempt(s): {r.error}" if not r.ok else
+                  f"ok, resumed at epoch {r.resumed_epoch + 1}" if r.resumed_epoch else "ok")
         print(f"  {r.name:<12} {r.n_series:>7,} {r.n_windows:>9,} {len(r.history):>6} "
               f"{r.best_val:>9.4f} {r.samples_per_s:>10,.0f}  {status}")
     failed = [r for r in results if not r.ok]

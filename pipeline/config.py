@@ -227,10 +227,16 @@ class TrainConfig:
     precision: str = "auto"        # auto (bf16 on CUDA) | fp32 | bf16
     warm_start: bool = False       # start from the registered champion (same architecture)
     warm_start_epochs: int = 2     # the fine-tuning budget: epochs × steps_per_epoch steps
+    checkpoint_minutes: float | None = 10.0  # save a job's state at the end of an epoch at
+                                   # most this often (0: every epoch; null: never); a retried
+                                   # or rerun job resumes from it
+    checkpoint_dir: str = ""       # "" = <output.path>/<name>/checkpoints (any pyarrow URI)
 
     def __post_init__(self) -> None:
         _choice("train.mode", self.mode, ("global", "per_group"))
         _positive("train.warm_start_epochs", self.warm_start_epochs)
+        if self.checkpoint_minutes is not None:
+            _positive("train.checkpoint_minutes", self.checkpoint_minutes, allow_zero=True)
         _choice("train.optimizer", self.optimizer, ("adam", "adamw"))
         _choice("train.scheduler", self.scheduler, ("none", "cosine", "onecycle"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))

@@ -100,9 +100,7 @@ def train_per_group(arrays, jobs: list, cfg, final: bool = False, loggers: dict 
     out = []
     for job, r in zip(jobs, refs, strict=True):
         try:
-            res = ray.get(r)
-            res.attempts = 1
-            out.append(res)
+            out.append(ray.get(r))
         except ray.exceptions.RayTaskError as e:
             out.append(failed(job, e.as_instanceof_cause(), attempts=cfg.ray.max_retries + 1))
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as e:

@@ -8,7 +8,9 @@ nothing after that cutoff leaks into the model.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import time
 import traceback
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline.checkpoint import Checkpoint, digest
 from pipeline.config import Config
 from pipeline.data.loader import WindowLoader
 from pipeline.data.scaling import fit_scaling
@@ -24,7 +27,15 @@ from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import plan_windows
 from pipeline.models import build_model, make_loss
 from pipeline.models.seq2seq import EncoderDecoder
-from pipeline.train import FitResult, TrainData, fit, resolve_device, seed_everything
+from pipeline.names import model_file
+from pipeline.train import (
+    FitResult,
+    TrainData,
+    dist_info,
+    fit,
+    resolve_device,
+    seed_everything,
+)
 
 
 @dataclass
@@ -56,6 +67,7 @@ class JobResult:
     n_series: int = 0
     n_windows: int = 0
     attempts: int = 1
+    resumed_epoch: int = 0            # > 0: this attempt resumed from a checkpoint
     logged: bool = False              # the per-epoch history went to tracking from the worker
     node: str = ""                    # the Ray node that trained it ("" in this process)
     log_errors: list[str] = field(default_factory=list)
@@ -139,13 +151,51 @@ def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: boo
         model.load_state_dict(state_dict(init))
     model = model.to(device)
     trained = wrap(model) if wrap is not None else model
+    ckpt = job_checkpoint(arrays, job, cfg, final, init)
     res: FitResult = fit(trained, data, cfg.train, make_loss(cfg.model), log=log,
-                         progress=progress)
+                         progress=progress, checkpoint=ckpt)
     out = trained_result(job, model, res, len(data.train), t0)
+    out.attempts, out.resumed_epoch = res.attempt, res.resumed_epoch
+    if ckpt is not None and dist_info()[0] == 0:
+        ckpt.clear()
     if log is not None:
         out.log_errors = list(getattr(log, "errors", []))
         out.logged = not out.log_errors
     return out
+
+
+def job_checkpoint(arrays: SeriesArrays, job: Job, cfg: Config, final: bool,
+                   init: bytes | None) -> Checkpoint | None:
+    """`<train.checkpoint_dir>/<backtest|final>/<model>-<job>.ckpt`, keyed by the training
+    config, the job, its data and its starting weights; None when checkpoints are off."""
+    if cfg.train.checkpoint_minutes is None:
+        return None
+    root = cfg.train.checkpoint_dir or f"{cfg.output.path.rstrip('/')}/{cfg.name}/checkpoints"
+    name = model_file(cfg.model.name, job.name).removesuffix(".pt")
+    uri = f"{root.rstrip('/')}/{'final' if final else 'backtest'}/{name}.ckpt"
+    return Checkpoint(uri, lambda: job_key(arrays, job, cfg, final, init),
+                      cfg.train.checkpoint_minutes)
+
+
+def job_key(arrays: SeriesArrays, job: Job, cfg: Config, final: bool,
+            init: bytes | None) -> str:
+    """Digest of what a job's training depends on: the data, windows, model and train config
+    (not where it runs or logs), the job's series — values, mask and covariates — and the
+    weights it starts from."""
+    conf = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k in ("data", "windows", "model", "train")}
+    conf["data"].pop("path", None)
+    for k in ("checkpoint_minutes", "checkpoint_dir", "device"):
+        conf["train"].pop(k, None)
+    series = np.sort(job.series)
+    parts = [json.dumps(conf, sort_keys=True, default=str), job.name, str(final), init,
+             "\x1f".join(map(str, arrays.ids[series]))]
+    parts += ["\x1f".join(map(str, arrays.static[c][series])) for c in sorted(arrays.static)]
+    for run in np.split(series, np.flatnonzero(np.diff(series) != 1) + 1):  # consecutive runs
+        lo, hi = arrays.indptr[run[0]], arrays.indptr[run[-1] + 1]
+        for a in (arrays.values, arrays.mask, arrays.past, arrays.future):
+            parts.append(None if a is None else np.ascontiguousarray(a[lo:hi]))
+    return digest(*parts)
 
 
 def trained_result(job: Job, model: EncoderDecoder, res: FitResult, n_windows: int,

@@ -361,14 +361,14 @@ class Tracker:
     def log_job(self, run_id: str, result, prefix: str = "", history: bool = True) -> None:
         """A JobResult: per-epoch train_loss / val_loss (step = epoch; skipped with
         history=False, when the worker already logged them live), best_val, best_epoch,
-        samples_per_s, seconds, sizes, all named `<prefix><name>`; a failed job gets its error
-        as a tag."""
+        samples_per_s, seconds, sizes, attempts, resumed_epoch, all named `<prefix><name>`; a
+        failed job gets its error as a tag."""
         import time
         ts = int(time.time() * 1000)
         items = [m for i, row in enumerate(result.history if history else [])
                  for m in _epoch_metrics(row, prefix, ts, int(row.get("epoch", i)))]
         for k in ("best_val", "best_epoch", "samples_per_s", "seconds", "n_series",
-                  "n_windows", "attempts"):
+                  "n_windows", "attempts", "resumed_epoch"):
             if _finite(getattr(result, k, None)):
                 items.append(Metric(prefix + k, float(getattr(result, k)), ts, 0))
         tags = [RunTag(f"{prefix}job_ok", str(result.ok))]

@@ -43,6 +43,8 @@ class FitResult:
     best_val: float = math.inf
     seconds: float = 0.0
     samples: int = 0
+    resumed_epoch: int = 0      # the first epoch this call trained (> 0: from a checkpoint)
+    attempt: int = 1            # 1 + the attempts before it that left a checkpoint
 
     @property
     def samples_per_s(self) -> float:
@@ -149,9 +151,12 @@ def evaluate_loss(model, data: TrainData, index: WindowIndex, loss_fn, batch_siz
 
 
 def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, loss_fn: nn.Module, *,
-        log: Log | None = None, progress: bool = True) -> FitResult:
+        log: Log | None = None, progress: bool = True, checkpoint=None) -> FitResult:
     """Train `model` in place; the weights of the best validation epoch are restored at the end
-    (the last epoch's when there is no validation data)."""
+    (the last epoch's when there is no validation data). `checkpoint` (a
+    `pipeline.checkpoint.Checkpoint`): resume from its state when it holds one, and save the
+    whole state when it is due; a resumed run ends with the same weights, bit for bit on the
+    CPU, as one that was never interrupted."""
     device = data.loader.device
     amp = autocast_dtype(cfg, device)
     rank, world = dist_info()
@@ -164,9 +169,15 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, loss_fn: nn.Module,
     steps = min(per_epoch, cfg.steps_per_epoch or per_epoch)
     opt, sched = make_optimizer(model, cfg, steps * cfg.epochs)
     display = Progress(cfg.epochs, enabled=progress and rank == 0)
-    result, best_state, bad_epochs = FitResult(), None, 0
-    t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    core = getattr(model, "module", model)   # the model inside a DDP wrapper
+    result, best_state, bad_epochs, stop = FitResult(), None, 0, False
+    saved = _resume_state(checkpoint)
+    if saved is not None:
+        best_state, bad_epochs, stop = _restore(saved, core, opt, sched, result)
+        display.note(f"resumed from the checkpoint of epoch {result.resumed_epoch} "
+                     f"(attempt {result.attempt})")
+    t0 = time.perf_counter() - result.seconds
+    for epoch in range(result.resumed_epoch, cfg.epochs if not stop else 0):
         gen = epoch_generator(cfg.seed, epoch, rank)
         te = time.perf_counter()
         train_loss, n = train_epoch(model, data, train_idx, opt, sched, loss_fn, cfg, amp, gen)
@@ -185,17 +196,65 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, loss_fn: nn.Module,
         score = val_loss if val_idx is not None else train_loss
         if score < result.best_val:
             result.best_val, result.best_epoch, bad_epochs = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(core.state_dict())
         else:
             bad_epochs += 1
-            if val_idx is not None and bad_epochs >= cfg.patience:
-                display.note(f"early stop: no better validation loss for {cfg.patience} epochs")
-                break
+        stop = val_idx is not None and bad_epochs >= cfg.patience
+        if checkpoint is not None and rank == 0 and epoch + 1 < cfg.epochs and \
+                checkpoint.due():
+            result.seconds = time.perf_counter() - t0
+            checkpoint.save(_snapshot(epoch, core, opt, sched, result, best_state,
+                                      bad_epochs, stop))
+        if stop:
+            display.note(f"early stop: no better validation loss for {cfg.patience} epochs")
+            break
     result.seconds = time.perf_counter() - t0
     if best_state is not None:
-        model.load_state_dict(best_state)
+        core.load_state_dict(best_state)
     display.close(result)
     return result
+
+
+def _snapshot(epoch, model, opt, sched, result: FitResult, best_state, bad_epochs: int,
+              stop: bool) -> dict:
+    """Everything the rest of the run depends on: weights, optimizer and schedule, the best
+    weights so far, early-stopping counters, history, and the torch RNG (dropout, teacher
+    forcing); the window order is a function of (seed, epoch, rank) and needs no state."""
+    return {"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
+            "sched": sched.state_dict() if sched is not None else None,
+            "best_state": best_state, "bad_epochs": bad_epochs, "stop": stop,
+            "history": result.history, "best_val": result.best_val,
+            "best_epoch": result.best_epoch, "samples": result.samples,
+            "seconds": result.seconds, "attempt": result.attempt,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _resume_state(checkpoint) -> dict | None:
+    """Rank 0 reads the checkpoint and every DDP rank gets the same state (the ranks need not
+    share a file system)."""
+    rank, world = dist_info()
+    state = checkpoint.load() if checkpoint is not None and rank == 0 else None
+    if world > 1:
+        box = [state]
+        torch.distributed.broadcast_object_list(box, src=0)
+        state = box[0]
+    return state
+
+
+def _restore(state: dict, model, opt, sched, result: FitResult):
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    if sched is not None and state["sched"] is not None:
+        sched.load_state_dict(state["sched"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    result.history = list(state["history"])
+    result.best_val, result.best_epoch = state["best_val"], state["best_epoch"]
+    result.samples, result.seconds = state["samples"], state["seconds"]
+    result.resumed_epoch, result.attempt = state["epoch"] + 1, state["attempt"] + 1
+    return state["best_state"], state["bad_epochs"], state["stop"]
 
 
 class Progress:

@@ -57,3 +57,62 @@ def test_ddp_with_two_workers_trains_close_to_one_worker(ray_session, tmp_path):
     assert last < 0.7 * first  # it trains
     assert abs(ddp.best_val - single.best_val) < 0.25 * single.best_val
     assert np.isfinite([h["val_loss"] for h in ddp.history]).all()
+
+
+class DieOnce:
+    """A log callback that SIGKILLs its own Ray worker in `epoch` the first time (a marker
+    file remembers), as a lost node or an OOM kill would."""
+
+    def __init__(self, marker, epoch: int):
+        self.marker, self.epoch = str(marker), epoch
+
+    def __call__(self, row):
+        import os
+        import signal
+        if row["epoch"] == self.epoch and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_per_group_task_resumes_from_its_checkpoint(ray_session, tmp_path):
+    import sys
+
+    import ray.cloudpickle
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    arrays = sines(6, groups=["a", "b"])
+    cfg = C.load(None, [*SMALL, "train.epochs=4", "train.steps_per_epoch=3",
+                        "train.mode=per_group", "data.group_col=g", "ray.max_retries=2",
+                        "train.checkpoint_minutes=0", f"train.checkpoint_dir={tmp_path}/ck"])
+    jobs = plan_jobs(arrays, cfg)
+    remote = {r.name: r for r in train_per_group(
+        arrays, jobs, cfg, loggers={"a": DieOnce(tmp_path / "died", 2)})}
+    assert (tmp_path / "died").exists()
+    assert remote["a"].ok and remote["a"].resumed_epoch == 2 and remote["a"].attempts == 2
+    assert remote["b"].resumed_epoch == 0 and remote["b"].attempts == 1
+    local = {r.name: r for r in run_jobs_locally(arrays, jobs, C.load(
+        None, [*SMALL, "train.epochs=4", "train.steps_per_epoch=3", "train.mode=per_group",
+               "data.group_col=g", "train.checkpoint_minutes=null"]))}
+    for g in "ab":
+        assert len(remote[g].history) == 4
+        a, b = weights(remote[g]), weights(local[g])
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert not list((tmp_path / "ck").rglob("*.ckpt"))
+
+
+def test_ddp_resumes_every_rank_from_one_checkpoint(ray_session, tmp_path):
+    """A checkpoint written by a one-process run of the same training is read by rank 0 and
+    broadcast: both DDP ranks resume at the same epoch."""
+    arrays = sines(8, length=240)
+    cfg = C.load(None, [*SMALL, "train.epochs=3", "train.batch_size=32", "ray.num_workers=2",
+                        "train.checkpoint_minutes=0", f"train.checkpoint_dir={tmp_path}"])
+    job = plan_jobs(arrays, cfg)[0]
+
+    def crash(row):
+        if row["epoch"] == 1:
+            raise RuntimeError("stop")
+    with pytest.raises(RuntimeError):
+        run_job(arrays, job, cfg, log=crash)
+    ddp = train_global_ddp(arrays, job, cfg)
+    assert ddp.ok, ddp.error
+    assert ddp.resumed_epoch == 1 and [h["epoch"] for h in ddp.history] == [0, 1, 2]

@@ -101,3 +101,81 @@ def test_progress_is_plain_lines_off_a_terminal():
     p.note("early stop")
     assert out.getvalue() == ("epoch 1/3  train 1.0000  val 2.0000  1,234 samples/s\n"
                               "early stop\n")
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(epoch):
+    def log(row):
+        if row["epoch"] == epoch:
+            raise Crash(f"killed in epoch {epoch}")
+    return log
+
+
+def state(res):
+    return torch.load(io.BytesIO(res.state), weights_only=True)
+
+
+@pytest.mark.parametrize("encoder", ["gru", "cnn"])
+def test_a_job_resumed_from_its_checkpoint_ends_bit_identical(tmp_path, encoder):
+    """Killed in epoch 4 (after the checkpoint of epoch 3), run again: it resumes at epoch 4
+    and ends with the weights, history and best epoch of a run that never stopped — dropout,
+    the cosine schedule, Adam's moments and early-stopping state included."""
+    cfg = C.load(None, [*SMALL, f"model.encoder.type={encoder}", "train.epochs=6",
+                        "train.steps_per_epoch=4", "model.encoder.dropout=0.1",
+                        "model.decoder.dropout=0.2", "train.scheduler=cosine",
+                        "train.checkpoint_minutes=0", f"train.checkpoint_dir={tmp_path}/ck"])
+    arrays = sines(6)
+    job = plan_jobs(arrays, cfg)[0]
+    clean = run_job(arrays, job, C.load(None, [*SMALL, f"model.encoder.type={encoder}",
+                                               "train.epochs=6", "train.steps_per_epoch=4",
+                                               "model.encoder.dropout=0.1",
+                                               "model.decoder.dropout=0.2",
+                                               "train.scheduler=cosine",
+                                               "train.checkpoint_minutes=null"]))
+    with pytest.raises(Crash):
+        run_job(arrays, job, cfg, log=crash_at(4))
+    (ckpt,) = (tmp_path / "ck" / "backtest").iterdir()
+    assert ckpt.name == f"{cfg.model.name}-global.ckpt"
+    seen = []
+    resumed = run_job(arrays, job, cfg, log=seen.append)
+    assert resumed.resumed_epoch == 4 and resumed.attempts == 2 and clean.attempts == 1
+    assert [r["epoch"] for r in seen] == [4, 5]         # epochs 0-3 are not logged again
+    a, b = state(clean), state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in clean.history]
+    assert resumed.best_epoch == clean.best_epoch
+    assert not ckpt.exists()                            # removed once the job finished
+
+
+def test_a_checkpoint_of_other_training_is_not_resumed(tmp_path):
+    base = [*SMALL, "train.epochs=3", "train.steps_per_epoch=2", "train.checkpoint_minutes=0",
+            f"train.checkpoint_dir={tmp_path}"]
+    arrays = sines(4)
+    cfg = C.load(None, base)
+    job = plan_jobs(arrays, cfg)[0]
+    with pytest.raises(Crash):
+        run_job(arrays, job, cfg, log=crash_at(2))
+    other = C.load(None, [*base, "train.lr=0.01"])      # another config
+    assert run_job(arrays, job, other).resumed_epoch == 0
+    with pytest.raises(Crash):
+        run_job(arrays, job, cfg, log=crash_at(2))
+    changed = sines(4)
+    changed.values[5] += 1.0                            # restated history
+    assert run_job(changed, job, cfg).resumed_epoch == 0
+    with pytest.raises(Crash):
+        run_job(arrays, job, cfg, log=crash_at(2))
+    moved = C.load(None, [*base, "train.device=cpu", "data.path=elsewhere"])
+    assert run_job(arrays, job, moved).resumed_epoch == 2   # where it runs does not matter
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    cfg = C.load(None, [*SMALL, "train.epochs=2", "train.steps_per_epoch=2",
+                        "train.checkpoint_minutes=0", f"train.checkpoint_dir={tmp_path}/file"])
+    arrays = sines(3)
+    with pytest.warns(UserWarning, match="checkpoint .* not written"):
+        res = run_job(arrays, plan_jobs(arrays, cfg)[0], cfg)
+    assert res.ok and len(res.history) == 2
