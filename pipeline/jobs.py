@@ -168,13 +168,23 @@ def job_checkpoint(arrays: SeriesArrays, job: Job, cfg: Config, final: bool,
                    init: bytes | None) -> Checkpoint | None:
     """`<train.checkpoint_dir>/<backtest|final>/<model>-<job>.ckpt`, keyed by the training
     config, the job, its data and its starting weights; None when checkpoints are off."""
+    name = model_file(cfg.model.name, job.name).removesuffix(".pt")
+    return _checkpoint(cfg, final, name, lambda: job_key(arrays, job, cfg, final, init))
+
+
+def packed_checkpoint(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: bool,
+                      inits: dict | None) -> Checkpoint | None:
+    """One checkpoint for a pack of groups, `<model>-packed.ckpt`, keyed by every member."""
+    return _checkpoint(cfg, final, f"{cfg.model.name}-packed", lambda: digest(*[
+        job_key(arrays, j, cfg, final, (inits or {}).get(j.name)) for j in jobs]))
+
+
+def _checkpoint(cfg: Config, final: bool, name: str, key) -> Checkpoint | None:
     if cfg.train.checkpoint_minutes is None:
         return None
     root = cfg.train.checkpoint_dir or f"{cfg.output.path.rstrip('/')}/{cfg.name}/checkpoints"
-    name = model_file(cfg.model.name, job.name).removesuffix(".pt")
     uri = f"{root.rstrip('/')}/{'final' if final else 'backtest'}/{name}.ckpt"
-    return Checkpoint(uri, lambda: job_key(arrays, job, cfg, final, init),
-                      cfg.train.checkpoint_minutes)
+    return Checkpoint(uri, key, cfg.train.checkpoint_minutes)
 
 
 def job_key(arrays: SeriesArrays, job: Job, cfg: Config, final: bool,
@@ -273,8 +283,12 @@ def run_packed(arrays: SeriesArrays, jobs: list[Job], cfg: Config, progress: boo
                 m.load_state_dict(state_dict(inits[job.name]))
             models.append(m)
         packed = PackedModel.from_models(models).to(device)
+        ckpt = packed_checkpoint(arrays, [job for job, _ in keep], cfg, final, inits)
         fits = fit_packed(packed, [d for _, d in keep], cfg.train, make_loss(cfg.model),
-                          progress=progress)
+                          progress=progress, checkpoint=ckpt)
         for g, ((job, data), res) in enumerate(zip(keep, fits, strict=True)):
             out[job.name] = trained_result(job, packed.extract(g), res, len(data.train), t0)
+            out[job.name].attempts, out[job.name].resumed_epoch = res.attempt, res.resumed_epoch
+        if ckpt is not None:
+            ckpt.clear()
     return [out[job.name] for job in jobs]

@@ -215,19 +215,45 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, loss_fn: nn.Module,
     return result
 
 
-def _snapshot(epoch, model, opt, sched, result: FitResult, best_state, bad_epochs: int,
-              stop: bool) -> dict:
-    """Everything the rest of the run depends on: weights, optimizer and schedule, the best
-    weights so far, early-stopping counters, history, and the torch RNG (dropout, teacher
-    forcing); the window order is a function of (seed, epoch, rank) and needs no state."""
+def _loop_state(epoch: int, model, opt, sched) -> dict:
+    """The state every loop resumes from: weights, optimizer and schedule, and the torch RNG
+    (dropout, teacher forcing); the window order is a function of (seed, epoch, rank)."""
     return {"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
             "sched": sched.state_dict() if sched is not None else None,
-            "best_state": best_state, "bad_epochs": bad_epochs, "stop": stop,
-            "history": result.history, "best_val": result.best_val,
-            "best_epoch": result.best_epoch, "samples": result.samples,
-            "seconds": result.seconds, "attempt": result.attempt,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _restore_loop(state: dict, model, opt, sched) -> int:
+    """Inverse of `_loop_state`; returns the first epoch still to train."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    if sched is not None and state["sched"] is not None:
+        sched.load_state_dict(state["sched"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["epoch"] + 1
+
+
+def _result_state(r: FitResult) -> dict:
+    return {"history": r.history, "best_val": r.best_val, "best_epoch": r.best_epoch,
+            "samples": r.samples, "seconds": r.seconds, "attempt": r.attempt}
+
+
+def _restore_result(state: dict, r: FitResult, epoch: int) -> None:
+    r.history = list(state["history"])
+    r.best_val, r.best_epoch = state["best_val"], state["best_epoch"]
+    r.samples, r.seconds = state["samples"], state["seconds"]
+    r.resumed_epoch, r.attempt = epoch, state["attempt"] + 1
+
+
+def _snapshot(epoch, model, opt, sched, result: FitResult, best_state, bad_epochs: int,
+              stop: bool) -> dict:
+    """Everything the rest of `fit` depends on: the loop's state, the best weights so far,
+    the early-stopping counters and the history."""
+    return {**_loop_state(epoch, model, opt, sched), **_result_state(result),
+            "best_state": best_state, "bad_epochs": bad_epochs, "stop": stop}
 
 
 def _resume_state(checkpoint) -> dict | None:
@@ -243,17 +269,7 @@ def _resume_state(checkpoint) -> dict | None:
 
 
 def _restore(state: dict, model, opt, sched, result: FitResult):
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["opt"])
-    if sched is not None and state["sched"] is not None:
-        sched.load_state_dict(state["sched"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    result.history = list(state["history"])
-    result.best_val, result.best_epoch = state["best_val"], state["best_epoch"]
-    result.samples, result.seconds = state["samples"], state["seconds"]
-    result.resumed_epoch, result.attempt = state["epoch"] + 1, state["attempt"] + 1
+    _restore_result(state, result, _restore_loop(state, model, opt, sched))
     return state["best_state"], state["bad_epochs"], state["stop"]
 
 
@@ -285,7 +301,8 @@ class Progress:
 # ------------------------------------------------------------------ packed per-group training
 
 def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_fn: nn.Module,
-               *, log: Log | None = None, progress: bool = True) -> list[FitResult]:
+               *, log: Log | None = None, progress: bool = True,
+               checkpoint=None) -> list[FitResult]:
     """Train G per-group models packed in one module (`pipeline.models.packed.PackedModel`).
 
     Group g draws its batches exactly as `fit` would for its own job (same seeded stream), the
@@ -293,7 +310,8 @@ def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_
     weights equal separate training on the same steps. Every step needs one full batch per
     group: an epoch is `steps_per_epoch` steps, or as many as the largest group needs (smaller
     groups then cycle through fresh permutations). Early stopping and the restored best weights
-    are per group; training ends when every group has stopped.
+    are per group; training ends when every group has stopped. `checkpoint`: as in `fit`, for
+    the whole pack.
     """
     G = len(data)
     amp = autocast_dtype(cfg, data[0].loader.device)
@@ -306,8 +324,17 @@ def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_
     best = {k: v.detach().clone() for k, v in packed.state_dict().items()}
     bad, stopped = [0] * G, [False] * G
     display = Progress(cfg.epochs, enabled=progress)
-    t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    first = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        first = _restore_loop(saved, packed, opt, sched)
+        for res, state in zip(results, saved["results"], strict=True):
+            _restore_result(state, res, first)
+        best, bad, stopped = saved["best"], saved["bad"], saved["stopped"]
+        display.note(f"resumed from the checkpoint of epoch {first} "
+                     f"(attempt {results[0].attempt})")
+    t0 = time.perf_counter() - results[0].seconds
+    for epoch in range(first, cfg.epochs if not all(stopped) else 0):
         te = time.perf_counter()
         train_loss = _packed_epoch(packed, data, steps, opt, sched, loss_fn, cfg, amp, epoch)
         val_loss = _packed_val(packed, data, loss_fn, cfg, amp)
@@ -333,6 +360,12 @@ def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_
         if log is not None:
             log({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                  "samples_per_s": rate})
+        if checkpoint is not None and epoch + 1 < cfg.epochs and checkpoint.due():
+            for res in results:
+                res.seconds = time.perf_counter() - t0
+            checkpoint.save({**_loop_state(epoch, packed, opt, sched), "best": best,
+                             "bad": bad, "stopped": stopped,
+                             "results": [_result_state(r) for r in results]})
         if all(stopped):
             display.note("early stop: every group stopped improving")
             break

@@ -50,3 +50,33 @@ def test_packed_config_is_checked():
     with pytest.raises(C.ConfigError, match="supports model.encoder.type cnn or gru"):
         C.load(None, ["train.per_group.packed=true", "train.mode=per_group",
                       "data.group_col=g", "model.encoder.type=lstm"])
+
+
+def test_a_packed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """The pack fails in epoch 3 after the checkpoint of epoch 2; run again, every group
+    resumes at epoch 3 and ends bit-identical to a pack that never stopped."""
+    import pipeline.train as T
+    arrays = sines(9, length=260, groups=["a", "b", "c"])
+    base = [*SMALL, "model.encoder.type=cnn", "train.mode=per_group", "data.group_col=g",
+            "train.epochs=4", "train.steps_per_epoch=3", "train.per_group.packed=true",
+            "train.scheduler=cosine"]
+    cfg = C.load(None, [*base, "train.checkpoint_minutes=0", f"train.checkpoint_dir={tmp_path}"])
+    jobs = plan_jobs(arrays, cfg)
+    clean = run_jobs_locally(arrays, jobs, C.load(None, [*base, "train.checkpoint_minutes=null"]))
+    real, calls = T._packed_val, []
+
+    def dies_in_epoch_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+    monkeypatch.setattr(T, "_packed_val", dies_in_epoch_3)
+    assert not any(r.ok for r in run_jobs_locally(arrays, jobs, cfg))
+    monkeypatch.setattr(T, "_packed_val", real)
+    resumed = run_jobs_locally(arrays, jobs, cfg)
+    for r, c in zip(resumed, clean, strict=True):
+        assert r.ok and r.resumed_epoch == 2 and r.attempts == 2 and c.resumed_epoch == 0
+        assert [h["train_loss"] for h in r.history] == [h["train_loss"] for h in c.history]
+        a, b = weights(r), weights(c)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.rglob("*.ckpt"))
