@@ -37,10 +37,13 @@ def _masked_mean(values: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """num / den with 0/0 -> 0 and x/0 -> NaN (never inf)."""
+    """num / den with 0/0 -> 0 and x/0 -> NaN (never inf: a quotient beyond float range, from
+    a denominator that is all but 0, is NaN too)."""
     num, den = np.asarray(num, float), np.asarray(den, float)
     out = np.where(num == 0, 0.0, np.nan)
-    return np.divide(num, den, out=out, where=den != 0)
+    with np.errstate(over="ignore"):
+        out = np.divide(num, den, out=out, where=den != 0)
+    return np.where(np.isinf(out), np.nan, out)
 
 
 def _abs_error(y, yhat) -> np.ndarray:

@@ -312,3 +312,10 @@ def test_m4_hourly_baselines_reproduce_the_published_table():
     # published 0.627; from unrounded averages it is 0.62750, so allow the last digit
     assert ev.owa(sn["smape"], sn["mase"], n2["smape"], n2["mase"]) == pytest.approx(
         0.627, abs=1e-3)
+
+
+def test_ratios_are_never_inf(recwarn):
+    from pipeline.evaluate import _ratio
+    got = _ratio(np.array([1e300, 0.0, 1.0, 2.0]), np.array([1e-300, 0.0, 0.0, 4.0]))
+    np.testing.assert_array_equal(got, [np.nan, 0.0, np.nan, 0.5])
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
