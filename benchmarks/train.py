@@ -6,7 +6,8 @@ per-group models against separate ones.
 Part 1 runs the same model (build_model, same initial weights) on the same data both ways:
 `pipeline.train.fit` (batches gathered from the flat series arrays, masked loss, gradient
 clipping, logging) and a bare loop (windows gathered from a dense [S, T] tensor, Adam, L1 loss),
-the shape of ../shared/reference/gpu_ceiling.py. Part 2 trains G small per-group CNNs one after
+the shape of ../shared/reference/gpu_ceiling.py: in fp32 (TF32 on CUDA, as the ceiling), and on
+CUDA also under bf16 autocast, both loops alike. Part 2 trains G small per-group CNNs one after
 another (with --ray also as Ray tasks) and packed as one grouped module. Prints tables, then one
 JSON line with every figure.
 """
@@ -58,7 +59,7 @@ def model_cfg(kind: str, quick: bool) -> C.ModelConfig:
     return C.ModelConfig(encoder=enc, decoder=C.DecoderConfig(hidden_size=256, num_layers=1))
 
 
-def bare_loop(model, arrays, L, H, batch, steps, device) -> float:
+def bare_loop(model, arrays, L, H, batch, steps, device, bf16=False) -> float:
     """gpu_ceiling.py's loop: dense [S, T] tensors on the device, random windows, Adam."""
     S, T = len(arrays), int(arrays.lengths[0])
     y = torch.from_numpy(arrays.values.reshape(S, T)).to(device)             # [S, T]
@@ -73,7 +74,9 @@ def bare_loop(model, arrays, L, H, batch, steps, device) -> float:
         w = y[sid, idx]                                                      # [B, L + H]
         x = torch.cat([w[:, :L, None], cov[sid, idx[:, :L]]], -1)            # [B, L, 1 + C]
         opt.zero_grad(set_to_none=True)
-        F.l1_loss(model(x)[..., 0], w[:, L:]).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = model(x)[..., 0].float()
+        F.l1_loss(pred, w[:, L:]).backward()
         opt.step()
 
     for _ in range(3):
@@ -86,14 +89,17 @@ def bare_loop(model, arrays, L, H, batch, steps, device) -> float:
     return batch * steps / (time.perf_counter() - t0)
 
 
-def trainer_loop(model, arrays, L, H, batch, steps, device, mcfg) -> float:
+def trainer_loop(model, arrays, L, H, batch, steps, device, mcfg, bf16=False) -> float:
     lens = arrays.lengths
     index = starts_between(np.zeros(len(lens)), lens - L - H)
     loader = WindowLoader(arrays, L, H, np.zeros(len(lens)), np.ones(len(lens)), device=device)
     data = TrainData(loader, index, None)
-    warm = C.TrainConfig(epochs=1, steps_per_epoch=3, batch_size=batch, device=str(device))
+    precision = "bf16" if bf16 else "fp32"
+    warm = C.TrainConfig(epochs=1, steps_per_epoch=3, batch_size=batch, device=str(device),
+                         precision=precision, checkpoint_minutes=None)
     fit(model, data, warm, make_loss(mcfg), progress=False)
-    cfg = C.TrainConfig(epochs=1, steps_per_epoch=steps, batch_size=batch, device=str(device))
+    cfg = C.TrainConfig(epochs=1, steps_per_epoch=steps, batch_size=batch, device=str(device),
+                        precision=precision, checkpoint_minutes=None)
     sync(device)
     t0 = time.perf_counter()
     fit(model, data, cfg, make_loss(mcfg), progress=False)
@@ -107,24 +113,25 @@ def part_trainer(args, device) -> list[dict]:
     steps = 5 if args.quick else (10 if device.type == "cpu" else 50)
     arrays = make_arrays(64 if args.quick else 512, L + H + 200, C_)
     rows = []
-    for kind in ("gru", "cnn"):
+    for kind, bf16 in [(k, p) for p in ((False, True) if device.type == "cuda" else (False,))
+                       for k in ("gru", "cnn")]:
         mcfg = model_cfg(kind, args.quick)
         build = dict(lookback=L, horizon=H, past_size=C_, future_size=0)
         bare, ours = 0.0, 0.0
         for _ in range(args.repeats):  # alternate and keep the best: noise hits both alike
             seed_everything(0)
             bare = max(bare, bare_loop(build_model(mcfg, **build).to(device), arrays, L, H,
-                                       batch, steps, device))
+                                       batch, steps, device, bf16))
             seed_everything(0)
             ours = max(ours, trainer_loop(build_model(mcfg, **build).to(device), arrays, L, H,
-                                          batch, steps, device, mcfg))
-        rows.append({"model": f"{kind}_direct", "batch": batch, "bare_samples_per_s": bare,
-                     "trainer_samples_per_s": ours, "ratio": ours / bare})
+                                          batch, steps, device, mcfg, bf16))
+        rows.append({"model": f"{kind}_direct", "batch": batch, "bf16": bf16,
+                     "bare_samples_per_s": bare, "trainer_samples_per_s": ours,
+                     "ratio": ours / bare})
     return rows
 
 
 def part_packed(args, device) -> dict:
-    from pipeline.execution import train_per_group
     from pipeline.jobs import plan_jobs, run_job, run_packed
     G = 8 if args.quick else 64
     arrays = make_arrays(G * 2, 300, 0, seed=1)
@@ -154,6 +161,7 @@ def part_packed(args, device) -> dict:
     out = {"groups": G, "steps": steps, "batch": 64, "s_separate_sequential": t_seq,
            "s_packed": t_packed, "speedup_vs_sequential": t_seq / t_packed}
     if args.ray:
+        from pipeline.execution import train_per_group  # Ray only here: the GPU check has none
         t0 = time.perf_counter()
         train_per_group(arrays, jobs, cfg)
         out["s_separate_ray_tasks"] = time.perf_counter() - t0  # includes Ray start
@@ -176,15 +184,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True   # as fit() on CUDA and gpu_ceiling.py
+    torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}")
     rows = part_trainer(args, device)
-    print(f"\n{'model':<12} {'batch':>6} {'bare samples/s':>15} {'trainer samples/s':>18} "
-          f"{'ratio':>6}")
+    print(f"\n{'model':<12} {'batch':>6} {'precision':>9} {'bare samples/s':>15} "
+          f"{'trainer samples/s':>18} {'ratio':>6}")
     for r in rows:
-        print(f"{r['model']:<12} {r['batch']:>6} {r['bare_samples_per_s']:>15,.0f} "
-              f"{r['trainer_samples_per_s']:>18,.0f} {r['ratio']:>6.2f}")
+        print(f"{r['model']:<12} {r['batch']:>6} {'bf16' if r['bf16'] else 'fp32':>9} "
+              f"{r['bare_samples_per_s']:>15,.0f} {r['trainer_samples_per_s']:>18,.0f} "
+              f"{r['ratio']:>6.2f}")
     packed = None if args.skip_packed else part_packed(args, device)
     if packed:
         print(f"\nper-group CNNs: {packed['groups']} groups × {packed['steps']} steps × batch "
