@@ -6,7 +6,8 @@ per-group models against separate ones.
 Part 1 runs the same model (build_model, same initial weights) on the same data both ways:
 `pipeline.train.fit` (batches gathered from the flat series arrays, masked loss, gradient
 clipping, logging) and a bare loop (windows gathered from a dense [S, T] tensor, Adam, L1 loss),
-the shape of ../shared/reference/gpu_ceiling.py: in fp32 (TF32 on CUDA, as the ceiling), and on
+the shape of ../shared/reference/gpu_ceiling.py: in fp32 (TF32 allowed on CUDA for both loops,
+as the ceiling does), and on
 CUDA also under bf16 autocast, both loops alike. Part 2 trains G small per-group CNNs one after
 another (with --ray also as Ray tasks) and packed as one grouped module. Prints tables, then one
 JSON line with every figure.
@@ -184,7 +185,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True   # as fit() on CUDA and gpu_ceiling.py
+    torch.backends.cuda.matmul.allow_tf32 = True   # both loops, as in gpu_ceiling.py
     torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, threads "

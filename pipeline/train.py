@@ -6,7 +6,7 @@ arrays sit on the device and batches are gathered there, with no DataLoader work
 order comes from a torch.Generator seeded with (seed, epoch, rank), so the same seed and data on
 the CPU give bit-identical weights. Under torch.distributed (DDP), each rank trains on its shard
 of the window index and the validation loss is averaged over ranks, so all stop together.
-On CUDA, bf16 autocast unless train.precision says fp32, and fp32 matmuls in TF32.
+On CUDA, bf16 autocast unless train.precision says fp32.
 """
 from __future__ import annotations
 
@@ -160,8 +160,6 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, loss_fn: nn.Module,
     CPU, as one that was never interrupted."""
     device = data.loader.device
     amp = autocast_dtype(cfg, device)
-    if device.type == "cuda":   # fp32 matmuls and convolutions in TF32 on Ampere and later
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rank, world = dist_info()
     train_idx = shard(data.train, rank, world)
     if len(train_idx) == 0:
@@ -318,8 +316,6 @@ def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_
     """
     G = len(data)
     amp = autocast_dtype(cfg, data[0].loader.device)
-    if data[0].loader.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if any(len(d.train) == 0 for d in data):
         empty = [g for g, d in enumerate(data) if len(d.train) == 0]
         raise ValueError(f"groups {empty} have no training windows")
