@@ -7,10 +7,9 @@ Part 1 runs the same model (build_model, same initial weights) on the same data 
 `pipeline.train.fit` (batches gathered from the flat series arrays, masked loss, gradient
 clipping, logging) and a bare loop (windows gathered from a dense [S, T] tensor, Adam, L1 loss),
 the shape of ../shared/reference/gpu_ceiling.py: in fp32 (TF32 allowed on CUDA for both loops,
-as the ceiling does), and on
-CUDA also under bf16 autocast, both loops alike. Part 2 trains G small per-group CNNs one after
-another (with --ray also as Ray tasks) and packed as one grouped module. Prints tables, then one
-JSON line with every figure.
+as the ceiling does), and on CUDA also under bf16 autocast, both loops alike. Part 2 trains G
+small per-group CNNs one after another (with --ray also as Ray tasks) and packed as one grouped
+module. Prints tables, then one JSON line with every figure.
 """
 from __future__ import annotations
 
