@@ -521,15 +521,17 @@ class EpochLogger:
     (`<prefix>train_loss`, ... with step = epoch), so a long run is visible while it trains and
     never opens a new experiment. Picklable; the client is made lazily in the worker. A failed
     call is recorded in `errors` (the job carries them back and the driver logs the history
-    itself) and never stops training."""
+    itself) and never stops training. A retried job that starts again from scratch does not log
+    the epochs its earlier attempt logged again (seeded training repeats them)."""
 
     def __init__(self, uri: str, run_id: str, prefix: str = ""):
         self.uri, self.run_id, self.prefix = uri, run_id, prefix
         self.errors: list[str] = []
         self._client = None
+        self._logged: int | None = None     # last epoch in the run before this attempt
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_logged": None}
 
     def __call__(self, row: dict) -> None:
         import time
@@ -538,8 +540,13 @@ class EpochLogger:
         try:
             if self._client is None:
                 self._client = mlflow.MlflowClient(tracking_uri=self.uri)
-            items = _epoch_metrics(row, self.prefix, int(time.time() * 1000),
-                                   int(row.get("epoch", 0)))
+            if self._logged is None:
+                seen = self._client.get_metric_history(self.run_id, f"{self.prefix}train_loss")
+                self._logged = max((m.step for m in seen), default=-1)
+            epoch = int(row.get("epoch", 0))
+            if epoch <= self._logged:
+                return
+            items = _epoch_metrics(row, self.prefix, int(time.time() * 1000), epoch)
             self._client.log_batch(self.run_id, metrics=items)
         except _TRACKING_ERRORS as e:
             self.errors.append(f"{type(e).__name__}: {redact(str(e))[:300]}")

@@ -236,6 +236,25 @@ def test_leaderboard_champion_registry(sqlite_uri, tmp_path):
         assert torch.equal(loaded.eval()(x), models[run_id].eval()(x))
 
 
+def test_a_retried_job_does_not_log_its_epochs_twice(sqlite_uri):
+    """The first attempt logged epochs 0-2 and died; the retry (a fresh, unpickled logger)
+    trains from scratch: epochs 0-2 are not logged again, 3-4 are."""
+    import pickle
+    client = mlflow.MlflowClient(tracking_uri=sqlite_uri)
+    run_id = client.create_run(client.create_experiment("retried")).info.run_id
+    first = tracking.EpochLogger(sqlite_uri, run_id)
+    retry = pickle.loads(pickle.dumps(first))
+    for epoch in range(3):
+        first({"epoch": epoch, "train_loss": 1.0 - epoch / 10, "val_loss": 1.0})
+    for epoch in range(5):
+        retry({"epoch": epoch, "train_loss": 1.0 - epoch / 10, "val_loss": 1.0})
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert sorted(steps) == [0, 1, 2, 3, 4] and not first.errors and not retry.errors
+    final = tracking.EpochLogger(sqlite_uri, run_id, prefix="final_")   # another history
+    final({"epoch": 0, "train_loss": 0.5, "val_loss": 0.5})
+    assert [m.step for m in client.get_metric_history(run_id, "final_train_loss")] == [0]
+
+
 def test_logging_failures_are_recorded_not_raised(sqlite_uri, tmp_path):
     cfg = make_cfg(tmp_path, sqlite_uri, name="failures")
     tr = tracking.Tracker.from_config(cfg)
