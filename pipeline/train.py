@@ -101,6 +101,16 @@ def shard(index: WindowIndex, rank: int, world: int) -> WindowIndex:
     return index.take(np.arange(rank, per_rank * world, world))
 
 
+def val_sample(index: WindowIndex | None, cfg: TrainConfig) -> WindowIndex | None:
+    """At most `cfg.val_max_windows` validation windows, drawn once with the seed (the same
+    every epoch, so early stopping compares like with like), in index order."""
+    if index is None or cfg.val_max_windows is None or len(index) <= cfg.val_max_windows:
+        return index
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7)
+    rows = torch.randperm(len(index), generator=g)[:cfg.val_max_windows].sort().values
+    return index.take(rows.numpy())
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -165,7 +175,8 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, loss_fn: nn.Module,
     if len(train_idx) == 0:
         raise ValueError("no training windows: the series are too short for lookback + horizon "
                          "+ validation, or every series was skipped")
-    val_idx = shard(data.val, rank, world) if data.val is not None and len(data.val) else None
+    val = val_sample(data.val, cfg)
+    val_idx = shard(val, rank, world) if val is not None and len(val) else None
     per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     steps = min(per_epoch, cfg.steps_per_epoch or per_epoch)
     opt, sched = make_optimizer(model, cfg, steps * cfg.epochs)
@@ -316,6 +327,7 @@ def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_
     """
     G = len(data)
     amp = autocast_dtype(cfg, data[0].loader.device)
+    data = [TrainData(d.loader, d.train, val_sample(d.val, cfg)) for d in data]  # as fit
     if any(len(d.train) == 0 for d in data):
         empty = [g for g, d in enumerate(data) if len(d.train) == 0]
         raise ValueError(f"groups {empty} have no training windows")

@@ -179,3 +179,20 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(tmp_path):
     with pytest.warns(UserWarning, match="checkpoint .* not written"):
         res = run_job(arrays, plan_jobs(arrays, cfg)[0], cfg)
     assert res.ok and len(res.history) == 2
+
+
+def test_validation_uses_a_fixed_sample_of_at_most_val_max_windows():
+    from pipeline.data.windows import WindowIndex
+    from pipeline.train import val_sample
+    index = WindowIndex(np.repeat(np.arange(50), 40).astype(np.int32),
+                        np.tile(np.arange(40), 50).astype(np.int32))
+    cfg = C.load(None, ["train.val_max_windows=300"]).train
+    a, b = val_sample(index, cfg), val_sample(index, cfg)
+    assert len(a) == 300 and np.array_equal(a.series, b.series) and np.array_equal(a.start,
+                                                                                   b.start)
+    keys = a.series.astype(np.int64) * 40 + a.start
+    assert np.all(np.diff(keys) > 0)                     # distinct windows, in index order
+    assert len(np.unique(a.series)) > 40                 # drawn across the series
+    assert val_sample(index, C.load(None, ["train.val_max_windows=null"]).train) is index
+    cfg2 = C.load(None, ["train.val_max_windows=300", "train.seed=1"]).train
+    assert not np.array_equal(val_sample(index, cfg2).start, a.start)
