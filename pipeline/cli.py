@@ -80,6 +80,15 @@ class Outcome:
     forecast_path: str | None = None
     failed_jobs: list[str] = field(default_factory=list)
     promoted: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)   # wall seconds per stage
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
 
 
 NEEDS_REGISTRY = {"promote", "registry_forecast"}
@@ -115,7 +124,8 @@ def run_stages(args: argparse.Namespace, stages: tuple = (), flow: str | None = 
             raise PipelineError("the Model Registry is unreachable and this job needs it")
     out = Outcome()
     with runner_for(cfg) as runner, contextlib.ExitStack() as stack:
-        prep = data_stage(cfg, runner)
+        with out.timed("data"):
+            prep = data_stage(cfg, runner)
         arrays = prep.arrays
         cutoff = cutoff_label(int(arrays.end_ns.max())) if len(arrays) else "none"
         batch_id = getattr(args, "batch_id", None) or cutoff
@@ -136,6 +146,8 @@ def run_stages(args: argparse.Namespace, stages: tuple = (), flow: str | None = 
             run_id = out.parent_id or uuid.uuid4().hex
             _stages(cfg, arrays, stages, run_id, log, out, args)
             ok = True
+            if log is not None:
+                log.timings(out.seconds)
             if batch is not None:
                 batch.mark_done({"run_id": run_id, "forecast": out.forecast_path})
         finally:
@@ -145,7 +157,8 @@ def run_stages(args: argparse.Namespace, stages: tuple = (), flow: str | None = 
                     print(f"tracking     {log.where()}"
                           + (f" ({len(log.failures)} logging failure(s), outputs kept)"
                              if log.failures else ""))
-    print(f"wall time    {time.perf_counter() - t0:.1f} s")
+    print(f"wall time    {time.perf_counter() - t0:.1f} s ("
+          + ", ".join(f"{k} {v:.1f}" for k, v in out.seconds.items()) + ")")
     return out
 
 
@@ -155,34 +168,46 @@ def _stages(cfg: C.Config, arrays, stages, run_id: str, log, out: Outcome, args)
     if cfg.train.warm_start and {"train", "backtest", "final", "forecast"} & set(stages):
         from pipeline.compare import champion_states
         from pipeline.jobs import plan_jobs
-        inits = champion_states(cfg, arrays, plan_jobs(arrays, cfg))
+        with out.timed("warm_start"):
+            inits = champion_states(cfg, arrays, plan_jobs(arrays, cfg))
     if "train" in stages or "backtest" in stages:
-        results = trained = train_stage(cfg, arrays, log=log, inits=inits)
+        with out.timed("train"):
+            results = trained = train_stage(cfg, arrays, log=log, inits=inits)
     if "backtest" in stages:
         if cfg.evaluate.refit:  # one more training per later cutoff
             from pipeline.backtest import config_at
             trained = {cfg.windows.n_windows - 1: results}
             for k in range(cfg.windows.n_windows - 1):
-                trained[k] = train_stage(config_at(cfg, k), arrays, label=f"backtest-cutoff{k}",
-                                         inits=inits)
-        bt, bt_cols = backtest_stage(cfg, arrays, trained, run_id, log=log)
+                with out.timed("train"):
+                    trained[k] = train_stage(config_at(cfg, k), arrays,
+                                             label=f"backtest-cutoff{k}", inits=inits)
+        with out.timed("backtest"):
+            bt, bt_cols = backtest_stage(cfg, arrays, trained, run_id, log=log)
     if {"final", "forecast"} & set(stages):
         final, label = results, "backtest"
         if results is None or cfg.evaluate.final_model != "reuse":
-            final, label = train_stage(cfg, arrays, final=True, log=log, inits=inits), "final"
+            with out.timed("final"):
+                final = train_stage(cfg, arrays, final=True, log=log, inits=inits)
+            label = "final"
         if log is not None:
-            log.models(final, models_dir(cfg, label))
+            with out.timed("log_models"):
+                log.models(final, models_dir(cfg, label))
     elif results is not None and log is not None:
-        log.models(results, models_dir(cfg, "backtest"))
+        with out.timed("log_models"):
+            log.models(results, models_dir(cfg, "backtest"))
     if "promote" in stages:
         from pipeline.compare import promote
-        out.promoted = promote(cfg, arrays, bt, log, final)
+        with out.timed("promote"):
+            out.promoted = promote(cfg, arrays, bt, log, final)
     if "forecast" in stages:
-        out.forecast_path = forecast_stage(cfg, arrays, final, run_id, bt_cols, log=log)
+        with out.timed("forecast"):
+            out.forecast_path = forecast_stage(cfg, arrays, final, run_id, bt_cols, log=log)
     if "registry_forecast" in stages:
         from pipeline.compare import registry_forecast
-        cols, labels = registry_forecast(cfg, arrays, getattr(args, "by", None))
-        out.forecast_path = write_forecast(cfg, arrays, cols, run_id, bt_cols, log, labels)
+        with out.timed("forecast"):
+            cols, labels = registry_forecast(cfg, arrays, getattr(args, "by", None))
+            out.forecast_path = write_forecast(cfg, arrays, cols, run_id, bt_cols, log,
+                                               labels)
     out.failed_jobs = sorted({r.name for r in (results or []) + (final or []) if not r.ok})
 
 

@@ -196,6 +196,11 @@ class RunLog:
         if plots:
             self.tr.log_artifacts(self.parent_id, plots, "plots")
 
+    def timings(self, seconds: dict[str, float]) -> None:
+        """Wall seconds per stage as parent-run metrics `seconds_<stage>`."""
+        if self.parent_id:
+            self.tr.log_metrics(self.parent_id, {f"seconds_{k}": v for k, v in seconds.items()})
+
     def finish(self, ok: bool = True) -> None:
         if not self.parent_id:
             return

@@ -78,8 +78,10 @@ def test_run_on_the_embedded_sqlite_default(demo_dir, tmp_path, monkeypatch, cap
     assert parent.data.params["windows.lookback"] == "72"
     assert parent.data.params["data.path"] == demo_dir
     for m in ("backtest_mase", "seasonal_naive_mase", "naive_smape", "backtest_skill_mase",
-              "forecast_series"):
+              "forecast_series", "seconds_data", "seconds_train", "seconds_backtest",
+              "seconds_final", "seconds_forecast"):
         assert m in parent.data.metrics, m
+    assert "wall time" in text and "(data " in text and "forecast " in text.split("wall time")[1]
     assert {"backtest_mase", "best_val", "final_best_val", "groups_backtest_mase_mean"} <= \
         set(child.data.metrics)
     assert [h.step for h in c.get_metric_history(child.info.run_id, "val_loss")] == [0, 1]
