@@ -221,9 +221,9 @@ class TrainConfig:
     scheduler: str = "none"        # none | cosine | onecycle
     grad_clip: float | None = 1.0
     patience: int = 5              # early stopping on validation loss
-    val_max_windows: int | None = 20_000  # validate on a fixed seeded sample of this many
-                                   # windows per job (null: all; thousands of series hold
-                                   # far more validation windows than an epoch trains on)
+    val_max_windows: int | str | None = "auto"  # validate on a fixed seeded sample of at
+                                   # most this many windows per job; auto: as many as an
+                                   # epoch trains on (at least 1,024); null: all
     steps_per_epoch: int | None = None  # None = one pass over the training windows
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda | cuda:N
@@ -238,7 +238,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.mode", self.mode, ("global", "per_group"))
         _positive("train.warm_start_epochs", self.warm_start_epochs)
-        if self.val_max_windows is not None:
+        if isinstance(self.val_max_windows, str):
+            _choice("train.val_max_windows", self.val_max_windows, ("auto",))
+        elif self.val_max_windows is not None:
             _positive("train.val_max_windows", self.val_max_windows)
         if self.checkpoint_minutes is not None:
             _positive("train.checkpoint_minutes", self.checkpoint_minutes, allow_zero=True)

@@ -101,14 +101,26 @@ def shard(index: WindowIndex, rank: int, world: int) -> WindowIndex:
     return index.take(np.arange(rank, per_rank * world, world))
 
 
-def val_sample(index: WindowIndex | None, cfg: TrainConfig) -> WindowIndex | None:
-    """At most `cfg.val_max_windows` validation windows, drawn once with the seed (the same
-    every epoch, so early stopping compares like with like), in index order."""
-    if index is None or cfg.val_max_windows is None or len(index) <= cfg.val_max_windows:
+def val_sample(index: WindowIndex | None, cfg: TrainConfig, per_epoch: int
+               ) -> WindowIndex | None:
+    """At most `cfg.val_max_windows` validation windows ("auto": `per_epoch`, the windows an
+    epoch trains on, at least 1,024), drawn once with the seed — the same every epoch, so early
+    stopping compares like with like — in index order. Thousands of series hold far more
+    validation windows than a sampled epoch trains on."""
+    limit = cfg.val_max_windows
+    if limit == "auto":
+        limit = max(1024, per_epoch)
+    if index is None or limit is None or len(index) <= limit:
         return index
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7)
-    rows = torch.randperm(len(index), generator=g)[:cfg.val_max_windows].sort().values
+    rows = torch.randperm(len(index), generator=g)[:limit].sort().values
     return index.take(rows.numpy())
+
+
+def _epoch_windows(data: TrainData, cfg: TrainConfig) -> int:
+    """Windows one epoch of `fit` trains on in one process (the job's, before DDP shards)."""
+    per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    return min(per_epoch, cfg.steps_per_epoch or per_epoch) * cfg.batch_size
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
@@ -175,10 +187,10 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, loss_fn: nn.Module,
     if len(train_idx) == 0:
         raise ValueError("no training windows: the series are too short for lookback + horizon "
                          "+ validation, or every series was skipped")
-    val = val_sample(data.val, cfg)
-    val_idx = shard(val, rank, world) if val is not None and len(val) else None
     per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     steps = min(per_epoch, cfg.steps_per_epoch or per_epoch)
+    val = val_sample(data.val, cfg, _epoch_windows(data, cfg))
+    val_idx = shard(val, rank, world) if val is not None and len(val) else None
     opt, sched = make_optimizer(model, cfg, steps * cfg.epochs)
     display = Progress(cfg.epochs, enabled=progress and rank == 0)
     core = getattr(model, "module", model)   # the model inside a DDP wrapper
@@ -327,11 +339,12 @@ def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_
     """
     G = len(data)
     amp = autocast_dtype(cfg, data[0].loader.device)
-    data = [TrainData(d.loader, d.train, val_sample(d.val, cfg)) for d in data]  # as fit
     if any(len(d.train) == 0 for d in data):
         empty = [g for g, d in enumerate(data) if len(d.train) == 0]
         raise ValueError(f"groups {empty} have no training windows")
     steps = cfg.steps_per_epoch or max(math.ceil(len(d.train) / cfg.batch_size) for d in data)
+    data = [TrainData(d.loader, d.train, val_sample(d.val, cfg, _epoch_windows(d, cfg)))
+            for d in data]   # each group's validation windows as fit samples its job's
     opt, sched = make_optimizer(packed, cfg, steps * cfg.epochs)
     results = [FitResult() for _ in range(G)]
     best = {k: v.detach().clone() for k, v in packed.state_dict().items()}

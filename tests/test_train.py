@@ -187,12 +187,18 @@ def test_validation_uses_a_fixed_sample_of_at_most_val_max_windows():
     index = WindowIndex(np.repeat(np.arange(50), 40).astype(np.int32),
                         np.tile(np.arange(40), 50).astype(np.int32))
     cfg = C.load(None, ["train.val_max_windows=300"]).train
-    a, b = val_sample(index, cfg), val_sample(index, cfg)
+    a, b = val_sample(index, cfg, 64), val_sample(index, cfg, 64)
     assert len(a) == 300 and np.array_equal(a.series, b.series) and np.array_equal(a.start,
                                                                                    b.start)
     keys = a.series.astype(np.int64) * 40 + a.start
     assert np.all(np.diff(keys) > 0)                     # distinct windows, in index order
     assert len(np.unique(a.series)) > 40                 # drawn across the series
-    assert val_sample(index, C.load(None, ["train.val_max_windows=null"]).train) is index
+    assert val_sample(index, C.load(None, ["train.val_max_windows=null"]).train, 64) is index
     cfg2 = C.load(None, ["train.val_max_windows=300", "train.seed=1"]).train
-    assert not np.array_equal(val_sample(index, cfg2).start, a.start)
+    assert not np.array_equal(val_sample(index, cfg2, 64).start, a.start)
+    auto = C.load(None, []).train                        # auto: an epoch's windows, >= 1,024
+    assert auto.val_max_windows == "auto"
+    assert len(val_sample(index, auto, 64)) == 1024 and len(val_sample(index, auto, 1500)) == 1500
+    assert val_sample(index, auto, 5000) is index
+    with pytest.raises(C.ConfigError, match="train.val_max_windows = 'some'"):
+        C.load(None, ["train.val_max_windows=some"])
