@@ -50,7 +50,8 @@ def to_table(cols: dict, run_id: str, created_at: datetime | None = None) -> pa.
         arrays.append(arr)
     for name, typ in TRAILER:
         value = {"run_id": run_id, "created_at": created}.get(name)
-        arr = pa.array(cols[name], type=typ) if name in cols else pa.array([value] * n, type=typ)
+        arr = (pa.array(cols[name], type=typ) if name in cols
+               else pa.repeat(pa.scalar(value, type=typ), n))  # no n-long Python list
         fields.append(pa.field(name, typ))
         arrays.append(arr)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
