@@ -109,8 +109,7 @@ def champions(cfg: Config, arrays, by: str | None = None):
     by_source: dict[str, list] = {}
     missing = []
     for job in jobs:
-        name = registry.registered_name(exp, job.group)
-        mv = registry.champion_version(name, ALIAS, uri)
+        name, mv = registry.find_champion(exp, job.group, ALIAS, uri)
         if mv is None:
             missing.append((job, name))
             continue

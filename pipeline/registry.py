@@ -189,6 +189,21 @@ def registered_name(experiment: str, group: str | None = None) -> str:
     return base if group in (None, "global") else f"{base}.{safe_key(group)}"
 
 
+def find_champion(experiment: str, group: str | None, alias: str = "champion",
+                  uri: str | None = None):
+    """(registered name, ModelVersion or None) of a group's champion. A group value that is no
+    safe name was registered, before `safe_key`, as `<experiment>.<value with _>`, a name that
+    could be another group's: such a version is taken only if its `group` tag is this group."""
+    name = registered_name(experiment, group)
+    mv = champion_version(name, alias, uri)
+    legacy = _safe_name(f"{experiment}.{group}") if group not in (None, "global") else name
+    if mv is None and legacy != name:
+        old = champion_version(legacy, alias, uri)
+        if old is not None and old.tags.get("group") == group:
+            return legacy, old
+    return name, mv
+
+
 def _tag_key(group: str) -> str:
     return f"{MODEL_URI_TAG}.{safe_key(group)}"
 

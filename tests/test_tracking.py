@@ -234,6 +234,15 @@ def test_leaderboard_champion_registry(sqlite_uri, tmp_path):
     x = batch(9, seed=4)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), models[run_id].eval()(x))
+    # champions registered before group values got safe_key names are still found, but only
+    # for the group their version is tagged with ("a b" and "a_b" once shared a name)
+    registry.register_champion(run_id, "legacy.North_East", uri=sqlite_uri, group="North/East")
+    registry.register_champion(run_id, "legacy.a_b", uri=sqlite_uri, group="a_b")
+    name, mv = registry.find_champion("legacy", "North/East", uri=sqlite_uri)
+    assert (name, mv.tags["group"]) == ("legacy.North_East", "North/East")
+    assert registry.find_champion("legacy", "a b", uri=sqlite_uri) == ("legacy.a_b-7dbde935",
+                                                                       None)
+    assert registry.find_champion("legacy", "a_b", uri=sqlite_uri)[0] == "legacy.a_b"
 
 
 def test_a_retried_job_does_not_log_its_epochs_twice(sqlite_uri):
