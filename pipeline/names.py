@@ -50,5 +50,5 @@ def check_groups(values, column: str) -> None:
         if other != v:
             raise DataError(f"group column {column!r} has the values {other!r} and {v!r}, "
                             f"whose model files and registered models would both be named "
-                            f"{key!r} on a case-insensitive file system (macOS, Windows); "
-                            "rename one of them in the input")
+                            f"{key!r} (letter case aside, as on macOS and Windows file "
+                            "systems); rename one of them in the input")
