@@ -255,8 +255,12 @@ def train_stage(cfg: C.Config, arrays, final: bool = False, label: str | None = 
     """Train the plan of jobs where the config says (Ray tasks, Ray Train, or this process),
     save each model next to the outputs and print one line per job. final=True trains on all
     the data (the forecast model); otherwise training stops before the oldest backtest cutoff."""
-    from pipeline.jobs import plan_jobs, run_jobs_locally, save_result
+    import dataclasses
+
+    from pipeline.jobs import checkpoint_root, plan_jobs, run_jobs_locally, save_result
     from pipeline.train import resolve_device
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(   # resolved here, for every worker
+        cfg.train, checkpoint_dir=checkpoint_root(cfg)))
     jobs = plan_jobs(arrays, cfg)
     what = "final model (all data)" if final else "before the backtest cutoffs"
     print(f"training     {cfg.model.name}: {len(jobs)} job(s), mode {cfg.train.mode}, "

@@ -151,7 +151,7 @@ def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: boo
         model.load_state_dict(state_dict(init))
     model = model.to(device)
     trained = wrap(model) if wrap is not None else model
-    ckpt = job_checkpoint(arrays, job, cfg, final, init)
+    ckpt = job_checkpoint(arrays, job, cfg, final, model)
     res: FitResult = fit(trained, data, cfg.train, make_loss(cfg.model), log=log,
                          progress=progress, checkpoint=ckpt)
     out = trained_result(job, model, res, len(data.train), t0)
@@ -165,42 +165,73 @@ def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: boo
 
 
 def job_checkpoint(arrays: SeriesArrays, job: Job, cfg: Config, final: bool,
-                   init: bytes | None) -> Checkpoint | None:
-    """`<train.checkpoint_dir>/<backtest|final>/<model>-<job>.ckpt`, keyed by the training
-    config, the job, its data and its starting weights; None when checkpoints are off."""
-    name = model_file(cfg.model.name, job.name).removesuffix(".pt")
-    return _checkpoint(cfg, final, name, lambda: job_key(arrays, job, cfg, final, init))
+                   model: torch.nn.Module) -> Checkpoint | None:
+    """`<checkpoint dir>/<backtest|final>/<model>-<job>-<config digest>.ckpt`, keyed by
+    `job_key` and the weights it starts from (`model` before training: its shapes, seeded
+    initialisation or warm start); None when checkpoints are off."""
+    if cfg.train.checkpoint_minutes is None:
+        return None
+    start = digest(state_bytes(model))
+    return _checkpoint(cfg, final, model_file(cfg.model.name, job.name).removesuffix(".pt"),
+                       lambda: digest(start, job_key(arrays, job, cfg, final)))
 
 
 def packed_checkpoint(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: bool,
-                      inits: dict | None) -> Checkpoint | None:
-    """One checkpoint for a pack of groups, `<model>-packed.ckpt`, keyed by every member."""
-    return _checkpoint(cfg, final, f"{cfg.model.name}-packed", lambda: digest(*[
-        job_key(arrays, j, cfg, final, (inits or {}).get(j.name)) for j in jobs]))
-
-
-def _checkpoint(cfg: Config, final: bool, name: str, key) -> Checkpoint | None:
+                      packed: torch.nn.Module) -> Checkpoint | None:
+    """One checkpoint for a pack of groups, `<model>-packed-….ckpt`, keyed by every member."""
     if cfg.train.checkpoint_minutes is None:
         return None
+    start = digest(state_bytes(packed))
+
+    def key() -> str:
+        common = data_key(arrays)
+        return digest(start, *[job_key(arrays, j, cfg, final, common) for j in jobs])
+    return _checkpoint(cfg, final, f"{cfg.model.name}-packed", key)
+
+
+def checkpoint_root(cfg: Config) -> str:
+    """`train.checkpoint_dir`, default `<output.path>/<name>/checkpoints`; a local path is made
+    absolute here, so workers that run elsewhere (Ray Train moves their working directory into
+    the Ray session) use the same folder."""
     root = cfg.train.checkpoint_dir or f"{cfg.output.path.rstrip('/')}/{cfg.name}/checkpoints"
-    uri = f"{root.rstrip('/')}/{'final' if final else 'backtest'}/{name}.ckpt"
+    return root if "://" in root else os.path.abspath(root)
+
+
+def _checkpoint(cfg: Config, final: bool, name: str, key) -> Checkpoint:
+    conf = _train_conf(cfg)
+    uri = (f"{checkpoint_root(cfg).rstrip('/')}/{'final' if final else 'backtest'}/"
+           f"{name}-{digest(conf)[:8]}.ckpt")     # refit cutoffs and other configs apart
     return Checkpoint(uri, key, cfg.train.checkpoint_minutes)
 
 
-def job_key(arrays: SeriesArrays, job: Job, cfg: Config, final: bool,
-            init: bytes | None) -> str:
-    """Digest of what a job's training depends on: the data, windows, model and train config
-    (not where it runs or logs), the job's series — values, mask and covariates — and the
-    weights it starts from."""
+def _train_conf(cfg: Config) -> str:
+    """The settings a job's training depends on (not where it runs, logs or checkpoints)."""
     conf = {k: v for k, v in dataclasses.asdict(cfg).items()
             if k in ("data", "windows", "model", "train")}
     conf["data"].pop("path", None)
     for k in ("checkpoint_minutes", "checkpoint_dir", "device"):
         conf["train"].pop(k, None)
+    return json.dumps(conf, sort_keys=True, default=str)
+
+
+def data_key(arrays: SeriesArrays) -> str:
+    """What every model depends on beyond its own series: all series ids and groups (the rows
+    of a series or group embedding) and static values (the one-hot columns)."""
+    parts = ["\x1f".join(map(str, arrays.ids))]
+    if arrays.groups is not None:
+        parts.append("\x1f".join(map(str, arrays.groups)))
+    parts += ["\x1f".join(map(str, arrays.static[c])) for c in sorted(arrays.static)]
+    return digest(*parts)
+
+
+def job_key(arrays: SeriesArrays, job: Job, cfg: Config, final: bool,
+            common: str | None = None) -> str:
+    """Digest of what a job's training depends on besides its starting weights: the training
+    settings, the number of DDP ranks (their shards and schedule), `data_key`, and the job's
+    series — values, mask and covariates."""
     series = np.sort(job.series)
-    parts = [json.dumps(conf, sort_keys=True, default=str), job.name, str(final), init,
-             "\x1f".join(map(str, arrays.ids[series]))]
-    parts += ["\x1f".join(map(str, arrays.static[c][series])) for c in sorted(arrays.static)]
+    parts = [_train_conf(cfg), job.name, str(final), str(dist_info()[1]),
+             common or data_key(arrays), np.ascontiguousarray(series.astype(np.int64))]
     for run in np.split(series, np.flatnonzero(np.diff(series) != 1) + 1):  # consecutive runs
         lo, hi = arrays.indptr[run[0]], arrays.indptr[run[-1] + 1]
         for a in (arrays.values, arrays.mask, arrays.past, arrays.future):
@@ -283,7 +314,7 @@ def run_packed(arrays: SeriesArrays, jobs: list[Job], cfg: Config, progress: boo
                 m.load_state_dict(state_dict(inits[job.name]))
             models.append(m)
         packed = PackedModel.from_models(models).to(device)
-        ckpt = packed_checkpoint(arrays, [job for job, _ in keep], cfg, final, inits)
+        ckpt = packed_checkpoint(arrays, [job for job, _ in keep], cfg, final, packed)
         fits = fit_packed(packed, [d for _, d in keep], cfg.train, make_loss(cfg.model),
                           progress=progress, checkpoint=ckpt)
         for g, ((job, data), res) in enumerate(zip(keep, fits, strict=True)):

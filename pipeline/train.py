@@ -195,11 +195,13 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, loss_fn: nn.Module,
     display = Progress(cfg.epochs, enabled=progress and rank == 0)
     core = getattr(model, "module", model)   # the model inside a DDP wrapper
     result, best_state, bad_epochs, stop = FitResult(), None, 0, False
-    saved = _resume_state(checkpoint)
+    saved = _resume_state(checkpoint, core)
     if saved is not None:
-        best_state, bad_epochs, stop = _restore(saved, core, opt, sched, result)
+        best_state, bad_epochs, stop = _restore(saved, core, opt, sched, device, result)
         display.note(f"resumed from the checkpoint of epoch {result.resumed_epoch} "
                      f"(attempt {result.attempt})")
+        for row in result.history if log is not None else []:
+            log(row)    # a rerun's new run gets the earlier epochs too (EpochLogger skips dups)
     t0 = time.perf_counter() - result.seconds
     for epoch in range(result.resumed_epoch, cfg.epochs if not stop else 0):
         gen = epoch_generator(cfg.seed, epoch, rank)
@@ -227,7 +229,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, loss_fn: nn.Module,
         if checkpoint is not None and rank == 0 and epoch + 1 < cfg.epochs and \
                 checkpoint.due():
             result.seconds = time.perf_counter() - t0
-            checkpoint.save(_snapshot(epoch, core, opt, sched, result, best_state,
+            checkpoint.save(_snapshot(epoch, core, opt, sched, device, result, best_state,
                                       bad_epochs, stop))
         if stop:
             display.note(f"early stop: no better validation loss for {cfg.patience} epochs")
@@ -239,24 +241,34 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, loss_fn: nn.Module,
     return result
 
 
-def _loop_state(epoch: int, model, opt, sched) -> dict:
+def _loop_state(epoch: int, model, opt, sched, device: torch.device) -> dict:
     """The state every loop resumes from: weights, optimizer and schedule, and the torch RNG
-    (dropout, teacher forcing); the window order is a function of (seed, epoch, rank)."""
+    of the CPU and of the training GPU (dropout, teacher forcing); the window order is a
+    function of (seed, epoch, rank)."""
     return {"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
             "sched": sched.state_dict() if sched is not None else None,
             "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def _restore_loop(state: dict, model, opt, sched) -> int:
+def _fits(state: dict, model) -> bool:
+    """The checkpoint's weights have the model's names and shapes (checked before anything
+    is loaded: a failed load_state_dict may have copied part of it)."""
+    mine = model.state_dict()
+    theirs = state.get("model", {})
+    return mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape for k in mine)
+
+
+def _restore_loop(state: dict, model, opt, sched, device: torch.device) -> int:
     """Inverse of `_loop_state`; returns the first epoch still to train."""
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     if sched is not None and state["sched"] is not None:
         sched.load_state_dict(state["sched"])
     torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if device.type == "cuda" and state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     return state["epoch"] + 1
 
 
@@ -272,19 +284,24 @@ def _restore_result(state: dict, r: FitResult, epoch: int) -> None:
     r.resumed_epoch, r.attempt = epoch, state["attempt"] + 1
 
 
-def _snapshot(epoch, model, opt, sched, result: FitResult, best_state, bad_epochs: int,
-              stop: bool) -> dict:
+def _snapshot(epoch, model, opt, sched, device, result: FitResult, best_state,
+              bad_epochs: int, stop: bool) -> dict:
     """Everything the rest of `fit` depends on: the loop's state, the best weights so far,
     the early-stopping counters and the history."""
-    return {**_loop_state(epoch, model, opt, sched), **_result_state(result),
+    return {**_loop_state(epoch, model, opt, sched, device), **_result_state(result),
             "best_state": best_state, "bad_epochs": bad_epochs, "stop": stop}
 
 
-def _resume_state(checkpoint) -> dict | None:
+def _resume_state(checkpoint, model) -> dict | None:
     """Rank 0 reads the checkpoint and every DDP rank gets the same state (the ranks need not
-    share a file system)."""
+    share a file system). One that does not fit the model is ignored, with a warning."""
+    import warnings
     rank, world = dist_info()
     state = checkpoint.load() if checkpoint is not None and rank == 0 else None
+    if state is not None and not _fits(state, model):
+        warnings.warn(f"checkpoint {checkpoint.uri} does not fit the model; training from the "
+                      "start", stacklevel=2)
+        state = None
     if world > 1:
         box = [state]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -292,8 +309,8 @@ def _resume_state(checkpoint) -> dict | None:
     return state
 
 
-def _restore(state: dict, model, opt, sched, result: FitResult):
-    _restore_result(state, result, _restore_loop(state, model, opt, sched))
+def _restore(state: dict, model, opt, sched, device, result: FitResult):
+    _restore_result(state, result, _restore_loop(state, model, opt, sched, device))
     return state["best_state"], state["bad_epochs"], state["stop"]
 
 
@@ -351,9 +368,10 @@ def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_
     bad, stopped = [0] * G, [False] * G
     display = Progress(cfg.epochs, enabled=progress)
     first = 0
-    saved = checkpoint.load() if checkpoint is not None else None
+    device = data[0].loader.device
+    saved = _resume_state(checkpoint, packed)
     if saved is not None:
-        first = _restore_loop(saved, packed, opt, sched)
+        first = _restore_loop(saved, packed, opt, sched, device)
         for res, state in zip(results, saved["results"], strict=True):
             _restore_result(state, res, first)
         best, bad, stopped = saved["best"], saved["bad"], saved["stopped"]
@@ -389,7 +407,7 @@ def fit_packed(packed: nn.Module, data: list[TrainData], cfg: TrainConfig, loss_
         if checkpoint is not None and epoch + 1 < cfg.epochs and checkpoint.due():
             for res in results:
                 res.seconds = time.perf_counter() - t0
-            checkpoint.save({**_loop_state(epoch, packed, opt, sched), "best": best,
+            checkpoint.save({**_loop_state(epoch, packed, opt, sched, device), "best": best,
                              "bad": bad, "stopped": stopped,
                              "results": [_result_state(r) for r in results]})
         if all(stopped):

@@ -100,19 +100,33 @@ def test_a_killed_per_group_task_resumes_from_its_checkpoint(ray_session, tmp_pa
     assert not list((tmp_path / "ck").rglob("*.ckpt"))
 
 
-def test_ddp_resumes_every_rank_from_one_checkpoint(ray_session, tmp_path):
-    """A checkpoint written by a one-process run of the same training is read by rank 0 and
-    broadcast: both DDP ranks resume at the same epoch."""
+class FailIn:
+    """A log callback (rank 0's) that raises in `epoch`."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def __call__(self, row):
+        if row["epoch"] == self.epoch:
+            raise RuntimeError(f"failed in epoch {self.epoch}")
+
+
+def test_a_failed_ddp_run_resumes_every_rank_from_rank_0s_checkpoint(ray_session, tmp_path):
+    """Rank 0 fails in epoch 2 after saving epoch 1; the rerun's rank 0 reads the checkpoint
+    and broadcasts it, so both ranks resume at epoch 2 (same number of ranks: the key holds
+    it, since the shards and the schedule depend on it)."""
+    import sys
+
+    import ray.cloudpickle
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     arrays = sines(8, length=240)
     cfg = C.load(None, [*SMALL, "train.epochs=3", "train.batch_size=32", "ray.num_workers=2",
                         "train.checkpoint_minutes=0", f"train.checkpoint_dir={tmp_path}"])
     job = plan_jobs(arrays, cfg)[0]
-
-    def crash(row):
-        if row["epoch"] == 1:
-            raise RuntimeError("stop")
-    with pytest.raises(RuntimeError):
-        run_job(arrays, job, cfg, log=crash)
+    first = train_global_ddp(arrays, job, cfg, log=FailIn(1))
+    assert not first.ok and "failed in epoch 1" in first.error
+    assert len(list(tmp_path.rglob("*.ckpt"))) == 1
     ddp = train_global_ddp(arrays, job, cfg)
     assert ddp.ok, ddp.error
     assert ddp.resumed_epoch == 1 and [h["epoch"] for h in ddp.history] == [0, 1, 2]
+    assert not list(tmp_path.rglob("*.ckpt"))

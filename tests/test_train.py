@@ -1,6 +1,7 @@
 """The training loop and the job layer, without Ray: learning, seeds, early stopping, logs."""
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -138,11 +139,12 @@ def test_a_job_resumed_from_its_checkpoint_ends_bit_identical(tmp_path, encoder)
     with pytest.raises(Crash):
         run_job(arrays, job, cfg, log=crash_at(4))
     (ckpt,) = (tmp_path / "ck" / "backtest").iterdir()
-    assert ckpt.name == f"{cfg.model.name}-global.ckpt"
+    assert ckpt.name.startswith(f"{cfg.model.name}-global-") and ckpt.suffix == ".ckpt"
     seen = []
     resumed = run_job(arrays, job, cfg, log=seen.append)
     assert resumed.resumed_epoch == 4 and resumed.attempts == 2 and clean.attempts == 1
-    assert [r["epoch"] for r in seen] == [4, 5]         # epochs 0-3 are not logged again
+    assert [r["epoch"] for r in seen] == [0, 1, 2, 3, 4, 5]   # 0-3 replayed (EpochLogger
+                                                              # skips those in its run)
     a, b = state(clean), state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in clean.history]
@@ -202,3 +204,29 @@ def test_validation_uses_a_fixed_sample_of_at_most_val_max_windows():
     assert val_sample(index, auto, 5000) is index
     with pytest.raises(C.ConfigError, match="train.val_max_windows = 'some'"):
         C.load(None, ["train.val_max_windows=some"])
+
+
+def test_a_checkpoint_from_before_other_series_changed_the_model_is_not_resumed(tmp_path):
+    """Per-group models with a series embedding have one row per series of the whole input:
+    two series added to group b change group a's model, so a's checkpoint is left alone (it
+    used to fail every rerun with a size mismatch)."""
+    base = [*SMALL, "train.mode=per_group", "data.group_col=g", "model.embedding=series",
+            "train.epochs=3", "train.steps_per_epoch=2", "train.checkpoint_minutes=0",
+            f"train.checkpoint_dir={tmp_path}"]
+    cfg = C.load(None, base)
+    arrays = sines(6, groups=["a", "b"])
+    (job_a, _) = plan_jobs(arrays, cfg)
+    with pytest.raises(Crash):
+        run_job(arrays, job_a, cfg, log=crash_at(2))
+    extra = sines(8)                                  # series 6 and 7 join group b
+    more = SeriesArrays.from_list([arrays.values[arrays.indptr[i]:arrays.indptr[i + 1]]
+                                   for i in range(6)] +
+                                  [extra.values[extra.indptr[i]:extra.indptr[i + 1]]
+                                   for i in (6, 7)])
+    more.groups = np.array(list(arrays.groups) + ["b", "b"], object)
+    (job_a2, _) = plan_jobs(more, cfg)
+    assert job_a2.series.tolist() == job_a.series.tolist()   # group a itself is unchanged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # told apart by its key, not by a failed load
+        res = run_job(more, job_a2, cfg)
+    assert res.ok and res.resumed_epoch == 0 and len(res.history) == 3
