@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 import time
-import uuid
 import warnings
 from collections.abc import Callable
 
@@ -22,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
-from pipeline.data.io import filesystem_for
+from pipeline.data.io import filesystem_for, write_bytes_atomic
 from pipeline.errors import PipelineError
 
 
@@ -64,23 +62,12 @@ class Checkpoint:
         checkpoints off for this job: it never stops the training."""
         buf = io.BytesIO()
         torch.save({**state, "key": self.key}, buf)
-        tmp = None
         try:
-            fs, path = filesystem_for(self.uri)
-            parent = os.path.dirname(path)
-            fs.create_dir(parent, recursive=True)
-            local = isinstance(fs, pafs.LocalFileSystem)
-            tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}") if local else None
-            with fs.open_output_stream(tmp or path) as f:
-                f.write(buf.getvalue())
-            if tmp:
-                fs.move(tmp, path)
+            write_bytes_atomic(buf.getvalue(), self.uri)
         except (OSError, pa.ArrowException, PipelineError) as e:
             warnings.warn(f"checkpoint {self.uri} not written ({type(e).__name__}: {e}); "
                           "this job goes on without checkpoints", stacklevel=2)
             self.minutes = math.inf
-            if tmp and os.path.exists(tmp):
-                os.remove(tmp)
         self._last = time.monotonic()
 
     def clear(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -111,22 +112,34 @@ def file_schema(part: Part) -> pa.Schema:
         raise DataError(f"Parquet file {part.path!r} is corrupt or unreadable: {e}") from None
 
 
-def write_parquet_atomic(table: pa.Table, uri: str) -> None:
-    """Write to a temporary name beside the target, then rename: readers see all or nothing.
-    Object stores publish an object only when its upload completes, so the rename is local-only."""
+def write_atomic(uri: str, write: Callable[[pafs.FileSystem, str], None]) -> None:
+    """`write(fs, path)` to a temporary name beside `uri`, then rename: readers see all or
+    nothing. Object stores publish an object only when its upload completes, so there `write`
+    gets `uri`'s own path and there is no rename."""
     fs, path = filesystem_for(uri)
     parent = os.path.dirname(path)
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
         try:
-            pq.write_table(table, tmp, filesystem=fs)
+            write(fs, tmp)
             fs.move(tmp, path)
         finally:
             if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
                 fs.delete_file(tmp)
     else:
-        pq.write_table(table, path, filesystem=fs)
+        write(fs, path)
+
+
+def write_parquet_atomic(table: pa.Table, uri: str) -> None:
+    write_atomic(uri, lambda fs, path: pq.write_table(table, path, filesystem=fs))
+
+
+def write_bytes_atomic(data: bytes, uri: str) -> None:
+    def put(fs: pafs.FileSystem, path: str) -> None:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    write_atomic(uri, put)
 
 
 def replace_partition(table: pa.Table, uri: str) -> None:
