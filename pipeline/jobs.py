@@ -14,6 +14,7 @@ import json
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -169,24 +170,18 @@ def job_checkpoint(arrays: SeriesArrays, job: Job, cfg: Config, final: bool,
     """`<checkpoint dir>/<backtest|final>/<model>-<job>-<config digest>.ckpt`, keyed by
     `job_key` and the weights it starts from (`model` before training: its shapes, seeded
     initialisation or warm start); None when checkpoints are off."""
-    if cfg.train.checkpoint_minutes is None:
-        return None
-    start = digest(state_bytes(model))
-    return _checkpoint(cfg, final, model_file(cfg.model.name, job.name).removesuffix(".pt"),
-                       lambda: digest(start, job_key(arrays, job, cfg, final)))
+    name = model_file(cfg.model.name, job.name).removesuffix(".pt")
+    return _checkpoint(cfg, final, name, model,
+                       lambda conf: job_key(arrays, job, conf, final))
 
 
 def packed_checkpoint(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: bool,
                       packed: torch.nn.Module) -> Checkpoint | None:
     """One checkpoint for a pack of groups, `<model>-packed-….ckpt`, keyed by every member."""
-    if cfg.train.checkpoint_minutes is None:
-        return None
-    start = digest(state_bytes(packed))
-
-    def key() -> str:
+    def key(conf: str) -> str:
         common = data_key(arrays)
-        return digest(start, *[job_key(arrays, j, cfg, final, common) for j in jobs])
-    return _checkpoint(cfg, final, f"{cfg.model.name}-packed", key)
+        return digest(*[job_key(arrays, j, conf, final, common) for j in jobs])
+    return _checkpoint(cfg, final, f"{cfg.model.name}-packed", packed, key)
 
 
 def checkpoint_root(cfg: Config) -> str:
@@ -197,11 +192,16 @@ def checkpoint_root(cfg: Config) -> str:
     return root if "://" in root else os.path.abspath(root)
 
 
-def _checkpoint(cfg: Config, final: bool, name: str, key) -> Checkpoint:
-    conf = _train_conf(cfg)
+def _checkpoint(cfg: Config, final: bool, name: str, model: torch.nn.Module,
+                key: Callable[[str], str]) -> Checkpoint | None:
+    """The checkpoint named `name`, keyed by the weights `model` starts from and `key(the
+    training settings)`, computed on first use; None when checkpoints are off."""
+    if cfg.train.checkpoint_minutes is None:
+        return None
+    conf, start = _train_conf(cfg), digest(state_bytes(model))
     uri = (f"{checkpoint_root(cfg).rstrip('/')}/{'final' if final else 'backtest'}/"
            f"{name}-{digest(conf)[:8]}.ckpt")     # refit cutoffs and other configs apart
-    return Checkpoint(uri, key, cfg.train.checkpoint_minutes)
+    return Checkpoint(uri, lambda: digest(start, key(conf)), cfg.train.checkpoint_minutes)
 
 
 def _train_conf(cfg: Config) -> str:
@@ -224,13 +224,13 @@ def data_key(arrays: SeriesArrays) -> str:
     return digest(*parts)
 
 
-def job_key(arrays: SeriesArrays, job: Job, cfg: Config, final: bool,
+def job_key(arrays: SeriesArrays, job: Job, conf: str, final: bool,
             common: str | None = None) -> str:
     """Digest of what a job's training depends on besides its starting weights: the training
-    settings, the number of DDP ranks (their shards and schedule), `data_key`, and the job's
-    series — values, mask and covariates."""
+    settings (`_train_conf`), the number of DDP ranks (their shards and schedule), `data_key`,
+    and the job's series — values, mask and covariates."""
     series = np.sort(job.series)
-    parts = [_train_conf(cfg), job.name, str(final), str(dist_info()[1]),
+    parts = [conf, job.name, str(final), str(dist_info()[1]),
              common or data_key(arrays), np.ascontiguousarray(series.astype(np.int64))]
     for run in np.split(series, np.flatnonzero(np.diff(series) != 1) + 1):  # consecutive runs
         lo, hi = arrays.indptr[run[0]], arrays.indptr[run[-1] + 1]
