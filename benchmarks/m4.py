@@ -76,7 +76,7 @@ def run_config(path: str, data: str, out: str) -> tuple[dict[str, np.ndarray], f
     jobs = plan_jobs(arrays, cfg)
     print(f"{path}: training on {len(arrays)} series", file=sys.stderr, flush=True)
     results = run_jobs_locally(arrays, jobs, cfg, final=True, progress=True)
-    cols = final_forecast(arrays, jobs, results, cfg)
+    cols = final_forecast(arrays, jobs, {r.name: r.model() for r in results if r.ok}, cfg)
     cpu, wall = time.process_time() - t0, time.perf_counter() - w0
     fc = {}
     for sid in np.unique(cols["unique_id"]):

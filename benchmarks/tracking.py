@@ -25,9 +25,10 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import registry, tracking  # noqa: E402
+from pipeline import tracking  # noqa: E402
 from pipeline.config import Config, TrackingConfig  # noqa: E402
 from pipeline.jobs import JobResult  # noqa: E402
+from pipeline.tracking import read as registry  # noqa: E402
 
 
 def results(groups: int, rng) -> list[JobResult]:
@@ -47,15 +48,15 @@ def layout(uri: str, child_runs: str, groups: int, seed: int = 0) -> dict:
                           "backtest_mase": rng.random(groups) + 0.5,
                           "seasonal_naive_mase": rng.random(groups) + 1.0,
                           "best_val": [r.best_val for r in res]})
-    tr = tracking.Tracker(uri, child_runs)
+    tr = tracking.Tracker(uri)
     t0 = time.perf_counter()
-    tr.start(cfg, "bench")
+    tr.start(cfg.name, "bench", {"batch_id": "bench", "cutoff": "bench"}, cfg.flat())
     if child_runs == "per_group":
         for r in res:
             tr.log_job(tr.child("cnn_direct", r.group), r)
-        tr.log_group_table(None, "cnn_direct", table)
+        tr.log_group_table(None, "cnn_direct", table, runs=True)
     else:
-        tr.log_group_table(tr.child("cnn_direct", "all"), "cnn_direct", table)
+        tr.log_group_table(tr.child("cnn_direct", "all"), "cnn_direct", table, runs=False)
     tr.finish()
     seconds = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -97,12 +97,12 @@ def trainer_loop(model, arrays, L, H, batch, steps, device, mcfg, bf16=False) ->
     precision = "bf16" if bf16 else "fp32"
     warm = C.TrainConfig(epochs=1, steps_per_epoch=3, batch_size=batch, device=str(device),
                          precision=precision, checkpoint_minutes=None)
-    fit(model, data, warm, make_loss(mcfg), progress=False)
+    fit(model, [data], warm, make_loss(mcfg), progress=False)
     cfg = C.TrainConfig(epochs=1, steps_per_epoch=steps, batch_size=batch, device=str(device),
                         precision=precision, checkpoint_minutes=None)
     sync(device)
     t0 = time.perf_counter()
-    fit(model, data, cfg, make_loss(mcfg), progress=False)
+    fit(model, [data], cfg, make_loss(mcfg), progress=False)
     sync(device)
     return batch * steps / (time.perf_counter() - t0)
 
@@ -132,7 +132,7 @@ def part_trainer(args, device) -> list[dict]:
 
 
 def part_packed(args, device) -> dict:
-    from pipeline.jobs import plan_jobs, run_job, run_packed
+    from pipeline.jobs import plan_jobs, run_job, run_pack
     G = 8 if args.quick else 64
     arrays = make_arrays(G * 2, 300, 0, seed=1)
     arrays.past, arrays.past_names = None, []
@@ -152,18 +152,18 @@ def part_packed(args, device) -> dict:
     sync(device)
     t_seq = time.perf_counter() - t0
     packed_cfg = C.load(None, [*_overrides(cfg), "train.per_group.packed=true"])
-    run_packed(arrays, jobs[:2], packed_cfg)  # warm-up
+    run_pack(arrays, jobs[:2], packed_cfg)  # warm-up
     t0 = time.perf_counter()
-    res = run_packed(arrays, jobs, packed_cfg)
+    res = run_pack(arrays, jobs, packed_cfg)
     sync(device)
     t_packed = time.perf_counter() - t0
     assert all(r.ok for r in res)
     out = {"groups": G, "steps": steps, "batch": 64, "s_separate_sequential": t_seq,
            "s_packed": t_packed, "speedup_vs_sequential": t_seq / t_packed}
     if args.ray:
-        from pipeline.execution import train_per_group  # Ray only here: the GPU check has none
+        from pipeline.execution import train as on_ray  # Ray only here: the GPU check has none
         t0 = time.perf_counter()
-        train_per_group(arrays, jobs, cfg)
+        on_ray(arrays, [[j] for j in jobs], cfg)
         out["s_separate_ray_tasks"] = time.perf_counter() - t0  # includes Ray start
         out["speedup_vs_ray_tasks"] = out["s_separate_ray_tasks"] / t_packed
     return out

@@ -3,9 +3,20 @@ write predictions and metrics, log the run (for `python -m pipeline compare`). N
 `python -m flows.backtest --config configs/m4_gru.yaml`"""
 import sys
 
-from flows._common import run_flow
+from flows._common import main
+from pipeline import stages as S
+from pipeline.batch import Batch
 
-STAGES = ("backtest",)
+
+def backtest(b: Batch) -> None:
+    """Train before the backtest cutoffs and score the models against the baselines."""
+    data = S.prepare(b)
+    jobs = S.plan(b, data)
+    inits = S.warm_start(b, data, jobs)
+    trained = S.train(b, data, jobs, inits)
+    S.backtest(b, data, jobs, trained, inits)
+    S.log_models(b, trained)
+
 
 if __name__ == "__main__":
-    sys.exit(run_flow("backtest", __doc__, STAGES))
+    sys.exit(main(backtest))

@@ -2,9 +2,19 @@
 forecast, write. No training. `python -m flows.forecast_only --config configs/demo.yaml`"""
 import sys
 
-from flows._common import run_flow
+from flows._common import main
+from pipeline import stages as S
+from pipeline.batch import Batch
 
-STAGES = ("registry_forecast",)
+REGISTRY = True
+
+
+def forecast_only(b: Batch, by: str | None = None) -> None:
+    """Forecast with the registered champions (per group, or one global with by="global")."""
+    data = S.prepare(b)
+    forecast = S.registry_forecast(b, data, by)
+    S.write_forecast(b, data, forecast)
+
 
 if __name__ == "__main__":
-    sys.exit(run_flow("forecast_only", __doc__, STAGES))
+    sys.exit(main(forecast_only, registry=REGISTRY))

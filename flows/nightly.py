@@ -3,9 +3,27 @@ challenger against champion on the same backtest -> promote the better -> foreca
 champions -> write. `python -m flows.nightly --config configs/demo.yaml [--force]`"""
 import sys
 
-from flows._common import run_flow
+from flows._common import main
+from pipeline import stages as S
+from pipeline.batch import Batch
 
-STAGES = ("backtest", "final", "promote", "registry_forecast")
+REGISTRY = True     # needs the Model Registry
+
+
+def nightly(b: Batch) -> None:
+    """Train a challenger, promote it where it beats the champion, forecast with the
+    champions."""
+    data = S.prepare(b)                          # read, validate; lock and open the batch
+    jobs = S.plan(b, data)                       # one global job, or one per group
+    inits = S.warm_start(b, data, jobs)          # champions' weights (train.warm_start)
+    trained = S.train(b, data, jobs, inits)      # before the backtest cutoffs
+    scored = S.backtest(b, data, jobs, trained, inits)   # against the baselines; written
+    final = S.final_model(b, data, jobs, trained, inits)  # on all the data
+    S.log_models(b, final)
+    S.promote(b, data, scored, final)            # challenger vs champion, same windows
+    forecast = S.registry_forecast(b, data)      # with the champions, new or kept
+    S.write_forecast(b, data, forecast, scored)
+
 
 if __name__ == "__main__":
-    sys.exit(run_flow("nightly", __doc__, STAGES))
+    sys.exit(main(nightly, registry=REGISTRY))

@@ -1,14 +1,17 @@
 """Rolling-origin backtest against baselines, and the final forecast with fallbacks.
 
-`backtest` scores every trained job on its series at each cutoff (latest first): the model's
-forecasts, naive and seasonal naive on the same cutoffs, per-series metrics and the frames
-the pipeline writes. Scaling statistics are refitted at each cutoff from data before it.
+`backtest` scores every trained job's model on the job's series at each cutoff (latest first):
+the model's forecasts, naive and seasonal naive on the same cutoffs, per-series metrics and the
+frames the pipeline writes. A job is anything with a `name` and `member(n_series)` (the series
+it covers, `pipeline.jobs.Job`); models come as {job name: model}. Scaling statistics are
+refitted at each cutoff from data before it.
 `final_forecast` predicts H steps past each series' end; series that were skipped (too short,
 no finite value, …) or whose job failed get a seasonal-naive forecast marked
 `model = "fallback:seasonal_naive"`, so every input series has a forecast.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,10 +19,10 @@ import numpy as np
 from pipeline import evaluate as E
 from pipeline.config import Config
 from pipeline.data.calendar import DAY_NS, NS
+from pipeline.data.loader import loader_at
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import backtest_windows, cutoff_positions, forecast_windows
 from pipeline.forecast import history, long_frame, predict
-from pipeline.jobs import Job, JobResult, loader_at
 
 BASELINES = {"naive": E.naive, "seasonal_naive": E.seasonal_naive}
 FALLBACK = "fallback:seasonal_naive"
@@ -54,18 +57,35 @@ class Backtest:
             row["skill_mase"] = float(E.skill(row["mase"], ref)) if ref else float("nan")
         return out
 
+    def group_summaries(self) -> dict[str, dict[str, dict[str, float]]]:
+        """group -> model -> metrics summarised over the group's series and cutoffs as
+        `summary` does overall."""
+        cols = concat_columns(self.metrics)
+        if not cols:
+            return {}
+        names = [k for k in cols if k not in ("unique_id", "cutoff", "model", "group")]
+        models, groups = cols["model"].astype(str), cols["group"].astype(str)
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for g in np.unique(groups):
+            for m in np.unique(models):
+                sel = (groups == g) & (models == m)
+                if sel.any():
+                    out.setdefault(str(g), {})[str(m)] = E.summarize(
+                        {k: cols[k][sel] for k in names})
+        return out
+
 
 def config_at(cfg: Config, k: int) -> Config:
     """The config whose training stops before backtest cutoff k (0 = latest): the cutoffs are
     counted back from each series' end, so it is the same job with k + 1 backtest windows."""
-    import dataclasses
     return dataclasses.replace(cfg, windows=dataclasses.replace(cfg.windows, n_windows=k + 1))
 
 
-def backtest(arrays: SeriesArrays, jobs: list[Job], results: list[JobResult] | dict,
-             cfg: Config, extra: dict | None = None, device="cpu") -> Backtest:
-    """`results`: the jobs trained once before the oldest cutoff (a list), or, with
-    `evaluate.refit`, a dict cutoff number -> the jobs trained before that cutoff."""
+def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
+             extra: dict | None = None, device="cpu", refit: bool = False) -> Backtest:
+    """`models`: {job name: model} trained once before the oldest cutoff, or with `refit`
+    {cutoff number: {job name: model trained before that cutoff}}. Jobs without a model get
+    the baselines only."""
     out = Backtest()
     m = season_of(cfg, arrays.freq_ns)
     ok = arrays.status == 0
@@ -73,8 +93,7 @@ def backtest(arrays: SeriesArrays, jobs: list[Job], results: list[JobResult] | d
     cutoffs = cutoff_positions(arrays.lengths, cfg.windows.horizon, cfg.windows.n_windows,
                                cfg.windows.step)
     for k, cut in enumerate(cutoffs):
-        res_k = results[k] if isinstance(results, dict) else results
-        models = {r.name: r.model() for r in res_k if r.ok}
+        models_k = models[k] if refit else models
         loader = loader_at(arrays, cfg, cut, device)
         for job in jobs:
             idx = backtest_windows(cut, arrays.lengths, cfg.windows,
@@ -84,8 +103,8 @@ def backtest(arrays: SeriesArrays, jobs: list[Job], results: list[JobResult] | d
             hist = history(arrays, idx.series, cut[idx.series])
             scale = E.mase_scale(hist, m)
             p = None
-            if job.name in models:
-                p = predict(models[job.name], loader, idx, quantiles=quantiles)
+            if job.name in models_k:
+                p = predict(models_k[job.name], loader, idx, quantiles=quantiles)
                 _score(out, cfg.model.name, arrays, idx, p.y, p.y_hat, p.mask, scale, extra,
                        cfg.windows.lookback, quantiles, p.q_hat)
             y, mask = (p.y, p.mask) if p is not None else _actuals(arrays, idx, cfg)
@@ -118,14 +137,14 @@ def _score(out: Backtest, model, arrays, idx, y, y_hat, mask, scale, extra, look
                         **{k: v.astype(np.float64) for k, v in table.items()}})
 
 
-def final_forecast(arrays: SeriesArrays, jobs: list[Job], results: list[JobResult],
-                   cfg: Config, extra: dict | None = None, device="cpu",
+def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
+                   extra: dict | None = None, device="cpu",
                    within: np.ndarray | None = None) -> dict:
-    """H steps past every series' end: the job's model where it trained, else the fallback.
-    `within` ([S] bool) limits the forecast to those series (default: every series)."""
+    """H steps past every series' end: the job's model ({job name: model}) where there is one,
+    else the fallback. `within` ([S] bool) limits the forecast to those series (default:
+    every series)."""
     L, H = cfg.windows.lookback, cfg.windows.horizon
     loader = loader_at(arrays, cfg, arrays.lengths, device)
-    models = {r.name: r.model() for r in results if r.ok}
     ok = arrays.status == 0
     covered = np.zeros(len(arrays), bool)
     frames = []

@@ -1,19 +1,28 @@
-"""One batch of a scheduled flow: a lock and a record of what already finished.
+"""One run of a flow or command, as a context manager: what it holds open (the config, the Ray
+runner, the tracking run, the lock), what it records (wall time per stage, failed jobs) and how
+it ends (the exit code, one line on stderr).
 
-A batch is (flow, config name, batch id); the batch id defaults to the data cutoff, so a nightly
-run over the same data is the same batch. `guard` is entered once the cutoff is known:
+    with Batch("nightly", config, overrides, batch_id, force) as b:
+        data = stages.prepare(b)        # opens the batch on the data cutoff
+        ...
+    return b.exit_code
+
+`open()` (called by `stages.prepare`) loads the config and checks the tracking server before
+any data is read. `begin(prepared)` runs once the data cutoff is known: the batch id defaults
+to it, so a nightly run over the same data is the same batch.
 
 - the lock: an exclusive `fcntl.flock` on `<lock dir>/<flow>-<name>-<batch>.lock`, taken without
-  waiting (another holder -> `LockHeld`). The kernel drops it when the process dies, so a crash
-  never leaves a stale lock. The lock dir is `output.path/_locks` for local outputs, else
-  `$PIPELINE_LOCK_DIR` or `~/.cache/forecast-pipeline/locks`: it serialises runs on one machine
-  (or on machines sharing that folder); across schedulers, also forbid overlap in the scheduler
-  (a CronJob's `concurrencyPolicy: Forbid`).
-- the record: a marker file written on success and, with tracking, the finished parent runs
-  tagged with this flow, config and batch; either one means done. A finished batch ->
-  `AlreadyDone` unless `force`; with `force` the old runs are tagged superseded (`compare`
-  ignores them). Parent runs of the batch still RUNNING under the lock can only be left by a
-  crash: they are marked KILLED.
+  waiting (another holder -> `LockHeld`, exit 3). The kernel drops it when the process dies, so
+  a crash never leaves a stale lock. The lock dir (`paths.lock_dir`) is `output.path/_locks` for
+  local outputs, else `$PIPELINE_LOCK_DIR`: it serialises runs on one machine (or machines
+  sharing that folder); across schedulers, also forbid overlap in the scheduler.
+- the record (scheduled flows only, `record=True`): a marker file written on success and, with
+  tracking, the finished parent runs tagged with this flow, config and batch; either one means
+  done. A finished batch -> `AlreadyDone` (exit 0) unless `force`; with `force` the old runs are
+  tagged superseded (`compare` ignores them). Parent runs of the batch still RUNNING under the
+  lock can only be left by a crash: they are marked KILLED.
+- the tracking run: started in `begin`, finished FINISHED or FAILED on the way out, inside the
+  lock, so a finished batch is never seen RUNNING.
 """
 from __future__ import annotations
 
@@ -22,30 +31,28 @@ import fcntl
 import json
 import os
 import re
+import sys
 import time
+import traceback
+import uuid
 from collections.abc import Iterator
+from functools import cached_property
 
-from pipeline.config import Config
-from pipeline.errors import PipelineError
-
-
-class LockHeld(PipelineError):
-    """Another run of the same flow and batch holds the lock."""
-
-
-class AlreadyDone(PipelineError):
-    """The batch already finished (rerun with force to redo it)."""
-
-
-def lock_dir(cfg: Config) -> str:
-    if "://" not in cfg.output.path:
-        return os.path.join(cfg.output.path, "_locks")
-    return os.environ.get("PIPELINE_LOCK_DIR") or os.path.expanduser(
-        "~/.cache/forecast-pipeline/locks")
-
-
-def _slug(*parts: str) -> str:
-    return re.sub(r"[^\w.\-]", "_", "-".join(parts))
+from pipeline import config as C
+from pipeline import paths, report
+from pipeline.data.io import write_bytes_atomic, write_parquet_atomic
+from pipeline.data.prepare import local_runner
+from pipeline.errors import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    AlreadyDone,
+    InfraError,
+    LockHeld,
+    PipelineError,
+    exit_code,
+    one_line,
+)
+from pipeline.runlog import RunLog
 
 
 @contextlib.contextmanager
@@ -68,45 +75,151 @@ def lock(path: str) -> Iterator[None]:
 
 
 class Batch:
-    """The lock and the record of one (flow, config, batch id); see the module docstring."""
+    """See the module docstring. `record`: a scheduled flow (skip-if-done, marker, `flow`
+    tag); `tracked`: log to MLflow when the config says so; `registry`: the flow needs the
+    Model Registry (champions), so tracking must be on and reachable."""
 
-    def __init__(self, cfg: Config, flow: str, batch_id: str, log=None, force: bool = False):
-        self.cfg, self.flow, self.batch_id, self.log, self.force = cfg, flow, batch_id, log, force
-        name = _slug(flow, cfg.name, batch_id)
-        self.lock_path = os.path.join(lock_dir(cfg), f"{name}.lock")
-        self.marker = os.path.join(lock_dir(cfg), f"{name}.done")
+    def __init__(self, flow: str, config: str | None, overrides=(), batch_id: str | None = None,
+                 force: bool = False, *, record: bool = True, tracked: bool = True,
+                 registry: bool = False) -> None:
+        self.flow, self.config_path, self.overrides = flow, config, list(overrides)
+        self.batch_id, self.force = batch_id, force
+        self.record, self.tracked, self.registry = record, tracked, registry
+        self.log = None                      # the RunLog, once opened (None: untracked)
+        self.seconds: dict[str, float] = {}  # wall seconds per stage
+        self.failed_jobs: list[str] = []
+        self.results: dict[str, object] = {}  # each stage's result, by stage name
+        self.exit_code = EXIT_OK
+        self._stack = contextlib.ExitStack()
+        self._runner = None
+        self._begun = self._opened = False
+        self._t0 = time.perf_counter()
 
-    def finished(self) -> list[str]:
-        """Ids of the finished runs of this batch, and the marker: either one means done (a
-        batch that finished while MLflow was unreachable has only the marker)."""
-        runs = self._runs("FINISHED") if self.log is not None else []
-        return runs + ([self.marker] if os.path.exists(self.marker) else [])
+    @cached_property
+    def cfg(self) -> C.Config:
+        return C.load(self.config_path, self.overrides)
 
-    def _runs(self, status: str) -> list[str]:
-        from pipeline import registry
-        return self.log.tr.safe(registry.batch_runs, self.log.tr.uri, self.log.experiment,
-                                self.flow, self.cfg.name, self.batch_id, status) or []
+    @property
+    def run_id(self) -> str:
+        """The parent run's id, or a fresh id for an untracked run (the outputs carry it)."""
+        if self.log is not None and self.log.parent_id:
+            return self.log.parent_id
+        if not hasattr(self, "_run_id"):
+            self._run_id = uuid.uuid4().hex
+        return self._run_id
+
+    @property
+    def runner(self):
+        """Ray tasks when enabled (started on first use, stopped on the way out), else this
+        process."""
+        if self._runner is None:
+            if self.cfg.ray.enabled:
+                from pipeline.execution import RayRunner  # Ray only when enabled
+                self._runner = self._stack.enter_context(RayRunner(self.cfg.ray))
+            else:
+                self._runner = local_runner
+        return self._runner
+
+    def keep(self, name: str, result):
+        """Keep a stage's result (what tests and callers read), and return it."""
+        self.results[name] = result
+        return result
 
     @contextlib.contextmanager
-    def guard(self) -> Iterator[None]:
-        with lock(self.lock_path):
-            done = self.finished()
-            if done and not self.force:
-                raise AlreadyDone(f"batch {self.batch_id} of flow {self.flow} ({self.cfg.name}) "
-                                  f"already finished ({done[0]}); --force redoes it")
-            if self.log is not None:
-                from pipeline import registry
-                for run_id in self._runs("RUNNING"):       # left by a crash: we hold the lock
-                    self.log.tr.safe(self.log.tr.client.set_terminated, run_id, "KILLED")
-                for run_id in done:
-                    if run_id != self.marker:
-                        self.log.tr.safe(registry.supersede, self.log.tr.uri, run_id)
-            if os.path.exists(self.marker):
-                os.remove(self.marker)
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage (its seconds add up per name)."""
+        t = time.perf_counter()
+        try:
             yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
-    def mark_done(self, info: dict) -> None:
-        tmp = f"{self.marker}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(info, f)
-        os.replace(tmp, self.marker)
+    # -------------------------------------------------------------- opening
+
+    def open(self) -> None:
+        """Load the config and open the tracking run's connection (an unreachable server
+        required by the config stops here, before any data is read)."""
+        if self._opened:
+            return
+        self._opened = True
+        cfg = self.cfg
+        needs = self.registry or (cfg.train.warm_start and self.tracked)
+        if needs and not cfg.tracking.enabled:
+            raise PipelineError(f"{'train.warm_start' if cfg.train.warm_start else self.flow}"
+                                " needs the Model Registry: set tracking.enabled: true")
+        if self.tracked:
+            self.log = RunLog.open(cfg)
+            if needs and self.log is None:
+                raise PipelineError("the Model Registry is unreachable and this job needs it")
+
+    def begin(self, prepared) -> None:
+        """The data is read: take the batch's lock, skip it if it is done, open its run,
+        write the validation report."""
+        arrays, cfg = prepared.arrays, self.cfg
+        cutoff = paths.cutoff_label(int(arrays.end_ns.max())) if len(arrays) else "none"
+        self.batch_id = self.batch_id or cutoff
+        name = re.sub(r"[^\w.\-]", "_", f"{self.flow}-{cfg.name}-{self.batch_id}")
+        self._marker = os.path.join(paths.lock_dir(cfg), f"{name}.done")
+        self._stack.enter_context(lock(os.path.join(paths.lock_dir(cfg), f"{name}.lock")))
+        self._begun = True
+        if self.record:
+            self._check_done()
+        if self.log is not None:
+            tags = {"flow": self.flow} if self.record else {"command": self.flow}
+            self.log.start(self.batch_id, cutoff, prepared.report, tags=tags)
+            if self.registry and not self.log.parent_id:
+                raise InfraError("could not open the MLflow run this job needs "
+                                 f"({'; '.join(self.log.failures[:1]) or 'unknown error'})")
+        if cfg.output.report:
+            write_parquet_atomic(prepared.report.to_arrow(), paths.validation_report(cfg))
+
+    def _check_done(self) -> None:
+        log = self.log
+        done = (log.batch_runs(self.flow, self.batch_id, "FINISHED") if log else []) + \
+            ([self._marker] if os.path.exists(self._marker) else [])
+        if done and not self.force:
+            raise AlreadyDone(f"batch {self.batch_id} of flow {self.flow} ({self.cfg.name}) "
+                              f"already finished ({done[0]}); --force redoes it")
+        if log is not None:
+            for run_id in log.batch_runs(self.flow, self.batch_id, "RUNNING"):
+                log.kill(run_id)           # left by a crash: we hold the lock
+            for run_id in done:
+                if run_id != self._marker:
+                    log.supersede(run_id)
+        if os.path.exists(self._marker):
+            os.remove(self._marker)
+
+    # -------------------------------------------------------------- ending
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        ok = exc is None
+        with self._stack:              # the lock and Ray are released last
+            if self.log is not None and self.log.parent_id:
+                if ok:
+                    self.log.metrics({f"seconds_{k}": v for k, v in self.seconds.items()})
+                self.log.finish(ok)
+                report.tracking(self.log)
+            if ok and self.record and self._begun:
+                write_bytes_atomic(json.dumps({"run_id": self.run_id}).encode(), self._marker)
+        if ok:
+            report.wall_time(time.perf_counter() - self._t0, self.seconds)
+            self.exit_code = EXIT_PARTIAL if self.failed_jobs else EXIT_OK
+            if self.failed_jobs:
+                print(f"warning: {len(self.failed_jobs)} training job(s) failed "
+                      f"({', '.join(self.failed_jobs[:5])}); their series got the fallback "
+                      "forecast", file=sys.stderr)
+            return False
+        if not isinstance(exc, Exception):
+            return False               # KeyboardInterrupt, SystemExit: not ours to swallow
+        self.exit_code = exit_code(exc)
+        if isinstance(exc, AlreadyDone):
+            print(one_line(exc, self.flow))
+            return True
+        if not isinstance(exc, PipelineError | C.ConfigError) and \
+                not type(exc).__module__.startswith("mlflow"):
+            traceback.print_exception(exc, file=sys.stdout)   # a bug: the details, not on stderr
+        print(one_line(exc, self.flow), file=sys.stderr)
+        return True

@@ -9,18 +9,24 @@ stores publish an object only once its upload completes) and removed when the jo
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
+from pipeline import paths
+from pipeline.config import Config
 from pipeline.data.io import filesystem_for, write_bytes_atomic
+from pipeline.data.series import SeriesArrays
 from pipeline.errors import PipelineError
 
 
@@ -92,3 +98,83 @@ def digest(*parts) -> str:
             h.update(memoryview(p).cast("B"))
         h.update(b"\0")
     return h.hexdigest()
+
+
+def training_state(epoch: int, model, opt, sched, device: torch.device, results: list, *,
+                   best: dict | None, bad: list[int], stopped: list[bool]) -> dict:
+    """Everything the rest of a training loop depends on after `epoch`: weights, optimizer and
+    schedule, the torch RNG of the CPU and of the training GPU (dropout, teacher forcing; the
+    window order is a function of (seed, epoch, rank)), the best weights, each member's
+    early-stopping counters and result so far (`pipeline.train.FitResult`)."""
+    return {"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
+            "sched": sched.state_dict() if sched is not None else None,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "best": best, "bad": bad, "stopped": stopped,
+            "results": [{"history": r.history, "best_val": r.best_val,
+                         "best_epoch": r.best_epoch, "samples": r.samples,
+                         "seconds": r.seconds, "attempt": r.attempt} for r in results]}
+
+
+def fits(state: dict, model, members: int) -> bool:
+    """`state` is of this pack: as many members, weights of the model's names and shapes
+    (checked before anything is loaded: a failed load_state_dict may have copied part of it)."""
+    mine, theirs = model.state_dict(), state.get("model", {})
+    return len(state.get("results", ())) == members and mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape for k in mine)
+
+
+# ------------------------------------------------------------------ the checkpoint of a pack
+
+def for_pack(arrays: SeriesArrays, jobs: Sequence, cfg: Config, final: bool, name: str,
+             start_weights: bytes, world: int = 1) -> Checkpoint | None:
+    """The checkpoint of a pack of jobs (one job, or the groups trained packed):
+    `<checkpoint dir>/<backtest|final>/<name>-<settings digest>.ckpt`, keyed by the weights the
+    pack starts from (their shapes, seeded initialisation or warm start), the training settings,
+    the number of DDP ranks and every member's data (`job_key`); None when checkpoints are
+    off."""
+    if cfg.train.checkpoint_minutes is None:
+        return None
+    conf = train_settings(cfg)
+    uri = (f"{paths.checkpoint_root(cfg).rstrip('/')}/{'final' if final else 'backtest'}/"
+           f"{name}-{digest(conf)[:8]}.ckpt")     # refit cutoffs and other configs apart
+
+    def key() -> str:
+        common = data_key(arrays)
+        return digest(digest(start_weights),
+                      *[job_key(arrays, j, conf, final, world, common) for j in jobs])
+    return Checkpoint(uri, key, cfg.train.checkpoint_minutes)
+
+
+def train_settings(cfg: Config) -> str:
+    """The settings a job's training depends on (not where it runs, logs or checkpoints)."""
+    conf = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k in ("data", "windows", "model", "train")}
+    conf["data"].pop("path", None)
+    for k in ("checkpoint_minutes", "checkpoint_dir", "device"):
+        conf["train"].pop(k, None)
+    return json.dumps(conf, sort_keys=True, default=str)
+
+
+def data_key(arrays: SeriesArrays) -> str:
+    """What every model depends on beyond its own series: all series ids and groups (the rows
+    of a series or group embedding) and static values (the one-hot columns)."""
+    parts = ["\x1f".join(map(str, arrays.ids))]
+    if arrays.groups is not None:
+        parts.append("\x1f".join(map(str, arrays.groups)))
+    parts += ["\x1f".join(map(str, arrays.static[c])) for c in sorted(arrays.static)]
+    return digest(*parts)
+
+
+def job_key(arrays: SeriesArrays, job, conf: str, final: bool, world: int, common: str) -> str:
+    """Digest of what one job's training depends on besides its starting weights: the training
+    settings, the number of DDP ranks (their shards and schedule), `data_key`, and the job's
+    series — values, mask and covariates."""
+    series = np.sort(job.series)
+    parts = [conf, job.name, str(final), str(world), common,
+             np.ascontiguousarray(series.astype(np.int64))]
+    for run in np.split(series, np.flatnonzero(np.diff(series) != 1) + 1):  # consecutive runs
+        lo, hi = arrays.indptr[run[0]], arrays.indptr[run[-1] + 1]
+        for a in (arrays.values, arrays.mask, arrays.past, arrays.future):
+            parts.append(None if a is None else np.ascontiguousarray(a[lo:hi]))
+    return digest(*parts)

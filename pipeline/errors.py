@@ -1,4 +1,18 @@
-"""User-facing errors: the CLI prints their message and exits non-zero, without a traceback."""
+"""User-facing errors and the exit codes a scheduler acts on, in one place. Every command and
+flow ends with one of these codes and, unless 0, one line on stderr saying why:
+
+    0  done, or the batch had already finished (reported; --force redoes it)
+    1  a failure worth retrying: the MLflow server or Ray cluster unreachable, every training
+       job failed, or anything unexpected (its traceback goes to stdout)
+    2  bad config or bad data (the reason names the key, column or series): do not retry
+    3  another run of the same flow and batch holds the lock
+    4  finished, but some training jobs failed (their series got the fallback forecast)
+"""
+from __future__ import annotations
+
+from pipeline.config import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED, EXIT_PARTIAL = 0, 1, 2, 3, 4
 
 
 class PipelineError(Exception):
@@ -12,3 +26,35 @@ class DataError(PipelineError):
 class InfraError(PipelineError):
     """A service the job needs failed (the MLflow server, the Ray cluster, every training job):
     worth retrying later, unlike a bad config or bad data. Flows and the CLI exit with 1."""
+
+
+class LockHeld(PipelineError):
+    """Another run of the same flow and batch holds the lock."""
+
+
+class AlreadyDone(PipelineError):
+    """The batch already finished (rerun with force to redo it)."""
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code for an exception that ended a command or flow."""
+    if isinstance(exc, AlreadyDone):
+        return EXIT_OK
+    if isinstance(exc, LockHeld):
+        return EXIT_LOCKED
+    if isinstance(exc, InfraError):
+        return EXIT_FAILED
+    if isinstance(exc, ConfigError | PipelineError):
+        return EXIT_INVALID
+    return EXIT_FAILED
+
+
+def one_line(exc: BaseException, what: str) -> str:
+    """The line a user reads for `exc`, which ended `what` (a flow or command name)."""
+    if isinstance(exc, AlreadyDone):
+        return f"skipped: {exc}"
+    if isinstance(exc, ConfigError | PipelineError):
+        return f"error: {exc}"
+    if type(exc).__module__.startswith("mlflow"):
+        return f"error: MLflow: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
+    return f"error: {what} failed: {type(exc).__name__}: {exc}"

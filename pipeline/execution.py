@@ -1,9 +1,11 @@
 """The Ray layer: the only module that imports ray.
 
-`RayRunner(cfg)` is the runner `pipeline.data.prepare` maps its per-part function with: one
-Ray task per argument tuple, results in submission order, the NumPy buffers coming back through
-the object store without copies. It joins the cluster at `ray.address` (or RAY_ADDRESS) or
-starts a local instance, and shuts down only what it started.
+`RayRunner(cfg)` is the runner the data stage maps its per-part function with: one Ray task per
+argument tuple, results in submission order, the NumPy buffers coming back through the object
+store without copies. `train` runs a plan of packs (`pipeline.jobs.plan_packs`): one Ray task
+per pack, or Ray Train's TorchTrainer (DDP) for a global model over several workers. Ray joins
+the cluster at `ray.address` (or RAY_ADDRESS) or starts a local instance, and shuts down only
+what it started.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from collections.abc import Callable
 
 import ray
 
-from pipeline.config import RayConfig
+from pipeline.config import Config, RayConfig
 from pipeline.errors import InfraError, PipelineError
+from pipeline.jobs import Job, JobResult, failed, run_pack
 
 
 def connect(cfg: RayConfig) -> bool:
@@ -31,6 +34,14 @@ def connect(cfg: RayConfig) -> bool:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         raise InfraError(f"cannot start or join {where}: {e}") from None
     return True
+
+
+def task(fn: Callable, cfg: RayConfig, retry_exceptions: bool):
+    """`fn` as a Ray task with the configured resources (`ray.task_num_cpus` /
+    `ray.task_num_gpus`, fractions allowed: a scheduling label, not a memory cap) and
+    `ray.max_retries` retries (of exceptions too, when `retry_exceptions`)."""
+    return ray.remote(fn).options(num_cpus=cfg.task_num_cpus, num_gpus=cfg.task_num_gpus,
+                                  max_retries=cfg.max_retries, retry_exceptions=retry_exceptions)
 
 
 class RayRunner:
@@ -55,9 +66,7 @@ class RayRunner:
 
     def __call__(self, fn: Callable, args: list[tuple]) -> list:
         self.started |= connect(self.cfg)
-        remote = ray.remote(fn).options(
-            num_cpus=self.cfg.task_num_cpus, num_gpus=self.cfg.task_num_gpus,
-            max_retries=self.cfg.max_retries, retry_exceptions=False)
+        remote = task(fn, self.cfg, retry_exceptions=False)
         refs = [remote.remote(*a) for a in args]
         try:
             return ray.get(refs)
@@ -68,72 +77,75 @@ class RayRunner:
             raise
 
 
-def ray_runner(cfg: RayConfig) -> RayRunner:
-    return RayRunner(cfg)
-
-
 # ------------------------------------------------------------------ training on Ray
 
-def _run_job_task(arrays, job, cfg, final=False, log=None, init=None):
-    from pipeline.jobs import run_job
-    res = run_job(arrays, job, cfg, final=final, log=log, init=init)
-    res.node = ray.get_runtime_context().get_node_id()
-    return res
+def _pack_task(arrays, jobs, cfg, final=False, logs=None, inits=None, plan=None
+               ) -> list[JobResult]:
+    results = run_pack(arrays, jobs, cfg, final=final, logs=logs, inits=inits, plan=plan)
+    node = ray.get_runtime_context().get_node_id()
+    for r in results:
+        r.node = node
+    return results
 
 
-def train_per_group(arrays, jobs: list, cfg, final: bool = False, loggers: dict | None = None,
-                    inits: dict | None = None) -> list:
-    """One Ray task per job with `ray.task_num_cpus` / `ray.task_num_gpus` (fractions allowed;
-    a scheduling label, not a memory cap). The arrays go to the object store once and every
-    task maps them without a copy. A job that raises is retried `ray.max_retries` times; if it
-    still fails it comes back as a failed JobResult and every other job completes. `loggers`
+def train(arrays, packs: list[list[Job]], cfg: Config, final: bool = False,
+          loggers: dict | None = None, inits: dict | None = None, plan=None
+          ) -> list[JobResult]:
+    """Train every pack on Ray: one task per pack (the arrays go to the object store once and
+    every task maps them without a copy), or the global job under Ray Train DDP when
+    `ray.num_workers > 1`. A pack that raises is retried `ray.max_retries` times; if it still
+    fails its jobs come back as failed JobResults and every other pack completes. `loggers`
     (job name -> the tracking layer's EpochLogger) travel with the tasks, which log each epoch
-    into the job's existing run."""
-    from pipeline.jobs import failed
+    into the job's existing run. `plan`: the data stage's window plan (`jobs.job_data`)."""
     connect(cfg.ray)
-    ref = ray.put(arrays)
-    task = ray.remote(_run_job_task).options(
-        num_cpus=cfg.ray.task_num_cpus, num_gpus=cfg.ray.task_num_gpus,
-        max_retries=cfg.ray.max_retries, retry_exceptions=True)
-    refs = [task.remote(ref, job, cfg, final, (loggers or {}).get(job.name),
-                        (inits or {}).get(job.name)) for job in jobs]
+    if cfg.train.mode == "global" and cfg.ray.num_workers > 1:
+        (job,) = [j for pack in packs for j in pack]
+        return [train_global_ddp(arrays, job, cfg, final, (loggers or {}).get(job.name),
+                                 (inits or {}).get(job.name), plan)]
+    ref, plan_ref = ray.put(arrays), ray.put(plan)
+    remote = task(_pack_task, cfg.ray, retry_exceptions=True)
+    refs = [remote.remote(ref, pack, cfg, final,
+                          {j.name: (loggers or {}).get(j.name) for j in pack},
+                          {j.name: (inits or {}).get(j.name) for j in pack}, plan_ref)
+            for pack in packs]
     out = []
-    for job, r in zip(jobs, refs, strict=True):
+    for pack, r in zip(packs, refs, strict=True):
         try:
-            out.append(ray.get(r))
+            out += ray.get(r)
         except ray.exceptions.RayTaskError as e:
-            out.append(failed(job, e.as_instanceof_cause(), attempts=cfg.ray.max_retries + 1))
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as e:
-            out.append(failed(job, e, attempts=cfg.ray.max_retries + 1))
+            out += [failed(j, e.as_instanceof_cause(), cfg.ray.max_retries + 1) for j in pack]
+        except ray.exceptions.RayError as e:    # the worker or its node died, every retry
+            out += [failed(j, e, cfg.ray.max_retries + 1) for j in pack]
     return out
 
 
-def _ddp_worker(config: dict):
-    """Ray Train's train_loop_per_worker: the same job function, the model wrapped in DDP;
+def _ddp_worker(config: dict) -> JobResult:
+    """Ray Train's train_loop_per_worker: the same pack function, the model wrapped in DDP;
     each rank samples its own shard of the window index (see pipeline.train.shard)."""
-    import ray.train.torch as rtt
-
-    from pipeline.jobs import run_job
+    import ray.train.torch as rtt  # Ray Train: seconds to import, for DDP only
     arrays = ray.get(config["arrays"])
+    job = config["job"]
     rank0 = ray.train.get_context().get_world_rank() == 0
-    return run_job(arrays, config["job"], config["cfg"], wrap=rtt.prepare_model,
-                   final=config.get("final", False), log=config.get("log") if rank0 else None,
-                   init=config.get("init"))
+    (result,) = run_pack(arrays, [job], config["cfg"], final=config["final"],
+                         logs={job.name: config["log"] if rank0 else None},
+                         inits={job.name: config["init"]}, wrap=rtt.prepare_model,
+                         plan=ray.get(config["plan"]))
+    return result
 
 
-def train_global_ddp(arrays, job, cfg, final: bool = False, log=None, init=None):
+def train_global_ddp(arrays, job: Job, cfg: Config, final: bool = False, log=None,
+                     init=None, plan=None) -> JobResult:
     """Global training with Ray Train's TorchTrainer (DDP over `ray.num_workers` workers, on
     GPUs when the cluster has them and train.device allows). Returns rank 0's JobResult."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig  # Ray Train: for DDP only
     from ray.train.torch import TorchTrainer
-
-    from pipeline.jobs import failed
     connect(cfg.ray)
     use_gpu = cfg.train.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
     trainer = TorchTrainer(
         _ddp_worker,
         train_loop_config={"arrays": ray.put(arrays), "job": job, "cfg": cfg, "final": final,
-                           "log": log, "init": init},   # rank 0 alone logs into the job's run
+                           "log": log, "init": init,     # rank 0 alone logs into the job's run
+                           "plan": ray.put(plan)},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=f"{cfg.name}-{job.name}"),
     )
@@ -142,31 +154,3 @@ def train_global_ddp(arrays, job, cfg, final: bool = False, log=None, init=None)
     except Exception as e:  # noqa: BLE001 - Ray Train wraps worker errors in its own types
         return failed(job, e)
     return result.return_value
-
-
-def train(arrays, jobs: list, cfg, final: bool = False, loggers: dict | None = None,
-          inits: dict | None = None) -> list:
-    """Run the plan of jobs on Ray: per-group jobs as tasks (or packed into one task when
-    `train.packed`), the global job in one task, or under Ray Train DDP when
-    `ray.num_workers > 1`."""
-    if cfg.train.mode == "global" and cfg.ray.num_workers > 1:
-        return [train_global_ddp(arrays, jobs[0], cfg, final, (loggers or {}).get(jobs[0].name),
-                                 (inits or {}).get(jobs[0].name))]
-    if cfg.train.per_group.packed:
-        connect(cfg.ray)
-        from pipeline.jobs import failed
-        task = ray.remote(_run_packed_task).options(
-            num_cpus=cfg.ray.task_num_cpus, num_gpus=cfg.ray.task_num_gpus,
-            max_retries=cfg.ray.max_retries, retry_exceptions=True)
-        try:
-            return ray.get(task.remote(ray.put(arrays), jobs, cfg, final, inits))
-        except ray.exceptions.RayTaskError as e:   # the pack failed: every group reports it
-            return [failed(j, e.as_instanceof_cause(), cfg.ray.max_retries + 1) for j in jobs]
-        except ray.exceptions.RayError as e:
-            return [failed(j, e, cfg.ray.max_retries + 1) for j in jobs]
-    return train_per_group(arrays, jobs, cfg, final, loggers, inits)
-
-
-def _run_packed_task(arrays, jobs, cfg, final=False, inits=None):
-    from pipeline.jobs import run_packed
-    return run_packed(arrays, jobs, cfg, final=final, inits=inits)

@@ -1,17 +1,16 @@
 """Training jobs. Global and per-group training are one code path: a plan of jobs (a job is
-the set of series it trains on) run by the same job function, `run_job`, wherever the execution
-layer places it (this process, a Ray task, a Ray Train worker).
+the set of series it trains on), grouped into packs, each pack trained by one function,
+`run_pack`, wherever the execution layer places it (this process, a Ray task, a Ray Train
+worker). A pack of one job trains its ordinary model; a pack of several (the groups with
+`train.per_group.packed`) trains them together as one `PackedModel`.
 
-A job's windows come from `pipeline.data.prepare.plan_windows`: training and validation end
+A job's windows come from `pipeline.data.windows.plan_windows`: training and validation end
 before the oldest backtest cutoff, and the scaling statistics are fitted on the same prefix, so
 nothing after that cutoff leaks into the model.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
-import json
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -20,23 +19,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.checkpoint import Checkpoint, digest
+from pipeline import checkpoint
 from pipeline.config import Config
-from pipeline.data.loader import WindowLoader
-from pipeline.data.scaling import fit_scaling
+from pipeline.data.io import write_bytes_atomic
+from pipeline.data.loader import WindowLoader, loader_at
 from pipeline.data.series import SeriesArrays
-from pipeline.data.windows import plan_windows
-from pipeline.models import build_model, make_loss
-from pipeline.models.seq2seq import EncoderDecoder
+from pipeline.data.windows import WindowPlan, plan_windows
+from pipeline.distributed import dist_info
+from pipeline.models import PackedModel, build_model, make_loss, save_model
+from pipeline.models.seq2seq import EncoderDecoder, load_model
 from pipeline.names import model_file
-from pipeline.train import (
-    FitResult,
-    TrainData,
-    dist_info,
-    fit,
-    resolve_device,
-    seed_everything,
-)
+from pipeline.train import FitResult, TrainData, fit, resolve_device, seed_everything
 
 
 @dataclass
@@ -75,7 +68,6 @@ class JobResult:
 
     def model(self) -> EncoderDecoder:
         """The trained model, rebuilt from spec + weights."""
-        from pipeline.models.seq2seq import load_model
         buf = io.BytesIO()
         torch.save({"format": 1, "spec": self.spec, "state_dict": state_dict(self.state)}, buf)
         buf.seek(0)
@@ -102,27 +94,22 @@ def plan_jobs(arrays: SeriesArrays, cfg: Config) -> list[Job]:
     return [Job(str(g), np.flatnonzero(groups == g), str(g)) for g in np.unique(groups)]
 
 
+def plan_packs(jobs: list[Job], cfg: Config) -> list[list[Job]]:
+    """The jobs trained together: all of them in one pack with `train.per_group.packed`, else
+    one pack per job."""
+    return [jobs] if cfg.train.per_group.packed and jobs else [[job] for job in jobs]
+
+
 def job_data(arrays: SeriesArrays, job: Job, cfg: Config, device: torch.device,
-             final: bool = False) -> TrainData:
+             final: bool = False, plan: WindowPlan | None = None) -> TrainData:
     """The job's windows, scaling and loader (the loader holds all series; the index only the
     job's). final=True trains on every step (the forecast model), else before the oldest
-    backtest cutoff."""
-    plan = plan_windows(arrays, cfg.windows, eligible=job.member(len(arrays)), final=final)
+    backtest cutoff; `plan`: the data stage's plan of every series for these windows, of which
+    the job takes its series' (else they are planned here)."""
+    member = job.member(len(arrays))
+    plan = plan.of(member) if plan is not None and not final else \
+        plan_windows(arrays, cfg.windows, eligible=member, final=final)
     return TrainData(loader_at(arrays, cfg, plan.cutoffs[-1], device), plan.train, plan.val)
-
-
-def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu"
-              ) -> WindowLoader:
-    """A loader over every series with the scaling fitted before `cutoff` (per series)."""
-    loc, scale = fit_scaling(arrays, cutoff, cfg.windows.scaling)
-    return WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
-                        calendar=calendar_for(arrays, cfg), embedding=cfg.model.embedding,
-                        device=device, window_scaling=cfg.windows.scaling == "window")
-
-
-def calendar_for(arrays: SeriesArrays, cfg: Config) -> list[str]:
-    from pipeline.data.calendar import auto_features
-    return auto_features(arrays.freq_ns) if cfg.data.calendar == "auto" else list(cfg.data.calendar)
 
 
 def new_model(loader: WindowLoader, cfg: Config, n_series: int, n_groups: int) -> EncoderDecoder:
@@ -136,125 +123,87 @@ def n_groups(arrays: SeriesArrays) -> int:
     return 0 if arrays.groups is None else len(np.unique(arrays.groups.astype(str)))
 
 
-def run_job(arrays: SeriesArrays, job: Job, cfg: Config, log=None, progress: bool = False,
-            wrap=None, final: bool = False, init: bytes | None = None) -> JobResult:
-    """Build the job's data and model, fit, and return the weights (on the CPU) and history.
-    `wrap(model) -> model` lets the execution layer wrap the model (e.g. DDP) before training.
-    `log(row)` gets each epoch's row; a logger that keeps an `errors` list (the tracking
-    layer's EpochLogger) has them copied to the result, which says whether it logged.
-    `init`: weights to start from (a warm start: torch.save'd state_dict of the same spec)."""
+def run_pack(arrays: SeriesArrays, jobs: list[Job], cfg: Config, *, final: bool = False,
+             logs: dict | None = None, inits: dict | None = None, progress: bool = False,
+             wrap: Callable | None = None, plan: WindowPlan | None = None) -> list[JobResult]:
+    """Train `jobs` as one pack and return one JobResult per job (weights on the CPU, history).
+    Jobs without training windows are reported failed and left out of the pack; any other
+    error is raised. `logs`: job name -> per-epoch callback (a logger that keeps an `errors`
+    list, the tracking layer's EpochLogger, has them copied to the result, which says whether
+    it logged); `inits`: job name -> weights to start from (a warm start); `wrap(model) ->
+    model` lets the execution layer wrap a pack of one (DDP) before training."""
     t0 = time.perf_counter()
-    seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    data = job_data(arrays, job, cfg, device, final)
-    model = new_model(data.loader, cfg, len(arrays), n_groups(arrays))
+    out: dict[str, JobResult] = {}
+    keep: list[tuple[Job, TrainData]] = []
+    for job in jobs:
+        data = job_data(arrays, job, cfg, device, final, plan)
+        if len(data.train):
+            keep.append((job, data))
+        else:
+            out[job.name] = failed(job, ValueError(
+                "no training windows: the series are too short for lookback + horizon + "
+                "validation, or every series was skipped"))
+    if keep:
+        members = [job for job, _ in keep]
+        models = [_initial_model(arrays, keep[0][1].loader, cfg, (inits or {}).get(j.name))
+                  for j in members]       # each initialised as a job trained alone would be
+        core = (models[0] if len(models) == 1 else PackedModel.from_models(models)).to(device)
+        ckpt = checkpoint.for_pack(arrays, members, cfg, final, _pack_name(cfg, members),
+                                   state_bytes(core), dist_info()[1])
+        logs = [(logs or {}).get(j.name) for j in members]
+        fits = fit(wrap(core) if wrap else core, [d for _, d in keep], cfg.train,
+                   make_loss(cfg.model), log=logs, progress=progress, checkpoint=ckpt)
+        for g, ((job, data), res, log) in enumerate(zip(keep, fits, logs, strict=True)):
+            model = core if len(keep) == 1 else core.extract(g)
+            out[job.name] = trained_result(job, model, res, len(data.train), t0, log)
+        if ckpt is not None and dist_info()[0] == 0:
+            ckpt.clear()
+    return [out[job.name] for job in jobs]
+
+
+def run_job(arrays: SeriesArrays, job: Job, cfg: Config, *, log=None, init: bytes | None = None,
+            **kwargs) -> JobResult:
+    """One job trained alone: `run_pack` with a pack of one."""
+    return run_pack(arrays, [job], cfg, logs={job.name: log}, inits={job.name: init},
+                    **kwargs)[0]
+
+
+def _initial_model(arrays: SeriesArrays, loader: WindowLoader, cfg: Config,
+                   init: bytes | None) -> EncoderDecoder:
+    seed_everything(cfg.train.seed)
+    model = new_model(loader, cfg, len(arrays), n_groups(arrays))
     if init is not None:
         model.load_state_dict(state_dict(init))
-    model = model.to(device)
-    trained = wrap(model) if wrap is not None else model
-    ckpt = job_checkpoint(arrays, job, cfg, final, model)
-    res: FitResult = fit(trained, data, cfg.train, make_loss(cfg.model), log=log,
-                         progress=progress, checkpoint=ckpt)
-    out = trained_result(job, model, res, len(data.train), t0)
-    out.attempts, out.resumed_epoch = res.attempt, res.resumed_epoch
-    if ckpt is not None and dist_info()[0] == 0:
-        ckpt.clear()
+    return model
+
+
+def _pack_name(cfg: Config, members: list[Job]) -> str:
+    """The checkpoint's name: the job's model file name, or `<model>-packed` for a pack."""
+    if len(members) == 1:
+        return model_file(cfg.model.name, members[0].name).removesuffix(".pt")
+    return f"{cfg.model.name}-packed"
+
+
+def trained_result(job: Job, model: EncoderDecoder, res: FitResult, n_windows: int,
+                   t0: float, log=None) -> JobResult:
+    """A finished job: its weights on the CPU as bytes, its history and figures."""
+    out = JobResult(job.name, job.group, True, spec=model.spec, state=state_bytes(model),
+                    history=res.history, best_val=res.best_val, best_epoch=res.best_epoch,
+                    samples_per_s=res.samples_per_s, seconds=time.perf_counter() - t0,
+                    n_series=len(job.series), n_windows=n_windows, attempts=res.attempt,
+                    resumed_epoch=res.resumed_epoch)
     if log is not None:
         out.log_errors = list(getattr(log, "errors", []))
         out.logged = not out.log_errors
     return out
 
 
-def job_checkpoint(arrays: SeriesArrays, job: Job, cfg: Config, final: bool,
-                   model: torch.nn.Module) -> Checkpoint | None:
-    """`<checkpoint dir>/<backtest|final>/<model>-<job>-<config digest>.ckpt`, keyed by
-    `job_key` and the weights it starts from (`model` before training: its shapes, seeded
-    initialisation or warm start); None when checkpoints are off."""
-    name = model_file(cfg.model.name, job.name).removesuffix(".pt")
-    return _checkpoint(cfg, final, name, model,
-                       lambda conf: job_key(arrays, job, conf, final))
-
-
-def packed_checkpoint(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: bool,
-                      packed: torch.nn.Module) -> Checkpoint | None:
-    """One checkpoint for a pack of groups, `<model>-packed-….ckpt`, keyed by every member."""
-    def key(conf: str) -> str:
-        common = data_key(arrays)
-        return digest(*[job_key(arrays, j, conf, final, common) for j in jobs])
-    return _checkpoint(cfg, final, f"{cfg.model.name}-packed", packed, key)
-
-
-def checkpoint_root(cfg: Config) -> str:
-    """`train.checkpoint_dir`, default `<output.path>/<name>/checkpoints`; a local path is made
-    absolute here, so workers that run elsewhere (Ray Train moves their working directory into
-    the Ray session) use the same folder."""
-    root = cfg.train.checkpoint_dir or f"{cfg.output.path.rstrip('/')}/{cfg.name}/checkpoints"
-    return root if "://" in root else os.path.abspath(root)
-
-
-def _checkpoint(cfg: Config, final: bool, name: str, model: torch.nn.Module,
-                key: Callable[[str], str]) -> Checkpoint | None:
-    """The checkpoint named `name`, keyed by the weights `model` starts from and `key(the
-    training settings)`, computed on first use; None when checkpoints are off."""
-    if cfg.train.checkpoint_minutes is None:
-        return None
-    conf, start = _train_conf(cfg), digest(state_bytes(model))
-    uri = (f"{checkpoint_root(cfg).rstrip('/')}/{'final' if final else 'backtest'}/"
-           f"{name}-{digest(conf)[:8]}.ckpt")     # refit cutoffs and other configs apart
-    return Checkpoint(uri, lambda: digest(start, key(conf)), cfg.train.checkpoint_minutes)
-
-
-def _train_conf(cfg: Config) -> str:
-    """The settings a job's training depends on (not where it runs, logs or checkpoints)."""
-    conf = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k in ("data", "windows", "model", "train")}
-    conf["data"].pop("path", None)
-    for k in ("checkpoint_minutes", "checkpoint_dir", "device"):
-        conf["train"].pop(k, None)
-    return json.dumps(conf, sort_keys=True, default=str)
-
-
-def data_key(arrays: SeriesArrays) -> str:
-    """What every model depends on beyond its own series: all series ids and groups (the rows
-    of a series or group embedding) and static values (the one-hot columns)."""
-    parts = ["\x1f".join(map(str, arrays.ids))]
-    if arrays.groups is not None:
-        parts.append("\x1f".join(map(str, arrays.groups)))
-    parts += ["\x1f".join(map(str, arrays.static[c])) for c in sorted(arrays.static)]
-    return digest(*parts)
-
-
-def job_key(arrays: SeriesArrays, job: Job, conf: str, final: bool,
-            common: str | None = None) -> str:
-    """Digest of what a job's training depends on besides its starting weights: the training
-    settings (`_train_conf`), the number of DDP ranks (their shards and schedule), `data_key`,
-    and the job's series — values, mask and covariates."""
-    series = np.sort(job.series)
-    parts = [conf, job.name, str(final), str(dist_info()[1]),
-             common or data_key(arrays), np.ascontiguousarray(series.astype(np.int64))]
-    for run in np.split(series, np.flatnonzero(np.diff(series) != 1) + 1):  # consecutive runs
-        lo, hi = arrays.indptr[run[0]], arrays.indptr[run[-1] + 1]
-        for a in (arrays.values, arrays.mask, arrays.past, arrays.future):
-            parts.append(None if a is None else np.ascontiguousarray(a[lo:hi]))
-    return digest(*parts)
-
-
-def trained_result(job: Job, model: EncoderDecoder, res: FitResult, n_windows: int,
-                   t0: float) -> JobResult:
-    """A finished job: its weights on the CPU as bytes, its history and figures."""
-    return JobResult(job.name, job.group, True, spec=model.spec, state=state_bytes(model),
-                     history=res.history, best_val=res.best_val, best_epoch=res.best_epoch,
-                     samples_per_s=res.samples_per_s, seconds=time.perf_counter() - t0,
-                     n_series=len(job.series), n_windows=n_windows)
-
-
 def save_result(result: JobResult, path: str) -> None:
     """The trained model as a file `pipeline.models.load_model` rebuilds (written atomically)."""
-    from pipeline.models import save_model
-    tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_model(result.model(), tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    save_model(result.model(), buf)
+    write_bytes_atomic(buf.getvalue(), path)
 
 
 def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
@@ -267,59 +216,15 @@ def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
 
 def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: bool = False,
                      progress: bool = False, loggers: dict | None = None,
-                     inits: dict | None = None) -> list[JobResult]:
-    """Every job in this process, one after another (packed into one module when
-    `train.per_group.packed`); a failing job does not stop the others. `loggers`: job name
-    -> per-epoch log callback; `inits`: job name -> weights to start from."""
-    if cfg.train.per_group.packed:
-        try:
-            return run_packed(arrays, jobs, cfg, final=final, inits=inits)
-        except Exception as e:  # noqa: BLE001 - the pack failed: every group reports it
-            return [failed(job, e) for job in jobs]
+                     inits: dict | None = None, plan: WindowPlan | None = None
+                     ) -> list[JobResult]:
+    """Every pack in this process, one after another; a failing pack does not stop the others
+    (each of its jobs reports the error)."""
     out = []
-    for job in jobs:
+    for pack in plan_packs(jobs, cfg):
         try:
-            out.append(run_job(arrays, job, cfg, final=final, progress=progress,
-                               log=(loggers or {}).get(job.name),
-                               init=(inits or {}).get(job.name)))
+            out += run_pack(arrays, pack, cfg, final=final, progress=progress, logs=loggers,
+                            inits=inits, plan=plan)
         except Exception as e:  # noqa: BLE001 - reported per job, the batch goes on
-            out.append(failed(job, e))
+            out += [failed(job, e) for job in pack]
     return out
-
-
-def run_packed(arrays: SeriesArrays, jobs: list[Job], cfg: Config, progress: bool = False,
-               final: bool = False, inits: dict | None = None) -> list[JobResult]:
-    """Every per-group job trained together as one PackedModel in this process (or one Ray
-    task); each group comes back as an ordinary model, as from separate jobs. Groups with no
-    training windows are reported as failed and left out of the pack."""
-    from pipeline.models.packed import PackedModel
-    from pipeline.train import fit_packed
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    datas = [job_data(arrays, job, cfg, device, final) for job in jobs]
-    out: dict[str, JobResult] = {}
-    keep = []
-    for job, data in zip(jobs, datas, strict=True):
-        if len(data.train) == 0:
-            out[job.name] = failed(job, ValueError("no training windows: the series are too "
-                                                   "short, or every series was skipped"))
-        else:
-            keep.append((job, data))
-    if keep:
-        models = []
-        for job, _ in keep:  # each initialised as run_job would initialise it
-            seed_everything(cfg.train.seed)
-            m = new_model(keep[0][1].loader, cfg, len(arrays), n_groups(arrays))
-            if (inits or {}).get(job.name) is not None:
-                m.load_state_dict(state_dict(inits[job.name]))
-            models.append(m)
-        packed = PackedModel.from_models(models).to(device)
-        ckpt = packed_checkpoint(arrays, [job for job, _ in keep], cfg, final, packed)
-        fits = fit_packed(packed, [d for _, d in keep], cfg.train, make_loss(cfg.model),
-                          progress=progress, checkpoint=ckpt)
-        for g, ((job, data), res) in enumerate(zip(keep, fits, strict=True)):
-            out[job.name] = trained_result(job, packed.extract(g), res, len(data.train), t0)
-            out[job.name].attempts, out[job.name].resumed_epoch = res.attempt, res.resumed_epoch
-        if ckpt is not None:
-            ckpt.clear()
-    return [out[job.name] for job in jobs]

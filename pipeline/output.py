@@ -1,5 +1,6 @@
 """The pipeline's outputs (DESIGN.md §3): forecasts, backtest predictions and per-series metrics
-as Parquet, hive-partitioned `<output.path>/<kind>/job=<config name>/cutoff=<data end>/`.
+as Parquet, hive-partitioned `<output.path>/<kind>/job=<config name>/cutoff=<data end>/`
+(`pipeline.paths.partition`).
 
 A partition is replaced whole and atomically (`pipeline.data.io.replace_partition`), so a rerun
 of the same job on the same data leaves one copy. The data end is the latest timestamp of the
@@ -7,7 +8,6 @@ input; every row also carries its own series' `cutoff` (last known step).
 """
 from __future__ import annotations
 
-import os
 from datetime import datetime, timezone
 
 import numpy as np
@@ -20,16 +20,6 @@ FORECAST_SCHEMA = [("unique_id", pa.string()), ("ds", pa.timestamp("ns")),
                    ("y_hat", pa.float32())]
 TRAILER = [("model", pa.string()), ("group", pa.string()), ("run_id", pa.string()),
            ("created_at", pa.timestamp("us", tz="UTC"))]
-
-
-def cutoff_label(end_ns: int) -> str:
-    """Partition value of a data end: 2024-06-30 23:00 -> '20240630T230000'."""
-    return np.datetime64(int(end_ns), "ns").astype("datetime64[s]").item().strftime(
-        "%Y%m%dT%H%M%S")
-
-
-def partition_uri(root: str, kind: str, job: str, end_ns: int) -> str:
-    return os.path.join(root, kind, f"job={job}", f"cutoff={cutoff_label(end_ns)}")
 
 
 def to_table(cols: dict, run_id: str, created_at: datetime | None = None) -> pa.Table:
@@ -64,7 +54,7 @@ def metrics_table(cols: dict, run_id: str) -> pa.Table:
     return pa.table(base)
 
 
-def write(root: str, kind: str, job: str, end_ns: int, table: pa.Table) -> str:
-    uri = partition_uri(root, kind, job, end_ns)
+def write(uri: str, table: pa.Table) -> str:
+    """Replace partition folder `uri` (`paths.partition`) with `table`, atomically."""
     replace_partition(table, uri)
     return uri

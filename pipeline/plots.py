@@ -9,7 +9,7 @@ import numpy as np
 
 def plot_series(path: str, sid: str, hist_t, hist_y, bt: dict | None, fc: dict) -> None:
     """One PNG. bt/fc: {'ds', 'y_hat', optional 'lo', 'hi', 'y'} arrays of one series."""
-    import matplotlib
+    import matplotlib  # optional: only runs with evaluate.plots > 0 need it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 3.2), dpi=100)

@@ -1,4 +1,5 @@
-"""What one pipeline run records in MLflow, stage by stage (DESIGN.md §7).
+"""What one pipeline run records in MLflow, stage by stage (DESIGN.md §7). It speaks the
+pipeline's vocabulary (jobs, backtests, forecasts) and writes through `pipeline.tracking`.
 
     log = RunLog.open(cfg)          # before anything runs: an unreachable server is an error
     log.start(batch_id, cutoff, report) # parent run: tags, config params, input, report
@@ -13,7 +14,6 @@ Child runs: one per job — (model, "global") for a global model; (model, group)
 `tracking.child_runs: per_group`; with `per_model` one (model, "all") run holds every group's
 model as a file artifact and a per-group table (`metrics/per_group.parquet`). Every call is
 failure-tolerant (`Tracker.safe`): logging problems are listed in `failures`, outputs are kept.
-The mlflow import stays in `pipeline.tracking`.
 """
 from __future__ import annotations
 
@@ -21,11 +21,16 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import yaml
 
+import pipeline
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.names import model_file
+from pipeline.provenance import data_hash, git_commit
+from pipeline.tracking import read
 
 
 class RunLog:
@@ -38,14 +43,19 @@ class RunLog:
     @classmethod
     def open(cls, cfg: Config) -> RunLog | None:
         """None when tracking is off, or when the server is unreachable and
-        `tracking.required` is false (with a warning); raises PipelineError when it is
+        `tracking.required` is false (with a warning); raises InfraError when it is
         unreachable and required — before any data is read or model trained."""
         if not cfg.tracking.enabled:
             return None
+        tracking.quiet_logs()
         uri = tracking.tracking_uri(cfg)
         if not tracking.check_server(uri, required=cfg.tracking.required):
             return None
-        return cls(tracking.Tracker(uri, cfg.tracking.child_runs), cfg)
+        return cls(tracking.Tracker(uri, tracking.artifact_root(uri)), cfg)
+
+    @property
+    def uri(self) -> str:
+        return self.tr.uri
 
     @property
     def parent_id(self) -> str | None:
@@ -55,34 +65,57 @@ class RunLog:
     def failures(self) -> list[str]:
         return self.tr.failures
 
+    @property
+    def experiment(self) -> str:
+        return self.cfg.tracking.experiment or self.cfg.name
+
     def where(self) -> str:
         return (f"{tracking.redact(self.tr.uri)} experiment {self.experiment!r} "
                 f"run {self.parent_id}")
 
-    # -------------------------------------------------------------- parent run
+    # -------------------------------------------------------------- the batch's runs
 
-    @property
-    def experiment(self) -> str:
-        return self.cfg.tracking.experiment or self.cfg.name
+    def batch_runs(self, flow: str, batch_id: str, status: str) -> list[str]:
+        """Parent runs of this config's batch `batch_id` of `flow` in `status`."""
+        return self.tr.safe(read.batch_runs, self.uri, self.experiment, flow, self.cfg.name,
+                            batch_id, status) or []
+
+    def kill(self, parent_id: str) -> None:
+        """Mark a run left RUNNING by a crash, and its job runs, KILLED."""
+        for run_id in [*(self.tr.safe(read.child_runs, self.uri, parent_id) or []), parent_id]:
+            self.tr.terminate(run_id, "KILLED")
+
+    def supersede(self, parent_id: str) -> None:
+        """Tag a finished run and its job runs superseded (comparisons leave them out)."""
+        for run_id in [parent_id, *(self.tr.safe(read.child_runs, self.uri, parent_id) or [])]:
+            self.tr.set_tag(run_id, tracking.SUPERSEDED_TAG, "true")
+
+    # -------------------------------------------------------------- parent run
 
     def start(self, batch_id: str, cutoff: str, report=None,
               tags: dict | None = None) -> str | None:
         """The parent run; `report` is the validation report (a polars DataFrame), logged as
         an artifact from memory (the outputs may live on object storage)."""
-        import yaml
         cfg = self.cfg
         local = "://" not in cfg.data.path and os.path.exists(cfg.data.path)
-        digest = self.tr.safe(tracking.data_hash, [cfg.data.path]) if local else None
-        parent = self.tr.safe(self.tr.start, cfg, batch_id, cutoff, digest,
-                              tags={"model": self.model, "train_mode": cfg.train.mode,
-                                    "config": cfg.name, **(tags or {})})
+        digest = self.tr.safe(data_hash, [cfg.data.path]) if local else None
+        all_tags = {"batch_id": str(batch_id), "cutoff": str(cutoff),
+                    "pipeline_version": pipeline.__version__,
+                    "tracking_uri": tracking.redact(self.uri), "model": self.model,
+                    "train_mode": cfg.train.mode, "config": cfg.name, **(tags or {})}
+        if digest:
+            all_tags["data_hash"] = digest
+        if commit := git_commit():
+            all_tags["git_commit"] = all_tags["mlflow.source.git.commit"] = commit
+        parent = self.tr.safe(self.tr.start, self.experiment, f"{self.experiment}-{batch_id}",
+                              {k: str(v) for k, v in all_tags.items()}, cfg.flat())
         if parent is None:
             return None
         if digest:
             self.tr.log_input(parent, cfg.data.path, digest)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / tracking.CONFIG_ARTIFACT
-            path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            path.write_text(tracking.redact(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
             files = [path]
             if report is not None:
                 files.append(Path(tmp) / "validation_report.parquet")
@@ -94,12 +127,24 @@ class RunLog:
 
     def key(self, job) -> str:
         """The child-run group label of a job (a Job or JobResult)."""
+        return self.key_of(job.group)
+
+    def key_of(self, group: str | None) -> str:
         if self.cfg.train.mode == "global":
             return "global"
-        return str(job.group) if self.cfg.tracking.child_runs == "per_group" else "all"
+        return str(group) if self.cfg.tracking.child_runs == "per_group" else "all"
 
     def run_of(self, job) -> str | None:
-        return self.tr.child(self.model, self.key(job)) if self.parent_id else None
+        return self.job_run(self.key(job))
+
+    def job_run(self, key: str) -> str | None:
+        """The child run of this run's model for `key` ("global", "all" or a group)."""
+        return self.tr.child(self.model, key) if self.parent_id else None
+
+    @property
+    def batch_tags(self) -> dict[str, str]:
+        """batch_id and cutoff of this run (every job run carries them too)."""
+        return dict(self.tr.run_tags)
 
     def loggers(self, jobs: list, prefix: str = "") -> dict | None:
         """job name -> EpochLogger for the workers (None when a run holds several jobs: the
@@ -111,7 +156,7 @@ class RunLog:
         for job in jobs:
             run_id = self.run_of(job)
             if run_id:
-                out[job.name] = tracking.EpochLogger(self.tr.uri, run_id, prefix)
+                out[job.name] = tracking.EpochLogger(self.uri, run_id, prefix)
         return out
 
     def trained(self, results: list, prefix: str = "") -> None:
@@ -143,27 +188,28 @@ class RunLog:
         summary = bt.summary()
         self.tr.log_backtest(self.parent_id, summary, self.model)
         if per_series is not None:       # an Arrow table: written here, logged, removed
-            import pyarrow.parquet as pq
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "per_series_metrics.parquet"
                 pq.write_table(per_series, path)
                 self.tr.log_artifacts(self.parent_id, [path])
-        table = group_summary(bt.metrics, self.model) if self.cfg.data.group_col else {}
         job_run = "global" if self.cfg.train.mode == "global" else \
             "all" if self.cfg.tracking.child_runs == "per_model" else None
         run_id = self.tr.child(self.model, job_run) if job_run else None
         if run_id:
             self.tr.log_backtest(run_id, summary, self.model)
-        for g, row in table.items():
-            self.groups.setdefault(g, {"group": g}).update(row)
+        if self.cfg.data.group_col:
+            for g, models in bt.group_summaries().items():
+                self.groups.setdefault(g, {"group": g}).update({
+                    f"{tracking.metric_prefix(m, self.model)}_{k}": v
+                    for m, row in models.items() for k, v in row.items()})
         if self._group_runs():
             self._flush_groups()      # each group's numbers into its own child run
 
     # -------------------------------------------------------------- models
 
     def models(self, results: list, folder: str) -> None:
-        """The models the forecasts come from: logged with the PyTorch flavor into the job's
-        run; in an "all" run as the files in `folder` (see registry.model_source)."""
+        """The models the forecasts come from: logged into the job's run; in an "all" run as
+        the files in `folder` (logged as models when one is promoted)."""
         if not self.parent_id:
             return
         for r in results:
@@ -176,8 +222,7 @@ class RunLog:
                 continue
             run_id = self.run_of(r)
             if run_id:
-                model = r.model()
-                self.tr.log_model(run_id, model, tracking.example_inputs(model.spec))
+                self.tr.log_model(run_id, r.model())
         if any(self.key(r) == "all" for r in results) and os.path.isdir(folder):
             run_id = self.tr.child(self.model, "all")
             files = sorted(Path(folder).glob(f"{self.model}-*.pt"))
@@ -190,16 +235,16 @@ class RunLog:
                  ) -> None:
         if not self.parent_id:
             return
-        self.tr.safe(self.tr.client.set_tag, self.parent_id, "forecast_path", path)
+        self.tr.set_tag(self.parent_id, "forecast_path", path)
         self.tr.log_metrics(self.parent_id, {"forecast_series": n_series,
                                              "forecast_fallback_series": n_fallback})
         if plots:
             self.tr.log_artifacts(self.parent_id, plots, "plots")
 
-    def timings(self, seconds: dict[str, float]) -> None:
-        """Wall seconds per stage as parent-run metrics `seconds_<stage>`."""
+    def metrics(self, values: dict[str, float]) -> None:
+        """Run-level figures on the parent run (wall seconds per stage, promotions, …)."""
         if self.parent_id:
-            self.tr.log_metrics(self.parent_id, {f"seconds_{k}": v for k, v in seconds.items()})
+            self.tr.log_metrics(self.parent_id, values)
 
     def finish(self, ok: bool = True) -> None:
         if not self.parent_id:
@@ -212,7 +257,6 @@ class RunLog:
         "global" / "all" run."""
         if not self.groups:
             return
-        import polars as pl
         rows = list(self.groups.values())
         self.groups = {}
         cols = list(dict.fromkeys(k for r in rows for k in r))
@@ -228,26 +272,3 @@ class RunLog:
         """One child run per group: per-group training with child_runs per_group (a global
         model stays one run whatever child_runs says; its per-group numbers are a table)."""
         return self.cfg.train.mode == "per_group" and self.cfg.tracking.child_runs == "per_group"
-
-
-def group_summary(metric_blocks: list[dict], model: str) -> dict[str, dict[str, float]]:
-    """Per group: the run's model as `backtest_<metric>` and each baseline as
-    `<baseline>_<metric>`, each summarised over the group's series and cutoffs as
-    `Backtest.summary` does overall."""
-    from pipeline import evaluate as E
-    from pipeline.backtest import concat_columns
-    cols = concat_columns(metric_blocks)
-    if not cols:
-        return {}
-    names = [k for k in cols if k not in ("unique_id", "cutoff", "model", "group")]
-    models, groups = cols["model"].astype(str), cols["group"].astype(str)
-    out: dict[str, dict[str, float]] = {}
-    for g in np.unique(groups):
-        for m in np.unique(models):
-            sel = (groups == g) & (models == m)
-            if not sel.any():
-                continue
-            summary = E.summarize({k: cols[k][sel] for k in names})
-            prefix = tracking.metric_prefix(m, model)
-            out.setdefault(str(g), {}).update({f"{prefix}_{k}": v for k, v in summary.items()})
-    return out

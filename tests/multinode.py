@@ -16,7 +16,7 @@ from ray.cluster_utils import Cluster
 from pipeline import config as C
 from pipeline import execution
 from pipeline.data.prepare import local_runner, prepare
-from pipeline.jobs import plan_jobs, run_jobs_locally
+from pipeline.jobs import plan_jobs, plan_packs, run_jobs_locally
 
 
 def weights(result) -> dict:
@@ -36,7 +36,7 @@ def main(data: str) -> None:
         jobs = plan_jobs(arrays, cfg)
         assert execution.connect(cfg.ray)             # joins the cluster at ray.address
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        on_ray = execution.train(arrays, jobs, cfg)
+        on_ray = execution.train(arrays, plan_packs(jobs, cfg), cfg)
         ray.shutdown()
         torch.set_num_threads(1)
         local = run_jobs_locally(arrays, jobs, cfg)

@@ -37,12 +37,12 @@ def test_per_group_tasks_on_two_nodes_equal_the_local_run(demo_dir):
 
 
 def _kill_first_job_task(killed: list, stop: threading.Event) -> None:
-    """SIGKILL the first Ray worker seen running a training task (`ray::_run_job_task`)."""
+    """SIGKILL the first Ray worker seen running a training task (`ray::_pack_task`)."""
     while not stop.is_set() and not killed:
         ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
         for line in ps.splitlines():
             pid, _, cmd = line.strip().partition(" ")
-            if cmd.startswith("ray::_run_job_task"):
+            if cmd.startswith("ray::_pack_task"):
                 os.kill(int(pid), signal.SIGKILL)
                 killed.append(int(pid))
                 return

@@ -12,9 +12,11 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline import registry, tracking
+from pipeline import tracking
 from pipeline.cli import main
 from pipeline.models import load_model
+from pipeline.tracking import models as tracked_models
+from pipeline.tracking import read as registry
 
 mlflow = pytest.importorskip("mlflow")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -98,10 +100,13 @@ def test_run_on_the_embedded_sqlite_default(demo_dir, tmp_path, monkeypatch, cap
     # model the forecasts came from
     model_id = child.data.tags[tracking.MODEL_URI_TAG].split("/")[-1]
     assert c.get_logged_model(model_id).experiment_id == parent.info.experiment_id
-    with tracking.using(uri):
+    mlflow.set_tracking_uri(uri)
+    try:
         logged = mlflow.pytorch.load_model(child.data.tags[tracking.MODEL_URI_TAG])
+    finally:
+        mlflow.set_tracking_uri(None)
     saved = load_model(str(out / "demo" / "models" / "final" / "gru_direct-global.pt"))
-    batch = tracking.example_inputs(saved.spec, rows=5, seed=3)
+    batch = tracked_models.example_inputs(saved.spec, rows=5, seed=3)
     with torch.no_grad():
         assert torch.equal(logged.eval()(**batch), saved.eval()(**batch))
 
@@ -239,7 +244,7 @@ def test_not_required_tracking_and_logging_failures_keep_the_outputs(
 
     def broken(*a, **k):
         raise mlflow.exceptions.MlflowException("artifact store is full")
-    monkeypatch.setattr(tracking, "log_torch_model", broken)
+    monkeypatch.setattr(tracking.runs, "log_model", broken)     # what Tracker.log_model calls
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out2 = tmp_path / "out2"
     with pytest.warns(UserWarning, match="artifact store is full"):

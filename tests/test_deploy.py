@@ -123,8 +123,8 @@ def test_the_wheel_the_image_installs_ships_every_module(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                         str(target), str(whl)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    probe = ("import pipeline, flows.nightly, pipeline.cli; "
-             "print(pipeline.__file__); print(flows.nightly.STAGES)")
+    probe = ("import pipeline, flows.nightly, pipeline.cli, pipeline.config.loading, "
+             "pipeline.tracking.read; print(pipeline.__file__); print(flows.nightly.nightly)")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)}, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

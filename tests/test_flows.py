@@ -16,8 +16,10 @@ import pytest
 
 from flows import backtest as backtest_flow
 from flows import forecast_only, nightly
-from flows._common import EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL, run_flow
-from pipeline import registry, tracking
+from flows._common import main, parser, run_flow
+from pipeline import tracking
+from pipeline.errors import EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL
+from pipeline.tracking import read as registry
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -30,9 +32,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def flow(module, data, out, *extra):
     name = module.__name__.rsplit(".", 1)[-1]
-    return run_flow(name, module.__doc__, module.STAGES,
-                    ["--config", "configs/demo.yaml", "--set", f"data.path={data}", "--set",
-                     f"output.path={out}", *FAST, *extra])
+    return main(getattr(module, name),
+                ["--config", "configs/demo.yaml", "--set", f"data.path={data}", "--set",
+                 f"output.path={out}", *FAST, *extra], registry=getattr(module, "REGISTRY", False))
+
+
+def batch(module, data, out, *extra):
+    """The flow run as `flow()` runs it; the finished Batch, with each stage's result."""
+    name = module.__name__.rsplit(".", 1)[-1]
+    fn = getattr(module, name)
+    args = parser(name, fn.__doc__).parse_args(
+        ["--config", "configs/demo.yaml", "--set", f"data.path={data}", "--set",
+         f"output.path={out}", *FAST, *extra])
+    return run_flow(fn, args, registry=getattr(module, "REGISTRY", False))
 
 
 def parents(out, status=None):
@@ -92,11 +104,11 @@ def test_nightly_rerun_is_skipped_force_redoes_and_forecast_only_agrees(
 @pytest.mark.slow
 def test_a_crash_is_recovered_cleanly(demo_dir, tmp_path, no_env, monkeypatch, capsys):
     out = tmp_path / "out"
-    import pipeline.compare as compare
+    import pipeline.stages as stages
 
     def boom(*a, **k):
         raise RuntimeError("object store timed out")
-    monkeypatch.setattr(compare, "registry_forecast", boom)
+    monkeypatch.setattr(stages, "registry_forecast", boom)
     assert flow(nightly, demo_dir, out) == EXIT_FAILED
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: nightly failed: RuntimeError: object store timed out"
@@ -192,20 +204,25 @@ def test_warm_start_is_promoted_only_when_it_beats_the_champion(demo_dir, tmp_pa
               if r.data.tags.get("group") == "global"]
     assert len(c.get_metric_history(job.info.run_id, "val_loss")) == 2
     # a warm start that wrecks the weights (lr 1.0) is worse on every store: kept
-    assert flow(nightly, demo_dir, out, "--force", "--set", "train.warm_start=true",
-                "--set", "train.lr=1.0") == EXIT_OK
-    text = capsys.readouterr().out
-    assert "warm start   1 job(s) from the champion" in text
-    assert text.count("kept") == 4 and "-> promoted" not in text
-    assert text.count("(every window is in the champion's training data)") == 4   # same data
+    b = batch(nightly, demo_dir, out, "--force", "--set", "train.warm_start=true",
+              "--set", "train.lr=1.0")
+    assert b.exit_code == EXIT_OK and set(b.results["warm_start"]) == {"global"}
+    assert "warm start   1 job(s) from the champion" in capsys.readouterr().out   # golden line
+    kept = b.results["promote"]
+    assert [d.group for d in kept] == [f"store_{g}" for g in "ABCD"]
+    assert not any(d.promoted for d in kept) and all(d.champion <= d.challenger for d in kept)
+    assert all(d.note == "(every window is in the champion's training data)"  # same data
+               for d in kept)
     v1 = c.get_model_version_by_alias("demo.store_A", "champion")
     assert str(v1.version) == "1"
     # a warm start that fine-tunes properly beats the weak champion: promoted
-    assert flow(nightly, demo_dir, out, "--force", "--set", "train.warm_start=true",
-                "--set", "train.lr=3e-3", "--set", "train.steps_per_epoch=20", "--set",
-                "train.warm_start_epochs=3") == EXIT_OK
-    text = capsys.readouterr().out
-    assert text.count("-> promoted") == 4
+    b = batch(nightly, demo_dir, out, "--force", "--set", "train.warm_start=true",
+              "--set", "train.lr=3e-3", "--set", "train.steps_per_epoch=20", "--set",
+              "train.warm_start_epochs=3")
+    assert b.exit_code == EXIT_OK
+    promoted = b.results["promote"]
+    assert all(d.promoted and d.challenger < d.champion and d.version == "2"
+               for d in promoted) and len(promoted) == 4
     mv = c.get_model_version_by_alias("demo.store_A", "champion")
     assert str(mv.version) == "2" and float(mv.tags["value"]) < float(v1.tags["value"])
 
@@ -226,10 +243,11 @@ def test_a_newer_cutoff_scores_both_on_windows_the_champion_never_saw(demo_dir, 
     out = tmp_path / "out"
     assert flow(nightly, early, out) == EXIT_OK
     capsys.readouterr()
-    assert flow(nightly, demo_dir, out) == EXIT_OK
-    text = capsys.readouterr().out
-    assert "champion none" not in text and "every window" not in text
-    assert text.count("challenger ") >= 4
+    b = batch(nightly, demo_dir, out)
+    assert b.exit_code == EXIT_OK
+    decisions = b.results["promote"]
+    assert len(decisions) == 4 and all(d.champion is not None and d.note == ""
+                                       for d in decisions)
     finished = parents(out, "FINISHED")
     assert sorted(r.data.tags["batch_id"] for r in finished) == ["20240628T230000", BATCH]
 

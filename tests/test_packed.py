@@ -13,13 +13,11 @@ from pipeline.models import (
     EncoderDecoder,
     PackedModel,
     build_model,
-    clip_grad_norm_per_group,
-    group_losses,
     load_model,
     make_loss,
-    packed_loss,
     save_model,
 )
+from pipeline.train import clip_grad_norm_per_member, member_losses
 
 G, B, L, H = 3, 6, 12, 4
 QUANTILES = [0.9, 0.1, 0.5]  # unsorted on purpose, as in test_models
@@ -161,11 +159,11 @@ def test_packed_loss_is_the_sum_of_each_groups_mean_loss(loss):
     mask = (torch.rand(G, B, H, generator=g) > 0.3).float()
     target[mask == 0] = float("nan")                     # never reaches the loss
     each = torch.stack([loss_fn(pred[i], target[i], mask[i]) for i in range(G)])
-    assert_close(group_losses(loss_fn, pred, target, mask), each)
-    assert_close(packed_loss(loss_fn, pred, target, mask), each.sum())
+    assert_close(member_losses(loss_fn, pred, target, mask, G), each)
     clean = target.nan_to_num()
-    assert_close(packed_loss(loss_fn, pred, clean), sum(loss_fn(pred[i], clean[i])
-                                                        for i in range(G)))
+    assert_close(member_losses(loss_fn, pred, clean, None, G).sum(),
+                 sum(loss_fn(pred[i], clean[i]) for i in range(G)))
+    assert_close(member_losses(loss_fn, pred[0], target[0], mask[0], 1), each[:1])
 
 
 def group_grads(packed: PackedModel, g: int) -> dict[str, torch.Tensor]:
@@ -181,10 +179,10 @@ def test_per_group_clipping_equals_clipping_each_model_alone(enc):
     loss_fn = make_loss(packable_config(enc, full=True))
     batch = group_batch(full=True)
     target = torch.randn(G, B, H)
-    packed_loss(loss_fn, packed(**batch), target).backward()
-    unclipped = clip_grad_norm_per_group(packed, max_norm=float("inf"))  # only measures
+    member_losses(loss_fn, packed(**batch), target, None, G).sum().backward()
+    unclipped = clip_grad_norm_per_member(packed, max_norm=float("inf"))  # only measures
     max_norm = (unclipped.min() + unclipped.max()).item() / 2  # clips some groups, not all
-    norms = clip_grad_norm_per_group(packed, max_norm)
+    norms = clip_grad_norm_per_member(packed, max_norm)
     assert_close(norms, unclipped)
     for g, model in enumerate(models):
         loss_fn(model(**slice_group(batch, g)), target[g]).backward()
@@ -213,8 +211,8 @@ def train_packed(packed, batches, loss_fn, clip, lr) -> torch.Tensor:
     norms = []
     for batch, target, mask in batches:
         opt.zero_grad()
-        packed_loss(loss_fn, packed(**batch), target, mask).backward()
-        norms.append(clip_grad_norm_per_group(packed, clip))
+        member_losses(loss_fn, packed(**batch), target, mask, G).sum().backward()
+        norms.append(clip_grad_norm_per_member(packed, clip))
         opt.step()
     return torch.stack(norms)
 

@@ -47,7 +47,7 @@ def test_packed_reports_groups_without_windows():
 def test_packed_config_is_checked():
     with pytest.raises(C.ConfigError, match="needs train.mode = 'per_group'"):
         C.load(None, ["train.per_group.packed=true"])
-    with pytest.raises(C.ConfigError, match="supports model.encoder.type cnn or gru"):
+    with pytest.raises(C.ConfigError, match="packed models support encoder cnn | gru"):
         C.load(None, ["train.per_group.packed=true", "train.mode=per_group",
                       "data.group_col=g", "model.encoder.type=lstm"])
 
@@ -63,16 +63,16 @@ def test_a_packed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     cfg = C.load(None, [*base, "train.checkpoint_minutes=0", f"train.checkpoint_dir={tmp_path}"])
     jobs = plan_jobs(arrays, cfg)
     clean = run_jobs_locally(arrays, jobs, C.load(None, [*base, "train.checkpoint_minutes=null"]))
-    real, calls = T._packed_val, []
+    real, calls = T.validate, []
 
     def dies_in_epoch_3(*a, **k):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("killed")
         return real(*a, **k)
-    monkeypatch.setattr(T, "_packed_val", dies_in_epoch_3)
+    monkeypatch.setattr(T, "validate", dies_in_epoch_3)
     assert not any(r.ok for r in run_jobs_locally(arrays, jobs, cfg))
-    monkeypatch.setattr(T, "_packed_val", real)
+    monkeypatch.setattr(T, "validate", real)
     resumed = run_jobs_locally(arrays, jobs, cfg)
     for r, c in zip(resumed, clean, strict=True):
         assert r.ok and r.resumed_epoch == 2 and r.attempts == 2 and c.resumed_epoch == 0

@@ -7,7 +7,7 @@ from conftest import hourly, write_long
 from pipeline import config as C
 from pipeline.data.prepare import local_runner, prepare
 from pipeline.errors import DataError
-from pipeline.execution import ray_runner
+from pipeline.execution import RayRunner
 
 pytestmark = pytest.mark.ray
 
@@ -28,7 +28,7 @@ def assert_same_arrays(a, b):
 def test_ray_path_equals_local_path(ray_session, demo_dir, rows_per_task):
     cfg = C.load(None, [f"data.path={demo_dir}", f"data.rows_per_task={rows_per_task}", *DEMO])
     local = prepare(cfg, local_runner)
-    remote = prepare(cfg, ray_runner(cfg.ray))
+    remote = prepare(cfg, RayRunner(cfg.ray))
     assert remote.parts == local.parts and (rows_per_task > 10**6 or local.parts > 4)
     assert_same_arrays(local.arrays, remote.arrays)
     assert local.report.sort(pl.all()).equals(remote.report.sort(pl.all()))
@@ -42,7 +42,7 @@ def test_tasks_landed_on_ray_workers(ray_session, demo_dir):
         return os.getpid()
 
     cfg = C.load(None, [f"data.path={demo_dir}"])
-    pids = ray_runner(cfg.ray)(pid_of_part, [(i,) for i in range(4)])
+    pids = RayRunner(cfg.ray)(pid_of_part, [(i,) for i in range(4)])
     assert os.getpid() not in pids
 
 
@@ -51,4 +51,4 @@ def test_data_error_in_a_task_comes_back_clear(ray_session, tmp_path):
     path = write_long(tmp_path / "d.parquet", ["a"] * 5, np.r_[ds, ds[:1]], np.arange(5))
     cfg = C.load(None, [f"data.path={path}", "data.freq=1h"])
     with pytest.raises(DataError, match="duplicate"):
-        prepare(cfg, ray_runner(cfg.ray))
+        prepare(cfg, RayRunner(cfg.ray))

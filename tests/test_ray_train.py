@@ -7,8 +7,8 @@ import torch
 from test_train import SMALL, sines
 
 from pipeline import config as C
-from pipeline.execution import train_global_ddp, train_per_group
-from pipeline.jobs import plan_jobs, run_job, run_jobs_locally
+from pipeline.execution import train, train_global_ddp
+from pipeline.jobs import plan_jobs, plan_packs, run_job, run_jobs_locally
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -19,14 +19,16 @@ def weights(result):
 
 def test_per_group_tasks_equal_local_and_report_a_failing_group(ray_session):
     arrays = sines(9, groups=["a", "b", "c"])
-    arrays.status[arrays.groups == "c"] = 1  # c has no usable series: its job raises
+    arrays.status[arrays.groups == "c"] = 1  # c has no usable series, so no windows
     cfg = C.load(None, [*SMALL, "train.epochs=1", "train.steps_per_epoch=3",
                         "train.mode=per_group", "data.group_col=g", "ray.max_retries=1"])
     jobs = plan_jobs(arrays, cfg)
-    remote = {r.name: r for r in train_per_group(arrays, jobs, cfg)}
+    remote = {r.name: r for r in train(arrays, plan_packs(jobs, cfg), cfg)}
     local = {r.name: r for r in run_jobs_locally(arrays, jobs, cfg)}
     assert [remote[g].ok for g in "abc"] == [True, True, False]
-    assert "no training windows" in remote["c"].error and remote["c"].attempts == 2
+    # reported at once: retrying cannot give a job windows (a raising task is retried, see
+    # test_a_killed_per_group_task_resumes_from_its_checkpoint)
+    assert "no training windows" in remote["c"].error and remote["c"].attempts == 1
     for g in "ab":
         a, b = weights(remote[g]), weights(local[g])
         for k in a:
@@ -84,8 +86,8 @@ def test_a_killed_per_group_task_resumes_from_its_checkpoint(ray_session, tmp_pa
                         "train.mode=per_group", "data.group_col=g", "ray.max_retries=2",
                         "train.checkpoint_minutes=0", f"train.checkpoint_dir={tmp_path}/ck"])
     jobs = plan_jobs(arrays, cfg)
-    remote = {r.name: r for r in train_per_group(
-        arrays, jobs, cfg, loggers={"a": DieOnce(tmp_path / "died", 2)})}
+    remote = {r.name: r for r in train(
+        arrays, plan_packs(jobs, cfg), cfg, loggers={"a": DieOnce(tmp_path / "died", 2)})}
     assert (tmp_path / "died").exists()
     assert remote["a"].ok and remote["a"].resumed_epoch == 2 and remote["a"].attempts == 2
     assert remote["b"].resumed_epoch == 0 and remote["b"].attempts == 1

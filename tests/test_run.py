@@ -7,7 +7,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli import execute, main
 
 FAST = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
         "tracking.enabled=false", "--set",
@@ -17,9 +17,11 @@ SCHEMA = ["unique_id", "ds", "cutoff", "step", "y_hat", "model", "group", "run_i
 
 
 def run(config, data, out, *extra):
-    args = ["run", "--config", config, "--set", f"data.path={data}", "--set",
-            f"output.path={out}", *FAST, *extra]
-    assert main(args) == 0
+    """`python -m pipeline run`; the finished batch, with each stage's result."""
+    b = execute(["run", "--config", config, "--set", f"data.path={data}", "--set",
+                 f"output.path={out}", *FAST, *extra])
+    assert b.exit_code == 0
+    return b
 
 
 def read(out, kind):
@@ -30,15 +32,18 @@ def read(out, kind):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/demo.yaml", "configs/per_group.yaml"])
 def test_run_writes_one_forecast_per_series_and_step(demo_dir, tmp_path, config, capsys):
-    run(config, demo_dir, tmp_path, "--set", "ray.enabled=false")
-    text = capsys.readouterr().out
+    b = run(config, demo_dir, tmp_path, "--set", "ray.enabled=false")
     name = "demo_per_group" if "per_group" in config else "demo"
     report = pl.read_parquet(tmp_path / name / "validation_report.parquet")
     skipped = sorted(report.filter(pl.col("action") == "skipped")["series"])
     assert skipped and set(skipped) <= {"S0001", "S0002", "S0003"}
-    assert "seasonal_naive" in text
-    assert f"forecast     40 series × 24 steps ({len(skipped)} by" in text
+    assert b.results["data"].report.equals(report)
+    assert set(b.results["backtest"].summary) == {b.results["train"].results[0].spec["model"][
+        "name"], "naive", "seasonal_naive"}
+    fc_result = b.results["forecast"]
+    assert (fc_result.n_series, fc_result.n_fallback) == (40, len(skipped))
     files, fc = read(tmp_path, "forecasts")
+    assert fc_result.path == os.path.dirname(files[0])
     assert len(files) == 1 and fc.columns == SCHEMA
     assert fc.group_by("unique_id", "step").len()["len"].max() == 1
     assert fc["unique_id"].n_unique() == 40 and len(fc) == 40 * 24
@@ -79,7 +84,7 @@ def test_forecast_schema_is_pinned(tmp_path):
         "unique_id:string", "ds:timestamp[ns]", "cutoff:timestamp[ns]", "step:int16",
         "y_hat:float", "q_0.1:float", "model:string", "group:string", "run_id:string",
         "created_at:timestamp[us, tz=UTC]"]
-    path = output.write(str(tmp_path), "forecasts", "job", 0, table)
+    path = output.write(str(tmp_path / "forecasts" / "job=job" / "cutoff=x"), table)
     assert pq.read_table(path).num_rows == 1
 
 

@@ -20,10 +20,14 @@ from pipeline.config import (
 from pipeline.errors import InfraError
 from pipeline.jobs import JobResult
 from pipeline.models import build_model
+from pipeline.provenance import data_hash
+from pipeline.runlog import RunLog
 
 mlflow = pytest.importorskip("mlflow")
 tracking = pytest.importorskip("pipeline.tracking")
-registry = pytest.importorskip("pipeline.registry")
+registry = pytest.importorskip("pipeline.tracking.read")
+models = pytest.importorskip("pipeline.tracking.models")
+runs = pytest.importorskip("pipeline.tracking.runs")
 
 LOOKBACK, HORIZON = 12, 4
 
@@ -43,6 +47,17 @@ def make_cfg(tmp_path, uri=None, child_runs="per_model", name="tracktest") -> Co
     return Config(name=name, output=OutputConfig(path=str(tmp_path / "out")),
                   model=ModelConfig(quantiles=[0.1, 0.5, 0.9], loss="quantile"),
                   tracking=TrackingConfig(uri=uri, child_runs=child_runs))
+
+
+def tracker(cfg) -> tracking.Tracker:
+    uri = tracking.tracking_uri(cfg)
+    return tracking.Tracker(uri, tracking.artifact_root(uri))
+
+
+def start(tr, cfg, batch_id) -> str:
+    """A parent run as the pipeline starts one (RunLog.start: tags, params, config)."""
+    log = RunLog(tr, cfg)
+    return log.start(batch_id, "2024-01-01")
 
 
 def job_result(name="gru_direct", group=None) -> JobResult:
@@ -75,9 +90,11 @@ def sqlite_uri(shared_sqlite, monkeypatch):
 def check_run_hierarchy_and_model(uri, tmp_path, name="tracktest"):
     """The shared checks: nesting, params, epoch metrics, backtest names, model reload."""
     cfg = make_cfg(tmp_path, uri, name=name)
-    tr = tracking.Tracker.from_config(cfg)
-    parent = tr.start(cfg, batch_id="b1", cutoff="2024-01-01", data_hash="abc",
-                      tags={"who": "test"})
+    data = tmp_path / "data.parquet"
+    data.write_bytes(b"rows")
+    cfg.data.path = str(data)
+    tr = tracker(cfg)
+    parent = RunLog(tr, cfg).start("b1", "2024-01-01", tags={"who": "test"})
     kids = {m: tr.child(m, "g1") for m in ("gru_direct", "cnn_direct")}
     assert tr.child("gru_direct", "g1") == kids["gru_direct"]      # reused, not duplicated
     for m, run_id in kids.items():
@@ -87,14 +104,15 @@ def check_run_hierarchy_and_model(uri, tmp_path, name="tracktest"):
     tr.log_backtest(parent, {"gru_direct": {"mase": 0.9}, "seasonal_naive": {"mase": 1.0}},
                     "gru_direct")
     model = tiny_model()
-    uri_model = tr.log_model(kids["gru_direct"], model, batch(5))
+    uri_model = tr.log_model(kids["gru_direct"], model)
     tr.finish()
     assert tr.failures == []
 
     c = mlflow.MlflowClient(tracking_uri=uri)
     p = c.get_run(parent)
     assert p.data.tags["batch_id"] == "b1" and p.data.tags["cutoff"] == "2024-01-01"
-    assert p.data.tags["data_hash"] == "abc" and p.data.tags["pipeline_version"]
+    assert p.data.tags["data_hash"] == data_hash([data]) and p.data.tags["pipeline_version"]
+    assert p.data.tags["who"] == "test" and p.data.tags["pipeline.role"] == "parent"
     assert p.data.params["train.epochs"] == str(cfg.train.epochs)
     assert p.data.params["model.quantiles"] == "[0.1,0.5,0.9]"
     assert set(p.data.params) == set(cfg.flat())
@@ -117,8 +135,11 @@ def check_run_hierarchy_and_model(uri, tmp_path, name="tracktest"):
         assert (r.data.tags["batch_id"], r.data.tags["cutoff"]) == ("b1", "2024-01-01")
     # the model reloads and predicts identically on a batch size other than the example's
     assert c.get_run(kids["gru_direct"]).data.tags[tracking.MODEL_URI_TAG] == uri_model
-    with tracking.using(uri):
+    mlflow.set_tracking_uri(uri)                   # as a person would, to load the flavor
+    try:
         loaded = mlflow.pytorch.load_model(uri_model)
+    finally:
+        mlflow.set_tracking_uri(None)
     x = batch(7, seed=3)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model.eval()(x))
@@ -148,10 +169,13 @@ def test_multi_input_model_reloads_and_predicts_identically(sqlite_uri):
     c = mlflow.MlflowClient(tracking_uri=sqlite_uri)
     run = c.create_run(c.create_experiment("multi_input",
                                            artifact_location=tracking.artifact_root(sqlite_uri)))
-    model_uri = tracking.log_torch_model(run.info.run_id, model, inputs(4), sqlite_uri)
-    with tracking.using(sqlite_uri):
+    model_uri = models.log_model(tracking.client(sqlite_uri), run.info.run_id, model)
+    mlflow.set_tracking_uri(sqlite_uri)
+    try:
         loaded = mlflow.pytorch.load_model(model_uri)
         sig = mlflow.models.get_model_info(model_uri).signature
+    finally:
+        mlflow.set_tracking_uri(None)
     assert set(sig.inputs.input_names()) == {"x", "xf", "static", "idx"}
     b = inputs(9)
     with torch.no_grad():
@@ -159,10 +183,13 @@ def test_multi_input_model_reloads_and_predicts_identically(sqlite_uri):
 
 
 def test_per_group_child_runs_get_group_metrics(sqlite_uri, tmp_path):
+    import polars as pl
     cfg = make_cfg(tmp_path, sqlite_uri, child_runs="per_group", name="pergroup")
-    tr = tracking.Tracker.from_config(cfg)
-    tr.start(cfg, "b5")
-    tr.log_group_table(None, "gru_direct", {"group": ["g1", "g2"], "backtest_mase": [0.5, 1.5]})
+    tr = tracker(cfg)
+    start(tr, cfg, "b5")
+    tr.log_group_table(None, "gru_direct", pl.DataFrame({"group": ["g1", "g2"],
+                                                         "backtest_mase": [0.5, 1.5]}),
+                       runs=True)
     tr.finish()
     board = registry.leaderboard("pergroup", uri=sqlite_uri)
     assert board.select("group", "value").rows() == [("g1", 0.5), ("g2", 1.5)]
@@ -175,18 +202,22 @@ def test_inputs_artifacts_and_per_group_parquet(sqlite_uri, tmp_path):
     data.mkdir()
     (data / "a.parquet").write_bytes(b"x" * 3_000_000)
     (data / "b.parquet").write_bytes(b"y" * 10)
-    h = tracking.data_hash([data])
-    assert h == tracking.data_hash([data]) and len(h) == 64
+    h = data_hash([data])
+    assert h == data_hash([data]) and len(h) == 64
     (data / "b.parquet").write_bytes(b"z" * 10)
-    assert tracking.data_hash([data]) != h
+    assert data_hash([data]) != h
+    h = data_hash([data])
     cfg = make_cfg(tmp_path, sqlite_uri, name="inputs")
-    tr = tracking.Tracker.from_config(cfg)
-    parent = tr.start(cfg, "b2", data_hash=h)
-    tr.log_input(parent, str(data), h)
+    cfg.data.path = str(data)
+    tr = tracker(cfg)
+    parent = start(tr, cfg, "b2")               # logs the input (a local folder) and its hash
     (tmp_path / "config.yaml").write_text("name: tracktest\n")
     tr.log_artifacts(parent, [tmp_path / "config.yaml"])
     job = tr.child("gru_direct", "all")
-    tr.log_group_table(job, "gru_direct", {"group": ["g1", "g2"], "backtest_mase": [0.5, 1.5]})
+    import polars as pl
+    tr.log_group_table(job, "gru_direct", pl.DataFrame({"group": ["g1", "g2"],
+                                                        "backtest_mase": [0.5, 1.5]}),
+                       runs=False)
     tr.finish()
     assert tr.failures == []
     c = mlflow.MlflowClient(tracking_uri=sqlite_uri)
@@ -205,19 +236,19 @@ def test_inputs_artifacts_and_per_group_parquet(sqlite_uri, tmp_path):
 
 def test_leaderboard_champion_registry(sqlite_uri, tmp_path):
     cfg = make_cfg(tmp_path, sqlite_uri, name="compare")
-    tr = tracking.Tracker.from_config(cfg)
-    tr.start(cfg, "b3")
+    tr = tracker(cfg)
+    start(tr, cfg, "b3")
     # (model, group, backtest MASE, model logged?): the best g2 score has no model (its final
     # training failed), so it cannot be the champion
     cases = [("gru_direct", "g1", 0.8, False), ("cnn_direct", "g1", 0.6, True),
              ("gru_direct", "g2", 0.7, True), ("cnn_direct", "g2", 0.5, False)]
-    models = {}
+    trained = {}
     for i, (m, g, mase, logged) in enumerate(cases):
         run_id = tr.child(m, g)
         tr.log_backtest(run_id, {m: {"mase": mase}, "seasonal_naive": {"mase": 1.0}}, m)
         if logged:
-            models[run_id] = tiny_model(seed=i)
-            tr.log_model(run_id, models[run_id], batch(3))
+            trained[run_id] = tiny_model(seed=i)
+            tr.log_model(run_id, trained[run_id])
     tr.finish()
     board = registry.leaderboard("compare", "mase", uri=sqlite_uri)
     assert board["value"].to_list() == [0.5, 0.6, 0.7, 0.8]
@@ -228,16 +259,17 @@ def test_leaderboard_champion_registry(sqlite_uri, tmp_path):
     assert champ["value"].to_list() == [0.6, 0.7]
     assert champ["run_id"][0] == tr.children[("cnn_direct", "g1")]
     run_id = champ["run_id"][0]
-    version = registry.register_champion(run_id, "tracktest_g1", uri=sqlite_uri)
+    version = models.register(tracking.client(sqlite_uri), run_id, "tracktest_g1", "champion")
     assert version == "1"
     loaded = registry.load_champion("tracktest_g1", uri=sqlite_uri)
     x = batch(9, seed=4)
     with torch.no_grad():
-        assert torch.equal(loaded.eval()(x), models[run_id].eval()(x))
+        assert torch.equal(loaded.eval()(x), trained[run_id].eval()(x))
     # champions registered before group values got safe_key names are still found, but only
     # for the group their version is tagged with ("a b" and "a_b" once shared a name)
-    registry.register_champion(run_id, "legacy.North_East", uri=sqlite_uri, group="North/East")
-    registry.register_champion(run_id, "legacy.a_b", uri=sqlite_uri, group="a_b")
+    c = tracking.client(sqlite_uri)
+    models.register(c, run_id, "legacy.North_East", "champion", group="North/East")
+    models.register(c, run_id, "legacy.a_b", "champion", group="a_b")
     name, mv = registry.find_champion("legacy", "North/East", uri=sqlite_uri)
     assert (name, mv.tags["group"]) == ("legacy.North_East", "North/East")
     assert registry.find_champion("legacy", "a b", uri=sqlite_uri) == ("legacy.a_b-7dbde935",
@@ -266,8 +298,8 @@ def test_a_retried_job_does_not_log_its_epochs_twice(sqlite_uri):
 
 def test_logging_failures_are_recorded_not_raised(sqlite_uri, tmp_path):
     cfg = make_cfg(tmp_path, sqlite_uri, name="failures")
-    tr = tracking.Tracker.from_config(cfg)
-    tr.start(cfg, "b4")
+    tr = tracker(cfg)
+    start(tr, cfg, "b4")
     with pytest.warns(UserWarning, match="MLflow logging failed"):
         tr.log_metrics("no-such-run", {"x": 1.0})
         tr.log_artifacts("no-such-run", [tmp_path / "missing.txt"])
@@ -295,13 +327,24 @@ def test_uri_resolution_and_redaction(tmp_path, monkeypatch):
     assert tracking.tracking_uri(make_cfg(tmp_path)) == "http://u:secret@host:5000"
     assert tracking.tracking_uri(make_cfg(tmp_path, "sqlite:///x.db")) == "sqlite:///x.db"
     assert tracking.redact("https://u:secret@host:5000/p") == "https://host:5000/p"
-    assert tracking._param_value("http://u:pw@h/x") == "http://h/x"
-    assert len(tracking._param_value("a" * 7000)) == 6000
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert runs._param_value("http://u:pw@h/x") == "http://h/x"
+    assert len(runs._param_value("a" * 7000)) == 6000
+
+
+def test_the_pipeline_sets_no_global_mlflow_state(sqlite_uri, tmp_path, monkeypatch):
+    """Runs, models and registrations all go through clients bound to the run's URI: neither
+    MLflow's global tracking URI nor its environment variables are touched."""
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    with tracking.using(f"sqlite:///{tmp_path / 'x.db'}"):
-        assert os.environ["MLFLOW_TRACKING_URI"].endswith("x.db")
-    # mlflow's setters export env vars: `using` takes them back, later calls are not redirected
+    before = mlflow.get_tracking_uri()
+    cfg = make_cfg(tmp_path, sqlite_uri, name="noglobals")
+    tr = tracker(cfg)
+    start(tr, cfg, "b6")
+    tr.log_model(tr.child("gru_direct", "global"), tiny_model())
+    models.register(tracking.client(sqlite_uri), tr.children[("gru_direct", "global")],
+                    "noglobals", "champion")
+    registry.load_champion("noglobals", uri=sqlite_uri)
+    tr.finish()
+    assert tr.failures == [] and mlflow.get_tracking_uri() == before
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
 
 
@@ -327,7 +370,8 @@ def test_real_server_hierarchy_params_metrics_model(mlflow_server, tmp_path, mon
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.check_server(mlflow_server) is True
     tr, kids, model = check_run_hierarchy_and_model(mlflow_server, tmp_path)
-    assert registry.register_champion(kids["gru_direct"], "srv_model", uri=mlflow_server) == "1"
+    assert models.register(tracking.client(mlflow_server), kids["gru_direct"], "srv_model",
+                           "champion") == "1"
     loaded = registry.load_champion("srv_model", uri=mlflow_server)
     x = batch(6, seed=8)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 from pipeline import config as C
 from pipeline.data.series import SeriesArrays
 from pipeline.jobs import Job, plan_jobs, run_job, run_jobs_locally
-from pipeline.train import Progress
+from pipeline.progress import Progress
 
 SMALL = ["windows.lookback=48", "windows.horizon=12", "windows.val_size=24",
          "model.encoder.hidden_size=16", "model.encoder.num_layers=2",
@@ -68,13 +68,22 @@ def test_early_stopping_restores_the_best_epoch():
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-def test_steps_per_epoch_and_schedulers_run():
+def test_steps_per_epoch_and_schedulers_set_the_learning_rate():
+    """2 epochs × 3 steps: cosine annealing is at half the rate after epoch 1 (step 3 of 6)
+    and at 0 after epoch 2; one-cycle has passed its peak (lr, at 30 % of the steps) after
+    epoch 1 and keeps annealing."""
+    lr = 0.003
     for sched in ("cosine", "onecycle"):
         cfg = C.load(None, [*SMALL, "train.epochs=2", "train.steps_per_epoch=3",
                             f"train.scheduler={sched}", "train.optimizer=adamw"])
         res = run_job(sines(3), plan_jobs(sines(3), cfg)[0], cfg)
         assert [h["epoch"] for h in res.history] == [0, 1]
-        assert res.history[0]["lr"] != cfg.train.lr or sched == "cosine"
+        lrs = [h["lr"] for h in res.history]
+        if sched == "cosine":
+            assert lrs[0] == pytest.approx(lr * 0.5, rel=1e-9)
+            assert lrs[1] == pytest.approx(0.0, abs=1e-12)
+        else:
+            assert lr / 25 < lrs[0] < lr and lrs[1] < lrs[0]
 
 
 def test_a_failing_job_is_reported_and_the_others_complete():

@@ -45,6 +45,11 @@ def auto_features(freq_ns: int) -> list[str]:
     return ["month"]
 
 
+def resolve_features(setting: list[str] | str, freq_ns: int) -> list[str]:
+    """`data.calendar`: "auto" (the features that vary at this frequency) or a list."""
+    return auto_features(freq_ns) if setting == "auto" else list(setting)
+
+
 def _civil(days):
     """Days since 1970-01-01 → (day of month 1..31, month 1..12); H. Hinnant's algorithm.
     Works on numpy or torch integer arrays alike."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -171,5 +172,4 @@ def replace_partition(table: pa.Table, uri: str) -> None:
     finally:
         for leftover in (tmp, trash):
             if os.path.exists(leftover):
-                import shutil
                 shutil.rmtree(leftover)

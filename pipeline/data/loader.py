@@ -13,13 +13,15 @@ batch follows the models' tensor contract:
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipeline.data.calendar import PERIODS, calendar_values
+from pipeline.config import Config
+from pipeline.data.calendar import PERIODS, calendar_values, resolve_features
+from pipeline.data.scaling import fit_scaling
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowIndex
 
@@ -39,6 +41,14 @@ class Batch:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+
+def stack_batches(batches: Sequence[Batch]) -> Batch:
+    """G batches of equal size -> one batch with a leading member dimension [G, B, ...]."""
+    def st(name):
+        first = getattr(batches[0], name)
+        return None if first is None else torch.stack([getattr(b, name) for b in batches])
+    return Batch(**{name: st(name) for name in Batch.__dataclass_fields__})
 
 
 def static_matrix(arrays: SeriesArrays) -> np.ndarray | None:
@@ -197,3 +207,14 @@ def window_order(n: int, batch_size: int, shuffle: bool = False,
             buf = torch.cat([buf, perm()])
         yield buf[:batch_size]
         buf = buf[batch_size:]
+
+
+def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu"
+              ) -> WindowLoader:
+    """A loader over every series with the config's geometry, calendar and embedding, and the
+    scaling fitted before `cutoff` (per series)."""
+    loc, scale = fit_scaling(arrays, cutoff, cfg.windows.scaling)
+    return WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
+                        calendar=resolve_features(cfg.data.calendar, arrays.freq_ns),
+                        embedding=cfg.model.embedding, device=device,
+                        window_scaling=cfg.windows.scaling == "window")

@@ -1,8 +1,9 @@
 """The data stage: input parts → per-part validation and arrays (mapped by a runner) → one
-SeriesArrays, a report of every repaired or skipped series, and the window index.
+SeriesArrays, a report of every repaired or skipped series, and the window index (planned once,
+here; each training job takes its series' windows from it).
 
 The runner maps a function over argument tuples and returns the results in order. The default
-runs in this process; `pipeline.execution.ray_runner` fans the parts out as Ray tasks. Both give
+runs in this process; `pipeline.execution.RayRunner` fans the parts out as Ray tasks. Both give
 identical arrays because the parts, and their order, are planned here.
 """
 from __future__ import annotations
@@ -15,12 +16,11 @@ from dataclasses import dataclass
 import polars as pl
 
 from pipeline.config import Config
-from pipeline.data import windows as W
-from pipeline.data.calendar import auto_features, format_freq, parse_freq
+from pipeline.data.calendar import parse_freq
 from pipeline.data.io import Part, list_parts, read_columns
 from pipeline.data.series import STATUS, SeriesArrays
 from pipeline.data.validate import load_part
-from pipeline.data.windows import WindowPlan, plan_windows  # noqa: F401 - re-exported
+from pipeline.data.windows import WindowPlan, plan_windows
 from pipeline.errors import DataError
 from pipeline.names import check_groups
 
@@ -40,7 +40,7 @@ class Prepared:
     parts: int
     rows: int
     seconds: float
-    calendar: list[str]
+    plan: WindowPlan          # the windows of every usable series (train, validation, backtest)
 
     def skipped(self) -> dict[str, int]:
         counts = Counter(self.arrays.status.tolist())
@@ -86,30 +86,5 @@ def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
     if arrays.groups is not None:
         check_groups(arrays.groups, cfg.data.group_col)
     report = pl.DataFrame(rows or None, schema=REPORT_SCHEMA)
-    calendar = auto_features(freq_ns) if cfg.data.calendar == "auto" else list(cfg.data.calendar)
     return Prepared(arrays, report, len(parts), sum(p.num_rows for p in parts if p.chunk == 0),
-                    time.perf_counter() - t0, calendar)
-
-
-def summary_lines(prep: Prepared, plan: WindowPlan | None, cfg: Config) -> list[str]:
-    a = prep.arrays
-    lines = [f"input        {cfg.data.path}: {prep.parts} part(s), {prep.rows:,} rows, "
-             f"frequency {format_freq(a.freq_ns)}",
-             f"series read  {len(a):,} ({int((a.status == 0).sum()):,} usable, "
-             f"{a.indptr[-1]:,} steps on the grid)"]
-    skipped = prep.skipped()
-    lines.append("skipped      " + (", ".join(f"{v:,} {k}" for k, v in skipped.items())
-                                    if skipped else "none"))
-    repaired = prep.report.filter(pl.col("action") != "skipped").group_by("issue").len()
-    for issue, n in sorted(repaired.iter_rows()):
-        lines.append(f"repaired     {n:,} × {issue}")
-    if plan is not None:
-        n_bt = sum(len(b) for b in plan.backtest)
-        mat = W.materialized_bytes(len(plan.train) + len(plan.val), cfg.windows.lookback,
-                                   cfg.windows.horizon)
-        lines.append(f"windows      {len(plan.train):,} train, {len(plan.val):,} validation, "
-                     f"{n_bt:,} backtest over {cfg.windows.n_windows} cutoff(s)")
-        lines.append(f"memory       arrays {a.nbytes() / 2**20:,.1f} MiB, window index "
-                     f"{plan.nbytes / 2**20:,.1f} MiB (materialized windows would take "
-                     f"{mat / 2**20:,.1f} MiB)")
-    return lines
+                    time.perf_counter() - t0, plan_windows(arrays, cfg.windows))

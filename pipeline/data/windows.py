@@ -75,10 +75,6 @@ def cutoff_at_time(start_ns: np.ndarray, lengths: np.ndarray, freq_ns: int, cuto
     return np.clip(c, 0, lengths).astype(np.int64)
 
 
-def _select(idx: WindowIndex, eligible: np.ndarray) -> WindowIndex:
-    return idx if eligible.all() else idx.take(np.flatnonzero(eligible[idx.series]))
-
-
 def train_windows(cutoff: np.ndarray, cfg: WindowsConfig, eligible: np.ndarray) -> WindowIndex:
     last = np.asarray(cutoff) - cfg.val_size - cfg.lookback - cfg.horizon
     last = np.where(eligible, last, -1)
@@ -125,6 +121,14 @@ class WindowPlan:
     @property
     def nbytes(self) -> int:
         return sum(i.nbytes for i in [self.train, self.val, *self.backtest])
+
+    def of(self, eligible: np.ndarray) -> WindowPlan:
+        """The plan of the series where `eligible` ([S] bool) is true: the same windows, in the
+        same order, as planning those series alone."""
+        def keep(idx: WindowIndex) -> WindowIndex:
+            return idx if eligible.all() else idx.take(np.flatnonzero(eligible[idx.series]))
+        return WindowPlan(self.cutoffs, keep(self.train), keep(self.val),
+                          [keep(b) for b in self.backtest])
 
 
 def plan_windows(arrays: SeriesArrays, cfg: WindowsConfig,

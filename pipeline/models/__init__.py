@@ -25,6 +25,7 @@ from pipeline.models.encoders import (
     register_encoder,
 )
 from pipeline.models.losses import HuberLoss, MAELoss, MSELoss, QuantileLoss, make_loss
+from pipeline.models.packed import PackedModel, check_packable
 from pipeline.models.seq2seq import EncoderDecoder, build_model, load_model, save_model
 
 __all__ = [
@@ -32,16 +33,6 @@ __all__ = [
     "HuberLoss", "Latent", "MAELoss", "MSELoss", "NonCrossingQuantiles", "QuantileLoss",
     "RNNDecoder", "RNNEncoder", "StateSpec", "build_model", "causal_left_padding",
     "conv_output_length", "load_model", "make_loss", "register_decoder", "register_encoder",
-    "save_model",
+    "save_model", "PackedModel", "check_packable",
 ]
 
-from pipeline.models.packed import (  # noqa: E402  (appended: packed per-group models)
-    PackedModel,
-    check_packable,
-    clip_grad_norm_per_group,
-    group_losses,
-    packed_loss,
-)
-
-__all__ += ["PackedModel", "check_packable", "clip_grad_norm_per_group", "group_losses",
-            "packed_loss"]

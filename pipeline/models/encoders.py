@@ -11,14 +11,14 @@ exposes `latent_size` (D) and `state_spec` (the state's shape, or None).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import EncoderConfig
+from pipeline.config import EncoderConfig, receptive_field
 
 RNNState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -187,14 +187,22 @@ class CausalConvLayer(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         (k,), (d,), (s,) = self.conv.kernel_size, self.conv.dilation, self.conv.stride
-        pad = causal_left_padding(h.shape[-1], k, s, d)
-        # [B, C, T] -> [B, C, T + pad]: pad the oldest side, or crop it when pad < 0
-        padded = F.pad(h, (pad, 0), mode=self.pad_mode) if pad >= 0 else h[..., -pad:]
-        out = self.drop(torch.relu(self.conv(padded)))   # [B, C_out, ceil(T / s)]
-        if self.skip is not None:
-            newest = padded[..., d * (k - 1)::s]         # newest tap of each kernel position
-            out = out + self.skip(newest)
-        return out
+        return causal_conv(h, self.conv, k, d, s, self.pad_mode, self.drop, self.skip)
+
+
+def causal_conv(h: torch.Tensor, conv: Callable[[torch.Tensor], torch.Tensor], k: int, d: int,
+                s: int, pad_mode: str, drop: nn.Module,
+                skip: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """A causal layer's steps on h [B, C, T] -> [B, C_out, ceil(T / s)]: pad the oldest side
+    (or crop it), `conv` (kernel k, dilation d, stride s), ReLU, dropout, plus `skip` of the
+    newest input under each kernel position. The single and the packed CNN both run this."""
+    pad = causal_left_padding(h.shape[-1], k, s, d)
+    # [B, C, T] -> [B, C, T + pad]: pad the oldest side, or crop it when pad < 0
+    padded = F.pad(h, (pad, 0), mode=pad_mode) if pad >= 0 else h[..., -pad:]
+    out = drop(torch.relu(conv(padded)))
+    if skip is not None:
+        out = out + skip(padded[..., d * (k - 1)::s])   # newest tap of each kernel position
+    return out
 
 
 @register_encoder("cnn")
@@ -224,13 +232,10 @@ class CNNEncoder(nn.Module):
 
     @property
     def receptive_field(self) -> int:
-        """Input steps one output sees, from the layers: 1 + sum_i d_i (k_i - 1) prod_{j<i} s_j."""
-        field_, jump = 1, 1
-        for layer in self.layers:
-            (k,), (d,), (s,) = layer.conv.kernel_size, layer.conv.dilation, layer.conv.stride
-            field_ += d * (k - 1) * jump
-            jump *= s
-        return field_
+        """Input steps one output sees, from the built layers (`config.receptive_field`)."""
+        convs = [layer.conv for layer in self.layers]
+        return receptive_field([c.kernel_size[0] for c in convs], [c.dilation[0] for c in convs],
+                               [c.stride[0] for c in convs])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, C] -> [B, hidden, ceil(L / S)] with S the total stride; the last is step L-1."""

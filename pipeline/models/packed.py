@@ -3,8 +3,7 @@
     packed = PackedModel.build(model_cfg, groups=G, lookback=L, horizon=H, past_size=C, ...)
     y_hat = packed(x, xf, static)          # [G, B, L, 1+C], [G, B, H, C_fut], [G, B, C_s]
                                            # -> [G, B, H, Q]
-    loss = packed_loss(loss_fn, y_hat, target, mask)   # sum over groups of each group's mean
-    loss.backward(); clip_grad_norm_per_group(packed, 1.0); opt.step()
+    # training it: pipeline.train.fit (one loss per group, gradients clipped per group)
     model_g = packed.extract(g)            # an ordinary EncoderDecoder (build_model, save_model)
 
 Every parameter is the stack of the G models' copies of one parameter: [G, *its single shape].
@@ -27,7 +26,7 @@ gru (autoregressive), and models built with different specs.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,25 +34,15 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.models.decoders import DirectDecoder
-from pipeline.models.encoders import CausalConvLayer, CNNEncoder, RNNEncoder, causal_left_padding
+from pipeline.models.encoders import CausalConvLayer, CNNEncoder, RNNEncoder, causal_conv
 from pipeline.models.seq2seq import EncoderDecoder, build_model, model_config_from_dict
-
-PACKED_ENCODERS = ("cnn", "gru")
-PACKED_DECODERS = ("direct",)
 
 
 def check_packable(model_cfg: ModelConfig) -> None:
-    """Raise ValueError unless `model_cfg` names an architecture PackedModel supports."""
-    enc, dec = model_cfg.encoder, model_cfg.decoder
-    if enc.type not in PACKED_ENCODERS:
-        raise ValueError(f"packed per-group models support encoder {' | '.join(PACKED_ENCODERS)}"
-                         f"; got model.encoder.type = {enc.type!r}")
-    if enc.type == "gru" and enc.bidirectional:
-        raise ValueError("packed per-group models support a unidirectional gru only; "
-                         "set model.encoder.bidirectional = false")
-    if dec.type not in PACKED_DECODERS:
-        raise ValueError(f"packed per-group models support decoder {' | '.join(PACKED_DECODERS)}"
-                         f"; got model.decoder.type = {dec.type!r}")
+    """Raise ValueError unless `model_cfg` names an architecture PackedModel supports
+    (`ModelConfig.unpackable` says which)."""
+    if why := model_cfg.unpackable():
+        raise ValueError(why)
 
 
 def _stack(tensors: Sequence[torch.Tensor | None]) -> nn.Parameter | None:
@@ -167,22 +156,21 @@ class PackedConvLayer(_Packed):
         """[B, G*C_in, T] -> [B, G*C_out, ceil(T / stride)]."""
         groups, c_out = self.weight.shape[:2]
         k, d, s = self.kernel_size, self.dilation, self.stride
-        pad = causal_left_padding(h.shape[-1], k, s, d)
-        # [B, G*C, T] -> [B, G*C, T + pad]: pad the oldest side, or crop it when pad < 0
-        padded = F.pad(h, (pad, 0), mode=self.pad_mode) if pad >= 0 else h[..., -pad:]
         # [G, C_out, C_in, k] -> [G*C_out, C_in, k]: Conv1d's layout for groups=G
         weight = self.weight.reshape(groups * c_out, -1, k)
         bias = None if self.bias is None else self.bias.reshape(-1)  # [G, C_out] -> [G*C_out]
-        out = F.conv1d(padded, weight, bias, stride=s, dilation=d, groups=groups)
-        out = self.drop(torch.relu(out))
-        if self.residual:
-            newest = padded[..., d * (k - 1)::s]              # newest tap of each kernel position
-            if self.skip_weight is not None:
-                # [G, C_out, C_in, 1] -> [G*C_out, C_in, 1]
-                skip = self.skip_weight.reshape(groups * c_out, -1, 1)
-                newest = F.conv1d(newest, skip, groups=groups)
-            out = out + newest
-        return out
+
+        def conv(padded: torch.Tensor) -> torch.Tensor:
+            return F.conv1d(padded, weight, bias, stride=s, dilation=d, groups=groups)
+
+        skip = None
+        if self.skip_weight is not None:
+            # [G, C_out, C_in, 1] -> [G*C_out, C_in, 1]
+            proj = self.skip_weight.reshape(groups * c_out, -1, 1)
+            skip = lambda newest: F.conv1d(newest, proj, groups=groups)  # noqa: E731
+        elif self.residual:
+            skip = nn.Identity()
+        return causal_conv(h, conv, k, d, s, self.pad_mode, self.drop, skip)
 
 
 class PackedCNNEncoder(nn.Module):
@@ -354,9 +342,6 @@ class PackedModel(nn.Module):
                                for name, src in self.sources.items()})
         return model.train(self.training)
 
-    def extract_all(self) -> list[EncoderDecoder]:
-        return [self.extract(g) for g in range(self.groups)]
-
 
 def _check_models(models: Sequence[EncoderDecoder]) -> EncoderDecoder:
     """The first model, after checking that all were built by build_model with one packable
@@ -372,50 +357,3 @@ def _check_models(models: Sequence[EncoderDecoder]) -> EncoderDecoder:
             raise ValueError(f"model {g} was built with a different spec than model 0: packed "
                              "models share one architecture and sizes")
     return first
-
-
-# ---------------------------------------------------------------- training helpers
-
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-def group_losses(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Each group's mean loss [G]: loss_fn(pred[g], target[g], mask[g]) for every g at once.
-
-    pred [G, B, H, Q], target and mask [G, B, H]. Runs loss_fn under torch.func.vmap, so it
-    must be vmap-friendly (every loss of `make_loss` is).
-    """
-    if mask is None:
-        return torch.func.vmap(lambda p, t: loss_fn(p, t, None))(pred, target)
-    return torch.func.vmap(loss_fn)(pred, target, mask)
-
-
-def packed_loss(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The SUM over groups of each group's mean loss: its gradient with respect to group g's
-    parameters is that of group g's own loss, as in separate training."""
-    return group_losses(loss_fn, pred, target, mask).sum()
-
-
-@torch.no_grad()
-def clip_grad_norm_per_group(packed: nn.Module, max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ (L2) for each group on its own: group g's slice of every
-    gradient is scaled by min(1, max_norm / (norm_g + 1e-6)), norm_g being the L2 norm over
-    group g's slices only. Returns the norms before clipping, [G].
-
-    Every parameter of `packed` must carry the group in dim 0 (all of PackedModel's do).
-    """
-    grads = [p.grad for p in packed.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros(0)
-    groups = grads[0].shape[0]
-    if any(g.shape[0] != groups for g in grads):
-        raise ValueError("every parameter must have the group in dim 0")
-    # [G, *shape] -> [G, n] -> [G]: each group's squared norm, summed over parameters
-    norms = torch.stack([g.reshape(groups, -1).float().square().sum(1) for g in grads]).sum(0)
-    norms = norms.sqrt()
-    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale.to(g.dtype).reshape(groups, *[1] * (g.dim() - 1)))  # [G] -> [G, 1, …]
-    return norms

@@ -1,21 +1,11 @@
-"""Typed job configuration: dataclass sections loaded from YAML, `--set` overrides, checks.
-
-`load(path, overrides)` reads a YAML file whose top-level keys are the sections below,
-applies `section.key=value` overrides (values parsed as YAML), and builds the dataclass tree.
-Unknown keys are errors that name the key and suggest the nearest valid one; cross-field
-rules live in each section's `__post_init__`. This module imports nothing of the project.
-"""
+"""The config schema: one dataclass per section, cross-field rules in each `__post_init__`
+(DESIGN.md §3-§8). Loading YAML and `--set` overrides into it is `pipeline.config.loading`."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import difflib
-import typing
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 
 class ConfigError(ValueError):
@@ -147,12 +137,20 @@ class EncoderConfig:
         return list(self.dilations or [self.dilation_base ** i for i in range(self.num_layers)])
 
     def receptive_field(self) -> int:
-        """Steps of history one output of the causal CNN stack sees: 1 + Σ d_i (k-1) s^(i)."""
-        field_, jump = 1, 1
-        for d in self.layer_dilations:
-            field_ += d * (self.kernel_size - 1) * jump
-            jump *= self.stride
-        return field_
+        """Steps of history one output of the causal CNN stack sees."""
+        n = len(self.layer_dilations)
+        return receptive_field([self.kernel_size] * n, self.layer_dilations, [self.stride] * n)
+
+
+def receptive_field(kernel_sizes, dilations, strides) -> int:
+    """Input steps one output of a stack of causal conv layers sees:
+    1 + sum_i d_i (k_i - 1) prod_{j<i} s_j. The one formula, for the config's check and the
+    built encoder alike."""
+    field_, jump = 1, 1
+    for k, d, s in zip(kernel_sizes, dilations, strides, strict=True):
+        field_ += d * (k - 1) * jump
+        jump *= s
+    return field_
 
 
 @dataclass
@@ -172,6 +170,10 @@ class DecoderConfig:
         if not 0 <= self.teacher_forcing <= 1:
             raise ConfigError(f"model.decoder.teacher_forcing = {self.teacher_forcing} "
                               "must be in [0, 1]")
+
+
+PACKED_ENCODERS = ("cnn", "gru")   # what pipeline.models.packed can pack
+PACKED_DECODERS = ("direct",)
 
 
 @dataclass
@@ -198,6 +200,21 @@ class ModelConfig:
             raise ConfigError("model.quantiles is set but model.loss is not 'quantile'")
         if not self.name:
             self.name = f"{self.encoder.type}_{self.decoder.type}"
+
+    def unpackable(self) -> str | None:
+        """Why models of this spec cannot be packed into one module (packed per-group
+        training, ensembles), or None when they can."""
+        enc, dec = self.encoder, self.decoder
+        if enc.type not in PACKED_ENCODERS:
+            return (f"packed models support encoder {' | '.join(PACKED_ENCODERS)}; got "
+                    f"model.encoder.type = {enc.type!r}")
+        if enc.type == "gru" and enc.bidirectional:
+            return ("packed models support a unidirectional gru only; set "
+                    "model.encoder.bidirectional = false")
+        if dec.type not in PACKED_DECODERS:
+            return (f"packed models support decoder {' | '.join(PACKED_DECODERS)}; got "
+                    f"model.decoder.type = {dec.type!r}")
+        return None
 
 
 @dataclass
@@ -325,15 +342,10 @@ class Config:
         self._check_receptive_field()
 
     def _check_packable(self) -> None:
-        enc, dec = self.model.encoder, self.model.decoder
         if self.train.mode != "per_group":
             raise ConfigError("train.per_group.packed = true needs train.mode = 'per_group'")
-        if enc.type not in ("cnn", "gru") or enc.bidirectional or dec.type != "direct":
-            raise ConfigError(
-                "train.per_group.packed = true supports model.encoder.type cnn or gru "
-                "(unidirectional) with model.decoder.type direct; got encoder "
-                f"{enc.type!r}{' (bidirectional)' if enc.bidirectional else ''}, decoder "
-                f"{dec.type!r}")
+        if why := self.model.unpackable():
+            raise ConfigError(f"train.per_group.packed = true: {why}")
 
     def _check_receptive_field(self) -> None:
         enc = self.model.encoder
@@ -347,10 +359,8 @@ class Config:
                    f"but model.season = {season}; add layers or raise dilation_base")
             if self.model.require_receptive_field:
                 raise ConfigError(msg)
-            import warnings
             warnings.warn(msg, stacklevel=2)
         if rf > self.windows.lookback:
-            import warnings
             warnings.warn(f"model.encoder: receptive field {rf} exceeds windows.lookback "
                           f"{self.windows.lookback}; the oldest taps only see padding",
                           stacklevel=2)
@@ -370,116 +380,3 @@ class Config:
                 out[prefix] = obj
         walk("", self.to_dict())
         return out
-
-
-# ---------------------------------------------------------------- building from dicts
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(raw).__name__}")
-    hints = _hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        name = f"{where}.{key}" if where else str(key)
-        if key not in valid:
-            raise ConfigError(f"unknown key {name!r}{_suggest(str(key), valid)}")
-        kwargs[key] = _coerce(hints[key], value, name)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - guarded by the key check above
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _coerce(hint: Any, value: Any, name: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, name)
-    args = typing.get_args(hint)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise ConfigError(f"{name} may not be null")
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, name)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{name} = {value!r} matches none of the allowed types")
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):   # YAML 1.1 reads `1e-5` (no dot) as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def _apply_override(raw: dict, item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected section.key=value")
-    dotted, text = item.split("=", 1)
-    parts = dotted.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-    try:
-        node[parts[-1]] = yaml.safe_load(text) if text != "" else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
-
-
-def from_dict(raw: dict | None, overrides: list[str] | tuple = ()) -> Config:
-    raw = dict(raw or {})
-    for item in overrides:
-        _apply_override(raw, item)
-    return _build(Config, raw, "")
-
-
-def load(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:
-    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
-    return from_dict(raw, overrides)

@@ -1,34 +1,31 @@
 """Reading the tracked runs back (DESIGN.md §7): leaderboards, champions and the Model Registry,
-and the batch records of the flows. The tracking layer's second module (with pipeline.tracking,
-the only ones that import mlflow); every read goes to the server fresh, never to a cached run id.
+the batch records of the flows, the config a run was trained with. Every read goes to the
+server fresh, never to a cached run id. Writing is `runs.py` and `models.py`.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import tempfile
 import warnings
 from pathlib import Path
 
 import mlflow
+import polars as pl
+import yaml
 from mlflow.exceptions import MlflowException
 
+from pipeline.errors import PipelineError
+from pipeline.models import load_model
 from pipeline.names import safe_key
-from pipeline.tracking import (
+from pipeline.tracking.models import MODEL_URI_TAG, WEIGHTS
+from pipeline.tracking.runs import (
     CONFIG_ARTIFACT,
     GROUP_TABLE_TAG,
-    MODEL_NAME,
-    MODEL_URI_TAG,
     ROLE,
     SUPERSEDED_TAG,
-    _client,
-    _finite,
-    _quiet,
-    example_inputs,
-    log_torch_model,
-    using,
 )
+from pipeline.tracking.runs import client as _client
+from pipeline.tracking.runs import finite as _finite
 
 # ------------------------------------------------------------------------------ batches
 
@@ -49,14 +46,13 @@ def batch_runs(uri: str, experiment: str, flow: str, config: str, batch_id: str,
     return [r.info.run_id for r in runs if SUPERSEDED_TAG not in r.data.tags]
 
 
-def supersede(uri: str, parent_id: str) -> None:
-    """Tag a parent run and its job runs as superseded (left out of comparisons)."""
+def child_runs(uri: str, parent_id: str) -> list[str]:
+    """The job runs nested under parent run `parent_id`."""
     client = _client(uri)
     run = client.get_run(parent_id)
     kids = client.search_runs([run.info.experiment_id], max_results=10000,
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    for rid in [parent_id] + [k.info.run_id for k in kids]:
-        client.set_tag(rid, SUPERSEDED_TAG, "true")
+    return [k.info.run_id for k in kids]
 
 
 # ------------------------------------------------------------------------------ comparison
@@ -68,7 +64,6 @@ BOARD_SCHEMA = {"run_id": "String", "parent_run_id": "String", "batch_id": "Stri
 
 def _group_rows(client, run, metric: str) -> list[dict]:
     """Rows of a job run's per-group table (`metrics/per_group.parquet`)."""
-    import polars as pl
     with tempfile.TemporaryDirectory() as tmp:
         local = client.download_artifacts(run.info.run_id, run.data.tags[GROUP_TABLE_TAG], tmp)
         df = pl.read_parquet(local)
@@ -88,7 +83,6 @@ def leaderboard(experiment: str, metric: str = "mase", uri: str | None = None,
     series (from the run's per-group table) — best first. `cutoff="latest"` keeps the runs of
     the latest data cutoff in the experiment (scores of different backtest periods do not
     compare); None keeps every cutoff. Always read fresh, never from a cached run id."""
-    import polars as pl
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     rows: list[dict] = []
@@ -129,7 +123,6 @@ def leaderboard(experiment: str, metric: str = "mase", uri: str | None = None,
 
 def _at_cutoff(board, cutoff: str | None):
     """The rows of one data cutoff: "latest" (the newest in `board`), a label, or None (all)."""
-    import polars as pl
     if cutoff == "latest" and len(board):
         cutoff = board["cutoff"].drop_nulls().max()
     if cutoff is not None and len(board):
@@ -141,7 +134,6 @@ def run_board(experiment: str, metric: str = "mase", uri: str | None = None,
               cutoff: str | None = "latest"):
     """Finished pipeline (parent) runs of `experiment` with their overall backtest `metric`
     and the seasonal-naive baseline's, best first (same cutoff rule as `leaderboard`)."""
-    import polars as pl
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     rows = []
@@ -169,7 +161,6 @@ def champion_per_group(board, by: str = "group"):
     whose final training failed has a score but no model), groups sorted. by="group": the
     per-group rows (any model whose score on that group is known, a global model's included);
     by="global": the best of the models trained over every series (group "global")."""
-    import polars as pl
     board = board.filter(pl.col("has_model"))
     rows = board.filter(pl.col("group") == "global") if by == "global" else \
         board.filter(~pl.col("group").is_in(["global", "all"]))
@@ -204,48 +195,6 @@ def find_champion(experiment: str, group: str | None, alias: str = "champion",
     return name, mv
 
 
-def _tag_key(group: str) -> str:
-    return f"{MODEL_URI_TAG}.{safe_key(group)}"
-
-
-def model_source(run_id: str, group: str | None = None, model_file: str | None = None,
-                 uri: str | None = None) -> str:
-    """The logged model of a leaderboard row. A per-group model kept only as a file artifact
-    (`tracking.child_runs: per_model`) is logged with the PyTorch flavor on first use (and the
-    URI remembered in a run tag), so 10,000 groups cost 10,000 flavor logs only for the ones
-    that get promoted."""
-    client = _client(uri)
-    tags = client.get_run(run_id).data.tags
-    if not model_file:
-        return tags.get(MODEL_URI_TAG, f"runs:/{run_id}/{MODEL_NAME}")
-    key = _tag_key(group or "global")
-    if key in tags:
-        return tags[key]
-    from pipeline.models import load_model
-    with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(client.download_artifacts(run_id, model_file, tmp))
-    model_uri = log_torch_model(run_id, model, example_inputs(model.spec), uri,
-                                set_tag=False)
-    client.set_tag(run_id, key, model_uri)
-    return model_uri
-
-
-def register_champion(run_id: str, name: str, alias: str = "champion",
-                      uri: str | None = None, group: str | None = None,
-                      model_file: str | None = None, tags: dict | None = None) -> str:
-    """Register the model of `run_id` (of `group`, see `model_source`) under `name` and point
-    `alias` at the new version. Returns the version."""
-    client = _client(uri)
-    source = model_source(run_id, group, model_file, uri)
-    version_tags = {"run_id": run_id, "group": group or "global",
-                    **{k: str(v) for k, v in (tags or {}).items()}}
-    with using(uri), _quiet("mlflow.tracking._model_registry.client"), \
-            contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        mv = mlflow.register_model(source, name, tags=version_tags)  # prints "Created…"
-    client.set_registered_model_alias(name, alias, mv.version)
-    return str(mv.version)
-
-
 def champion_version(name: str, alias: str = "champion", uri: str | None = None):
     """The ModelVersion `name@alias`, or None when there is no such model or alias. Any other
     error (server down, 5xx) is raised: it must not read as "no champion" and promote an
@@ -259,16 +208,33 @@ def champion_version(name: str, alias: str = "champion", uri: str | None = None)
 
 
 def load_champion(name: str, alias: str = "champion", uri: str | None = None):
-    """The torch model registered as `name@alias`."""
-    import mlflow.pytorch
-    with using(uri):
-        return mlflow.pytorch.load_model(f"models:/{name}@{alias}", map_location="cpu")
+    """The model registered as `name@alias`, rebuilt from the weights file of its logged model
+    (spec + state dict, read with weights_only=True): nothing from the registry is unpickled,
+    so a version whose artifact is a pickle cannot run code here; it is refused by name."""
+    client = _client(uri)
+    mv = client.get_model_version_by_alias(name, alias)
+    where = mv.source
+    if where.startswith("models:/"):      # a logged model: its artifacts' location
+        where = client.get_logged_model(where.removeprefix("models:/")).artifact_location
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/{WEIGHTS}",
+                                                       dst_path=tmp, tracking_uri=uri)
+        except (MlflowException, OSError) as e:
+            raise PipelineError(f"{name}@{alias} (version {mv.version}) has no {WEIGHTS} to "
+                                f"load ({type(e).__name__}); only models this pipeline logged "
+                                "are loaded") from None
+        try:
+            return load_model(path)
+        except Exception as e:  # noqa: BLE001 - whatever the file holds, it is refused
+            raise PipelineError(f"{name}@{alias} (version {mv.version}): {WEIGHTS} is not a "
+                                f"weights-only model file ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]})") from None
 
 
 def run_config(run_id: str, uri: str | None = None) -> dict:
     """The resolved config (config.yaml artifact of the parent run) a job run was trained
     with, as a dict."""
-    import yaml
     client = _client(uri)
     run = client.get_run(run_id)
     parent = run.data.tags.get("mlflow.parentRunId", run_id)

@@ -1,0 +1,22 @@
+"""Forecast: validate -> windows -> train on all data -> forecast -> write (no backtest).
+`python -m flows.forecast --config configs/demo.yaml`; with the Model Registry's champions
+instead of training, `flows.forecast_only`."""
+import sys
+
+from flows._common import main
+from pipeline import stages as S
+from pipeline.batch import Batch
+
+
+def forecast(b: Batch) -> None:
+    """Train the forecast model on all the data and write its forecasts."""
+    data = S.prepare(b)
+    jobs = S.plan(b, data)
+    inits = S.warm_start(b, data, jobs)
+    final = S.final_model(b, data, jobs, None, inits)
+    S.log_models(b, final)
+    S.write_forecast(b, data, S.forecast(b, data, jobs, final))
+
+
+if __name__ == "__main__":
+    sys.exit(main(forecast))

@@ -1,0 +1,18 @@
+"""Prepare: the data stage alone — read, validate, arrays, windows, the validation report.
+Untracked. `python -m flows.prepare --config configs/demo.yaml`"""
+import sys
+
+from flows._common import main
+from pipeline import stages as S
+from pipeline.batch import Batch
+
+TRACKED = False
+
+
+def prepare(b: Batch) -> None:
+    """Read and validate the input; report what was repaired or skipped."""
+    S.prepare(b)
+
+
+if __name__ == "__main__":
+    sys.exit(main(prepare, tracked=TRACKED))

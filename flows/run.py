@@ -1,0 +1,25 @@
+"""The main job: validate -> windows -> train before the cutoffs -> backtest against the
+baselines -> train on all data -> forecast -> write. `python -m flows.run --config
+configs/demo.yaml` (`python -m pipeline run` is this flow, run again whenever asked)."""
+import sys
+
+from flows._common import main
+from pipeline import stages as S
+from pipeline.batch import Batch
+
+
+def run(b: Batch) -> None:
+    """Backtest the models, then forecast with the final model."""
+    data = S.prepare(b)                          # read, validate; lock and open the batch
+    jobs = S.plan(b, data)                       # one global job, or one per group
+    inits = S.warm_start(b, data, jobs)          # champions' weights (train.warm_start)
+    trained = S.train(b, data, jobs, inits)      # before the backtest cutoffs
+    scored = S.backtest(b, data, jobs, trained, inits)   # against the baselines; written
+    final = S.final_model(b, data, jobs, trained, inits)  # on all the data (or reused)
+    S.log_models(b, final)
+    forecast = S.forecast(b, data, jobs, final)
+    S.write_forecast(b, data, forecast, scored)
+
+
+if __name__ == "__main__":
+    sys.exit(main(run))

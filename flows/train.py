@@ -1,0 +1,20 @@
+"""Train: validate -> windows -> train before the backtest cutoffs -> save and log the models.
+`python -m flows.train --config configs/demo.yaml`"""
+import sys
+
+from flows._common import main
+from pipeline import stages as S
+from pipeline.batch import Batch
+
+
+def train(b: Batch) -> None:
+    """Train the models (before the backtest cutoffs, as `backtest` would score them)."""
+    data = S.prepare(b)
+    jobs = S.plan(b, data)
+    inits = S.warm_start(b, data, jobs)
+    trained = S.train(b, data, jobs, inits)
+    S.log_models(b, trained)
+
+
+if __name__ == "__main__":
+    sys.exit(main(train))

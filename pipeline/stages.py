@@ -1,0 +1,313 @@
+"""The stages the flows compose (`flows/*.py`), in the order data flows through them:
+
+    prepare -> plan -> warm_start -> train -> backtest -> final_model -> log_models
+            -> forecast (or promote -> registry_forecast) -> write_forecast
+
+Each takes the `Batch` (config, runner, tracking run, timings), does one step, logs it to the
+tracking run, has `pipeline.report` print it, and returns its result: tests and flows read the
+results, never the console.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline import compare, output, paths, report
+from pipeline.backtest import FALLBACK, Backtest, concat_columns, config_at, final_forecast
+from pipeline.backtest import backtest as score
+from pipeline.batch import Batch
+from pipeline.config import Config
+from pipeline.data.loader import loader_at
+from pipeline.data.prepare import Prepared
+from pipeline.data.prepare import prepare as read_input
+from pipeline.errors import InfraError, PipelineError
+from pipeline.jobs import (
+    Job,
+    JobResult,
+    n_groups,
+    new_model,
+    plan_jobs,
+    plan_packs,
+    run_jobs_locally,
+    save_result,
+    state_bytes,
+)
+from pipeline.names import model_file
+from pipeline.plots import plot_sample
+from pipeline.secrets import redact
+from pipeline.train import resolve_device
+
+
+@dataclass
+class Trained:
+    """A training stage's jobs and where their model files went."""
+    results: list[JobResult]
+    folder: str
+    final: bool = False
+
+    def models(self) -> dict:
+        """{job name: the trained model} of the jobs that trained."""
+        return {r.name: r.model() for r in self.results if r.ok}
+
+
+@dataclass
+class Scored:
+    """A backtest: per-series metrics and predictions, the summary, the written partitions."""
+    backtest: Backtest
+    summary: dict[str, dict[str, float]]
+    paths: list[str]
+    predictions: dict
+
+
+@dataclass
+class Forecast:
+    """Forecast columns (one row per series and step) and, once written, where they went."""
+    cols: dict
+    note: str = ""                          # e.g. the champions it came from
+    path: str = ""
+    n_series: int = 0
+    n_fallback: int = 0
+    plots: list[str] = field(default_factory=list)
+    fallback: str = FALLBACK
+
+
+def prepare(b: Batch) -> Prepared:
+    """Read and validate the input into arrays and the window plan, then open the batch on
+    the data cutoff (lock, skip-if-done, tracking run, validation report)."""
+    b.open()
+    with b.stage("data"):
+        data = read_input(b.cfg, b.runner)
+    b.begin(data)
+    report.data(data, b.cfg, paths.validation_report(b.cfg) if b.cfg.output.report else None)
+    return b.keep("data", data)
+
+
+def plan(b: Batch, data: Prepared) -> list[Job]:
+    """One global job over every series, or one job per group."""
+    return b.keep("plan", plan_jobs(data.arrays, b.cfg))
+
+
+def warm_start(b: Batch, data: Prepared, jobs: list[Job]) -> dict[str, bytes]:
+    """With `train.warm_start`: {job name: the registered champion's weights} for the jobs
+    whose champion has this config's architecture. A global job whose data has groups starts
+    from their champions when they are all one model (a global model promoted everywhere)."""
+    cfg, arrays = b.cfg, data.arrays
+    if not cfg.train.warm_start:
+        return {}
+    with b.stage("warm_start"):
+        by = "global" if cfg.train.mode == "global" else "group"
+        champs = compare.load_champions(cfg, jobs, by)
+        if by == "global" and not champs.found and arrays.groups is not None:
+            per_group = compare.load_champions(cfg, _champion_jobs(cfg, arrays, "group"),
+                                               "group")
+            if len({(c.version.run_id, c.version.source) for c in per_group.found}) == 1:
+                champs.found = [dataclasses.replace(per_group.found[0], job=jobs[0])]
+                champs.missing = []
+        want = new_model(loader_at(arrays, cfg, arrays.lengths), cfg, len(arrays),
+                         n_groups(arrays)).spec
+        inits, fresh = compare.warm_states(champs, want, state_bytes)
+    report.warm_start(len(inits), fresh)
+    return b.keep("warm_start", inits)
+
+
+def train(b: Batch, data: Prepared, jobs: list[Job], inits: dict | None = None, *,
+          final: bool = False, cfg: Config | None = None, label: str | None = None
+          ) -> Trained:
+    """Train the plan of jobs where the config says (Ray tasks, Ray Train, or this process),
+    save each model next to the outputs. final=True trains on all the data (the forecast
+    model); otherwise training stops before the oldest backtest cutoff. `cfg` (a refit
+    cutoff's config) trains untracked, on windows planned for it."""
+    tracked, plan_ = cfg is None, data.plan if cfg is None and not final else None
+    cfg = cfg or b.cfg
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(   # for every worker
+        cfg.train, checkpoint_dir=paths.checkpoint_root(cfg)))
+    report.training_start(cfg, len(jobs), resolve_device(cfg.train.device), final)
+    with b.stage("final" if final else "train"):
+        prefix = "final_" if final else ""
+        loggers = b.log.loggers(jobs, prefix) if b.log is not None and tracked else None
+        warm = [j for j in jobs if j.name in (inits or {})]  # the fine-tuning budget
+        cold = [j for j in jobs if j.name not in (inits or {})]
+        done = {}
+        for part_cfg, part in [(_warm(cfg), warm), (cfg, cold)]:
+            if part:
+                done.update({r.name: r for r in _run(data, part, part_cfg, final, loggers,
+                                                     inits, plan_)})
+        results = [done[j.name] for j in jobs]
+        if b.log is not None and tracked:
+            b.log.trained(results, prefix)
+        folder = paths.models_dir(cfg, label or ("final" if final else "backtest"))
+        shutil.rmtree(folder, ignore_errors=True)   # no file of an earlier run is taken
+        for r in results:
+            if r.ok:
+                save_result(r, f"{folder}/{model_file(cfg.model.name, r.name)}")
+    trained = b.keep(label or ("final" if final else "train"), Trained(results, folder, final))
+    report.training(trained)
+    b.failed_jobs = sorted(set(b.failed_jobs) | {r.name for r in results if not r.ok})
+    if all(not r.ok for r in results):
+        raise InfraError(f"every training job failed; first error: {results[0].error}")
+    return trained
+
+
+def _run(data: Prepared, jobs: list[Job], cfg: Config, final: bool, loggers, inits, plan_):
+    if not cfg.ray.enabled:
+        return run_jobs_locally(data.arrays, jobs, cfg, final=final, loggers=loggers,
+                                inits=inits, plan=plan_)
+    from pipeline import execution  # Ray only when enabled
+    return execution.train(data.arrays, plan_packs(jobs, cfg), cfg, final=final,
+                           loggers=loggers, inits=inits, plan=plan_)
+
+
+def _warm(cfg: Config) -> Config:
+    """The fine-tuning budget of a warm start: train.warm_start_epochs epochs."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, epochs=cfg.train.warm_start_epochs))
+
+
+def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
+             inits: dict | None = None) -> Scored:
+    """Score the models and the baselines at every backtest cutoff (with `evaluate.refit`,
+    models trained again before each later cutoff), write predictions and per-series metrics,
+    log the comparison."""
+    cfg, arrays = b.cfg, data.arrays
+    models = trained.models()
+    if cfg.evaluate.refit:       # one more training per later cutoff
+        models = {cfg.windows.n_windows - 1: models}
+        for k in range(cfg.windows.n_windows - 1):
+            models[k] = train(b, data, jobs, inits, cfg=config_at(cfg, k),
+                              label=f"backtest-cutoff{k}").models()
+    with b.stage("backtest"):
+        bt = score(arrays, jobs, models, cfg, refit=cfg.evaluate.refit)
+        end = int(arrays.end_ns.max())
+        preds = concat_columns(bt.frames)
+        metrics = output.metrics_table(concat_columns(bt.metrics), b.run_id)
+        written = [output.write(paths.partition(cfg, "backtest", end),
+                                output.to_table(preds, b.run_id)),
+                   output.write(paths.partition(cfg, "metrics", end), metrics)]
+        if b.log is not None:
+            b.log.backtest(bt, metrics)
+    scored = b.keep("backtest", Scored(bt, bt.summary(), written, preds))
+    report.backtest(scored, cfg)
+    return scored
+
+
+def final_model(b: Batch, data: Prepared, jobs: list[Job], trained: Trained | None = None,
+                inits: dict | None = None) -> Trained:
+    """The forecast model: trained again on all the data, or (`evaluate.final_model: reuse`)
+    the backtest's own."""
+    if trained is not None and b.cfg.evaluate.final_model == "reuse":
+        return trained
+    return train(b, data, jobs, inits, final=True)
+
+
+def log_models(b: Batch, trained: Trained) -> None:
+    """The models the forecasts come from, into their MLflow runs."""
+    if b.log is not None:
+        with b.stage("log_models"):
+            b.log.models(trained.results, trained.folder)
+
+
+def forecast(b: Batch, data: Prepared, jobs: list[Job], trained: Trained) -> Forecast:
+    """H steps past every series' end with its job's model; the fallback where there is none."""
+    with b.stage("forecast"):
+        return b.keep("forecast", Forecast(final_forecast(data.arrays, jobs,
+                                                            trained.models(), b.cfg)))
+
+
+def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = None
+            ) -> list[compare.Decision]:
+    """Challenger (this run) against the registered champions, both scored now on the same
+    backtest windows; the better is registered per group (`compare.promote`)."""
+    cfg, arrays = b.cfg, data.arrays
+    if b.log is None or not b.log.parent_id:
+        raise PipelineError("promoting a champion needs MLflow tracking (tracking.enabled)")
+    with b.stage("promote"):
+        by = compare.resolve(cfg, None)[2]
+        champs = compare.load_champions(cfg, _champion_jobs(cfg, arrays, by), by)
+        theirs = {}
+        for entries in champs.by_run().values():
+            ccfg = dataclasses.replace(entries[0].config, windows=dataclasses.replace(
+                entries[0].config.windows, n_windows=cfg.windows.n_windows,
+                step=cfg.windows.step))
+            if ccfg.windows.horizon != cfg.windows.horizon:
+                raise PipelineError(f"the champion of {entries[0].job.name!r} forecasts "
+                                    f"{ccfg.windows.horizon} steps, this config "
+                                    f"{cfg.windows.horizon}: they cannot be compared")
+            cols = concat_columns(score(arrays, [c.job for c in entries],
+                                        _checked(arrays, entries), ccfg).metrics)
+            theirs.update({c.job.name: cols for c in entries})
+        decisions = compare.promote(cfg, b.log, champs, concat_columns(scored.backtest.metrics),
+                                    theirs, final.results if final else None)
+    report.promotion(cfg.model.name, decisions)
+    return b.keep("promote", decisions)
+
+
+def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Forecast:
+    """Forecasts from the registered champions, no training: each with the windows, scaling
+    and model of the run that trained it. Groups without a champion get the fallback."""
+    cfg, arrays = b.cfg, data.arrays
+    with b.stage("forecast"):
+        by = compare.resolve(cfg, by)[2]
+        if by == "group" and arrays.groups is None:
+            raise PipelineError("--by group needs data.group_col")
+        champs = compare.load_champions(cfg, _champion_jobs(cfg, arrays, by), by)
+        if not champs.found:
+            names = [n for _, n in champs.missing]
+            raise PipelineError(
+                f"no champion registered under {', '.join(names[:3])}"
+                f"{' …' if len(names) > 3 else ''} at {redact(champs.uri)}; "
+                "run `python -m pipeline compare --config ...` first")
+        frames = []
+        for entries in champs.by_run().values():
+            within = np.zeros(len(arrays), bool)
+            for c in entries:
+                within[c.job.series] = True
+            frames.append(final_forecast(arrays, [c.job for c in entries],
+                                         _checked(arrays, entries), entries[0].config,
+                                         within=within))
+        if champs.missing:
+            report.missing_champions([j.name for j, _ in champs.missing])
+            rest = Job("rest", np.concatenate([j.series for j, _ in champs.missing]))
+            frames.append(final_forecast(arrays, [rest], {}, cfg,
+                                         within=rest.member(len(arrays))))
+    used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
+    return b.keep("forecast", Forecast(concat_columns(frames),
+                                         note=f"champions {', '.join(used)}"))
+
+
+def _champion_jobs(cfg: Config, arrays, by: str) -> list[Job]:
+    """Today's jobs as champions serve them: one per group (by="group") or one global."""
+    return plan_jobs(arrays, compare.champion_config(cfg, cfg.to_dict(), by))
+
+
+def _checked(arrays, entries: list[compare.Champion]) -> dict:
+    """{job name: champion model}, each checked to fit today's inputs."""
+    loader = loader_at(arrays, entries[0].config, arrays.lengths)
+    sizes = (loader.past_size, loader.future_size, loader.static_size)
+    rows = {"series": len(arrays), "group": n_groups(arrays)}
+    for c in entries:
+        compare.check_inputs(c, sizes, rows)
+    return {c.job.name: c.model for c in entries}
+
+
+def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored: Scored | None = None
+                   ) -> Forecast:
+    """Write the forecast partition (atomically), then plots, then tell the tracking run."""
+    cfg, arrays = b.cfg, data.arrays
+    with b.stage("forecast"):
+        end = int(arrays.end_ns.max())
+        fc.path = output.write(paths.partition(cfg, "forecasts", end),
+                               output.to_table(fc.cols, b.run_id))
+        ids, models = fc.cols["unique_id"], fc.cols["model"]
+        fc.n_series = len(set(ids))
+        fc.n_fallback = len(set(ids[models == FALLBACK]))
+        if cfg.evaluate.plots and not paths.is_remote(cfg.output.path):
+            fc.plots = plot_sample(paths.partition(cfg, "plots", end), arrays, fc.cols,
+                                   scored.predictions if scored else None, cfg.evaluate.plots,
+                                   cfg.windows.horizon, cfg.model.quantiles)
+        if b.log is not None:
+            b.log.forecast(fc.path, fc.n_series, fc.n_fallback, fc.plots)
+    report.forecast(fc, cfg.windows.horizon)
+    return fc
