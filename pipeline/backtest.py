@@ -139,10 +139,11 @@ def _score(out: Backtest, model, arrays, idx, y, y_hat, mask, scale, extra, look
 
 def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
                    extra: dict | None = None, device="cpu",
-                   within: np.ndarray | None = None) -> dict:
+                   within: np.ndarray | None = None, failed: list | None = None) -> dict:
     """H steps past every series' end: the job's model ({job name: model}) where there is one,
-    else the fallback. `within` ([S] bool) limits the forecast to those series (default:
-    every series)."""
+    else the fallback. A job whose forecasts are not all finite gets the fallback too, and its
+    name is appended to `failed`. `within` ([S] bool) limits the forecast to those series
+    (default: every series)."""
     L, H = cfg.windows.lookback, cfg.windows.horizon
     loader = loader_at(arrays, cfg, arrays.lengths, device)
     ok = arrays.status == 0
@@ -154,6 +155,11 @@ def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
         idx = forecast_windows(arrays.lengths, L, ok & job.member(len(arrays)))
         p = predict(models[job.name], loader, idx, quantiles=cfg.model.quantiles,
                     with_target=False)
+        if not np.isfinite(p.y_hat).all() or (p.q_hat is not None and
+                                             not np.isfinite(p.q_hat).all()):
+            if failed is not None:
+                failed.append(job.name)
+            continue
         frames.append(long_frame(arrays, idx.series, idx.start.astype(np.int64) + L, p.y_hat,
                                  cfg.model.name, quantiles=cfg.model.quantiles, q_hat=p.q_hat,
                                  extra=extra))

@@ -11,11 +11,13 @@ it ends (the exit code, one line on stderr).
 any data is read. `begin(prepared)` runs once the data cutoff is known: the batch id defaults
 to it, so a nightly run over the same data is the same batch.
 
-- the lock: an exclusive `fcntl.flock` on `<lock dir>/<flow>-<name>-<batch>.lock`, taken without
-  waiting (another holder -> `LockHeld`, exit 3). The kernel drops it when the process dies, so
-  a crash never leaves a stale lock. The lock dir (`paths.lock_dir`) is `output.path/_locks` for
-  local outputs, else `$PIPELINE_LOCK_DIR`: it serialises runs on one machine (or machines
-  sharing that folder); across schedulers, also forbid overlap in the scheduler.
+- the lock: an exclusive `fcntl.flock` on the lock of the output partitions this run writes
+  (`paths.partition_lock`: config name and data end), whatever the flow or command, taken
+  without waiting (another holder -> `LockHeld`, exit 3) before anything is written. The
+  kernel drops it when the process dies, so a crash never leaves a stale lock. The lock dir
+  (`paths.lock_dir`) is `output.path/_locks` for local outputs, else `$PIPELINE_LOCK_DIR`: it
+  serialises runs on one machine (or machines sharing that folder); across schedulers, also
+  forbid overlap in the scheduler.
 - the record (scheduled flows only, `record=True`): a marker file written on success and, with
   tracking, the finished parent runs tagged with this flow, config and batch; either one means
   done. A finished batch -> `AlreadyDone` (exit 0) unless `force`; with `force` the old runs are
@@ -31,7 +33,9 @@ import fcntl
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -43,16 +47,27 @@ from pipeline import paths, report
 from pipeline.data.io import write_bytes_atomic, write_parquet_atomic
 from pipeline.data.prepare import local_runner
 from pipeline.errors import (
+    EXIT_FAILED,
     EXIT_OK,
     EXIT_PARTIAL,
     AlreadyDone,
     InfraError,
     LockHeld,
     PipelineError,
+    Terminated,
     exit_code,
     one_line,
 )
+from pipeline.names import safe_key
 from pipeline.runlog import RunLog
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated("SIGTERM")
+
+
+NO_PICKLES = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,99}")
 
 
 @contextlib.contextmanager
@@ -142,6 +157,9 @@ class Batch:
         if self._opened:
             return
         self._opened = True
+        if self.batch_id is not None and not BATCH_ID.fullmatch(self.batch_id):
+            raise PipelineError(f"--batch-id {self.batch_id!r}: use 1-100 letters, digits and "
+                                "_ . : + - (it names runs, files and search filters)")
         cfg = self.cfg
         needs = self.registry or (cfg.train.warm_start and self.tracked)
         if needs and not cfg.tracking.enabled:
@@ -156,11 +174,12 @@ class Batch:
         """The data is read: take the batch's lock, skip it if it is done, open its run,
         write the validation report."""
         arrays, cfg = prepared.arrays, self.cfg
-        cutoff = paths.cutoff_label(int(arrays.end_ns.max())) if len(arrays) else "none"
+        end = int(arrays.end_ns.max())
+        cutoff = paths.cutoff_label(end)
         self.batch_id = self.batch_id or cutoff
-        name = re.sub(r"[^\w.\-]", "_", f"{self.flow}-{cfg.name}-{self.batch_id}")
-        self._marker = os.path.join(paths.lock_dir(cfg), f"{name}.done")
-        self._stack.enter_context(lock(os.path.join(paths.lock_dir(cfg), f"{name}.lock")))
+        self._marker = os.path.join(paths.lock_dir(cfg),
+                                    f"{self.flow}-{safe_key(cfg.name)}-{self.batch_id}.done")
+        self._stack.enter_context(lock(paths.partition_lock(cfg, end)))
         self._begun = True
         if self.record:
             self._check_done()
@@ -191,27 +210,53 @@ class Batch:
 
     # -------------------------------------------------------------- ending
 
+    def _untracked(self) -> bool:
+        """Tracking was required but logging failed on the way (the server stopped
+        answering): the outputs stand, the MLflow record does not."""
+        return bool(self.log is not None and self.log.failures and self.cfg.tracking.required)
+
     def __enter__(self) -> Batch:
+        if threading.current_thread() is threading.main_thread():   # signals reach it only
+            self._sigterm = signal.signal(signal.SIGTERM, _terminate)
+        # nothing this job loads is a pickle; MLflow must not unpickle anything either
+        self._pickles = os.environ.get(NO_PICKLES)
+        os.environ[NO_PICKLES] = "false"
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
         ok = exc is None
+        if hasattr(self, "_sigterm"):
+            signal.signal(signal.SIGTERM, self._sigterm)
+        if self._pickles is None:
+            os.environ.pop(NO_PICKLES, None)
+        else:
+            os.environ[NO_PICKLES] = self._pickles
         with self._stack:              # the lock and Ray are released last
             if self.log is not None and self.log.parent_id:
                 if ok:
                     self.log.metrics({f"seconds_{k}": v for k, v in self.seconds.items()})
-                self.log.finish(ok)
+                self.log.finish(ok, "KILLED" if isinstance(exc, Terminated) else None)
                 report.tracking(self.log)
-            if ok and self.record and self._begun:
+            if ok and self.record and self._begun and not self._untracked():
                 write_bytes_atomic(json.dumps({"run_id": self.run_id}).encode(), self._marker)
         if ok:
             report.wall_time(time.perf_counter() - self._t0, self.seconds)
-            self.exit_code = EXIT_PARTIAL if self.failed_jobs else EXIT_OK
+            self.exit_code = EXIT_PARTIAL if self.failed_jobs or self._untracked() else EXIT_OK
             if self.failed_jobs:
                 print(f"warning: {len(self.failed_jobs)} training job(s) failed "
                       f"({', '.join(self.failed_jobs[:5])}); their series got the fallback "
                       "forecast", file=sys.stderr)
+            if self._untracked():
+                print(f"warning: MLflow logging failed {len(self.log.failures)} time(s) "
+                      f"({self.log.failures[0][:200]}); the outputs are written, the run's "
+                      "record is incomplete (a rerun of the batch completes it)",
+                      file=sys.stderr)
             return False
+        if isinstance(exc, Terminated):
+            self.exit_code = EXIT_FAILED
+            print(f"error: {self.flow} stopped by SIGTERM; its run is marked KILLED",
+                  file=sys.stderr)
+            return True
         if not isinstance(exc, Exception):
             return False               # KeyboardInterrupt, SystemExit: not ours to swallow
         self.exit_code = exit_code(exc)

@@ -25,7 +25,7 @@ import torch
 
 from pipeline import paths
 from pipeline.config import Config
-from pipeline.data.io import filesystem_for, write_bytes_atomic
+from pipeline.data.io import filesystem_for, join, write_bytes_atomic
 from pipeline.data.series import SeriesArrays
 from pipeline.errors import PipelineError
 
@@ -136,8 +136,8 @@ def for_pack(arrays: SeriesArrays, jobs: Sequence, cfg: Config, final: bool, nam
     if cfg.train.checkpoint_minutes is None:
         return None
     conf = train_settings(cfg)
-    uri = (f"{paths.checkpoint_root(cfg).rstrip('/')}/{'final' if final else 'backtest'}/"
-           f"{name}-{digest(conf)[:8]}.ckpt")     # refit cutoffs and other configs apart
+    uri = join(paths.checkpoint_root(cfg), "final" if final else "backtest",
+               f"{name}-{digest(conf)[:8]}.ckpt")  # refit cutoffs and other configs apart
 
     def key() -> str:
         common = data_key(arrays)

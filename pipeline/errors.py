@@ -11,6 +11,7 @@ flow ends with one of these codes and, unless 0, one line on stderr saying why:
 from __future__ import annotations
 
 from pipeline.config import ConfigError
+from pipeline.secrets import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED, EXIT_PARTIAL = 0, 1, 2, 3, 4
 
@@ -36,6 +37,11 @@ class AlreadyDone(PipelineError):
     """The batch already finished (rerun with force to redo it)."""
 
 
+class Terminated(BaseException):
+    """The process got SIGTERM (a scheduler stopping the job): the run is marked KILLED, the
+    lock released, exit 1. A BaseException, so no `except Exception` on the way swallows it."""
+
+
 def exit_code(exc: BaseException) -> int:
     """The exit code for an exception that ended a command or flow."""
     if isinstance(exc, AlreadyDone):
@@ -50,11 +56,15 @@ def exit_code(exc: BaseException) -> int:
 
 
 def one_line(exc: BaseException, what: str) -> str:
-    """The line a user reads for `exc`, which ended `what` (a flow or command name)."""
+    """The line a user reads for `exc`, which ended `what` (a flow or command name); secrets
+    in it redacted."""
     if isinstance(exc, AlreadyDone):
         return f"skipped: {exc}"
     if isinstance(exc, ConfigError | PipelineError):
-        return f"error: {exc}"
-    if type(exc).__module__.startswith("mlflow"):
-        return f"error: MLflow: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
-    return f"error: {what} failed: {type(exc).__name__}: {exc}"
+        text = f"error: {exc}"
+    elif type(exc).__module__.startswith("mlflow"):
+        text = f"error: MLflow: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
+    else:
+        first = str(exc).splitlines()[0][:500] if str(exc) else ""
+        text = f"error: {what} failed: {type(exc).__name__}: {first}"
+    return redact(" ".join(text.splitlines()))

@@ -10,6 +10,8 @@ what it started.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable
 
 import ray
@@ -44,6 +46,22 @@ def task(fn: Callable, cfg: RayConfig, retry_exceptions: bool):
                                   max_retries=cfg.max_retries, retry_exceptions=retry_exceptions)
 
 
+class Deadline:
+    """`ray.task_timeout_minutes` from now: how long a `ray.get` may still wait (None: no
+    limit)."""
+
+    def __init__(self, cfg: RayConfig) -> None:
+        self.minutes = cfg.task_timeout_minutes
+        self.end = None if self.minutes is None else time.monotonic() + 60 * self.minutes
+
+    def left(self) -> float | None:
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+    def error(self, what: str) -> InfraError:
+        return InfraError(f"{what} still running after ray.task_timeout_minutes = "
+                          f"{self.minutes:g}; cancelled")
+
+
 class RayRunner:
     """Maps a function over argument tuples as Ray tasks, results in submission order.
 
@@ -68,12 +86,16 @@ class RayRunner:
         self.started |= connect(self.cfg)
         remote = task(fn, self.cfg, retry_exceptions=False)
         refs = [remote.remote(*a) for a in args]
+        deadline = Deadline(self.cfg)
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=deadline.left())
+        except ray.exceptions.GetTimeoutError:
+            for r in refs:
+                ray.cancel(r, force=True)
+            raise deadline.error(f"a data task of {fn.__name__}") from None
         except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            if isinstance(cause, PipelineError):
-                raise type(cause)(*cause.args) from None
+            if isinstance(e.cause, PipelineError):   # the task's own error, not Ray's wrapper
+                raise e.cause.with_traceback(None) from None
             raise
 
 
@@ -108,10 +130,13 @@ def train(arrays, packs: list[list[Job]], cfg: Config, final: bool = False,
                           {j.name: (loggers or {}).get(j.name) for j in pack},
                           {j.name: (inits or {}).get(j.name) for j in pack}, plan_ref)
             for pack in packs]
-    out = []
+    out, deadline = [], Deadline(cfg.ray)
     for pack, r in zip(packs, refs, strict=True):
         try:
-            out += ray.get(r)
+            out += ray.get(r, timeout=deadline.left())
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(r, force=True)
+            out += [failed(j, deadline.error("its training task")) for j in pack]
         except ray.exceptions.RayTaskError as e:
             out += [failed(j, e.as_instanceof_cause(), cfg.ray.max_retries + 1) for j in pack]
         except ray.exceptions.RayError as e:    # the worker or its node died, every retry
@@ -150,7 +175,27 @@ def train_global_ddp(arrays, job: Job, cfg: Config, final: bool = False, log=Non
         run_config=RunConfig(name=f"{cfg.name}-{job.name}"),
     )
     try:
-        result = trainer.fit()
+        result = _fit_within(trainer, Deadline(cfg.ray))
     except Exception as e:  # noqa: BLE001 - Ray Train wraps worker errors in its own types
         return failed(job, e)
     return result.return_value
+
+
+def _fit_within(trainer, deadline: Deadline):
+    """trainer.fit(), given up on at the deadline (it runs in a thread; the run's Ray workers
+    go when the job's Ray session ends)."""
+    box: dict = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            box["error"] = e
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    thread.join(deadline.left())
+    if thread.is_alive():
+        raise deadline.error("the DDP training run")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

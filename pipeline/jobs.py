@@ -11,6 +11,7 @@ nothing after that cutoff leaks into the model.
 from __future__ import annotations
 
 import io
+import math
 import time
 import traceback
 from collections.abc import Callable
@@ -157,6 +158,8 @@ def run_pack(arrays: SeriesArrays, jobs: list[Job], cfg: Config, *, final: bool 
         for g, ((job, data), res, log) in enumerate(zip(keep, fits, logs, strict=True)):
             model = core if len(keep) == 1 else core.extract(g)
             out[job.name] = trained_result(job, model, res, len(data.train), t0, log)
+            if why := diverged(model, res):
+                out[job.name] = failed(job, FloatingPointError(why), res.attempt)
         if ckpt is not None and dist_info()[0] == 0:
             ckpt.clear()
     return [out[job.name] for job in jobs]
@@ -183,6 +186,18 @@ def _pack_name(cfg: Config, members: list[Job]) -> str:
     if len(members) == 1:
         return model_file(cfg.model.name, members[0].name).removesuffix(".pt")
     return f"{cfg.model.name}-packed"
+
+
+def diverged(model: torch.nn.Module, res: FitResult) -> str | None:
+    """Why a trained model is not usable (a loss or weight that is not finite), or None."""
+    if not math.isfinite(res.best_val):
+        return (f"training diverged: best validation loss {res.best_val} (the loss was never "
+                "finite; check the inputs' ranges and train.lr)")
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and
+           not torch.isfinite(v).all()]
+    if bad:
+        return f"training diverged: weights {bad[:3]} are not finite"
+    return None
 
 
 def trained_result(job: Job, model: EncoderDecoder, res: FitResult, n_windows: int,

@@ -13,7 +13,11 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
+from pipeline import paths
+from pipeline.config import Config
 from pipeline.data.io import replace_partition
+from pipeline.errors import InfraError
+from pipeline.secrets import redact
 
 FORECAST_SCHEMA = [("unique_id", pa.string()), ("ds", pa.timestamp("ns")),
                    ("cutoff", pa.timestamp("ns")), ("step", pa.int16()),
@@ -54,7 +58,51 @@ def metrics_table(cols: dict, run_id: str) -> pa.Table:
     return pa.table(base)
 
 
-def write(uri: str, table: pa.Table) -> str:
-    """Replace partition folder `uri` (`paths.partition`) with `table`, atomically."""
+def write(cfg: Config, kind: str, end_ns: int, table: pa.Table) -> str:
+    """Replace one run's partition of output `kind` with `table` in one atomic step; returns
+    where it went. `output.format`: `parquet` (a folder per partition holding one file,
+    `data.io.replace_partition`) or `delta` (a Delta Lake table per kind, the partition
+    replaced by one commit, which also detects a concurrent writer)."""
+    if cfg.output.format == "delta":
+        return write_delta(paths.table(cfg, kind), paths.partition_values(cfg, end_ns), table)
+    uri = paths.partition(cfg, kind, end_ns)
     replace_partition(table, uri)
     return uri
+
+
+def write_delta(uri: str, keys: dict[str, str], table: pa.Table) -> str:
+    """Overwrite the rows of partition `keys` in the Delta table at `uri` (created on first
+    use, partitioned by the keys) with `table`: one commit, atomic on local disks and object
+    stores alike. A concurrent commit to the same partition fails this one cleanly (nothing of
+    it is visible): InfraError, retry later."""
+    from deltalake import write_deltalake  # optional: output.format delta only
+    from deltalake.exceptions import CommitFailedError
+    for k, v in keys.items():
+        table = table.append_column(k, pa.repeat(pa.scalar(v, pa.string()), table.num_rows))
+    base, options = delta_location(uri)
+    predicate = " AND ".join(f"{k} = '{v}'" for k, v in keys.items())
+    try:
+        write_deltalake(base, table, mode="overwrite", predicate=predicate,
+                        partition_by=list(keys), schema_mode="merge",
+                        storage_options=options or None)
+    except CommitFailedError as e:
+        raise InfraError(f"another writer committed to {redact(base)} ({predicate}) at the "
+                         f"same time; nothing of this run was written there ({e})") from None
+    return f"{base} ({predicate})"
+
+
+def delta_location(uri: str) -> tuple[str, dict[str, str]]:
+    """A table URI without its query, and the object-store options its query gave pyarrow
+    (`?endpoint_override=host:port&scheme=http` -> AWS_ENDPOINT_URL, AWS_ALLOW_HTTP);
+    credentials come from the environment."""
+    base, _, query = uri.partition("?")
+    params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+    options = {}
+    if "endpoint_override" in params:
+        scheme = params.get("scheme", "https")
+        endpoint = params["endpoint_override"]
+        options["AWS_ENDPOINT_URL"] = endpoint if "://" in endpoint else f"{scheme}://{endpoint}"
+        options["AWS_ALLOW_HTTP"] = "true" if scheme == "http" else "false"
+    if "region" in params:
+        options["AWS_REGION"] = params["region"]
+    return base, options

@@ -1,12 +1,13 @@
 """Every place the pipeline writes, derived from `output.path` (a local folder or a pyarrow
 filesystem URI such as s3://bucket/prefix), in one module:
 
-    <output.path>/forecasts/job=<name>/cutoff=<data end>/part-0.parquet   (also backtest/,
-    <output.path>/plots/job=<name>/cutoff=<data end>/<series>.png          metrics/)
+    <output.path>/forecasts/job=<name>/data_end=<data end>/part-0.parquet   (also backtest/,
+    <output.path>/plots/job=<name>/data_end=<data end>/<series>.png          metrics/)
+    (`output.format: delta`: <output.path>/forecasts is a Delta table partitioned likewise)
     <output.path>/<name>/validation_report.parquet
     <output.path>/<name>/models/<backtest|final|…>/<model>-<job>.pt
     <output.path>/<name>/checkpoints/<backtest|final>/<model>-<job>-<digest>.ckpt
-    <output.path>/_locks/<flow>-<name>-<batch>.lock (and .done)
+    <output.path>/_locks/<name>-<data end>.lock, <flow>-<name>-<batch>.done
     <output.path>/mlflow.db, <output.path>/mlartifacts/      (the embedded tracking store)
 
 Outputs on object storage keep models and locks in a local folder instead
@@ -22,10 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.data.io import join
 
 
 def is_remote(uri: str) -> bool:
     return "://" in uri
+
+
 
 
 def cutoff_label(end_ns: int) -> str:
@@ -34,14 +38,28 @@ def cutoff_label(end_ns: int) -> str:
         "%Y%m%dT%H%M%S")
 
 
+PARTITION_KEYS = ("job", "data_end")   # never a column of the outputs (readers add them)
+
+
+def partition_values(cfg: Config, end_ns: int) -> dict[str, str]:
+    """The partition keys of one run's outputs: the config's name and the data end."""
+    return {"job": cfg.name, "data_end": cutoff_label(end_ns)}
+
+
 def partition(cfg: Config, kind: str, end_ns: int) -> str:
-    """The partition folder of one output `kind` (forecasts, backtest, metrics, plots)."""
-    return os.path.join(cfg.output.path, kind, f"job={cfg.name}",
-                        f"cutoff={cutoff_label(end_ns)}")
+    """The partition folder of one output `kind` (forecasts, backtest, metrics, plots):
+    `<output.path>/<kind>/job=<name>/data_end=<20240630T230000>`."""
+    keys = partition_values(cfg, end_ns)
+    return join(cfg.output.path, kind, *(f"{k}={keys[k]}" for k in PARTITION_KEYS))
+
+
+def table(cfg: Config, kind: str) -> str:
+    """The Delta table of one output `kind` (`output.format: delta`)."""
+    return join(cfg.output.path, kind)
 
 
 def validation_report(cfg: Config) -> str:
-    return os.path.join(cfg.output.path, cfg.name, "validation_report.parquet")
+    return join(cfg.output.path, cfg.name, "validation_report.parquet")
 
 
 def models_dir(cfg: Config, label: str) -> str:
@@ -58,8 +76,14 @@ def checkpoint_root(cfg: Config) -> str:
     """`train.checkpoint_dir`, default `<output.path>/<name>/checkpoints`; a local path is made
     absolute, so workers that run elsewhere (Ray Train moves their working directory into the
     Ray session) use the same folder."""
-    root = cfg.train.checkpoint_dir or f"{cfg.output.path.rstrip('/')}/{cfg.name}/checkpoints"
+    root = cfg.train.checkpoint_dir or join(cfg.output.path, cfg.name, "checkpoints")
     return root if is_remote(root) else os.path.abspath(root)
+
+
+def partition_lock(cfg: Config, end_ns: int) -> str:
+    """The lock of every output partition one run writes (`partition` of each kind for this
+    config and data end): whoever writes them, a flow or a command, holds it first."""
+    return os.path.join(lock_dir(cfg), f"{cfg.name}-{cutoff_label(end_ns)}.lock")
 
 
 def lock_dir(cfg: Config) -> str:

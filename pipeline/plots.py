@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from pipeline.names import safe_key
+
 
 def plot_series(path: str, sid: str, hist_t, hist_y, bt: dict | None, fc: dict) -> None:
     """One PNG. bt/fc: {'ds', 'y_hat', optional 'lo', 'hi', 'y'} arrays of one series."""
@@ -46,7 +48,7 @@ def plot_sample(out_dir: str, arrays, forecasts: dict, backtest: dict | None, n:
         t = (arrays.start_ns[s] + np.arange(len(y) - keep, len(y)) * arrays.freq_ns)
         fc = _pick(forecasts, sid, quantiles)
         bt = _pick(backtest, sid, (), latest=True) if backtest else None
-        path = os.path.join(out_dir, f"{sid}.png")
+        path = os.path.join(out_dir, f"{safe_key(sid)}.png")   # ids are data, not paths
         plot_series(path, sid, t.astype("datetime64[ns]"), y[-keep:], bt, fc)
         paths.append(path)
     return paths

@@ -246,11 +246,12 @@ class RunLog:
         if self.parent_id:
             self.tr.log_metrics(self.parent_id, values)
 
-    def finish(self, ok: bool = True) -> None:
+    def finish(self, ok: bool = True, status: str | None = None) -> None:
+        """End the run and its job runs: FINISHED, FAILED, or `status` (KILLED)."""
         if not self.parent_id:
             return
         self._flush_groups()
-        self.tr.finish("FINISHED" if ok else "FAILED")
+        self.tr.finish(status or ("FINISHED" if ok else "FAILED"))
 
     def _flush_groups(self) -> None:
         """The per-group rows: into each (model, group) child run, or as the table of the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -183,9 +184,8 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
         end = int(arrays.end_ns.max())
         preds = concat_columns(bt.frames)
         metrics = output.metrics_table(concat_columns(bt.metrics), b.run_id)
-        written = [output.write(paths.partition(cfg, "backtest", end),
-                                output.to_table(preds, b.run_id)),
-                   output.write(paths.partition(cfg, "metrics", end), metrics)]
+        written = [output.write(cfg, "backtest", end, output.to_table(preds, b.run_id)),
+                   output.write(cfg, "metrics", end, metrics)]
         if b.log is not None:
             b.log.backtest(bt, metrics)
     scored = b.keep("backtest", Scored(bt, bt.summary(), written, preds))
@@ -212,8 +212,18 @@ def log_models(b: Batch, trained: Trained) -> None:
 def forecast(b: Batch, data: Prepared, jobs: list[Job], trained: Trained) -> Forecast:
     """H steps past every series' end with its job's model; the fallback where there is none."""
     with b.stage("forecast"):
-        return b.keep("forecast", Forecast(final_forecast(data.arrays, jobs,
-                                                            trained.models(), b.cfg)))
+        bad: list[str] = []
+        cols = final_forecast(data.arrays, jobs, trained.models(), b.cfg, failed=bad)
+    _failed(b, bad, "its forecasts are not finite")
+    return b.keep("forecast", Forecast(cols))
+
+
+def _failed(b: Batch, jobs: list[str], why: str) -> None:
+    """Jobs that fail after training (their series got the fallback): named, counted."""
+    if jobs:
+        print(f"warning: job(s) {', '.join(jobs[:5])} failed: {why}; their series get the "
+              "fallback forecast", file=sys.stderr)
+        b.failed_jobs = sorted(set(b.failed_jobs) | set(jobs))
 
 
 def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = None
@@ -259,19 +269,20 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Foreca
                 f"no champion registered under {', '.join(names[:3])}"
                 f"{' …' if len(names) > 3 else ''} at {redact(champs.uri)}; "
                 "run `python -m pipeline compare --config ...` first")
-        frames = []
+        frames, bad = [], []
         for entries in champs.by_run().values():
             within = np.zeros(len(arrays), bool)
             for c in entries:
                 within[c.job.series] = True
             frames.append(final_forecast(arrays, [c.job for c in entries],
                                          _checked(arrays, entries), entries[0].config,
-                                         within=within))
+                                         within=within, failed=bad))
         if champs.missing:
             report.missing_champions([j.name for j, _ in champs.missing])
             rest = Job("rest", np.concatenate([j.series for j, _ in champs.missing]))
             frames.append(final_forecast(arrays, [rest], {}, cfg,
                                          within=rest.member(len(arrays))))
+    _failed(b, bad, "its champion's forecasts are not finite")
     used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
     return b.keep("forecast", Forecast(concat_columns(frames),
                                          note=f"champions {', '.join(used)}"))
@@ -298,8 +309,7 @@ def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored: Scored | None
     cfg, arrays = b.cfg, data.arrays
     with b.stage("forecast"):
         end = int(arrays.end_ns.max())
-        fc.path = output.write(paths.partition(cfg, "forecasts", end),
-                               output.to_table(fc.cols, b.run_id))
+        fc.path = output.write(cfg, "forecasts", end, output.to_table(fc.cols, b.run_id))
         ids, models = fc.cols["unique_id"], fc.cols["model"]
         fc.n_series = len(set(ids))
         fc.n_fallback = len(set(ids[models == FALLBACK]))

@@ -68,3 +68,39 @@ def write_long(path, ids, ds, y, **cols) -> str:
 
 def hourly(n: int, start: str = "2024-01-01T00") -> np.ndarray:
     return np.datetime64(start, "ns") + np.arange(n) * np.timedelta64(1, "h")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on loopback (moto in server mode), shared by the session: yields
+    (endpoint "127.0.0.1:port", environment with its credentials). Each test makes its own
+    bucket."""
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield f"{host}:{port}", env
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket; its pyarrow URI (the endpoint in the query) and the environment."""
+    import boto3
+    endpoint, env = s3_server
+    name = "b-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing"
+                 ).create_bucket(Bucket=name)
+    return f"s3://{name}/out?endpoint_override={endpoint}&scheme=http", env

@@ -94,11 +94,11 @@ class Postgres:
 class MlflowServer:
     """`mlflow server --serve-artifacts` over `backend` on a free loopback port."""
 
-    def __init__(self, backend: str, artifacts: str) -> None:
+    def __init__(self, backend: str, artifacts: str, port: int | None = None) -> None:
         exe = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
         if not os.path.exists(exe):
             missing("the `mlflow` executable is not installed")
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(artifacts, "server.log")
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()

@@ -50,7 +50,7 @@ def _kill_first_job_task(killed: list, stop: threading.Event) -> None:
 
 
 def forecasts(out) -> pl.DataFrame:
-    files = glob.glob(os.path.join(out, "forecasts", "job=*", "cutoff=*", "*.parquet"))
+    files = glob.glob(os.path.join(out, "forecasts", "job=*", "data_end=*", "*.parquet"))
     assert len(files) == 1, files
     return pl.read_parquet(files[0]).sort("unique_id", "step")
 

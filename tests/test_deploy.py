@@ -3,6 +3,7 @@ file, the Dockerfile, the scheduling examples and the cluster config hang togeth
 package installs from a wheel exactly as the image installs it."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -23,6 +24,69 @@ def load_yaml(path: pathlib.Path):
     return list(yaml.safe_load_all(path.read_text()))
 
 
+# A variable that holds a credential: its value must be required (`${VAR:?msg}`), never
+# defaulted, never on a command line, and only in the services that use it.
+SECRET = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|_KEY$|CREDENTIAL")
+# A compose interpolation: `${NAME}`, `${NAME:-default}`, `${NAME-default}`, `${NAME:?message}`,
+# `${NAME?message}`, `${NAME:+alt}`, or bare `$NAME`; `$$` is a literal `$` (not interpolated).
+REFERENCE = re.compile(r"(?<!\$)(?P<esc>(?:\$\$)*)\$(?:\{(?P<braced>[A-Za-z_]\w*)(?P<op>:?[-?+])?"
+                       r"(?P<arg>[^}]*)\}|(?P<bare>[A-Za-z_]\w*))")
+PIPELINE_SERVICES = ("ray-head", "ray-worker", "nightly")
+
+
+def compose() -> dict:
+    (doc,) = load_yaml(DOCKER / "compose.yaml")
+    return doc
+
+
+def strings(node):
+    """Every string in a parsed YAML node, mapping keys included."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from strings(k)
+            yield from strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from strings(v)
+
+
+def references(node) -> list[tuple[str, str | None, str]]:
+    """(name, operator, argument) of every interpolation in `node`."""
+    out = []
+    for s in strings(node):
+        for m in REFERENCE.finditer(s):
+            out.append((m["braced"] or m["bare"], m["op"], m["arg"] or ""))
+    return out
+
+
+def command_text(svc: dict) -> str:
+    """What a service runs: command, entrypoint and health check, as one string."""
+    parts = []
+    for key in ("command", "entrypoint"):
+        value = svc.get(key)
+        parts += [value] if isinstance(value, str) else list(value or [])
+    test = (svc.get("healthcheck") or {}).get("test")
+    parts += [test] if isinstance(test, str) else list(test or [])
+    return " ".join(parts)
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's interpolation, enough for the defaults this file uses."""
+    def one(m):
+        name, op, arg = m["braced"] or m["bare"], m["op"], m["arg"]
+        value = env.get(name)
+        if op in (":-", "-"):
+            return value if value or (op == "-" and value is not None) else arg
+        if op in (":?", "?"):
+            if not value and (op == ":?" or value is None):
+                raise KeyError(f"{name}: {arg}")
+            return value
+        return value or ""
+    return REFERENCE.sub(lambda m: m["esc"] + one(m), text).replace("$$", "$")
+
+
 def test_compose_services_reference_what_exists():
     (compose,) = load_yaml(DOCKER / "compose.yaml")
     services = compose["services"]
@@ -40,9 +104,10 @@ def test_compose_services_reference_what_exists():
     gpu = services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"] and gpu["count"] == 1
     assert "--address=ray-head:6379" in services["ray-worker"]["command"]
-    assert "postgresql+psycopg://" in services["mlflow"]["command"]
-    assert "--serve-artifacts" in services["mlflow"]["command"]
-    for name in ("ray-head", "ray-worker", "nightly", "mlflow"):
+    mlflow = services["mlflow"]
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://")
+    assert "--serve-artifacts" in command_text(mlflow)
+    for name in ("ray-head", "ray-worker", "nightly"):
         env = services[name]["environment"]
         assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" in env
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
@@ -65,10 +130,153 @@ def test_dockerfile_parses_copies_existing_paths_and_ends_non_root():
     users = [c.value[0] for c in cmds if c.cmd == "USER"]
     assert users and users[-1] not in ("root", "0")
     runs = " ".join(" ".join(c.value) for c in cmds if c.cmd == "RUN")
-    assert 'pip install ".[postgres]"' in runs            # the install the wheel test repeats
+    assert 'pip install ".[postgres,server]"' in runs     # the install the wheel test repeats
     entry = [c for c in cmds if c.cmd == "CMD"][-1].value
     assert entry[:3] == ("python", "-m", "flows.nightly")
     assert (ROOT / entry[entry.index("--config") + 1]).is_file()
+
+
+
+# Security properties of the deployment (each test fails on the compose file and Dockerfile
+# before MLflow had authentication: see docker/README.md, "Secrets and exposure").
+
+def test_mlflow_runs_the_basic_auth_app_with_config_from_the_environment(tmp_path, monkeypatch):
+    """`mlflow server --app-name basic-auth`; the auth config file it is pointed at is written
+    at start and holds no secret; the admin user, the CSRF key and the store URIs reach the
+    server through variables the installed MLflow reads."""
+    mlflow_cli = pytest.importorskip("mlflow.cli")
+    from mlflow.utils.plugins import get_entry_points
+
+    svc = compose()["services"]["mlflow"]
+    run = command_text(svc)
+    assert re.search(r"\bmlflow server\b.*--app-name[ =]basic-auth\b", run), run
+    assert "basic-auth" in {e.name for e in get_entry_points("mlflow.app")}
+    # The app imports Flask-WTF, which only mlflow's `auth` extra installs: the image needs it.
+    dockerfile = pytest.importorskip("dockerfile")
+    runs = " ".join(" ".join(c.value) for c in dockerfile.parse_file(str(DOCKER / "Dockerfile"))
+                    if c.cmd == "RUN")
+    assert re.search(r'pip install "\.\[[^"]*server[^"]*\]"', runs), runs   # the server extra
+    assert "mlflow[auth]" in (ROOT / "pyproject.toml").read_text()
+    assert "--backend-store-uri" not in run and "--registry-store-uri" not in run
+    env = svc["environment"]
+    options = {p.name: p for p in mlflow_cli.server.params}
+    assert options["backend_store_uri"].envvar in env          # MLFLOW_BACKEND_STORE_URI
+    assert env[options["backend_store_uri"].envvar].startswith("postgresql+psycopg://mlflow@")
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                 "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        (ref,) = references(env[name])
+        assert ref[1] == ":?", (name, ref)
+    # The auth config: the file the command writes is the one MLFLOW_AUTH_CONFIG_PATH names,
+    # and MLflow reads from it an auth database and the admin user from the environment.
+    m = re.search(r"printf '([^']*)' > (\S+)", run)
+    assert m and m[2] == env["MLFLOW_AUTH_CONFIG_PATH"], run
+    ini = m[1].replace("\\n", "\n")
+    assert "password" not in ini.lower() and not references(ini)
+    path = tmp_path / "basic_auth.ini"
+    path.write_text(ini)
+    # The config module alone: importing the mlflow.server.auth package needs Flask-WTF, which
+    # the image installs (mlflow[auth]) and this test environment need not have.
+    import mlflow
+    spec = importlib.util.spec_from_file_location(
+        "mlflow_auth_config", pathlib.Path(mlflow.__file__).parent / "server/auth/config.py")
+    auth_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(auth_config)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(path))
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_USERNAME", "operator")
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "from-the-environment")
+    cfg = auth_config.read_auth_config()
+    assert (cfg.admin_username, cfg.admin_password) == ("operator", "from-the-environment")
+    db = cfg.database_uri
+    assert db.startswith("sqlite:////") and not re.search(r"://[^/@]*:[^/@]*@", db)
+    volumes = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+    assert volumes[str(pathlib.PurePosixPath(db[len("sqlite:///"):]).parent)] == "mlauth"
+
+
+def test_every_secret_is_required_never_defaulted():
+    """No `${PASSWORD:-default}`: every reference to a secret variable is `${VAR:?message}`,
+    and every secret-named variable a service gets is set from such a reference."""
+    doc = compose()
+    refs = [r for r in references(doc) if SECRET.search(r[0])]
+    assert refs
+    for name, op, arg in refs:
+        assert op == ":?" and arg.strip(), f"${{{name}{op or ''}{arg}}} is not required"
+    for svc_name, svc in doc["services"].items():
+        for key, value in (svc.get("environment") or {}).items():
+            if SECRET.search(key):
+                (ref,) = references(str(value))
+                assert ref[1] == ":?" and SECRET.search(ref[0]), (svc_name, key, value)
+
+
+def test_no_secret_on_any_command_line():
+    """Commands, entrypoints and health checks name no secret variable (neither compose's
+    `${VAR}` nor the shell's `$$VAR`: a shell that expands it puts it in argv) and carry no
+    URI with a password in it."""
+    for name, svc in compose()["services"].items():
+        text = command_text(svc)
+        named = set(re.findall(r"\$+\{?([A-Za-z_]\w*)", text))
+        assert not {n for n in named if SECRET.search(n)}, (name, text)
+        assert not re.search(r"://[^/\s@:]+:[^/\s@]*@", text), (name, text)
+
+
+def test_published_ports_bind_to_loopback_unless_opted_in():
+    """Every published port names its host address, and that address is 127.0.0.1 unless the
+    operator sets the variable (MLFLOW_BIND, RAY_DASHBOARD_BIND) that opts in."""
+    short = re.compile(r"(?P<host>.+):(?P<published>\d+):(?P<target>\d+)(/(tcp|udp))?")
+    published = {}
+    for name, svc in compose()["services"].items():
+        for port in svc.get("ports", []):
+            if isinstance(port, dict):
+                host = port.get("host_ip")
+            else:
+                m = short.fullmatch(str(port))
+                host = m["host"] if m else None
+            assert host is not None, f"{name}: {port!r} publishes on every interface"
+            assert interpolate(host, {}) == "127.0.0.1", (name, port)
+            published[name] = host
+    assert set(published) == {"mlflow", "ray-head"}
+    assert interpolate(published["mlflow"], {"MLFLOW_BIND": "0.0.0.0"}) == "0.0.0.0"
+    assert interpolate(published["ray-head"], {"RAY_DASHBOARD_BIND": "10.0.0.5"}) == "10.0.0.5"
+
+
+def test_each_service_gets_only_the_secrets_it_uses():
+    """No env_file (it would hand every service every secret); the secrets each service's
+    definition (its environment included, after the anchors are merged) references."""
+    services = compose()["services"]
+    assert not any("env_file" in svc for svc in services.values())
+    got = {name: {r[0] for r in references(svc) if SECRET.search(r[0])}
+           for name, svc in services.items()}
+    client = {"RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD"}
+    assert got == {
+        "postgres": {"POSTGRES_PASSWORD"},
+        "mlflow": {"POSTGRES_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                   "MLFLOW_FLASK_SERVER_SECRET_KEY"},
+        "ray-head": client, "ray-worker": client, "nightly": client,
+    }
+    assert "RAY_AUTH_TOKEN" not in services["mlflow"]["environment"]
+    assert [k for k in services["postgres"]["environment"] if SECRET.search(k)] == [
+        "POSTGRES_PASSWORD"]
+    for name in PIPELINE_SERVICES:
+        env = services[name]["environment"]
+        assert "POSTGRES_PASSWORD" not in env and "PGPASSWORD" not in env
+        assert "MLFLOW_TRACKING_USERNAME" in env and "MLFLOW_TRACKING_PASSWORD" in env
+
+
+def test_nothing_unpickles_models(monkeypatch):
+    """MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false in the image and in every service that runs
+    pipeline code, a value MLflow reads as off."""
+    dockerfile = pytest.importorskip("dockerfile")
+    env = {}
+    for c in dockerfile.parse_file(str(DOCKER / "Dockerfile")):
+        if c.cmd == "ENV":
+            env.update(zip(c.value[::2], c.value[1::2], strict=True))
+    assert env.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION") == "false"
+    services = compose()["services"]
+    values = {name: services[name]["environment"].get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+              for name in (*PIPELINE_SERVICES, "mlflow")}
+    assert set(values.values()) == {"false"}, values
+    from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    assert MLFLOW_ALLOW_PICKLE_DESERIALIZATION.get() is False
 
 
 def test_schedules_run_existing_flows_and_configs():

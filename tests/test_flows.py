@@ -55,7 +55,7 @@ def parents(out, status=None):
 
 
 def forecasts(out):
-    files = glob.glob(os.path.join(out, "forecasts", "job=demo", "cutoff=*", "*.parquet"))
+    files = glob.glob(os.path.join(out, "forecasts", "job=demo", "data_end=*", "*.parquet"))
     assert len(files) == 1, files
     return pl.read_parquet(files[0]).sort("unique_id", "step")
 
@@ -121,10 +121,13 @@ def test_a_crash_is_recovered_cleanly(demo_dir, tmp_path, no_env, monkeypatch, c
     stale = c.create_run(exp.experiment_id, tags={"pipeline.role": "parent", "flow": "nightly",
                                                   "config": "demo",
                                                   "batch_id": BATCH}).info.run_id
+    stale_job = c.create_run(exp.experiment_id, tags={"pipeline.role": "job",
+                                                      "mlflow.parentRunId": stale}).info.run_id
     assert flow(nightly, demo_dir, out, "--set", "tracking.required=true") == EXIT_OK
     status = {r.info.run_id: r.info.status for r in parents(out)}
     assert status[stale] == "KILLED" and sorted(status.values()) == \
         ["FAILED", "FINISHED", "KILLED"]
+    assert c.get_run(stale_job).info.status == "KILLED"     # its job runs too (finding 8)
     assert len(forecasts(out)) == 40 * 24
 
 
@@ -142,7 +145,7 @@ def test_the_lock_keeps_a_second_run_out(demo_dir, tmp_path, capsys):
     """Another process holds the batch's lock: the flow exits 3 without writing; once that
     process is gone (killed: the kernel drops its flock) the flow runs."""
     out = tmp_path / "out"
-    path = os.path.join(out, "_locks", f"backtest-demo-{BATCH}.lock")
+    path = os.path.join(out, "_locks", f"demo-{BATCH}.lock")
     holder = subprocess.Popen([sys.executable, "-c", HOLD, path], stdout=subprocess.PIPE,
                               text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

@@ -56,10 +56,12 @@ def test_only_the_cli_imports_the_flows_and_the_flows_never_import_it():
 
 
 # function-level imports allowed, and why: Ray is needed only with ray.enabled (and absent on
-# the GPU check's machine), Ray Train only for DDP, matplotlib only when plots are drawn
+# the GPU check's machine), Ray Train only for DDP, matplotlib only when plots are drawn,
+# deltalake (an optional extra) only with output.format: delta
 LAZY = {"pipeline.execution": "Ray only when enabled", "ray.train": "DDP only",
         "ray.train.torch": "DDP only", "matplotlib": "plots only",
-        "matplotlib.pyplot": "plots only"}
+        "matplotlib.pyplot": "plots only", "deltalake": "output.format delta only",
+        "deltalake.exceptions": "output.format delta only"}
 
 
 def _functions():

@@ -7,6 +7,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import config as C
 from pipeline.cli import execute, main
 
 FAST = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
@@ -25,7 +26,7 @@ def run(config, data, out, *extra):
 
 
 def read(out, kind):
-    files = glob.glob(os.path.join(out, kind, "job=*", "cutoff=*", "*.parquet"))
+    files = glob.glob(os.path.join(out, kind, "job=*", "data_end=*", "*.parquet"))
     return files, pl.read_parquet(files, hive_partitioning=False) if files else None
 
 
@@ -84,7 +85,9 @@ def test_forecast_schema_is_pinned(tmp_path):
         "unique_id:string", "ds:timestamp[ns]", "cutoff:timestamp[ns]", "step:int16",
         "y_hat:float", "q_0.1:float", "model:string", "group:string", "run_id:string",
         "created_at:timestamp[us, tz=UTC]"]
-    path = output.write(str(tmp_path / "forecasts" / "job=job" / "cutoff=x"), table)
+    cfg = C.load(None, [f"output.path={tmp_path}", "name=job"])
+    path = output.write(cfg, "forecasts", 0, table)
+    assert path == str(tmp_path / "forecasts" / "job=job" / "data_end=19700101T000000")
     assert pq.read_table(path).num_rows == 1
 
 
@@ -126,7 +129,7 @@ def test_quantile_model_writes_quantiles_coverage_and_plots(demo_dir, tmp_path):
     q_rows = metrics.filter(pl.col("model") == "gru_direct")
     assert q_rows["pinball"].is_finite().all()
     assert q_rows["coverage_80"].is_between(0, 1).all()
-    pngs = glob.glob(os.path.join(tmp_path, "plots", "job=demo", "cutoff=*", "*.png"))
+    pngs = glob.glob(os.path.join(tmp_path, "plots", "job=demo", "data_end=*", "*.png"))
     assert len(pngs) == 2 and all(os.path.getsize(p) > 5000 for p in pngs)
     assert not os.path.exists(tmp_path / "demo" / "models" / "final")  # reused
 

@@ -1,4 +1,6 @@
 """Every bad input of the data contract gives a clear error or a report entry."""
+from datetime import datetime
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -207,3 +209,89 @@ def test_reserved_and_case_colliding_group_values_are_refused(tmp_path):
     path = two_series(tmp_path, store=["Store_A"] * 12 + ["store_a"] * 12)
     with pytest.raises(DataError, match="'Store_A' and 'store_a', whose model files"):
         prepare(cfg_for(path, "data.group_col=store"))
+
+
+def out_of_range_series(tmp_path):
+    y0 = np.arange(12, dtype=float)
+    y0[[3, 7, 9]] = [1e39, -3.5e38, 3.4e38]  # 3.4e38 is within float32's range (max 3.4028e38)
+    return two_series(tmp_path, y0=y0)
+
+
+def test_out_of_range_target_is_imputed_masked_and_reported(tmp_path):
+    prep = prepare(cfg_for(out_of_range_series(tmp_path), "data.nan_policy=impute"))
+    a = prep.arrays
+    assert np.isfinite(a.values).all()
+    assert a.series(0)[[3, 7]].tolist() == [2, 6]  # forward filled
+    assert a.mask[:12].tolist() == [1, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1]
+    assert a.status.tolist() == [0, 0]
+    [row] = prep.report.rows(named=True)
+    assert (row["series"], row["issue"], row["action"]) == ("a", "out_of_range_target", "imputed")
+    assert row["file"].endswith("x.parquet")
+    assert row["detail"] == ("2 target value(s) beyond the range of float32 (about ±3.4e38), "
+                             "which would be inf: 1e+39 at row 3 (2024-01-01 03:00:00), "
+                             "-3.5e+38 at row 7 (2024-01-01 07:00:00)")
+
+
+def test_out_of_range_target_drop_skips_the_series(tmp_path):
+    prep = prepare(cfg_for(out_of_range_series(tmp_path), "data.nan_policy=drop"))
+    assert prep.arrays.status.tolist() == [STATUS_CODE["nan_target_dropped"], 0]
+    [row] = prep.report.rows(named=True)
+    assert (row["series"], row["issue"], row["action"]) == ("a", "out_of_range_target", "skipped")
+    assert "1e+39 at row 3 (2024-01-01 03:00:00)" in row["detail"]
+
+
+def test_out_of_range_target_fail_names_series_and_row(tmp_path):
+    with pytest.raises(DataError, match=r"column 'y' in .*x\.parquet: series 'a' has a value "
+                                        r"beyond the range of float32 .*: 1e\+39 at row 3 "
+                                        r"\(2024-01-01 03:00:00\); 2 such value"):
+        prepare(cfg_for(out_of_range_series(tmp_path), "data.nan_policy=fail"))
+
+
+def test_out_of_range_covariate_is_an_error_naming_column_series_and_row(tmp_path):
+    price = np.ones(24)
+    price[14] = 1e39
+    path = two_series(tmp_path, price=price)
+    with pytest.raises(DataError, match=r"column 'price' in .*x\.parquet: series 'b' has the "
+                                        r"value 1e\+39 at row 14 \(2024-01-01 02:00:00\), beyond "
+                                        r"the range of float32"):
+        prepare(cfg_for(path, "data.past_covariates=[price]"))
+
+
+def write_table(path, ids, ds, ds_type, y) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"unique_id": pa.array(ids), "ds": pa.array(ds, ds_type),
+                             "y": pa.array(y, pa.float64())}), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("ds_type", [pa.timestamp("us"), pa.timestamp("ms"),
+                                     pa.timestamp("us", tz="UTC"), pa.date32()])
+def test_timestamps_beyond_int64_nanoseconds_are_named(tmp_path, ds_type):
+    ds = [datetime(2024, 1, d) for d in (1, 2, 3, 1)] + [datetime(2300, 1, 1),
+                                                         datetime(1600, 1, 1)]
+    if ds_type == pa.date32():
+        ds = [d.date() for d in ds]
+    path = write_table(tmp_path / "t.parquet", ["a"] * 3 + ["b"] * 3, ds, ds_type, np.arange(6.0))
+    with pytest.raises(DataError, match=r"column 'ds' in .*t\.parquet has 2 timestamp\(s\) "
+                                        r"outside the range .*1677-09-21.*2262-04-11.*: "
+                                        r"2300-01-01[^,]* \(row 4, series 'b'\), "
+                                        r"1600-01-01[^,]* \(row 5, series 'b'\)"):
+        prepare(cfg_for(path, "data.freq=1d"))
+
+
+def test_null_ids_are_an_error_naming_file_column_and_rows(tmp_path):
+    ids = ["a"] * 12 + ["b", None, "b", None] + ["b"] * 8
+    path = write_long(tmp_path / "n.parquet", ids, np.r_[hourly(12), hourly(12)], np.arange(24))
+    with pytest.raises(DataError, match=r"column 'unique_id' in .*n\.parquet has 2 null "
+                                        r"value\(s\), first at rows \[13, 15\]"):
+        prepare(cfg_for(path))
+
+
+def test_null_timestamps_are_an_error_naming_file_column_rows_and_series(tmp_path):
+    ds = hourly(12).astype("datetime64[us]").tolist() * 2
+    ds[2] = ds[20] = None
+    path = write_table(tmp_path / "n.parquet", ["a"] * 12 + ["b"] * 12, ds,
+                       pa.timestamp("ns"), np.arange(24.0))
+    with pytest.raises(DataError, match=r"column 'ds' in .*n\.parquet has 2 null value\(s\), "
+                                        r"first at rows \[2, 20\] \(series 'a', 'b'\)"):
+        prepare(cfg_for(path))

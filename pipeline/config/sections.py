@@ -7,22 +7,19 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.config.checks import NAME, ConfigError
+from pipeline.config.checks import choice as _choice
+from pipeline.config.checks import positive as _positive
+from pipeline.config.model import (  # noqa: F401 - the model sections, re-exported
+    PACKED_DECODERS,
+    PACKED_ENCODERS,
+    DecoderConfig,
+    EncoderConfig,
+    ModelConfig,
+    receptive_field,
+)
 
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the key."""
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} = {value!r} is not one of {', '.join(map(repr, allowed))}")
-
-
-def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok:
-        raise ConfigError(f"{name} = {value!r} must be {'>= 0' if allow_zero else '> 0'}")
-
-
+MAX_HORIZON = 32767     # the outputs' `step` column is an int16
 CALENDAR_FEATURES = ("hour", "dayofweek", "dayofmonth", "month")
 
 
@@ -82,6 +79,9 @@ class WindowsConfig:
     def __post_init__(self) -> None:
         _positive("windows.lookback", self.lookback)
         _positive("windows.horizon", self.horizon)
+        if self.horizon > MAX_HORIZON:
+            raise ConfigError(f"windows.horizon = {self.horizon} is more than {MAX_HORIZON:,} "
+                              "steps (the outputs' `step` column is an int16)")
         _positive("windows.stride", self.stride)
         _positive("windows.n_windows", self.n_windows)
         if self.max_windows_per_series is not None:
@@ -100,121 +100,6 @@ class WindowsConfig:
         """Shortest series that can be backtested at every cutoff (one full lookback before the
         oldest cutoff); shorter series are skipped and get a fallback forecast."""
         return self.lookback + self.horizon + (self.n_windows - 1) * self.step
-
-
-@dataclass
-class EncoderConfig:
-    """Encoder block. `type`: ffn | rnn | lstm | gru | cnn (DESIGN.md §5)."""
-
-    type: str = "gru"
-    hidden_size: int = 64        # RNN hidden size, FFN units, CNN channels
-    num_layers: int = 2          # RNN layers, FFN hidden layers, CNN conv layers
-    dropout: float = 0.0         # between layers
-    bias: bool = True
-    bidirectional: bool = False  # rnn | lstm | gru
-    nonlinearity: str = "tanh"   # rnn only: tanh | relu
-    kernel_size: int = 3         # cnn
-    dilation_base: int = 2       # cnn: layer i has dilation base**i unless `dilations` is set
-    dilations: list[int] | None = None
-    stride: int = 1              # cnn
-    padding_mode: str = "zeros"  # cnn: zeros | replicate (left side only)
-    residual: bool = True        # cnn
-
-    def __post_init__(self) -> None:
-        _choice("model.encoder.type", self.type, ("ffn", "rnn", "lstm", "gru", "cnn"))
-        _choice("model.encoder.nonlinearity", self.nonlinearity, ("tanh", "relu"))
-        _choice("model.encoder.padding_mode", self.padding_mode, ("zeros", "replicate"))
-        for key in ("hidden_size", "num_layers", "kernel_size", "dilation_base", "stride"):
-            _positive(f"model.encoder.{key}", getattr(self, key))
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.encoder.dropout = {self.dropout} must be in [0, 1)")
-        if self.dilations is not None and len(self.dilations) != self.num_layers:
-            raise ConfigError(f"model.encoder.dilations has {len(self.dilations)} entries but "
-                              f"model.encoder.num_layers = {self.num_layers}")
-
-    @property
-    def layer_dilations(self) -> list[int]:
-        return list(self.dilations or [self.dilation_base ** i for i in range(self.num_layers)])
-
-    def receptive_field(self) -> int:
-        """Steps of history one output of the causal CNN stack sees."""
-        n = len(self.layer_dilations)
-        return receptive_field([self.kernel_size] * n, self.layer_dilations, [self.stride] * n)
-
-
-def receptive_field(kernel_sizes, dilations, strides) -> int:
-    """Input steps one output of a stack of causal conv layers sees:
-    1 + sum_i d_i (k_i - 1) prod_{j<i} s_j. The one formula, for the config's check and the
-    built encoder alike."""
-    field_, jump = 1, 1
-    for k, d, s in zip(kernel_sizes, dilations, strides, strict=True):
-        field_ += d * (k - 1) * jump
-        jump *= s
-    return field_
-
-
-@dataclass
-class DecoderConfig:
-    """Decoder block. `type`: direct (FFN emits all H steps) | rnn | lstm | gru (autoregressive)."""
-
-    type: str = "direct"
-    hidden_size: int = 64
-    num_layers: int = 1
-    dropout: float = 0.0
-    teacher_forcing: float = 0.0   # probability of feeding the true value during training
-
-    def __post_init__(self) -> None:
-        _choice("model.decoder.type", self.type, ("direct", "rnn", "lstm", "gru"))
-        _positive("model.decoder.hidden_size", self.hidden_size)
-        _positive("model.decoder.num_layers", self.num_layers)
-        if not 0 <= self.teacher_forcing <= 1:
-            raise ConfigError(f"model.decoder.teacher_forcing = {self.teacher_forcing} "
-                              "must be in [0, 1]")
-
-
-PACKED_ENCODERS = ("cnn", "gru")   # what pipeline.models.packed can pack
-PACKED_DECODERS = ("direct",)
-
-
-@dataclass
-class ModelConfig:
-    name: str = ""                 # label used in outputs and tracking; default "<enc>_<dec>"
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    loss: str = "mae"              # mae | mse | huber | quantile
-    huber_delta: float = 1.0
-    quantiles: list[float] = field(default_factory=list)  # non-empty with loss = quantile
-    embedding: str = "none"        # none | series | group: learned id embedding (global models)
-    embedding_dim: int = 8
-    season: int | None = None      # the seasonality the CNN must see (e.g. 24, 168)
-    require_receptive_field: bool = False  # refuse (true) or warn (false) when it does not
-
-    def __post_init__(self) -> None:
-        _choice("model.loss", self.loss, ("mae", "mse", "huber", "quantile"))
-        _choice("model.embedding", self.embedding, ("none", "series", "group"))
-        if self.loss == "quantile" and not self.quantiles:
-            raise ConfigError("model.loss = 'quantile' needs model.quantiles, e.g. [0.1, 0.5, 0.9]")
-        if any(not 0 < q < 1 for q in self.quantiles):
-            raise ConfigError(f"model.quantiles = {self.quantiles}: each must be in (0, 1)")
-        if self.quantiles and self.loss != "quantile":
-            raise ConfigError("model.quantiles is set but model.loss is not 'quantile'")
-        if not self.name:
-            self.name = f"{self.encoder.type}_{self.decoder.type}"
-
-    def unpackable(self) -> str | None:
-        """Why models of this spec cannot be packed into one module (packed per-group
-        training, ensembles), or None when they can."""
-        enc, dec = self.encoder, self.decoder
-        if enc.type not in PACKED_ENCODERS:
-            return (f"packed models support encoder {' | '.join(PACKED_ENCODERS)}; got "
-                    f"model.encoder.type = {enc.type!r}")
-        if enc.type == "gru" and enc.bidirectional:
-            return ("packed models support a unidirectional gru only; set "
-                    "model.encoder.bidirectional = false")
-        if dec.type not in PACKED_DECODERS:
-            return (f"packed models support decoder {' | '.join(PACKED_DECODERS)}; got "
-                    f"model.decoder.type = {dec.type!r}")
-        return None
 
 
 @dataclass
@@ -294,9 +179,13 @@ class RayConfig:
     task_num_cpus: float = 1.0     # per data or per-group task
     task_num_gpus: float = 0.0     # fractions allowed (a scheduling label, not a memory cap)
     max_retries: int = 2
+    task_timeout_minutes: float | None = 1440.0  # a task (or DDP run) still running after
+                                   # this long is cancelled and fails; null: wait forever
 
     def __post_init__(self) -> None:
         _positive("ray.num_workers", self.num_workers)
+        if self.task_timeout_minutes is not None:
+            _positive("ray.task_timeout_minutes", self.task_timeout_minutes)
         _positive("ray.task_num_cpus", self.task_num_cpus, allow_zero=True)
         _positive("ray.task_num_gpus", self.task_num_gpus, allow_zero=True)
         _positive("ray.max_retries", self.max_retries, allow_zero=True)
@@ -318,6 +207,11 @@ class TrackingConfig:
 class OutputConfig:
     path: str = "outputs"          # local path or pyarrow fs URI
     report: bool = True            # write the validation report next to the outputs
+    format: str = "parquet"        # parquet (a folder per partition, every reader opens it)
+                                   # | delta (Delta Lake tables: commits, writer conflicts)
+
+    def __post_init__(self) -> None:
+        _choice("output.format", self.format, ("parquet", "delta"))
 
 
 @dataclass
@@ -333,6 +227,10 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
+        for key, value in (("name", self.name), ("model.name", self.model.name)):
+            if not NAME.fullmatch(value):
+                raise ConfigError(f"{key} = {value!r}: use letters, digits and _ . - (it "
+                                  "names folders, files and runs)")
         if self.train.mode == "per_group" and not self.data.group_col:
             raise ConfigError("train.mode = 'per_group' needs data.group_col")
         if self.train.per_group.packed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,9 +14,12 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, InfraError
+from pipeline.secrets import redact
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+PARTITION_FILE = "part-0.parquet"   # a partition is this one file
+TMP_PREFIX = ".tmp-"                # temporary files: dot-files, which dataset readers skip
 
 
 @dataclass(frozen=True)
@@ -35,21 +39,46 @@ class Part:
         return f"{self.path} [chunk {self.chunk + 1}/{self.n_chunks}]"
 
 
+def join(root: str, *parts: str) -> str:
+    """`root`/parts…, for local paths and URIs alike; a URI's query (`?endpoint_override=…`,
+    the options of its filesystem) stays at the end."""
+    base, sep, query = root.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
+def parent(uri: str) -> str:
+    """The folder holding `uri` (its query kept)."""
+    base, sep, query = uri.partition("?")
+    return os.path.dirname(base.rstrip("/")) + sep + query
+
+
+def storage_error(e: OSError, what: str) -> InfraError:
+    """An I/O failure of the storage (a network error, an object store's 5xx, a full disk):
+    worth retrying, unlike a corrupt file (ArrowInvalid, a DataError). Exit code 1."""
+    return InfraError(f"storage error reading {redact(what)}: {type(e).__name__}: "
+                      f"{redact(str(e)).splitlines()[0][:300] if str(e) else ''}")
+
+
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a URI such as s3://bucket/key or gs://…"""
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-        raise DataError(f"cannot open filesystem for {uri!r}: {e}") from None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise DataError(f"cannot open filesystem for {redact(uri)!r}: {e}") from None
+    except OSError as e:
+        raise storage_error(e, uri) from None
 
 
 def list_parts(uri: str, rows_per_task: int) -> list[Part]:
     """The input's Parquet files, sorted by path, each split into chunks of at most
     `rows_per_task` rows (a chunk holds whole series: rows are routed by a hash of the id)."""
     fs, path = filesystem_for(uri)
-    info = fs.get_file_info(path)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise storage_error(e, uri) from None
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"input path {uri!r} does not exist")
     if info.type == pafs.FileType.Directory:
@@ -68,16 +97,20 @@ def list_parts(uri: str, rows_per_task: int) -> list[Part]:
                                partition_base_dir=path if len(files) > 1 or files[0] != path
                                else None)
         fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"cannot read input {uri!r} as Parquet: {e}") from None
+    except pa.ArrowInvalid as e:
+        raise DataError(f"cannot read input {redact(uri)!r} as Parquet: {e}") from None
+    except OSError as e:
+        raise storage_error(e, uri) from None
     if not fragments:
         raise DataError(f"input {uri!r} holds no Parquet files")
     parts = []
     for frag in fragments:
         try:
             num_rows = frag.metadata.num_rows
-        except (pa.ArrowInvalid, OSError) as e:
+        except pa.ArrowInvalid as e:
             raise DataError(f"Parquet file {frag.path!r} is corrupt or unreadable: {e}") from None
+        except OSError as e:
+            raise storage_error(e, frag.path) from None
         keys = pads.get_partition_keys(frag.partition_expression)
         n = max(1, math.ceil(num_rows / rows_per_task))
         parts += [Part(_uri(uri, fs, frag.path), num_rows, keys, k, n) for k in range(n)]
@@ -97,8 +130,10 @@ def read_columns(part: Part, columns: list[str]) -> pa.Table:
         schema = pq.read_schema(path, filesystem=fs)
         in_file = [c for c in columns if c in schema.names]
         table = pq.read_table(path, columns=in_file, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as e:
+    except pa.ArrowInvalid as e:
         raise DataError(f"Parquet file {part.path!r} is corrupt or unreadable: {e}") from None
+    except OSError as e:
+        raise storage_error(e, part.path) from None
     for col in columns:
         if col not in table.column_names and col in part.partition:
             table = table.append_column(col, pa.array([part.partition[col]] * table.num_rows))
@@ -109,27 +144,69 @@ def file_schema(part: Part) -> pa.Schema:
     fs, path = filesystem_for(part.path)
     try:
         return pq.read_schema(path, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as e:
+    except pa.ArrowInvalid as e:
         raise DataError(f"Parquet file {part.path!r} is corrupt or unreadable: {e}") from None
+    except OSError as e:
+        raise storage_error(e, part.path) from None
+
+
+def fault_point(step: str, path: str) -> None:
+    """A named step of a commit. The fault tests kill the writing process here
+    (`PIPELINE_FAULT_AT=<step>` or `<step>@<part of the path>` in its environment: SIGKILL, as
+    a crash or the OOM killer would); otherwise nothing happens."""
+    at = os.environ.get("PIPELINE_FAULT_AT")
+    if at and at.partition("@")[0] == step and at.partition("@")[2] in path:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_atomic(uri: str, write: Callable[[pafs.FileSystem, str], None]) -> None:
-    """`write(fs, path)` to a temporary name beside `uri`, then rename: readers see all or
-    nothing. Object stores publish an object only when its upload completes, so there `write`
-    gets `uri`'s own path and there is no rename."""
+    """`write(fs, path)` to a temporary name beside `uri`, then rename over it: readers see the
+    old file or the new one, whole, never a part (POSIX rename replaces atomically). Object
+    stores publish an object only when its upload completes, so there `write` gets `uri`'s
+    own path: the single PUT is the atomic step. Temporary files are dot-files, which every
+    Parquet dataset reader skips; crash leftovers are swept by `sweep`."""
     fs, path = filesystem_for(uri)
     parent = os.path.dirname(path)
     fs.create_dir(parent, recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
-            write(fs, tmp)
-            fs.move(tmp, path)
-        finally:
-            if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-                fs.delete_file(tmp)
-    else:
+    if not isinstance(fs, pafs.LocalFileSystem):
         write(fs, path)
+        fault_point("object-written", path)
+        return
+    tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        write(fs, tmp)
+        _fsync(tmp)
+        fault_point("tmp-written", path)
+        os.replace(tmp, path)
+        _fsync(parent)                      # the rename itself survives a power cut
+        fault_point("replaced", path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sweep(folder_uri: str) -> list[str]:
+    """Remove the crash leftovers of earlier commits in a local folder: temporary files
+    (`.tmp-…`) and the `.old-…` / `.tmp-…` folders of the swap this module used before. Call
+    it holding the folder's lock (nobody else is writing there). Returns what it removed."""
+    fs, path = filesystem_for(folder_uri)
+    if not isinstance(fs, pafs.LocalFileSystem) or not os.path.isdir(path):
+        return []
+    gone = []
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if name.startswith((TMP_PREFIX, ".old-")):
+            shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+            gone.append(full)
+    return gone
 
 
 def write_parquet_atomic(table: pa.Table, uri: str) -> None:
@@ -143,33 +220,14 @@ def write_bytes_atomic(data: bytes, uri: str) -> None:
     write_atomic(uri, put)
 
 
-def replace_partition(table: pa.Table, uri: str) -> None:
-    """Write `table` as the whole content of partition folder `uri`, replacing what was there.
-
-    Local: the new folder is written beside it under a temporary name, then swapped in by two
-    renames: a reader sees the old partition or the new one (or, for the instant between the
-    renames, none), never half of one; a crash while writing leaves the old one in place.
-    Object stores have no rename: the new file is uploaded under a fresh name, then the old
-    files are deleted (a reader may briefly see both)."""
-    fs, path = filesystem_for(uri)
-    parent, name = os.path.dirname(path), os.path.basename(path)
-    fs.create_dir(parent, recursive=True)
-    token = uuid.uuid4().hex
-    if not isinstance(fs, pafs.LocalFileSystem):
-        old = [f.path for f in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
-        pq.write_table(table, f"{path}/part-{token}.parquet", filesystem=fs)
-        for f in old:
-            fs.delete_file(f)
-        return
-    tmp = os.path.join(parent, f".tmp-{token}-{name}")
-    trash = os.path.join(parent, f".old-{token}")
-    os.makedirs(tmp)
-    try:
-        pq.write_table(table, os.path.join(tmp, "part-0.parquet"))
-        if os.path.exists(path):
-            os.rename(path, trash)
-        os.rename(tmp, path)
-    finally:
-        for leftover in (tmp, trash):
-            if os.path.exists(leftover):
-                shutil.rmtree(leftover)
+def replace_partition(table: pa.Table, uri: str) -> str:
+    """Write `table` as the whole content of partition folder `uri`, replacing what was there,
+    in one atomic step: the partition is one file, `part-0.parquet`, replaced by `write_atomic`
+    (a rename on a local disk, one PUT on an object store). A reader sees the old partition or
+    the new one, never none, half or both. Crash leftovers in the folder and beside it are
+    swept first (the caller holds the partition's lock). Returns the file's URI."""
+    sweep(uri)
+    sweep(parent(uri))
+    target = join(uri, PARTITION_FILE)
+    write_parquet_atomic(table, target)
+    return target

@@ -21,7 +21,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.calendar import PERIODS, calendar_values, resolve_features
-from pipeline.data.scaling import fit_scaling
+from pipeline.data.scaling import covariate_scaling, fit_scaling
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowIndex
 
@@ -79,7 +79,7 @@ class WindowLoader:
     def __init__(self, arrays: SeriesArrays, lookback: int, horizon: int, loc: np.ndarray,
                  scale: np.ndarray, *, calendar: list[str] = (), embedding: str = "none",
                  use_static: bool = True, device: str | torch.device = "cpu",
-                 window_scaling: bool = False) -> None:
+                 window_scaling: bool = False, covariate_stats=(None, None)) -> None:
         self.L, self.H, self.device = lookback, horizon, torch.device(device)
         self.window_scaling = window_scaling
         self.calendar = list(calendar)
@@ -90,6 +90,10 @@ class WindowLoader:
         self.indptr, self.start_ns = t(arrays.indptr), t(arrays.start_ns)
         self.past = t(arrays.past) if arrays.past is not None else None
         self.future = t(arrays.future) if arrays.future is not None else None
+        # per series and column (loc, scale) [S, C] of the covariates, or None: unscaled
+        self.past_stats, self.future_stats = (
+            None if st is None else (t(st[0].astype(np.float32)), t(st[1].astype(np.float32)))
+            for st in covariate_stats)
         self.loc, self.scale = t(np.asarray(loc, np.float32)), t(np.asarray(scale, np.float32))
         st = static_matrix(arrays) if use_static else None
         self.static = t(st) if st is not None else None
@@ -135,11 +139,11 @@ class WindowLoader:
         v = (self.values[rows] - loc[:, None]) / scale[:, None]               # [B, T]
         feats, fut = [v[:, :L, None]], []                                     # [B, L, 1]
         if self.past is not None:
-            feats.append(self.past[rows[:, :L]])                              # [B, L, Cp]
+            feats.append(self._scaled(self.past[rows[:, :L]], self.past_stats, series))
         if self.future is not None:
             frows = rows if with_target else torch.cat(                       # hold the last
                 [rows, rows[:, -1:].expand(-1, H)], 1)                        # value: [B, L+H]
-            f = self.future[frows]                                            # [B, L+H, Cf]
+            f = self._scaled(self.future[frows], self.future_stats, series)   # [B, L+H, Cf]
             feats.append(f[:, :L])
             fut.append(f[:, L:])
         if self.calendar:
@@ -154,6 +158,13 @@ class WindowLoader:
             static=self.static[series] if self.static is not None else None,
             idx=self.embed[series] if self.embed is not None else None,
             loc=loc, scale=scale, series=series, start=start)
+
+    @staticmethod
+    def _scaled(x: torch.Tensor, stats, series: torch.Tensor) -> torch.Tensor:
+        """Covariates x [B, T, C] scaled by their series' statistics ([S, C] -> [B, 1, C])."""
+        if stats is None:
+            return x
+        return (x - stats[0][series, None]) / stats[1][series, None]
 
     def _lookback_stats(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of each window's observed lookback values ([B, L] rows -> [B], [B]);
@@ -212,9 +223,10 @@ def window_order(n: int, batch_size: int, shuffle: bool = False,
 def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu"
               ) -> WindowLoader:
     """A loader over every series with the config's geometry, calendar and embedding, and the
-    scaling fitted before `cutoff` (per series)."""
+    scaling of the target and the covariates fitted before `cutoff` (per series)."""
     loc, scale = fit_scaling(arrays, cutoff, cfg.windows.scaling)
     return WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
                         calendar=resolve_features(cfg.data.calendar, arrays.freq_ns),
                         embedding=cfg.model.embedding, device=device,
-                        window_scaling=cfg.windows.scaling == "window")
+                        window_scaling=cfg.windows.scaling == "window",
+                        covariate_stats=covariate_scaling(arrays, cutoff, cfg.windows.scaling))

@@ -19,7 +19,7 @@ from pipeline.config import Config
 from pipeline.data.calendar import parse_freq
 from pipeline.data.io import Part, list_parts, read_columns
 from pipeline.data.series import STATUS, SeriesArrays
-from pipeline.data.validate import load_part
+from pipeline.data.validate import load_part, timestamps_ns
 from pipeline.data.windows import WindowPlan, plan_windows
 from pipeline.errors import DataError
 from pipeline.names import check_groups
@@ -53,8 +53,8 @@ def infer_freq(part: Part, id_col: str, time_col: str, sample_rows: int = 1_000_
     if not isinstance(df.schema[time_col], pl.Datetime | pl.Date):
         raise DataError(f"column {time_col!r} in {part.path} has type {df.schema[time_col]}; "
                         "expected a timestamp (Datetime or Date)")
-    t = pl.col(time_col).cast(pl.Datetime("ns")).cast(pl.Int64)
-    steps = (df.sort(id_col, time_col).select(t.diff().over(id_col).alias("d"))
+    df = df.with_columns(timestamps_ns(df, part, id_col, time_col))   # out of range: named
+    steps = (df.sort(id_col, time_col).select(pl.col(time_col).diff().over(id_col).alias("d"))
              .filter(pl.col("d") > 0)["d"])
     if len(steps) == 0:
         raise DataError(f"cannot infer the frequency from {part.path} (no series with two "

@@ -4,11 +4,15 @@
 deviation of its own observed lookback (done per batch by `WindowLoader`), so it follows level
 shifts and never sees past its lookback; here it returns the identity.
 
-`fit_scaling` returns (loc, scale) per series; `apply` maps y → (y - loc) / scale and `invert`
-maps it back. Series with no observed value before their cutoff get (0, 1); a scale that is
-(numerically) zero becomes 1, so constant series pass through shifted, not divided by 0.
+Covariates are scaled like the target (`covariate_scaling`: per series and column, before the
+same cutoff). `fit_scaling` returns (loc, scale) per series; `apply` maps y → (y - loc) / scale
+and `invert` maps it back. Series with no observed value before their cutoff get (0, 1); a
+scale that is (numerically) zero becomes 1, so constant series pass through shifted, not
+divided by 0.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,9 +22,13 @@ METHODS = ("none", "standard", "robust", "minmax", "window")
 CHUNK = 1 << 22  # values reduced per pass: bounds the temporaries to a few MB
 
 
-def fit_scaling(arrays: SeriesArrays, cutoff: np.ndarray, method: str
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Per series statistics of `values[indptr[s] : indptr[s] + cutoff[s]]` where observed."""
+def fit_scaling(arrays: SeriesArrays, cutoff: np.ndarray, method: str,
+                values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per series statistics of `values[indptr[s] : indptr[s] + cutoff[s]]` where observed.
+    `values`: another column aligned with the target (a covariate; every row counts), else
+    the target with its observation mask."""
+    col = _Column(arrays.indptr, arrays.values if values is None else values,
+                  arrays.mask if values is None else None)
     if method not in METHODS:
         raise ValueError(f"scaling method {method!r} is not one of {METHODS}")
     n = len(arrays)
@@ -30,10 +38,36 @@ def fit_scaling(arrays: SeriesArrays, cutoff: np.ndarray, method: str
     cut = np.clip(np.asarray(cutoff, np.int64), 0, arrays.lengths)
     fit = _robust if method == "robust" else _moments
     for lo, hi in _chunks(arrays.indptr, cut):
-        loc[lo:hi], scale[lo:hi] = fit(arrays, cut, lo, hi, method)
+        loc[lo:hi], scale[lo:hi] = fit(col, cut, lo, hi, method)
     small = ~(scale > 1e-8 * np.maximum(np.abs(loc), 1.0))
     scale[small] = 1.0
     return loc.astype(np.float32), scale.astype(np.float32)
+
+
+class _Column(NamedTuple):
+    """One column of the flat arrays: values, and the observation mask (None: all rows)."""
+    indptr: np.ndarray
+    values: np.ndarray
+    mask: np.ndarray | None
+
+    def observed(self, a: int, b: int) -> np.ndarray:
+        return np.ones(b - a, bool) if self.mask is None else self.mask[a:b].astype(bool)
+
+
+def covariate_scaling(arrays: SeriesArrays, cutoff: np.ndarray, method: str
+                      ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per series and covariate column, (loc, scale) [S, C] of the past and of the
+    known-future covariates, fitted before `cutoff` as the target is (`window` scaling: per
+    series statistics, `standard`). None where there are no such covariates."""
+    method = "standard" if method == "window" else method
+    out = []
+    for block in (arrays.past, arrays.future):
+        if block is None:
+            out.append(None)
+            continue
+        stats = [fit_scaling(arrays, cutoff, method, block[:, c]) for c in range(block.shape[1])]
+        out.append((np.stack([s[0] for s in stats], 1), np.stack([s[1] for s in stats], 1)))
+    return out[0], out[1]
 
 
 def _chunks(indptr: np.ndarray, cut: np.ndarray):
@@ -45,11 +79,11 @@ def _chunks(indptr: np.ndarray, cut: np.ndarray):
         lo = hi
 
 
-def _moments(arrays: SeriesArrays, cut, lo, hi, method):
+def _moments(arrays: _Column, cut, lo, hi, method):
     """Mean/std or min/max of the observed prefix of series lo..hi-1, by np.*.reduceat."""
     base = arrays.indptr[lo]
     v = arrays.values[base:arrays.indptr[hi]].astype(np.float64)
-    m = arrays.mask[base:arrays.indptr[hi]].astype(bool)
+    m = arrays.observed(base, arrays.indptr[hi])
     bounds = np.stack([arrays.indptr[lo:hi] - base, arrays.indptr[lo:hi] - base + cut[lo:hi]], 1)
     idx = bounds.reshape(-1)  # [S, 2] -> [a0, b0, a1, b1, …]: even slots reduce the prefixes
     count = _prefix_reduce(np.add, m.astype(np.float64), idx, cut[lo:hi])
@@ -75,12 +109,12 @@ def _prefix_reduce(ufunc, v, idx, cut):
     return np.where(cut > 0, out, 0.0)
 
 
-def _robust(arrays: SeriesArrays, cut, lo, hi, method):
+def _robust(arrays: _Column, cut, lo, hi, method):
     """Median and inter-quartile range of the observed prefix, series by series."""
     loc, scale = np.zeros(hi - lo), np.ones(hi - lo)
     for i, s in enumerate(range(lo, hi)):
         a = arrays.indptr[s]
-        v = arrays.values[a:a + cut[s]][arrays.mask[a:a + cut[s]].astype(bool)]
+        v = arrays.values[a:a + cut[s]][arrays.observed(a, a + cut[s])]
         if len(v):
             q25, q50, q75 = np.quantile(v.astype(np.float64), [0.25, 0.5, 0.75])
             loc[i], scale[i] = q50, q75 - q25

@@ -4,6 +4,14 @@
 locally). Problems that make the data unusable raise `DataError` naming the column, series and
 row; problems limited to a series are repaired or the series is marked skipped, and every such
 case becomes a report row. Row numbers count from 0 within the file.
+
+Ranges: timestamps are held as int64 nanoseconds (UTC), so one before 1677-09-21 00:12:43 or
+after 2262-04-11 23:47:16 is an error naming the file, column, values, rows and series, whatever
+the column's unit (Datetime of any unit or time zone, or Date). Targets and covariates are held
+as float32: a finite target beyond float32's range (|y| above about 3.4e38, which would become
+inf) follows `data.nan_policy` like a NaN/inf target, reported as `out_of_range_target` with its
+rows and timestamps; such a covariate value is an error naming the column, series and row (a
+covariate that large is a unit or scaling mistake, and filling it would hide that).
 """
 from __future__ import annotations
 
@@ -20,6 +28,8 @@ from pipeline.data.series import STATUS, STATUS_CODE, SeriesArrays
 from pipeline.errors import DataError
 
 ROW = "_row"
+NS_RANGE = "1677-09-21 00:12:43 to 2262-04-11 23:47:16 UTC"  # what int64 nanoseconds can hold
+SHOWN = 5  # offending rows named in an error or report detail
 MAX_FILL_RATIO = 10  # a series whose grid is this many times longer than its rows is suspicious
 
 
@@ -63,11 +73,13 @@ def _read(part: Part, data: DataConfig) -> pl.DataFrame:
     df = _cast(df, part, data)
     if part.n_chunks > 1:  # route whole series to chunks by a hash of the id
         df = df.filter(pl.col(data.id_col).hash(seed=0) % part.n_chunks == part.chunk)
-    _check_nulls(df, part, [data.id_col, data.time_col])
-    return df
+    _check_nulls(df, part, data)
+    return _cast_covariates(df, part, data)
 
 
 def _cast(df: pl.DataFrame, part: Part, data: DataConfig) -> pl.DataFrame:
+    """Ids to strings, timestamps to int64 ns, the target to float64; covariates are checked
+    for their type here and cast by `_cast_covariates`."""
     def bad(col: str, expected: str) -> DataError:
         return DataError(f"column {col!r} in {part.path} has type {df.schema[col]}; "
                          f"expected {expected}")
@@ -78,34 +90,77 @@ def _cast(df: pl.DataFrame, part: Part, data: DataConfig) -> pl.DataFrame:
         raise bad(data.id_col, "a string or integer series id")
     exprs.append(pl.col(data.id_col).cast(pl.String))
     t = df.schema[data.time_col]
-    if isinstance(t, pl.Datetime):
-        ts = pl.col(data.time_col)
-        if t.time_zone is not None:
-            ts = ts.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
-        exprs.append(ts.dt.cast_time_unit("ns").cast(pl.Int64))
-    elif t == pl.Date:
-        exprs.append(pl.col(data.time_col).cast(pl.Datetime("ns")).cast(pl.Int64))
-    else:
+    if not (isinstance(t, pl.Datetime) or t == pl.Date):
         raise bad(data.time_col, "a timestamp (Datetime or Date)")
+    exprs.append(timestamps_ns(df, part, data.id_col, data.time_col))
     if not df.schema[data.target_col].is_numeric():
         raise bad(data.target_col, "a numeric target")
     exprs.append(pl.col(data.target_col).cast(pl.Float64).fill_null(float("nan")))
     for col in [*data.past_covariates, *data.future_covariates]:
         if not (df.schema[col].is_numeric() or df.schema[col] == pl.Boolean):
             raise bad(col, "a numeric or boolean covariate")
-        exprs.append(pl.col(col).cast(pl.Float32).fill_null(float("nan")))
     if data.group_col:
         exprs.append(pl.col(data.group_col).cast(pl.String))
     return df.with_columns(exprs)
 
 
-def _check_nulls(df: pl.DataFrame, part: Part, cols: list[str]) -> None:
-    for col in cols:
+def timestamps_ns(df: pl.DataFrame, part: Part, id_col: str, time_col: str) -> pl.Series:
+    """`time_col` (Datetime of any unit and time zone, or Date) as int64 nanoseconds since the
+    epoch, UTC; nulls stay null. A timestamp int64 nanoseconds cannot hold is a DataError naming
+    the file, the column, the first values, their rows (the `_row` column, else positions) and
+    series."""
+    ts = pl.col(time_col)
+    t = df.schema[time_col]
+    if isinstance(t, pl.Datetime) and t.time_zone is not None:
+        ts = ts.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    # a strict cast raises a bare Polars error; this one gives null where it overflows
+    ns = df.select(ts.cast(pl.Datetime("ns"), strict=False).cast(pl.Int64))[time_col]
+    if ns.null_count() == df[time_col].null_count():
+        return ns
+    if ROW not in df.columns:
+        df = df.with_row_index(ROW)
+    out = df.filter(ns.is_null() & df[time_col].is_not_null())
+    shown = ", ".join(f"{v} (row {r}, series {i!r})" for v, r, i in zip(
+        out[time_col].cast(pl.String).head(SHOWN), out[ROW].head(SHOWN),
+        out[id_col].cast(pl.String).head(SHOWN), strict=True))
+    more = f"; first {SHOWN} shown" if len(out) > SHOWN else ""
+    raise DataError(f"column {time_col!r} in {part.path} has {len(out)} timestamp(s) outside "
+                    f"the range the pipeline holds timestamps in ({NS_RANGE}, int64 "
+                    f"nanoseconds): {shown}{more}. Fix or drop these rows")
+
+
+def _check_nulls(df: pl.DataFrame, part: Part, data: DataConfig) -> None:
+    for col in [data.id_col, data.time_col]:
         nulls = df.filter(pl.col(col).is_null())
         if len(nulls):
-            rows = nulls[ROW].head(5).to_list()
+            rows = nulls[ROW].head(SHOWN).to_list()
+            series = ""
+            if col != data.id_col:
+                ids = nulls[data.id_col].unique(maintain_order=True)
+                series = (f" (series {', '.join(repr(i) for i in ids.head(SHOWN))}"
+                          f"{f' and {len(ids) - SHOWN} more' if len(ids) > SHOWN else ''})")
             raise DataError(f"column {col!r} in {part.path} has {len(nulls)} null value(s), "
-                            f"first at rows {rows}")
+                            f"first at rows {rows}{series}")
+
+
+def _cast_covariates(df: pl.DataFrame, part: Part, data: DataConfig) -> pl.DataFrame:
+    """Covariates to float32 (nulls become NaN, filled later); a finite value beyond float32's
+    range would become inf, so it is an error naming the column, series and row."""
+    cols = [*data.past_covariates, *data.future_covariates]
+    for col in cols:
+        c = pl.col(col)
+        if df.schema[col] != pl.Float64:  # only a float64 can overflow float32
+            continue
+        over = df.filter(c.is_finite() & c.cast(pl.Float32).is_infinite())
+        if len(over):
+            first = over.row(0, named=True)
+            raise DataError(
+                f"column {col!r} in {part.path}: series {first[data.id_col]!r} has the value "
+                f"{first[col]:g} at row {first[ROW]} ({fmt_ts(first[data.time_col])}), beyond "
+                f"the range of float32 (about ±3.4e38) that covariates are held in; "
+                f"{len(over)} such value(s) in {over[data.id_col].n_unique()} series in this "
+                "file. Rescale the covariate")
+    return df.with_columns([pl.col(c).cast(pl.Float32).fill_null(float("nan")) for c in cols])
 
 
 def _sort(df: pl.DataFrame, part: Part, data: DataConfig, report: list[dict]) -> pl.DataFrame:
@@ -151,7 +206,7 @@ def _to_arrays(df: pl.DataFrame, part: Part, data: DataConfig, freq_ns: int, min
     status = np.zeros(len(ids), np.int8)
     y = df[data.target_col].to_numpy()
     values, mask, no_finite = _scatter_target(y, flat, indptr, len(ids))
-    _target_report(part, data, y, code, ids, df, lengths - counts, status, report)
+    _target_report(part, data, y, mask[flat] == 1, code, ids, df, lengths - counts, status, report)
     status[(status == 0) & no_finite] = STATUS_CODE["no_finite_values"]
     if data.nonnegative:
         neg = np.bincount(code, weights=(y < 0), minlength=len(ids)) > 0
@@ -194,7 +249,8 @@ def _check_fill_ratio(part, ids, lengths, counts, freq_ns) -> None:
 def _scatter_target(y, flat, indptr, n_series):
     """Place rows on the grid; fill gaps and NaN/inf by forward then backward fill."""
     values = np.full(indptr[-1], np.nan, np.float32)
-    values[flat] = y
+    with np.errstate(over="ignore"):  # beyond float32's range → inf, imputed and reported
+        values[flat] = y
     finite = np.isfinite(values)
     values, no_finite = _fill_segments(values, finite, indptr)
     return values, finite.astype(np.uint8), no_finite
@@ -224,24 +280,48 @@ def _fill_segments(values: np.ndarray, finite: np.ndarray, indptr: np.ndarray):
     return out, no_finite & nonempty
 
 
-def _target_report(part, data, y, code, ids, df, gaps, status, report) -> None:
-    bad_rows = np.flatnonzero(~np.isfinite(y))
-    n_bad = np.bincount(code[bad_rows], minlength=len(ids))
-    if data.nan_policy == "fail" and len(bad_rows):
-        i = bad_rows[0]
-        raise DataError(f"column {data.target_col!r} in {part.path}: series {ids[code[i]]!r} has a "
-                        f"NaN/inf value at row {df[ROW][int(i)]} "
-                        f"({int(n_bad.sum())} in this file); "
-                        "data.nan_policy is 'fail' (use 'impute' or 'drop')")
-    for s in np.flatnonzero(n_bad):
-        if data.nan_policy == "drop":
-            status[s] = STATUS_CODE["nan_target_dropped"]
-        action = "skipped" if data.nan_policy == "drop" else "imputed"
-        report.append(report_row(part, ids[s], "nan_target", action,
-                                 f"{n_bad[s]} NaN/inf target value(s)"))
+def _target_report(part, data, y, observed, code, ids, df, gaps, status, report) -> None:
+    """NaN/inf targets, and finite ones beyond float32's range (inf once held as float32, so not
+    `observed`), follow data.nan_policy; each kind gets a report row per series."""
+    nan = ~np.isfinite(y)
+    kinds = {"nan_target": nan, "out_of_range_target": ~nan & ~observed}
+    if data.nan_policy == "fail" and not observed.all():
+        i = int(np.flatnonzero(~observed)[0])
+        raise _target_error(part, data, y, i, ids[code[i]], df,
+                            int(kinds["nan_target" if nan[i] else "out_of_range_target"].sum()))
+    for issue, is_bad in kinds.items():
+        rows = np.flatnonzero(is_bad)
+        # rows are sorted by series, so each series' rows are one run
+        series, first, n_bad = np.unique(code[rows], return_index=True, return_counts=True)
+        for s, lo, n in zip(series, first, n_bad, strict=True):
+            if data.nan_policy == "drop":
+                status[s] = STATUS_CODE["nan_target_dropped"]
+            action = "skipped" if data.nan_policy == "drop" else "imputed"
+            detail = (f"{n} NaN/inf target value(s)" if issue == "nan_target" else
+                      f"{n} target value(s) beyond the range of float32 (about ±3.4e38), which "
+                      f"would be inf: {_rows_at(data, y, rows[lo:lo + n], df)}")
+            report.append(report_row(part, ids[s], issue, action, detail))
     for s in np.flatnonzero(gaps):
         report.append(report_row(part, ids[s], "gaps", "filled",
                                  f"{gaps[s]} missing timestamp(s) filled and masked"))
+
+
+def _rows_at(data, y, rows, df) -> str:
+    """'1e+39 at row 3 (2024-01-01 03:00:00), …' for the first of `rows` (positions in df)."""
+    shown = ", ".join(f"{y[i]:g} at row {df[ROW][int(i)]} ({fmt_ts(df[data.time_col][int(i)])})"
+                      for i in rows[:SHOWN])
+    return shown + (f"; first {SHOWN} shown" if len(rows) > SHOWN else "")
+
+
+def _target_error(part, data, y, i, series, df, n) -> DataError:
+    where = f"column {data.target_col!r} in {part.path}: series {series!r} has"
+    fix = "data.nan_policy is 'fail' (use 'impute' or 'drop'"
+    if not np.isfinite(y[i]):
+        return DataError(f"{where} a NaN/inf value at row {df[ROW][i]} ({n} in this file); "
+                         f"{fix})")
+    return DataError(f"{where} a value beyond the range of float32 (about ±3.4e38), which would "
+                     f"be inf: {_rows_at(data, y, [i], df)}; {n} such value(s) in this file; "
+                     f"{fix}, or rescale the target)")
 
 
 def _status_report(part, ids, lengths, status, min_length, report) -> None:

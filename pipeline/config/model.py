@@ -1,0 +1,124 @@
+"""The model sections of the config: the encoder and decoder blocks, the model around them
+(loss, quantiles, embedding, the season its CNN must see), and what can be packed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.config.checks import ConfigError
+from pipeline.config.checks import choice as _choice
+from pipeline.config.checks import positive as _positive
+
+
+@dataclass
+class EncoderConfig:
+    """Encoder block. `type`: ffn | rnn | lstm | gru | cnn (DESIGN.md §5)."""
+
+    type: str = "gru"
+    hidden_size: int = 64        # RNN hidden size, FFN units, CNN channels
+    num_layers: int = 2          # RNN layers, FFN hidden layers, CNN conv layers
+    dropout: float = 0.0         # between layers
+    bias: bool = True
+    bidirectional: bool = False  # rnn | lstm | gru
+    nonlinearity: str = "tanh"   # rnn only: tanh | relu
+    kernel_size: int = 3         # cnn
+    dilation_base: int = 2       # cnn: layer i has dilation base**i unless `dilations` is set
+    dilations: list[int] | None = None
+    stride: int = 1              # cnn
+    padding_mode: str = "zeros"  # cnn: zeros | replicate (left side only)
+    residual: bool = True        # cnn
+
+    def __post_init__(self) -> None:
+        _choice("model.encoder.type", self.type, ("ffn", "rnn", "lstm", "gru", "cnn"))
+        _choice("model.encoder.nonlinearity", self.nonlinearity, ("tanh", "relu"))
+        _choice("model.encoder.padding_mode", self.padding_mode, ("zeros", "replicate"))
+        for key in ("hidden_size", "num_layers", "kernel_size", "dilation_base", "stride"):
+            _positive(f"model.encoder.{key}", getattr(self, key))
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.encoder.dropout = {self.dropout} must be in [0, 1)")
+        if self.dilations is not None and len(self.dilations) != self.num_layers:
+            raise ConfigError(f"model.encoder.dilations has {len(self.dilations)} entries but "
+                              f"model.encoder.num_layers = {self.num_layers}")
+
+    @property
+    def layer_dilations(self) -> list[int]:
+        return list(self.dilations or [self.dilation_base ** i for i in range(self.num_layers)])
+
+    def receptive_field(self) -> int:
+        """Steps of history one output of the causal CNN stack sees."""
+        n = len(self.layer_dilations)
+        return receptive_field([self.kernel_size] * n, self.layer_dilations, [self.stride] * n)
+
+
+def receptive_field(kernel_sizes, dilations, strides) -> int:
+    """Input steps one output of a stack of causal conv layers sees:
+    1 + sum_i d_i (k_i - 1) prod_{j<i} s_j. The one formula, for the config's check and the
+    built encoder alike."""
+    field_, jump = 1, 1
+    for k, d, s in zip(kernel_sizes, dilations, strides, strict=True):
+        field_ += d * (k - 1) * jump
+        jump *= s
+    return field_
+
+
+@dataclass
+class DecoderConfig:
+    """Decoder block. `type`: direct (FFN emits all H steps) | rnn | lstm | gru (autoregressive)."""
+
+    type: str = "direct"
+    hidden_size: int = 64
+    num_layers: int = 1
+    dropout: float = 0.0
+    teacher_forcing: float = 0.0   # probability of feeding the true value during training
+
+    def __post_init__(self) -> None:
+        _choice("model.decoder.type", self.type, ("direct", "rnn", "lstm", "gru"))
+        _positive("model.decoder.hidden_size", self.hidden_size)
+        _positive("model.decoder.num_layers", self.num_layers)
+        if not 0 <= self.teacher_forcing <= 1:
+            raise ConfigError(f"model.decoder.teacher_forcing = {self.teacher_forcing} "
+                              "must be in [0, 1]")
+
+
+PACKED_ENCODERS = ("cnn", "gru")   # what pipeline.models.packed can pack
+PACKED_DECODERS = ("direct",)
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""                 # label used in outputs and tracking; default "<enc>_<dec>"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    loss: str = "mae"              # mae | mse | huber | quantile
+    huber_delta: float = 1.0
+    quantiles: list[float] = field(default_factory=list)  # non-empty with loss = quantile
+    embedding: str = "none"        # none | series | group: learned id embedding (global models)
+    embedding_dim: int = 8
+    season: int | None = None      # the seasonality the CNN must see (e.g. 24, 168)
+    require_receptive_field: bool = False  # refuse (true) or warn (false) when it does not
+
+    def __post_init__(self) -> None:
+        _choice("model.loss", self.loss, ("mae", "mse", "huber", "quantile"))
+        _choice("model.embedding", self.embedding, ("none", "series", "group"))
+        if self.loss == "quantile" and not self.quantiles:
+            raise ConfigError("model.loss = 'quantile' needs model.quantiles, e.g. [0.1, 0.5, 0.9]")
+        if any(not 0 < q < 1 for q in self.quantiles):
+            raise ConfigError(f"model.quantiles = {self.quantiles}: each must be in (0, 1)")
+        if self.quantiles and self.loss != "quantile":
+            raise ConfigError("model.quantiles is set but model.loss is not 'quantile'")
+        if not self.name:
+            self.name = f"{self.encoder.type}_{self.decoder.type}"
+
+    def unpackable(self) -> str | None:
+        """Why models of this spec cannot be packed into one module (packed per-group
+        training, ensembles), or None when they can."""
+        enc, dec = self.encoder, self.decoder
+        if enc.type not in PACKED_ENCODERS:
+            return (f"packed models support encoder {' | '.join(PACKED_ENCODERS)}; got "
+                    f"model.encoder.type = {enc.type!r}")
+        if enc.type == "gru" and enc.bidirectional:
+            return ("packed models support a unidirectional gru only; set "
+                    "model.encoder.bidirectional = false")
+        if dec.type not in PACKED_DECODERS:
+            return (f"packed models support decoder {' | '.join(PACKED_DECODERS)}; got "
+                    f"model.decoder.type = {dec.type!r}")
+        return None
