@@ -18,7 +18,6 @@ import numpy as np
 
 from pipeline import evaluate as E
 from pipeline.config import Config
-from pipeline.data.calendar import DAY_NS, NS
 from pipeline.data.loader import loader_at
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import backtest_windows, cutoff_positions, forecast_windows
@@ -28,14 +27,11 @@ BASELINES = {"naive": E.naive, "seasonal_naive": E.seasonal_naive}
 FALLBACK = "fallback:seasonal_naive"
 
 
-def season_of(cfg: Config, freq_ns: int) -> int:
-    """m for MASE and seasonal naive: evaluate.season, else the daily (sub-daily data), weekly
-    (daily data) or yearly (weekly data) cycle."""
-    if cfg.evaluate.season:
-        return cfg.evaluate.season
-    if freq_ns < DAY_NS:
-        return max(1, DAY_NS // freq_ns)
-    return 7 if freq_ns < NS["w"] else 52
+def season_of(cfg: Config, arrays: SeriesArrays) -> int:
+    """m for MASE and seasonal naive: evaluate.season, else the frequency's default season
+    (`Freq.default_season`: 24 hourly, 7 daily, 5 business-daily, 52 or 1 weekly, 12 monthly,
+    4 quarterly, 1 yearly)."""
+    return cfg.evaluate.season or arrays.freq.default_season(arrays.lengths)
 
 
 @dataclass
@@ -87,7 +83,7 @@ def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
     {cutoff number: {job name: model trained before that cutoff}}. Jobs without a model get
     the baselines only."""
     out = Backtest()
-    m = season_of(cfg, arrays.freq_ns)
+    m = season_of(cfg, arrays)
     ok = arrays.status == 0
     quantiles = cfg.model.quantiles
     cutoffs = cutoff_positions(arrays.lengths, cfg.windows.horizon, cfg.windows.n_windows,
@@ -152,7 +148,8 @@ def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
     for job in jobs:
         if job.name not in models:
             continue
-        idx = forecast_windows(arrays.lengths, L, ok & job.member(len(arrays)))
+        idx = forecast_windows(arrays.lengths, L, ok & job.member(len(arrays)),
+                               cfg.windows.padded)
         p = predict(models[job.name], loader, idx, quantiles=cfg.model.quantiles,
                     with_target=False)
         if not np.isfinite(p.y_hat).all() or (p.q_hat is not None and
@@ -167,7 +164,7 @@ def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
     rest = np.flatnonzero(~covered & (within if within is not None else True))
     if len(rest):
         y_hat = E.seasonal_naive(history(arrays, rest, arrays.lengths[rest]), H,
-                                 season_of(cfg, arrays.freq_ns))
+                                 season_of(cfg, arrays))
         y_hat[arrays.status[rest] == 3] = np.nan  # no finite value: nothing to repeat
         q_hat = np.repeat(y_hat[..., None], len(cfg.model.quantiles), -1) \
             if cfg.model.quantiles else None

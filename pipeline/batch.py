@@ -174,12 +174,11 @@ class Batch:
         """The data is read: take the batch's lock, skip it if it is done, open its run,
         write the validation report."""
         arrays, cfg = prepared.arrays, self.cfg
-        end = int(arrays.end_ns.max())
-        cutoff = paths.cutoff_label(end)
+        cutoff = paths.data_end(arrays)
         self.batch_id = self.batch_id or cutoff
         self._marker = os.path.join(paths.lock_dir(cfg),
                                     f"{self.flow}-{safe_key(cfg.name)}-{self.batch_id}.done")
-        self._stack.enter_context(lock(paths.partition_lock(cfg, end)))
+        self._stack.enter_context(lock(paths.partition_lock(cfg, cutoff)))
         self._begun = True
         if self.record:
             self._check_done()

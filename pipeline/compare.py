@@ -18,6 +18,7 @@ import polars as pl
 from pipeline import evaluate as E
 from pipeline import tracking
 from pipeline.config import Config, from_dict
+from pipeline.data.calendar import Freq, to_datetime64
 from pipeline.errors import PipelineError
 from pipeline.names import model_file
 from pipeline.tracking import models as tracked_models
@@ -177,7 +178,7 @@ class Decision:
     version: str | None = None
 
 
-def promote(cfg: Config, log, champs: Champions, mine: dict, theirs: dict,
+def promote(cfg: Config, log, champs: Champions, mine: dict, theirs: dict, freq: Freq,
             final: list | None = None, metric: str = "mase") -> list[Decision]:
     """Challenger (this run: per-series metric columns `mine`) against the champions (their
     re-scored columns `theirs`, {champion's job name: columns}): register the challenger
@@ -186,6 +187,8 @@ def promote(cfg: Config, log, champs: Champions, mine: dict, theirs: dict,
     both); when there are none (the same data again), on every window, noted. Groups whose
     final model failed to train are not promoted."""
     by, model = champs.by, cfg.model.name
+    mine = _cutoff_times(mine, freq)
+    theirs = {k: _cutoff_times(v, freq) for k, v in theirs.items()}
     keys = sorted(set(mine["group"].astype(str))) if by == "group" else ["global"]
     ready = {("global" if by == "global" or r.group is None else str(r.group)) if r.ok else None
              for r in (final or [])}
@@ -232,6 +235,11 @@ def _register(cfg: Config, log, uri: str, group: str, by: str, value: float,
         model_file=f"models/{model_file(model, group)}" if key == "all" else None,
         tags={"model": model, "metric": metric, "value": value, **log.batch_tags,
               "parent_run_id": log.parent_id})
+
+
+def _cutoff_times(cols: dict, freq: Freq) -> dict:
+    """Per-series metric columns with `cutoff` (grid ordinals) as datetime64, as labels are."""
+    return {**cols, "cutoff": to_datetime64(cols["cutoff"], freq)} if cols else cols
 
 
 def _label_time(label: str | None):

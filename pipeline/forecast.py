@@ -59,9 +59,9 @@ def _median_channel(quantiles) -> int:
 
 def step_times(arrays: SeriesArrays, series: np.ndarray, origin: np.ndarray, horizon: int
                ) -> np.ndarray:
-    """[N, H] int64 timestamps of forecast steps `origin .. origin + H - 1`."""
+    """[N, H] int64 grid ordinals of forecast steps `origin .. origin + H - 1`."""
     steps = origin[:, None].astype(np.int64) + np.arange(horizon)[None, :]
-    return arrays.start_ns[series][:, None] + steps * arrays.freq_ns
+    return arrays.start[series][:, None] + steps * arrays.freq.step
 
 
 def history(arrays: SeriesArrays, series: np.ndarray, end: np.ndarray) -> list[np.ndarray]:
@@ -74,14 +74,15 @@ def long_frame(arrays: SeriesArrays, series: np.ndarray, origin: np.ndarray, y_h
                model: str, *, quantiles=(), q_hat: np.ndarray | None = None,
                y: np.ndarray | None = None, extra: dict | None = None) -> dict[str, np.ndarray]:
     """Columns of the long output: unique_id, ds, cutoff, step, y_hat[, q_…][, y], model, group.
-    `cutoff` is the timestamp of the last step known when forecasting."""
+    `ds` and `cutoff` (the last step known when forecasting) are grid ordinals of
+    `arrays.freq` (`pipeline.output.to_table` writes them as the input held time)."""
     n, h = y_hat.shape
     times = step_times(arrays, series, origin, h)
     rep = np.repeat
     cols = {
         "unique_id": rep(arrays.ids[series].astype(str), h),
-        "ds": times.reshape(-1).astype("datetime64[ns]"),                 # [N, H] -> [N*H]
-        "cutoff": rep((times[:, 0] - arrays.freq_ns).astype("datetime64[ns]"), h),
+        "ds": times.reshape(-1),                                          # [N, H] -> [N*H]
+        "cutoff": rep(times[:, 0] - arrays.freq.step, h),
         "step": np.tile(np.arange(1, h + 1, dtype=np.int16), n),
         "y_hat": y_hat.reshape(-1).astype(np.float32),
     }

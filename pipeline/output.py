@@ -1,5 +1,5 @@
 """The pipeline's outputs (DESIGN.md §3): forecasts, backtest predictions and per-series metrics
-as Parquet, hive-partitioned `<output.path>/<kind>/job=<config name>/cutoff=<data end>/`
+as Parquet, hive-partitioned `<output.path>/<kind>/job=<config name>/data_end=<data end>/`
 (`pipeline.paths.partition`).
 
 A partition is replaced whole and atomically (`pipeline.data.io.replace_partition`), so a rerun
@@ -15,25 +15,32 @@ import pyarrow as pa
 
 from pipeline import paths
 from pipeline.config import Config
+from pipeline.data import grid
+from pipeline.data.calendar import Freq
 from pipeline.data.io import replace_partition
 from pipeline.errors import InfraError
 from pipeline.secrets import redact
 
-FORECAST_SCHEMA = [("unique_id", pa.string()), ("ds", pa.timestamp("ns")),
-                   ("cutoff", pa.timestamp("ns")), ("step", pa.int16()),
-                   ("y_hat", pa.float32())]
+FORECAST_SCHEMA = [("unique_id", pa.string()), ("ds", None), ("cutoff", None),
+                   ("step", pa.int16()), ("y_hat", pa.float32())]   # ds, cutoff: as the input
 TRAILER = [("model", pa.string()), ("group", pa.string()), ("run_id", pa.string()),
            ("created_at", pa.timestamp("us", tz="UTC"))]
 
 
-def to_table(cols: dict, run_id: str, created_at: datetime | None = None) -> pa.Table:
-    """Long columns -> an Arrow table with the contract's column order and types."""
+def to_table(cols: dict, run_id: str, freq: Freq, created_at: datetime | None = None
+             ) -> pa.Table:
+    """Long columns -> an Arrow table with the contract's column order and types; `ds` and
+    `cutoff` (grid ordinals in `cols`) as the input held time (`grid.to_arrow`)."""
     n = len(cols["unique_id"]) if cols else 0
     created = created_at or datetime.now(timezone.utc)
     fields, arrays = [], []
     for name, typ in FORECAST_SCHEMA:
-        fields.append(pa.field(name, typ))
-        arrays.append(pa.array(cols.get(name, np.zeros(0)), type=typ))
+        if typ is None:
+            arr = grid.to_arrow(cols.get(name, np.zeros(0, np.int64)), freq)
+        else:
+            arr = pa.array(cols.get(name, np.zeros(0)), type=typ)
+        fields.append(pa.field(name, arr.type))
+        arrays.append(arr)
     for name in sorted(k for k in cols if k.startswith("q_")) + (["y"] if "y" in cols else []):
         fields.append(pa.field(name, pa.float32()))
         arrays.append(pa.array(cols[name], type=pa.float32()))
@@ -51,21 +58,23 @@ def to_table(cols: dict, run_id: str, created_at: datetime | None = None) -> pa.
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def metrics_table(cols: dict, run_id: str) -> pa.Table:
+def metrics_table(cols: dict, run_id: str, freq: Freq) -> pa.Table:
+    """Per-series metric columns, `cutoff` as the input held time, and the run."""
     base = dict(cols)
     n = len(base["unique_id"])
+    base["cutoff"] = grid.to_arrow(base["cutoff"], freq)
     base["run_id"] = np.full(n, run_id, dtype=object)
     return pa.table(base)
 
 
-def write(cfg: Config, kind: str, end_ns: int, table: pa.Table) -> str:
+def write(cfg: Config, kind: str, end: str, table: pa.Table) -> str:
     """Replace one run's partition of output `kind` with `table` in one atomic step; returns
     where it went. `output.format`: `parquet` (a folder per partition holding one file,
     `data.io.replace_partition`) or `delta` (a Delta Lake table per kind, the partition
     replaced by one commit, which also detects a concurrent writer)."""
     if cfg.output.format == "delta":
-        return write_delta(paths.table(cfg, kind), paths.partition_values(cfg, end_ns), table)
-    uri = paths.partition(cfg, kind, end_ns)
+        return write_delta(paths.table(cfg, kind), paths.partition_values(cfg, end), table)
+    uri = paths.partition(cfg, kind, end)
     replace_partition(table, uri)
     return uri
 

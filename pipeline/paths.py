@@ -20,9 +20,8 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.config import Config
+from pipeline.data.calendar import label
 from pipeline.data.io import join
 
 
@@ -32,24 +31,25 @@ def is_remote(uri: str) -> bool:
 
 
 
-def cutoff_label(end_ns: int) -> str:
-    """Partition value of a data end: 2024-06-30 23:00 -> '20240630T230000'."""
-    return np.datetime64(int(end_ns), "ns").astype("datetime64[s]").item().strftime(
-        "%Y%m%dT%H%M%S")
+def data_end(arrays) -> str:
+    """The partition value of the data's end (its latest step): 2024-06-30 23:00 ->
+    '20240630T230000' (the local date for calendar frequencies; the step for integer ones)."""
+    return label(int(arrays.end.max()), arrays.freq) if len(arrays) else "none"
 
 
 PARTITION_KEYS = ("job", "data_end")   # never a column of the outputs (readers add them)
 
 
-def partition_values(cfg: Config, end_ns: int) -> dict[str, str]:
-    """The partition keys of one run's outputs: the config's name and the data end."""
-    return {"job": cfg.name, "data_end": cutoff_label(end_ns)}
+def partition_values(cfg: Config, end: str) -> dict[str, str]:
+    """The partition keys of one run's outputs: the config's name and the data end (a
+    `data_end` label)."""
+    return {"job": cfg.name, "data_end": end}
 
 
-def partition(cfg: Config, kind: str, end_ns: int) -> str:
+def partition(cfg: Config, kind: str, end: str) -> str:
     """The partition folder of one output `kind` (forecasts, backtest, metrics, plots):
     `<output.path>/<kind>/job=<name>/data_end=<20240630T230000>`."""
-    keys = partition_values(cfg, end_ns)
+    keys = partition_values(cfg, end)
     return join(cfg.output.path, kind, *(f"{k}={keys[k]}" for k in PARTITION_KEYS))
 
 
@@ -80,10 +80,10 @@ def checkpoint_root(cfg: Config) -> str:
     return root if is_remote(root) else os.path.abspath(root)
 
 
-def partition_lock(cfg: Config, end_ns: int) -> str:
+def partition_lock(cfg: Config, end: str) -> str:
     """The lock of every output partition one run writes (`partition` of each kind for this
     config and data end): whoever writes them, a flow or a command, holds it first."""
-    return os.path.join(lock_dir(cfg), f"{cfg.name}-{cutoff_label(end_ns)}.lock")
+    return os.path.join(lock_dir(cfg), f"{cfg.name}-{end}.lock")
 
 
 def lock_dir(cfg: Config) -> str:

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from pipeline.data.calendar import to_datetime64
 from pipeline.names import safe_key
 
 
@@ -45,23 +46,23 @@ def plot_sample(out_dir: str, arrays, forecasts: dict, backtest: dict | None, n:
         s = where[sid]
         y = arrays.series(s)
         keep = min(len(y), 5 * horizon)
-        t = (arrays.start_ns[s] + np.arange(len(y) - keep, len(y)) * arrays.freq_ns)
-        fc = _pick(forecasts, sid, quantiles)
-        bt = _pick(backtest, sid, (), latest=True) if backtest else None
+        t = arrays.start[s] + np.arange(len(y) - keep, len(y)) * arrays.freq.step   # ordinals
+        fc = _pick(forecasts, sid, quantiles, arrays.freq)
+        bt = _pick(backtest, sid, (), arrays.freq, latest=True) if backtest else None
         path = os.path.join(out_dir, f"{safe_key(sid)}.png")   # ids are data, not paths
-        plot_series(path, sid, t.astype("datetime64[ns]"), y[-keep:], bt, fc)
+        plot_series(path, sid, to_datetime64(t, arrays.freq), y[-keep:], bt, fc)
         paths.append(path)
     return paths
 
 
-def _pick(cols: dict, sid: str, quantiles, latest: bool = False) -> dict | None:
+def _pick(cols: dict, sid: str, quantiles, freq, latest: bool = False) -> dict | None:
     rows = (np.asarray(cols["unique_id"]).astype(str) == sid)
     if latest:  # the model's rows at the latest backtest cutoff
         rows &= ~np.isin(np.asarray(cols["model"]).astype(str), ["naive", "seasonal_naive"])
         if not rows.any():
             return None
         rows &= cols["cutoff"] == cols["cutoff"][rows].max()
-    out = {"ds": cols["ds"][rows], "y_hat": cols["y_hat"][rows],
+    out = {"ds": to_datetime64(cols["ds"][rows], freq), "y_hat": cols["y_hat"][rows],
            "model": str(np.asarray(cols["model"])[rows][0])}
     if len(quantiles) >= 2:
         out["lo"] = cols[f"q_{min(quantiles):g}"][rows]

@@ -9,7 +9,7 @@ import os
 import polars as pl
 
 from pipeline.data import windows as W
-from pipeline.data.calendar import format_freq
+from pipeline.data.grid import describe
 from pipeline.secrets import redact
 
 METRICS = ["mae", "rmse", "smape", "mase", "wape", "skill_mase"]
@@ -19,7 +19,7 @@ def data(prep, cfg, report_path: str | None) -> None:
     """The data stage: input, series, repairs, windows, memory, skipped series, report."""
     a, plan = prep.arrays, prep.plan
     print(f"input        {redact(cfg.data.path)}: {prep.parts} part(s), {prep.rows:,} rows, "
-          f"frequency {format_freq(a.freq_ns)}")
+          f"frequency {describe(a.freq)}")
     print(f"series read  {len(a):,} ({int((a.status == 0).sum()):,} usable, "
           f"{a.indptr[-1]:,} steps on the grid)")
     skipped = prep.skipped()

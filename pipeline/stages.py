@@ -87,7 +87,11 @@ def prepare(b: Batch) -> Prepared:
 
 
 def plan(b: Batch, data: Prepared) -> list[Job]:
-    """One global job over every series, or one job per group."""
+    """One global job over every series, or one job per group. Without `model.season`, the
+    CNN's receptive field is checked against the data's season (by frequency)."""
+    if b.cfg.model.season is None:
+        b.cfg.check_season(data.arrays.freq.default_season(data.arrays.lengths),
+                           f"the {data.arrays.freq.name} data's season")
     return b.keep("plan", plan_jobs(data.arrays, b.cfg))
 
 
@@ -181,10 +185,11 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
                               label=f"backtest-cutoff{k}").models()
     with b.stage("backtest"):
         bt = score(arrays, jobs, models, cfg, refit=cfg.evaluate.refit)
-        end = int(arrays.end_ns.max())
+        end = paths.data_end(arrays)
         preds = concat_columns(bt.frames)
-        metrics = output.metrics_table(concat_columns(bt.metrics), b.run_id)
-        written = [output.write(cfg, "backtest", end, output.to_table(preds, b.run_id)),
+        metrics = output.metrics_table(concat_columns(bt.metrics), b.run_id, arrays.freq)
+        written = [output.write(cfg, "backtest", end,
+                                output.to_table(preds, b.run_id, arrays.freq)),
                    output.write(cfg, "metrics", end, metrics)]
         if b.log is not None:
             b.log.backtest(bt, metrics)
@@ -249,7 +254,7 @@ def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = No
                                         _checked(arrays, entries), ccfg).metrics)
             theirs.update({c.job.name: cols for c in entries})
         decisions = compare.promote(cfg, b.log, champs, concat_columns(scored.backtest.metrics),
-                                    theirs, final.results if final else None)
+                                    theirs, arrays.freq, final.results if final else None)
     report.promotion(cfg.model.name, decisions)
     return b.keep("promote", decisions)
 
@@ -308,8 +313,9 @@ def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored: Scored | None
     """Write the forecast partition (atomically), then plots, then tell the tracking run."""
     cfg, arrays = b.cfg, data.arrays
     with b.stage("forecast"):
-        end = int(arrays.end_ns.max())
-        fc.path = output.write(cfg, "forecasts", end, output.to_table(fc.cols, b.run_id))
+        end = paths.data_end(arrays)
+        fc.path = output.write(cfg, "forecasts", end,
+                               output.to_table(fc.cols, b.run_id, arrays.freq))
         ids, models = fc.cols["unique_id"], fc.cols["model"]
         fc.n_series = len(set(ids))
         fc.n_fallback = len(set(ids[models == FALLBACK]))

@@ -163,7 +163,7 @@ n, version = 100_000, int(sys.argv[2])
 table = pa.table({"unique_id": pa.array(np.arange(n).astype(str)),
                   "version": pa.array(np.full(n, version, np.int64)),
                   "y_hat": pa.array(np.random.default_rng(version).random(n))})
-print(output.write(cfg, "forecasts", 0, table), flush=True)
+print(output.write(cfg, "forecasts", "19700101T000000", table), flush=True)
 """
 
 
@@ -301,8 +301,7 @@ def test_every_writer_of_a_partition_takes_its_one_lock_before_writing(demo_dir,
     still overwrote the validation report first."""
     out = tmp_path / "out"
     cfg = C.load("configs/demo.yaml", [f"output.path={out}"])
-    end = int(np.datetime64("2024-06-30T23:00", "ns").astype(np.int64))
-    path = paths.partition_lock(cfg, end)
+    path = paths.partition_lock(cfg, "20240630T230000")
     holder = subprocess.Popen([sys.executable, "-c", HOLD, path], stdout=subprocess.PIPE,
                               text=True, cwd=ROOT, env=ENV)
     try:
@@ -437,9 +436,8 @@ def test_sigterm_marks_the_run_and_its_job_runs_killed_and_releases_the_lock(dem
     assert runs and {r.info.status for r in runs} == {"KILLED"}
     assert {r.data.tags["pipeline.role"] for r in runs} == {"parent", "job"}
     cfg = C.load("configs/demo.yaml", [f"output.path={out}"])
-    end = int(np.datetime64("2024-06-30T23:00", "ns").astype(np.int64))
     from pipeline.batch import lock
-    with lock(paths.partition_lock(cfg, end)):                  # released
+    with lock(paths.partition_lock(cfg, "20240630T230000")):    # released
         pass
 
 

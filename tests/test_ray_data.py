@@ -17,7 +17,7 @@ DEMO = ["data.group_col=store", "data.static_cols=[category]",
 
 def assert_same_arrays(a, b):
     assert a.ids.tolist() == b.ids.tolist()
-    for name in ("indptr", "values", "mask", "start_ns", "status", "past", "future", "groups"):
+    for name in ("indptr", "values", "mask", "start", "status", "past", "future", "groups"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     assert a.static.keys() == b.static.keys()
     for k in a.static:

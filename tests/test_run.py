@@ -9,6 +9,7 @@ import pytest
 
 from pipeline import config as C
 from pipeline.cli import execute, main
+from pipeline.data.calendar import Freq
 
 FAST = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
         "tracking.enabled=false", "--set",
@@ -76,17 +77,17 @@ def test_rerun_of_the_same_cutoff_leaves_one_copy(demo_dir, tmp_path):
 
 def test_forecast_schema_is_pinned(tmp_path):
     from pipeline import output
-    cols = {"unique_id": np.array(["a"]), "ds": np.array([0], "datetime64[ns]"),
-            "cutoff": np.array([0], "datetime64[ns]"), "step": np.array([1], np.int16),
+    cols = {"unique_id": np.array(["a"]), "ds": np.array([0]), "cutoff": np.array([0]),
+            "step": np.array([1], np.int16),
             "y_hat": np.array([1.0], np.float32), "q_0.1": np.array([0.5], np.float32),
             "model": np.array(["m"], object), "group": np.array([""], object)}
-    table = output.to_table(cols, "rid")
+    table = output.to_table(cols, "rid", Freq("ns", 3600 * 10**9))
     assert [f"{f.name}:{f.type}" for f in table.schema] == [
         "unique_id:string", "ds:timestamp[ns]", "cutoff:timestamp[ns]", "step:int16",
         "y_hat:float", "q_0.1:float", "model:string", "group:string", "run_id:string",
         "created_at:timestamp[us, tz=UTC]"]
     cfg = C.load(None, [f"output.path={tmp_path}", "name=job"])
-    path = output.write(cfg, "forecasts", 0, table)
+    path = output.write(cfg, "forecasts", "19700101T000000", table)
     assert path == str(tmp_path / "forecasts" / "job=job" / "data_end=19700101T000000")
     assert pq.read_table(path).num_rows == 1
 

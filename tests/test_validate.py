@@ -9,6 +9,7 @@ import pytest
 from conftest import hourly, write_long
 
 from pipeline import config as C
+from pipeline.data.calendar import Freq
 from pipeline.data.prepare import prepare
 from pipeline.data.series import STATUS_CODE
 from pipeline.errors import DataError
@@ -34,7 +35,7 @@ def test_clean_input_builds_exact_arrays(tmp_path):
     assert a.ids.tolist() == ["a", "b"] and a.indptr.tolist() == [0, 12, 24]
     np.testing.assert_array_equal(a.values, np.r_[np.arange(12), 100 + np.arange(12)])
     assert a.mask.all() and a.status.tolist() == [0, 0] and len(prep.report) == 0
-    assert a.start_ns.tolist() == [hourly(1)[0].astype(np.int64)] * 2
+    assert a.start.tolist() == [hourly(1)[0].astype(np.int64)] * 2
 
 
 @pytest.mark.parametrize("col", ["unique_id", "ds", "y"])
@@ -104,7 +105,7 @@ def test_frequency_is_inferred(tmp_path):
     ds = np.datetime64("2024-01-01", "ns") + np.arange(12) * np.timedelta64(15, "m")
     path = write_long(tmp_path / "f.parquet", ["a"] * 12, ds, np.arange(12))
     cfg = C.load(None, [f"data.path={path}", "windows.lookback=4", "windows.horizon=2"])
-    assert prepare(cfg).arrays.freq_ns == 15 * 60 * 10**9
+    assert prepare(cfg).arrays.freq == Freq("ns", 15 * 60 * 10**9)
 
 
 def nan_series(tmp_path):

@@ -68,12 +68,6 @@ def test_skipped_series_get_no_windows():
     assert set(plan.train.series.tolist()) == {1} and plan.backtest[0].series.tolist() == [1]
 
 
-def test_cutoff_at_time_counts_steps_strictly_before():
-    h = 3_600_000_000_000
-    c = W.cutoff_at_time(np.array([0, 5 * h, 0]), np.array([10, 10, 4]), h, 7 * h)
-    assert c.tolist() == [7, 2, 4]
-
-
 def test_gather_over_gaps_returns_filled_values_and_mask():
     arrays = SeriesArrays.from_list([[1, 2, 2, 4, 5, 6]], mask=[[1, 1, 0, 1, 1, 1]])
     loader = WindowLoader(arrays, 3, 2, np.zeros(1), np.ones(1))
@@ -135,3 +129,45 @@ def test_window_scaling_uses_only_each_lookback():
     arrays.values[arrays.indptr[0] + 11:arrays.indptr[1]] = 1e6  # after the lookback
     again = loader.gather(torch.tensor([0]), torch.tensor([3]))
     assert again.loc[0] == b.loc[0] and again.scale[0] == b.scale[0]
+
+
+def test_short_series_get_left_padded_windows_with_min_length():
+    """windows.min_length below lookback + horizon: a short series keeps its latest windows,
+    starting before its first step, targets always inside the data."""
+    cfg = WindowsConfig(lookback=6, horizon=2, val_size=2, n_windows=1, min_length=5)
+    assert cfg.padded and cfg.shortest == 5 and cfg.required_length == 8
+    lengths = np.array([5, 12])
+    ok = np.array([True, True])
+    cut = W.cutoff_positions(lengths, 2, 1, 2)[0]                   # [3, 10]
+    train = pairs(W.train_windows(cut, cfg, ok))
+    # series 0: latest start 3 - 2 - 6 - 2 = -7 < -6 (a target step before the series): none
+    # series 1: 10 - 2 - 8 = 0: the unpadded window
+    assert train == [(1, 0)]
+    assert pairs(W.val_windows(cut, cfg, ok)) == [(0, -5), (1, 1), (1, 2)]
+    assert pairs(W.backtest_windows(cut, lengths, cfg, ok)) == [(0, -3), (1, 4)]
+    assert pairs(W.forecast_windows(lengths, 6, ok, padded=True)) == [(0, -1), (1, 6)]
+    assert pairs(W.forecast_windows(lengths, 6, ok)) == [(1, 6)]       # no padding: skipped
+
+
+def test_a_left_padded_window_repeats_the_first_step_and_masks_nothing_it_should_not():
+    arrays = SeriesArrays.from_list([np.array([10.0, 11, 12, 13, 14]), np.arange(100, 112.0)])
+    loader = WindowLoader(arrays, 6, 2, np.zeros(2), np.ones(2))
+    b = loader.gather(torch.tensor([0, 1]), torch.tensor([-3, 2]))
+    assert b.x[0, :, 0].tolist() == [10, 10, 10, 10, 11, 12]          # 3 padded steps
+    assert b.y[0].tolist() == [13, 14] and b.y_mask[0].tolist() == [1, 1]
+    assert b.x[1, :, 0].tolist() == [102, 103, 104, 105, 106, 107]    # an ordinary window
+    w = WindowLoader(arrays, 6, 2, np.zeros(2), np.ones(2), window_scaling=True)
+    padded = w.gather(torch.tensor([0]), torch.tensor([-3]))
+    real = np.array([10.0, 11, 12])                                 # padding not in the stats
+    assert padded.loc.item() == real.mean()
+    assert abs(padded.scale.item() - real.std()) < 1e-6
+
+
+def test_lookback_in_horizons():
+    assert WindowsConfig(horizon=6, lookback_horizons=3).lookback == 18
+    assert WindowsConfig().lookback == 168
+    import pytest
+
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError, match="windows.lookback and windows.lookback_horizons"):
+        WindowsConfig(lookback=10, lookback_horizons=2)

@@ -36,12 +36,15 @@ class DataConfig:
     past_covariates: list[str] = field(default_factory=list)    # known only up to now
     future_covariates: list[str] = field(default_factory=list)  # known ahead (price plans, promos)
     calendar: list[str] | str = "auto"   # "auto" (by frequency), [] or CALENDAR_FEATURES items
-    freq: str | None = None              # polars duration ("1h", "15m", "1d"); None = inferred
+    freq: str | int | None = None        # "1h", "1d", "1w-mon", "1bd", "1mo", "1q", "1y", 1
+                                         # (integer steps); None: inferred
     nan_policy: str = "impute"           # NaN/inf targets: impute (and mask) | drop | fail
     nonnegative: bool = False            # series with negative targets are skipped when true
     rows_per_task: int = 5_000_000       # a file larger than this is split into chunks of series
 
     def __post_init__(self) -> None:
+        if isinstance(self.freq, int):
+            self.freq = str(self.freq)
         _choice("data.nan_policy", self.nan_policy, ("impute", "drop", "fail"))
         _positive("data.rows_per_task", self.rows_per_task)
         if isinstance(self.calendar, str) and self.calendar != "auto":
@@ -64,11 +67,18 @@ class WindowsConfig:
 
     Positions are per series, counted from its end: backtest cutoff k (0 = latest) leaves
     `len - horizon - k * step` steps for training. `val_size` steps before a cutoff are held out
-    for validation (windows whose target ends inside them).
+    for validation (windows whose target ends inside them). The lookback is given in steps
+    (`lookback`, default 168) or in horizons (`lookback_horizons`), not both. Series shorter
+    than `required_length` are skipped (fallback forecast) unless `min_length` is lower: then
+    series of at least `min_length` steps train and forecast on windows left-padded (the first
+    value repeated) where their history is shorter than the lookback.
     """
 
-    lookback: int = 168
+    lookback: int | None = None          # steps of history a window reads; None: 168
+    lookback_horizons: int | None = None # or that many horizons (exclusive with lookback)
     horizon: int = 24
+    min_length: int | None = None        # shortest series kept (left-padded windows); None:
+                                         # required_length, no padding
     stride: int = 1                      # distance between consecutive training windows
     max_windows_per_series: int | None = None  # keep the most recent ones
     val_size: int | None = None          # steps held out before the cutoff; None = horizon
@@ -77,8 +87,17 @@ class WindowsConfig:
     scaling: str = "standard"            # none | standard | robust | minmax | window
 
     def __post_init__(self) -> None:
-        _positive("windows.lookback", self.lookback)
         _positive("windows.horizon", self.horizon)
+        if self.lookback_horizons is not None:
+            if self.lookback is not None:
+                raise ConfigError("windows.lookback and windows.lookback_horizons are both set; "
+                                  "give one")
+            _positive("windows.lookback_horizons", self.lookback_horizons)
+            self.lookback = self.lookback_horizons * self.horizon
+        self.lookback = 168 if self.lookback is None else self.lookback
+        _positive("windows.lookback", self.lookback)
+        if self.min_length is not None:
+            _positive("windows.min_length", self.min_length)
         if self.horizon > MAX_HORIZON:
             raise ConfigError(f"windows.horizon = {self.horizon} is more than {MAX_HORIZON:,} "
                               "steps (the outputs' `step` column is an int16)")
@@ -96,10 +115,23 @@ class WindowsConfig:
                 ("none", "standard", "robust", "minmax", "window"))
 
     @property
-    def min_length(self) -> int:
-        """Shortest series that can be backtested at every cutoff (one full lookback before the
-        oldest cutoff); shorter series are skipped and get a fallback forecast."""
+    def required_length(self) -> int:
+        """Shortest series that can be backtested at every cutoff with a full lookback before
+        the oldest one."""
         return self.lookback + self.horizon + (self.n_windows - 1) * self.step
+
+    @property
+    def shortest(self) -> int:
+        """Shortest series kept: `min_length` when set (at least a horizon per backtest cutoff
+        and one step before the oldest), else `required_length`."""
+        if self.min_length is None:
+            return self.required_length
+        return max(self.min_length, 1 + self.horizon + (self.n_windows - 1) * self.step)
+
+    @property
+    def padded(self) -> bool:
+        """Whether windows may start before a series' first step (left-padded)."""
+        return self.shortest < self.required_length
 
 
 @dataclass
@@ -250,18 +282,27 @@ class Config:
         if enc.type != "cnn":
             return
         rf = enc.receptive_field()
-        season = self.model.season
-        if season is not None and rf < season:
-            msg = (f"model.encoder: the CNN's receptive field is {rf} steps (kernel_size "
-                   f"{enc.kernel_size}, dilations {enc.layer_dilations}, stride {enc.stride}) "
-                   f"but model.season = {season}; add layers or raise dilation_base")
-            if self.model.require_receptive_field:
-                raise ConfigError(msg)
-            warnings.warn(msg, stacklevel=2)
+        if self.model.season is not None:
+            self.check_season(self.model.season, "model.season")
         if rf > self.windows.lookback:
             warnings.warn(f"model.encoder: receptive field {rf} exceeds windows.lookback "
                           f"{self.windows.lookback}; the oldest taps only see padding",
                           stacklevel=2)
+
+    def check_season(self, season: int, source: str) -> None:
+        """The CNN's receptive field must cover `season` steps (`model.season`, or the data's
+        default season by frequency): refused with `model.require_receptive_field`, else a
+        warning."""
+        enc = self.model.encoder
+        rf = enc.receptive_field()
+        if enc.type != "cnn" or rf >= season:
+            return
+        msg = (f"model.encoder: the CNN's receptive field is {rf} steps (kernel_size "
+               f"{enc.kernel_size}, dilations {enc.layer_dilations}, stride {enc.stride}) but "
+               f"{source} = {season}; add layers or raise dilation_base")
+        if self.model.require_receptive_field:
+            raise ConfigError(msg)
+        warnings.warn(msg, stacklevel=3)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.data.calendar import PERIODS, calendar_values, resolve_features
+from pipeline.data.calendar import PERIODS, resolve_features
 from pipeline.data.scaling import covariate_scaling, fit_scaling
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowIndex
@@ -83,11 +83,11 @@ class WindowLoader:
         self.L, self.H, self.device = lookback, horizon, torch.device(device)
         self.window_scaling = window_scaling
         self.calendar = list(calendar)
-        self.freq_ns = arrays.freq_ns
+        self.freq = arrays.freq
         self.lengths = arrays.lengths
         t = self._to
         self.values, self.mask = t(arrays.values), t(arrays.mask)
-        self.indptr, self.start_ns = t(arrays.indptr), t(arrays.start_ns)
+        self.indptr, self.start = t(arrays.indptr), t(arrays.start)   # start: grid ordinals
         self.past = t(arrays.past) if arrays.past is not None else None
         self.future = t(arrays.future) if arrays.future is not None else None
         # per series and column (loc, scale) [S, C] of the covariates, or None: unscaled
@@ -132,10 +132,12 @@ class WindowLoader:
         start = start.to(self.device, torch.long)
         L, H = self.L, self.H
         T = L + H if with_target else L
-        rows = (self.indptr[series] + start)[:, None] + self.steps[None, :T]  # [B, T]
+        pos = start[:, None] + self.steps[None, :T]                          # [B, T]
+        # a negative position (a left-padded window) reads the series' first step
+        rows = self.indptr[series][:, None] + pos.clamp(min=0)                # [B, T]
         loc, scale = self.loc[series], self.scale[series]
         if self.window_scaling:
-            loc, scale = self._lookback_stats(rows[:, :L])
+            loc, scale = self._lookback_stats(rows[:, :L], pos[:, :L] >= 0)
         v = (self.values[rows] - loc[:, None]) / scale[:, None]               # [B, T]
         feats, fut = [v[:, :L, None]], []                                     # [B, L, 1]
         if self.past is not None:
@@ -147,7 +149,7 @@ class WindowLoader:
             feats.append(f[:, :L])
             fut.append(f[:, L:])
         if self.calendar:
-            t = self.start_ns[series, None] + (start[:, None] + self.steps[None, :]) * self.freq_ns
+            t = self.start[series, None] + (start[:, None] + self.steps[None, :]) * self.freq.step
             cal = self._cyclic(t)                                             # [B, L+H, 2K]
             feats.append(cal[:, :L])
             fut.append(cal[:, L:])
@@ -166,19 +168,21 @@ class WindowLoader:
             return x
         return (x - stats[0][series, None]) / stats[1][series, None]
 
-    def _lookback_stats(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of each window's observed lookback values ([B, L] rows -> [B], [B]);
-        a (near) constant lookback gets scale 1."""
-        v, m = self.values[rows], self.mask[rows].float()                     # [B, L]
+    def _lookback_stats(self, rows: torch.Tensor, real: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of each window's observed lookback values ([B, L] rows -> [B], [B];
+        padding left out); a (near) constant lookback gets scale 1."""
+        v, m = self.values[rows], self.mask[rows].float() * real              # [B, L]
         n = m.sum(1).clamp(min=1)
         loc = (v * m).sum(1) / n
         std = (((v - loc[:, None]) ** 2) * m).sum(1).div(n).sqrt()
         ok = std > 1e-6 * loc.abs().clamp(min=1)
         return loc, torch.where(ok, std, torch.ones_like(std))
 
-    def _cyclic(self, t_ns: torch.Tensor) -> torch.Tensor:
+    def _cyclic(self, ordinals: torch.Tensor) -> torch.Tensor:
         cols = []
-        for name, val in zip(self.calendar, calendar_values(t_ns, self.calendar), strict=True):
+        values = self.freq.calendar_values(ordinals, self.calendar)
+        for name, val in zip(self.calendar, values, strict=True):
             angle = val.float() * (2 * np.pi / PERIODS[name])
             cols += [torch.sin(angle), torch.cos(angle)]
         return torch.stack(cols, -1)  # K × 2 × [B, T] -> [B, T, 2K]
@@ -226,7 +230,7 @@ def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu
     scaling of the target and the covariates fitted before `cutoff` (per series)."""
     loc, scale = fit_scaling(arrays, cutoff, cfg.windows.scaling)
     return WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
-                        calendar=resolve_features(cfg.data.calendar, arrays.freq_ns),
+                        calendar=resolve_features(cfg.data.calendar, arrays.freq),
                         embedding=cfg.model.embedding, device=device,
                         window_scaling=cfg.windows.scaling == "window",
                         covariate_stats=covariate_scaling(arrays, cutoff, cfg.windows.scaling))

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import polars as pl
 
 from pipeline.config import Config
-from pipeline.data.calendar import parse_freq
-from pipeline.data.io import Part, list_parts, read_columns
+from pipeline.data import grid
+from pipeline.data.calendar import Freq, parse_freq
+from pipeline.data.io import Part, file_schema, list_parts, read_columns
 from pipeline.data.series import STATUS, SeriesArrays
-from pipeline.data.validate import load_part, timestamps_ns
+from pipeline.data.validate import check_columns, load_part, timestamps_ns
 from pipeline.data.windows import WindowPlan, plan_windows
 from pipeline.errors import DataError
 from pipeline.names import check_groups
@@ -47,28 +48,54 @@ class Prepared:
         return {STATUS[k]: v for k, v in sorted(counts.items()) if k != 0}
 
 
-def infer_freq(part: Part, id_col: str, time_col: str, sample_rows: int = 1_000_000) -> int:
-    """The most common positive step between consecutive timestamps of a series."""
-    df = pl.from_arrow(read_columns(part, [id_col, time_col])).head(sample_rows)
-    if not isinstance(df.schema[time_col], pl.Datetime | pl.Date):
-        raise DataError(f"column {time_col!r} in {part.path} has type {df.schema[time_col]}; "
-                        "expected a timestamp (Datetime or Date)")
-    df = df.with_columns(timestamps_ns(df, part, id_col, time_col))   # out of range: named
-    steps = (df.sort(id_col, time_col).select(pl.col(time_col).diff().over(id_col).alias("d"))
-             .filter(pl.col("d") > 0)["d"])
-    if len(steps) == 0:
-        raise DataError(f"cannot infer the frequency from {part.path} (no series with two "
-                        "timestamps); set data.freq")
-    return int(steps.mode().sort()[0])
+def check_time_types(parts: list[Part], time_col: str) -> None:
+    """Every file holds `time_col` in one kind (Datetime, Date or integer steps) and one time
+    zone (or none); else an error naming two files that differ. Reads schemas only."""
+    seen: dict[tuple, str] = {}
+    for p in parts:
+        if p.chunk or time_col not in (schema := file_schema(p)).names:
+            continue
+        t = pl.from_arrow(schema.empty_table().select([time_col])).schema[time_col]
+        key = (grid.time_kind(t), grid.zone(t))
+        seen.setdefault(key, p.path)
+        if len(seen) > 1:
+            (a, pa_), (b, pb) = list(seen.items())[:2]
+            raise DataError(f"files disagree on column {time_col!r}: {pa_} holds "
+                            f"{_kind(a)}, {pb} holds {_kind(b)}; one input holds one kind of "
+                            "timestamp in one time zone")
 
 
-def resolve_freq(cfg: Config, parts: list[Part]) -> int:
-    if cfg.data.freq:
-        try:
-            return parse_freq(cfg.data.freq)
-        except ValueError as e:
-            raise DataError(f"data.freq: {e}") from None
-    return infer_freq(parts[0], cfg.data.id_col, cfg.data.time_col)
+def _kind(key: tuple) -> str:
+    kind, tz = key
+    return f"{kind} ({tz})" if tz else (f"{kind} (naive)" if kind == "datetime" else str(kind))
+
+
+def resolve_freq(cfg: Config, parts: list[Part], sample_rows: int = 1_000_000) -> Freq:
+    """`data.freq` with what the data says for the rest (time zone, kind, time of day, month
+    start or end, weekday), or the frequency inferred from the first file's sample."""
+    id_col, time_col = cfg.data.id_col, cfg.data.time_col
+    check_columns(parts[0], cfg.data)
+    df = pl.from_arrow(read_columns(parts[0], [id_col, time_col])).head(sample_rows)
+    if grid.time_kind(df.schema[time_col]) is None:
+        raise DataError(f"column {time_col!r} in {parts[0].path} has type "
+                        f"{df.schema[time_col]}; expected a timestamp (Datetime or Date) or "
+                        "an integer step")
+    if grid.time_kind(df.schema[time_col]) != "int":
+        df = df.with_columns(timestamps_ns(df, parts[0], id_col, time_col).alias("_ns"))
+    try:
+        found = grid.infer(df.drop("_ns", strict=False), id_col, time_col)
+    except ValueError:
+        found = None
+    if not cfg.data.freq:
+        if found is None:
+            raise DataError(f"cannot infer the frequency from {parts[0].path} (no series with "
+                            "two timestamps); set data.freq")
+        return found
+    try:
+        freq = parse_freq(cfg.data.freq)
+    except ValueError as e:
+        raise DataError(f"data.freq: {e}") from None
+    return grid.complete(freq, df, time_col, found)
 
 
 def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
@@ -77,8 +104,10 @@ def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
     parts = list_parts(cfg.data.path, cfg.data.rows_per_task)
     if sum(p.num_rows for p in parts) == 0:
         raise DataError(f"input {cfg.data.path!r} is empty: 0 rows in {len(parts)} file(s)")
-    freq_ns = resolve_freq(cfg, parts)
-    args = [(p, cfg.data, freq_ns, cfg.windows.min_length) for p in parts]
+    check_time_types(parts, cfg.data.time_col)
+    freq = resolve_freq(cfg, parts)
+    inferred_from = None if cfg.data.freq else parts[0].path
+    args = [(p, cfg.data, freq, cfg.windows, inferred_from) for p in parts]
     results = runner(load_part, args)
     arrays = SeriesArrays.concat([r[0] for r in results], labels=[p.label for p in parts])
     rows = [row for r in results for row in r[1]]

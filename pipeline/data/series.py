@@ -1,8 +1,10 @@
 """SeriesArrays: every series in one flat float32 array plus `indptr` (mlforecast's GroupedArray).
 
-Series s occupies `values[indptr[s]:indptr[s + 1]]` on a regular grid: step i is at time
-`start_ns[s] + i * freq_ns`. `mask` is 1 where the value was observed, 0 where it was filled
-(a gap in the timestamps) or imputed (a NaN/inf target). Covariates are aligned row for row.
+Series s occupies `values[indptr[s]:indptr[s + 1]]` on a regular grid: step i is at the grid
+ordinal `start[s] + i * freq.step` (`pipeline.data.calendar.Freq`: nanoseconds for sub-daily
+data, days, business days or months on the calendar, or integer steps). `mask` is 1 where the
+value was observed, 0 where it was filled (a gap in the timestamps) or imputed (a NaN/inf
+target). Covariates are aligned row for row.
 `status` is 0 for series that train, otherwise the code of the reason they are skipped
 (STATUS); skipped series stay in the arrays so they can still get a fallback forecast.
 """
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.data.calendar import NS, Freq
 from pipeline.errors import DataError
 
 STATUS = {0: "ok", 1: "too_short", 2: "nan_target_dropped", 3: "no_finite_values",
@@ -25,8 +28,8 @@ class SeriesArrays:
     indptr: np.ndarray              # [S + 1] int64
     values: np.ndarray              # [N] float32, NaN-free (imputed where mask == 0)
     mask: np.ndarray                # [N] uint8, 1 = observed
-    start_ns: np.ndarray            # [S] int64, timestamp of each series' first step
-    freq_ns: int
+    start: np.ndarray               # [S] int64, grid ordinal of each series' first step
+    freq: Freq
     status: np.ndarray              # [S] int8, 0 = trainable (see STATUS)
     past: np.ndarray | None = None  # [N, Cp] float32 past covariates
     future: np.ndarray | None = None  # [N, Cf] float32 known-future covariates
@@ -43,23 +46,24 @@ class SeriesArrays:
         return np.diff(self.indptr)
 
     @property
-    def end_ns(self) -> np.ndarray:
-        """Timestamp of each series' last step."""
-        return self.start_ns + (self.lengths - 1) * self.freq_ns
+    def end(self) -> np.ndarray:
+        """Grid ordinal of each series' last step."""
+        return self.start + (self.lengths - 1) * self.freq.step
 
     def series(self, s: int) -> np.ndarray:
         return self.values[self.indptr[s]:self.indptr[s + 1]]
 
     def nbytes(self) -> int:
-        arrays = [self.indptr, self.values, self.mask, self.start_ns, self.status,
+        arrays = [self.indptr, self.values, self.mask, self.start, self.status,
                   self.past, self.future, *self.static.values()]
         ids = sum(len(str(x)) + 8 for x in self.ids)  # pointer + characters
         return ids + sum(a.nbytes for a in arrays if a is not None)
 
     @staticmethod
-    def from_list(values: list, ids: list | None = None, start_ns: int | list = 0,
-                  freq_ns: int = 3_600_000_000_000, mask: list | None = None) -> SeriesArrays:
-        """Build from one 1-D array per series (tests, benchmarks, in-memory data)."""
+    def from_list(values: list, ids: list | None = None, start: int | list = 0,
+                  freq: Freq | None = None, mask: list | None = None) -> SeriesArrays:
+        """Build from one 1-D array per series (tests, benchmarks, in-memory data); `freq`
+        defaults to hourly, `start` to ordinal 0 (1970-01-01)."""
         lengths = [len(v) for v in values]
         flat = np.concatenate([np.asarray(v, np.float32) for v in values]) if values else \
             np.zeros(0, np.float32)
@@ -70,8 +74,8 @@ class SeriesArrays:
             values=flat,
             mask=(np.concatenate([np.asarray(m, np.uint8) for m in mask]) if mask is not None
                   else np.ones(len(flat), np.uint8)),
-            start_ns=np.broadcast_to(np.asarray(start_ns, np.int64), (len(values),)).copy(),
-            freq_ns=freq_ns, status=np.zeros(len(values), np.int8))
+            start=np.broadcast_to(np.asarray(start, np.int64), (len(values),)).copy(),
+            freq=freq or Freq("ns", NS["h"]), status=np.zeros(len(values), np.int8))
 
     @staticmethod
     def concat(parts: list[SeriesArrays], labels: list[str] | None = None) -> SeriesArrays:
@@ -89,8 +93,8 @@ class SeriesArrays:
                        ).astype(np.int64),
             values=cat([p.values for p in parts]),
             mask=cat([p.mask for p in parts]),
-            start_ns=cat([p.start_ns for p in parts]),
-            freq_ns=first.freq_ns,
+            start=cat([p.start for p in parts]),
+            freq=first.freq,
             status=cat([p.status for p in parts]),
             past=cat([p.past for p in parts]) if first.past is not None else None,
             future=cat([p.future for p in parts]) if first.future is not None else None,

@@ -16,18 +16,21 @@ covariate that large is a unit or scaling mistake, and filling it would hide tha
 from __future__ import annotations
 
 import difflib
-from datetime import datetime, timezone
 
 import numpy as np
 import polars as pl
 
-from pipeline.config import DataConfig
-from pipeline.data.calendar import format_freq
+from pipeline.config import DataConfig, WindowsConfig
+from pipeline.data import grid
+from pipeline.data.calendar import Freq
+from pipeline.data.fill import report_row, scatter_covariates, scatter_target
 from pipeline.data.io import Part, file_schema, read_columns
 from pipeline.data.series import STATUS, STATUS_CODE, SeriesArrays
 from pipeline.errors import DataError
 
 ROW = "_row"
+ORD = "_ord"          # the row's ordinal on the frequency's grid
+ON = "_on_calendar"   # the row's stamp is on the grid's calendar (anchor day, time of day)
 NS_RANGE = "1677-09-21 00:12:43 to 2262-04-11 23:47:16 UTC"  # what int64 nanoseconds can hold
 SHOWN = 5  # offending rows named in an error or report detail
 MAX_FILL_RATIO = 10  # a series whose grid is this many times longer than its rows is suspicious
@@ -39,47 +42,63 @@ def required_columns(data: DataConfig) -> list[str]:
     return list(dict.fromkeys(c for c in cols if c))
 
 
-def fmt_ts(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+def fmt_ts(value) -> str:
+    """A timestamp as the input holds it (Datetime, Date or integer step), for messages."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        return str(int(value))
+    return str(value)
 
 
-def report_row(part: Part, series, issue: str, action: str, detail: str) -> dict:
-    return {"series": None if series is None else str(series), "file": part.label,
-            "issue": issue, "action": action, "detail": detail}
-
-
-def load_part(part: Part, data: DataConfig, freq_ns: int, min_length: int
-              ) -> tuple[SeriesArrays, list[dict]]:
-    """One part → (its series arrays, its report rows)."""
-    df = _read(part, data)
+def load_part(part: Part, data: DataConfig, freq: Freq, windows: WindowsConfig,
+              inferred_from: str | None = None) -> tuple[SeriesArrays, list[dict]]:
+    """One part → (its series arrays, its report rows). `inferred_from`: the file `freq` was
+    inferred from (None: `data.freq` named it); this part must have the same frequency."""
+    df = _read(part, data, freq)
+    if inferred_from is not None:
+        _check_same_freq(df, part, data, freq, inferred_from)
     report: list[dict] = []
     df = _sort(df, part, data, report)
     _check_duplicates(df, part, data)
-    return _to_arrays(df, part, data, freq_ns, min_length, report), report
+    return _to_arrays(df, part, data, freq, windows, report), report
+
+
+def _check_same_freq(df, part: Part, data: DataConfig, freq: Freq, first: str) -> None:
+    try:
+        mine = grid.infer(df, data.id_col, data.time_col)
+    except ValueError:                   # no series with two stamps here: nothing to compare
+        return
+    if mine.name != freq.name:
+        raise DataError(f"files of different frequencies: {first} is {freq.name}, "
+                        f"{part.path} is {mine.name} (column {data.time_col!r}); set "
+                        "data.freq, or keep one frequency per input")
 
 
 # ------------------------------------------------------------------ reading and typing
 
-def _read(part: Part, data: DataConfig) -> pl.DataFrame:
-    cols = required_columns(data)
+def check_columns(part: Part, data: DataConfig) -> None:
+    """Every configured column is in the file (or its hive keys); else the nearest name."""
     names = file_schema(part).names + list(part.partition)
-    for col in cols:
+    for col in required_columns(data):
         if col not in names:
             close = difflib.get_close_matches(col, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise DataError(f"column {col!r} is missing from {part.path} "
                             f"(it has {', '.join(names)}){hint}")
-    df = pl.from_arrow(read_columns(part, cols)).with_row_index(ROW)
-    df = _cast(df, part, data)
+
+
+def _read(part: Part, data: DataConfig, freq: Freq) -> pl.DataFrame:
+    check_columns(part, data)
+    df = pl.from_arrow(read_columns(part, required_columns(data))).with_row_index(ROW)
+    df = _cast(df, part, data, freq)
     if part.n_chunks > 1:  # route whole series to chunks by a hash of the id
         df = df.filter(pl.col(data.id_col).hash(seed=0) % part.n_chunks == part.chunk)
     _check_nulls(df, part, data)
-    return _cast_covariates(df, part, data)
+    return _cast_covariates(_place(df, data, freq), part, data)
 
 
-def _cast(df: pl.DataFrame, part: Part, data: DataConfig) -> pl.DataFrame:
-    """Ids to strings, timestamps to int64 ns, the target to float64; covariates are checked
-    for their type here and cast by `_cast_covariates`."""
+def _cast(df: pl.DataFrame, part: Part, data: DataConfig, freq: Freq) -> pl.DataFrame:
+    """Ids to strings, each stamp's grid ordinal (ORD, ON), the target to float64; covariates
+    are checked for their type here and cast by `_cast_covariates`."""
     def bad(col: str, expected: str) -> DataError:
         return DataError(f"column {col!r} in {part.path} has type {df.schema[col]}; "
                          f"expected {expected}")
@@ -89,10 +108,14 @@ def _cast(df: pl.DataFrame, part: Part, data: DataConfig) -> pl.DataFrame:
     if not (id_t.is_integer() or id_t in (pl.String, pl.Categorical) or isinstance(id_t, pl.Enum)):
         raise bad(data.id_col, "a string or integer series id")
     exprs.append(pl.col(data.id_col).cast(pl.String))
-    t = df.schema[data.time_col]
-    if not (isinstance(t, pl.Datetime) or t == pl.Date):
-        raise bad(data.time_col, "a timestamp (Datetime or Date)")
-    exprs.append(timestamps_ns(df, part, data.id_col, data.time_col))
+    kind = grid.time_kind(df.schema[data.time_col])
+    if kind is None:
+        raise bad(data.time_col, "a timestamp (Datetime or Date) or an integer step")
+    if (kind == "int") != (freq.unit == "int"):
+        raise bad(data.time_col, f"{'integer steps' if freq.unit == 'int' else 'timestamps'} "
+                                 f"for data.freq {freq.name!r}")
+    if kind != "int":
+        timestamps_ns(df, part, data.id_col, data.time_col)  # in range, or an error naming them
     if not df.schema[data.target_col].is_numeric():
         raise bad(data.target_col, "a numeric target")
     exprs.append(pl.col(data.target_col).cast(pl.Float64).fill_null(float("nan")))
@@ -102,6 +125,12 @@ def _cast(df: pl.DataFrame, part: Part, data: DataConfig) -> pl.DataFrame:
     if data.group_col:
         exprs.append(pl.col(data.group_col).cast(pl.String))
     return df.with_columns(exprs)
+
+
+def _place(df: pl.DataFrame, data: DataConfig, freq: Freq) -> pl.DataFrame:
+    """Each row's ordinal on the grid (ORD) and whether it is on the grid's calendar (ON)."""
+    ords, on = grid.ordinals(df, data.time_col, freq)
+    return df.with_columns(pl.Series(ORD, ords), pl.Series(ON, on))
 
 
 def timestamps_ns(df: pl.DataFrame, part: Part, id_col: str, time_col: str) -> pl.Series:
@@ -164,7 +193,7 @@ def _cast_covariates(df: pl.DataFrame, part: Part, data: DataConfig) -> pl.DataF
 
 
 def _sort(df: pl.DataFrame, part: Part, data: DataConfig, report: list[dict]) -> pl.DataFrame:
-    df = df.sort([data.id_col, data.time_col], maintain_order=True)
+    df = df.sort([data.id_col, ORD], maintain_order=True)
     ids = df[data.id_col]
     back = (df[ROW].diff() < 0) & (ids == ids.shift(1))  # time order broken inside a series
     n = int(ids.filter(back).n_unique()) if back.any() else 0
@@ -175,11 +204,11 @@ def _sort(df: pl.DataFrame, part: Part, data: DataConfig, report: list[dict]) ->
 
 
 def _check_duplicates(df: pl.DataFrame, part: Part, data: DataConfig) -> None:
-    sid, ts = pl.col(data.id_col), pl.col(data.time_col)
+    sid, ts = pl.col(data.id_col), pl.col(ORD)
     dup = df.filter((sid == sid.shift(1)) & (ts == ts.shift(1)))
     if len(dup):
         first = dup.row(0, named=True)
-        twin = df.filter((sid == first[data.id_col]) & (ts == first[data.time_col]))[ROW].to_list()
+        twin = df.filter((sid == first[data.id_col]) & (ts == first[ORD]))[ROW].to_list()
         raise DataError(
             f"duplicate ({data.id_col}, {data.time_col}) rows in {part.path}: series "
             f"{first[data.id_col]!r} at {fmt_ts(first[data.time_col])} (rows {twin}); "
@@ -188,36 +217,36 @@ def _check_duplicates(df: pl.DataFrame, part: Part, data: DataConfig) -> None:
 
 # ------------------------------------------------------------------ the regular grid
 
-def _to_arrays(df: pl.DataFrame, part: Part, data: DataConfig, freq_ns: int, min_length: int,
-               report: list[dict]) -> SeriesArrays:
+def _to_arrays(df: pl.DataFrame, part: Part, data: DataConfig, freq: Freq,
+               windows: WindowsConfig, report: list[dict]) -> SeriesArrays:
     code = df[data.id_col].rle_id().to_numpy().astype(np.int64)  # series number of each row
-    t = df[data.time_col].to_numpy()
+    t = df[ORD].to_numpy()
     first_row = np.flatnonzero(np.r_[True, code[1:] != code[:-1]]) if len(df) else np.zeros(0, int)
     ids = df[data.id_col].to_numpy()[first_row].astype(object)
     start = t[first_row]
     rel = t - start[code]
-    _check_grid(df, part, data, rel, freq_ns, code, ids)
-    pos = rel // freq_ns
+    _check_grid(df, part, data, rel, freq, code, ids)
+    pos = rel // freq.step
     counts = np.bincount(code, minlength=len(ids))
     lengths = pos[np.r_[first_row[1:], len(df)] - 1] + 1 if len(df) else np.zeros(0, np.int64)
-    _check_fill_ratio(part, ids, lengths, counts, freq_ns)
+    _check_fill_ratio(part, ids, lengths, counts, freq)
     indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
     flat = indptr[code] + pos  # where each row lands on the grid
     status = np.zeros(len(ids), np.int8)
     y = df[data.target_col].to_numpy()
-    values, mask, no_finite = _scatter_target(y, flat, indptr, len(ids))
+    values, mask, no_finite = scatter_target(y, flat, indptr, len(ids))
     _target_report(part, data, y, mask[flat] == 1, code, ids, df, lengths - counts, status, report)
     status[(status == 0) & no_finite] = STATUS_CODE["no_finite_values"]
     if data.nonnegative:
         neg = np.bincount(code, weights=(y < 0), minlength=len(ids)) > 0
         status[(status == 0) & neg] = STATUS_CODE["negative_values"]
-    status[(status == 0) & (lengths < min_length)] = STATUS_CODE["too_short"]
-    _status_report(part, ids, lengths, status, min_length, report)
-    past = _scatter_covariates(df, data.past_covariates, flat, indptr, part, report)
-    future = _scatter_covariates(df, data.future_covariates, flat, indptr, part, report)
+    status[(status == 0) & (lengths < windows.shortest)] = STATUS_CODE["too_short"]
+    _status_report(part, ids, lengths, status, windows, report)
+    past = scatter_covariates(df, data.past_covariates, flat, indptr, part, report)
+    future = scatter_covariates(df, data.future_covariates, flat, indptr, part, report)
     return SeriesArrays(
-        ids=ids, indptr=indptr, values=values, mask=mask, start_ns=start.astype(np.int64),
-        freq_ns=freq_ns, status=status, past=past, future=future,
+        ids=ids, indptr=indptr, values=values, mask=mask, start=start.astype(np.int64),
+        freq=freq, status=status, past=past, future=future,
         past_names=list(data.past_covariates), future_names=list(data.future_covariates),
         static={c: _per_series(df, data, c, first_row, part) for c in data.static_cols},
         groups=(_per_series(df, data, data.group_col, first_row, part).astype(object)
@@ -225,59 +254,28 @@ def _to_arrays(df: pl.DataFrame, part: Part, data: DataConfig, freq_ns: int, min
     )
 
 
-def _check_grid(df, part, data, rel, freq_ns, code, ids) -> None:
-    off = np.flatnonzero(rel % freq_ns)
+def _check_grid(df, part, data, rel, freq: Freq, code, ids) -> None:
+    """Every stamp on the grid's calendar (its anchor day and time of day) and a whole number
+    of steps after its series' first one; else an error naming the series and rows."""
+    off = np.flatnonzero((rel % freq.step != 0) | ~df[ON].to_numpy())
     if len(off):
-        i = off[0]
+        i = int(off[0])
+        rows = [int(df[ROW][int(j)]) for j in off[:SHOWN]]
         raise DataError(
-            f"series {ids[code[i]]!r} in {part.path}: timestamp "
-            f"{fmt_ts(df[data.time_col][int(i)])} "
-            f"(row {df[ROW][int(i)]}) is off the {format_freq(freq_ns)} grid that starts "
-            f"at its first timestamp; {len(off)} row(s) are off the grid. Set data.freq or "
-            "aggregate the input to a regular frequency")
+            f"series {ids[code[i]]!r} in {part.path}: {data.time_col} "
+            f"{fmt_ts(df[data.time_col][i])} (row {df[ROW][i]}) is off the {freq.name} grid "
+            f"({grid.describe(freq)}) that starts at its first stamp; {len(off)} row(s) are "
+            f"off the grid, first at rows {rows}. Set data.freq (with its anchor, e.g. 1mo-end, "
+            "1w-mon) or aggregate the input to a regular frequency")
 
 
-def _check_fill_ratio(part, ids, lengths, counts, freq_ns) -> None:
+def _check_fill_ratio(part, ids, lengths, counts, freq: Freq) -> None:
     bad = np.flatnonzero((lengths > MAX_FILL_RATIO * counts) & (lengths > 10_000))
     if len(bad):
         s = bad[0]
         raise DataError(f"series {ids[s]!r} in {part.path} spans {lengths[s]} steps of "
-                        f"{format_freq(freq_ns)} but has only {counts[s]} rows; is data.freq "
+                        f"{freq.name} but has only {counts[s]} rows; is data.freq "
                         "right, or are some timestamps wrong?")
-
-
-def _scatter_target(y, flat, indptr, n_series):
-    """Place rows on the grid; fill gaps and NaN/inf by forward then backward fill."""
-    values = np.full(indptr[-1], np.nan, np.float32)
-    with np.errstate(over="ignore"):  # beyond float32's range → inf, imputed and reported
-        values[flat] = y
-    finite = np.isfinite(values)
-    values, no_finite = _fill_segments(values, finite, indptr)
-    return values, finite.astype(np.uint8), no_finite
-
-
-def _fill_segments(values: np.ndarray, finite: np.ndarray, indptr: np.ndarray):
-    """Forward fill non-finite entries within each segment, then back fill leading ones from
-    the segment's first finite value. Segments with no finite value become 0."""
-    n = len(values)
-    if n == 0 or finite.all():
-        return values, np.zeros(len(indptr) - 1, bool)
-    starts = indptr[:-1]
-    idx = np.where(finite, np.arange(n), 0)
-    nonempty = starts < indptr[1:]
-    idx[starts[nonempty]] = starts[nonempty]  # never reach into the previous segment
-    np.maximum.accumulate(idx, out=idx)
-    out = values[idx]
-    first = np.minimum.reduceat(np.where(finite, np.arange(n), n), starts[nonempty])
-    first_all = np.full(len(starts), n)
-    first_all[nonempty] = first
-    seg_len = np.diff(indptr)
-    seg = np.repeat(np.arange(len(starts)), seg_len)
-    lead = ~np.isfinite(out)
-    no_finite = first_all >= indptr[1:]
-    src = np.minimum(first_all, n - 1)[seg[lead]]
-    out[lead] = np.where(no_finite[seg[lead]], 0.0, values[src])
-    return out, no_finite & nonempty
 
 
 def _target_report(part, data, y, observed, code, ids, df, gaps, status, report) -> None:
@@ -324,31 +322,21 @@ def _target_error(part, data, y, i, series, df, n) -> DataError:
                      f"{fix}, or rescale the target)")
 
 
-def _status_report(part, ids, lengths, status, min_length, report) -> None:
-    reasons = {STATUS_CODE["too_short"]: lambda s: f"{lengths[s]} steps < {min_length} needed "
-               "(lookback + horizon + backtest)",
+def _status_report(part, ids, lengths, status, windows: WindowsConfig, report) -> None:
+    """A row per skipped series, and per series kept on left-padded windows."""
+    need = windows.shortest
+    reasons = {STATUS_CODE["too_short"]: lambda s: f"{lengths[s]} steps < {need} needed " + (
+               "(windows.min_length)" if windows.padded else "(lookback + horizon + backtest)"),
                STATUS_CODE["no_finite_values"]: lambda s: "no finite target value",
                STATUS_CODE["negative_values"]: lambda s: "negative target values"}
     for s in np.flatnonzero(np.isin(status, list(reasons))):
         report.append(report_row(part, ids[s], STATUS[int(status[s])], "skipped",
                                  reasons[int(status[s])](s)))
-
-
-def _scatter_covariates(df, cols, flat, indptr, part, report):
-    if not cols:
-        return None
-    out = np.empty((indptr[-1], len(cols)), np.float32)  # [N, C]
-    for j, col in enumerate(cols):
-        v = np.full(indptr[-1], np.nan, np.float32)
-        v[flat] = df[col].to_numpy()
-        finite = np.isfinite(v)
-        out[:, j], _ = _fill_segments(v, finite, indptr)
-        n_missing = int((~finite).sum())
-        if n_missing:
-            report.append(report_row(part, None, "covariate_missing", "filled",
-                                     f"covariate {col!r}: {n_missing} missing value(s) filled "
-                                     "forward (backward at series starts)"))
-    return out
+    if windows.padded:
+        for s in np.flatnonzero((status == 0) & (lengths < windows.required_length)):
+            report.append(report_row(part, ids[s], "short", "padded",
+                                     f"{lengths[s]} steps < {windows.required_length} (lookback "
+                                     "+ horizon + backtest): windows left-padded"))
 
 
 def _per_series(df, data, col, first_row, part) -> np.ndarray:

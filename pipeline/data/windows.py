@@ -9,6 +9,8 @@ for steps [0, c[s]); a window at `start` reads the lookback [start, start + L) a
 - the forecast window has its lookback end at the series' end (target beyond the data).
 Training and validation starts are aligned on the most recent window, `stride` apart, and at
 most `max_windows` per series are kept (the most recent ones); within a series they ascend.
+With `windows.min_length` below the required length, a start may be negative: the window is
+left-padded (the loader repeats the series' first step), its target always inside the data.
 """
 from __future__ import annotations
 
@@ -68,23 +70,25 @@ def cutoff_positions(lengths: np.ndarray, horizon: int, n_windows: int, step: in
     return (np.asarray(lengths)[None, :] - horizon - k * step).astype(np.int64)
 
 
-def cutoff_at_time(start_ns: np.ndarray, lengths: np.ndarray, freq_ns: int, cutoff_ns: int
-                   ) -> np.ndarray:
-    """Per series, the number of steps strictly before timestamp `cutoff_ns` (clipped)."""
-    c = -(-(cutoff_ns - np.asarray(start_ns)) // freq_ns)  # ceil division
-    return np.clip(c, 0, lengths).astype(np.int64)
+def _earliest(last: np.ndarray, cfg: WindowsConfig) -> np.ndarray:
+    """The first start allowed: 0, or with left-padding (`cfg.padded`) as far back as a
+    series' latest start needs, never so far that a target step precedes the series."""
+    if not cfg.padded:
+        return np.zeros_like(last)
+    return np.maximum(np.minimum(last, 0), -cfg.lookback)
 
 
 def train_windows(cutoff: np.ndarray, cfg: WindowsConfig, eligible: np.ndarray) -> WindowIndex:
     last = np.asarray(cutoff) - cfg.val_size - cfg.lookback - cfg.horizon
-    last = np.where(eligible, last, -1)
-    return starts_between(np.zeros_like(last), last, cfg.stride, cfg.max_windows_per_series)
+    first = _earliest(last, cfg)
+    last = np.where(eligible, last, first - 1)
+    return starts_between(first, last, cfg.stride, cfg.max_windows_per_series)
 
 
 def val_windows(cutoff: np.ndarray, cfg: WindowsConfig, eligible: np.ndarray) -> WindowIndex:
     last = np.asarray(cutoff) - cfg.lookback - cfg.horizon
-    first = np.maximum(last - cfg.val_size + 1, 0)
-    last = np.where(eligible, last, -1)
+    first = np.maximum(last - cfg.val_size + 1, _earliest(last, cfg))
+    last = np.where(eligible, last, first - 1)
     return starts_between(first, last, cfg.stride, cfg.max_windows_per_series)
 
 
@@ -92,14 +96,17 @@ def backtest_windows(cutoff: np.ndarray, lengths: np.ndarray, cfg: WindowsConfig
                      eligible: np.ndarray) -> WindowIndex:
     """One window per series whose lookback ends at its cutoff and whose target is known."""
     cutoff = np.asarray(cutoff)
-    ok = eligible & (cutoff >= cfg.lookback) & (cutoff + cfg.horizon <= lengths)
+    history = 1 if cfg.padded else cfg.lookback      # left-padded: one known step suffices
+    ok = eligible & (cutoff >= history) & (cutoff + cfg.horizon <= lengths)
     s = np.flatnonzero(ok).astype(np.int32)
     return WindowIndex(s, (cutoff[s] - cfg.lookback).astype(np.int32))
 
 
-def forecast_windows(lengths: np.ndarray, lookback: int, eligible: np.ndarray) -> WindowIndex:
-    """One window per series whose lookback ends at the series' last step."""
-    s = np.flatnonzero(eligible & (lengths >= lookback)).astype(np.int32)
+def forecast_windows(lengths: np.ndarray, lookback: int, eligible: np.ndarray,
+                     padded: bool = False) -> WindowIndex:
+    """One window per series whose lookback ends at the series' last step (left-padded where
+    the series is shorter than the lookback, when `padded`)."""
+    s = np.flatnonzero(eligible & (lengths >= (1 if padded else lookback))).astype(np.int32)
     return WindowIndex(s, (np.asarray(lengths)[s] - lookback).astype(np.int32))
 
 
