@@ -2,6 +2,13 @@
 
 Each averages only over the entries where mask == 1, so imputed or padded steps never count;
 target values under mask == 0 are ignored, even NaN. `make_loss(model_cfg)` picks one by name.
+
+Every `forward` also takes `loc`, `scale` and `weight` ([B] each, optional): the window's
+scaling (the model sees z = (y − loc) / scale) and a per-window weight. MAE, MSE, Huber and
+the quantile loss ignore them; MASE needs `weight`, sMAPE `loc` and `scale`. Under
+torch.func.vmap keyword arguments are not batched: per-member tensors [G, B] must be passed
+positionally, `vmap(loss)(pred, target, mask, loc, scale, weight)`; a [G, B] keyword is an
+error naming its shape.
 """
 from __future__ import annotations
 
@@ -33,14 +40,26 @@ def _point(pred: torch.Tensor) -> torch.Tensor:
     return pred[..., 0]  # [B, H, 1] -> [B, H]
 
 
+def _per_window(loss: str, name: str, value: torch.Tensor | None, pred: torch.Tensor
+                ) -> torch.Tensor:
+    """`value` [B] checked against pred [B, H, Q]; an error naming the loss when missing."""
+    if value is None:
+        raise ValueError(f"{loss} needs {name} [B]; got None")
+    if tuple(value.shape) != tuple(pred.shape[:1]):
+        raise ValueError(f"{loss}: {name} must be [B] = [{pred.shape[0]}]; got "
+                         f"{list(value.shape)} (under vmap, pass per-member tensors "
+                         "positionally: keyword arguments are not batched)")
+    return value.to(pred.dtype)
+
+
 class MAELoss(nn.Module):
-    def forward(self, pred, target, mask=None):
+    def forward(self, pred, target, mask=None, loc=None, scale=None, weight=None):
         err = (_point(pred) - _observed(target, mask)).abs()
         return masked_mean(err, mask)
 
 
 class MSELoss(nn.Module):
-    def forward(self, pred, target, mask=None):
+    def forward(self, pred, target, mask=None, loc=None, scale=None, weight=None):
         err = (_point(pred) - _observed(target, mask)).square()
         return masked_mean(err, mask)
 
@@ -52,7 +71,7 @@ class HuberLoss(nn.Module):
         super().__init__()
         self.delta = delta
 
-    def forward(self, pred, target, mask=None):
+    def forward(self, pred, target, mask=None, loc=None, scale=None, weight=None):
         err = F.huber_loss(_point(pred), _observed(target, mask), reduction="none",
                            delta=self.delta)
         return masked_mean(err, mask)
@@ -65,7 +84,7 @@ class QuantileLoss(nn.Module):
         super().__init__()
         self.quantiles = list(quantiles)
 
-    def forward(self, pred, target, mask=None):
+    def forward(self, pred, target, mask=None, loc=None, scale=None, weight=None):
         if pred.shape[-1] != len(self.quantiles):
             raise ValueError(f"pred has {pred.shape[-1]} outputs for {len(self.quantiles)} "
                              "quantiles")
@@ -75,10 +94,54 @@ class QuantileLoss(nn.Module):
         return masked_mean(err, mask)
 
 
+class MASELoss(nn.Module):
+    """Mean over observed entries of weight_b · |ẑ − z| (scaled values).
+
+    Contract: the caller passes weight_b = scale_b / m_b, with scale_b the window's scaling
+    and m_b the series' in-sample seasonal MAE before the cutoff (`evaluate.mase_scale`).
+    Since |ŷ − y| = scale_b · |ẑ − z|, the loss is then MASE in original units: the mean of
+    |ŷ − y| / m_b over every observed entry of the batch (the mean of per-window MASE when
+    every entry is observed). A window whose weight is not finite (m_b = 0 or NaN: a constant
+    history, where MASE is undefined and `evaluate` reports NaN) counts as unobserved, so its
+    value and gradient stay out of the mean. loc and scale are not used.
+    """
+
+    def forward(self, pred, target, mask=None, loc=None, scale=None, weight=None):
+        w = _per_window("MASELoss", "weight", weight, pred)[:, None]   # [B] -> [B, 1]
+        finite = torch.isfinite(w)
+        err = (_point(pred) - _observed(target, mask)).abs()          # [B, H]
+        err = torch.where(finite, w, 0.0) * err
+        keep = finite.expand_as(err) if mask is None else finite & (mask > 0)  # [B, H]
+        return masked_mean(err, keep)
+
+
+class SMAPELoss(nn.Module):
+    """sMAPE in original units, 0–200: mean over observed entries of
+    200·|ŷ − y| / (|ŷ| + |y|), with y = z·scale + loc and ŷ = ẑ·scale + loc per window.
+
+    A 0/0 term counts as 0. The denominator is kept at least sqrt(smallest normal float)
+    (1.1e-19 in float32), so the gradient is finite everywhere, y = ŷ = 0 included; values
+    only differ from the exact ratio when |ŷ| + |y| is below that. weight is not used.
+    """
+
+    def forward(self, pred, target, mask=None, loc=None, scale=None, weight=None):
+        loc = _per_window("SMAPELoss", "loc", loc, pred)[:, None]        # [B] -> [B, 1]
+        scale = _per_window("SMAPELoss", "scale", scale, pred)[:, None]  # [B] -> [B, 1]
+        y = _observed(target, mask) * scale + loc
+        y_hat = _point(pred) * scale + loc
+        tiny = torch.finfo(pred.dtype).tiny ** 0.5
+        den = (y_hat.abs() + y.abs()).clamp(min=tiny)
+        return masked_mean(200.0 * (y_hat - y).abs() / den, mask)
+
+
 def make_loss(model_cfg: ModelConfig) -> nn.Module:
-    """The loss `model.loss` names (mae | mse | huber | quantile)."""
+    """The loss `model.loss` names (mae | mse | huber | quantile | mase | smape)."""
     if model_cfg.loss == "quantile":
         return QuantileLoss(model_cfg.quantiles)
     if model_cfg.loss == "huber":
         return HuberLoss(model_cfg.huber_delta)
-    return {"mae": MAELoss, "mse": MSELoss}[model_cfg.loss]()
+    losses = {"mae": MAELoss, "mse": MSELoss, "mase": MASELoss, "smape": SMAPELoss}
+    if model_cfg.loss not in losses:
+        raise ValueError(f"model.loss = {model_cfg.loss!r} is not one of "
+                         f"{sorted([*losses, 'huber', 'quantile'])}")
+    return losses[model_cfg.loss]()
