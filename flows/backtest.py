@@ -16,6 +16,7 @@ def backtest(b: Batch) -> None:
     trained = S.train(b, data, jobs, inits)
     S.backtest(b, data, jobs, trained, inits)
     S.log_models(b, trained)
+    S.html_report(b)                             # the batch's page, next to the outputs
 
 
 if __name__ == "__main__":

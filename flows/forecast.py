@@ -16,6 +16,7 @@ def forecast(b: Batch) -> None:
     final = S.final_model(b, data, jobs, None, inits)
     S.log_models(b, final)
     S.write_forecast(b, data, S.forecast(b, data, jobs, final))
+    S.html_report(b)                             # the batch's page, next to the outputs
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ def forecast_only(b: Batch, by: str | None = None) -> None:
     data = S.prepare(b)
     forecast = S.registry_forecast(b, data, by)
     S.write_forecast(b, data, forecast)
+    S.html_report(b)                             # the batch's page, next to the outputs
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ def nightly(b: Batch) -> None:
     S.promote(b, data, scored, final)            # challenger vs champion, same windows
     forecast = S.registry_forecast(b, data)      # with the champions, new or kept
     S.write_forecast(b, data, forecast, scored)
+    S.html_report(b)                             # the batch's page, next to the outputs
 
 
 if __name__ == "__main__":

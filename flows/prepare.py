@@ -12,6 +12,7 @@ TRACKED = False
 def prepare(b: Batch) -> None:
     """Read and validate the input; report what was repaired or skipped."""
     S.prepare(b)
+    S.html_report(b)                             # the batch's page, next to the outputs
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ def run(b: Batch) -> None:
     S.log_models(b, final)
     forecast = S.forecast(b, data, jobs, final)
     S.write_forecast(b, data, forecast, scored)
+    S.html_report(b)                             # the batch's page, next to the outputs
 
 
 if __name__ == "__main__":

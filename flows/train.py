@@ -14,6 +14,7 @@ def train(b: Batch) -> None:
     inits = S.warm_start(b, data, jobs)
     trained = S.train(b, data, jobs, inits)
     S.log_models(b, trained)
+    S.html_report(b)                             # the batch's page, next to the outputs
 
 
 if __name__ == "__main__":

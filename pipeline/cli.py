@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import warnings
 
 from flows import backtest, forecast, forecast_only, prepare, run, train
 from flows._common import add_arguments, run_flow
 from pipeline import compare as ranking
 from pipeline import config as C
 from pipeline import report
-from pipeline.batch import Batch
+from pipeline.batch import Batch, format_warning
 from pipeline.data import demo
 from pipeline.errors import EXIT_OK, exit_code, one_line
 
@@ -70,6 +71,7 @@ def make_demo_data(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
+    warnings.formatwarning = format_warning
     try:
         cfg = C.load(args.config, args.set)
         report.comparison(ranking.compare(cfg, metric=args.metric, by=args.by,

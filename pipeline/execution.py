@@ -9,16 +9,20 @@ what it started.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 
 import ray
+from ray.util.queue import Queue
 
 from pipeline.config import Config, RayConfig
 from pipeline.errors import InfraError, PipelineError
 from pipeline.jobs import Job, JobResult, failed, run_pack
+from pipeline.progress import Display
 
 
 def connect(cfg: RayConfig) -> bool:
@@ -27,11 +31,12 @@ def connect(cfg: RayConfig) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    try:
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}  # no banners; token
+    try:                                                              # auth stays on
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, **quiet)
         else:
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         raise InfraError(f"cannot start or join {where}: {e}") from None
@@ -88,6 +93,7 @@ class RayRunner:
         refs = [remote.remote(*a) for a in args]
         deadline = Deadline(self.cfg)
         try:
+            wait_all(refs, deadline, Display("reading", len(refs), "files"))
             return ray.get(refs, timeout=deadline.left())
         except ray.exceptions.GetTimeoutError:
             for r in refs:
@@ -97,6 +103,21 @@ class RayRunner:
             if isinstance(e.cause, PipelineError):   # the task's own error, not Ray's wrapper
                 raise e.cause.with_traceback(None) from None
             raise
+
+
+def wait_all(refs: list, deadline: Deadline, display: Display) -> None:
+    """Wait for every task, advancing `display` as each finishes (a heartbeat line off a
+    terminal while none does); GetTimeoutError past the deadline."""
+    pending = list(refs)
+    try:
+        while pending:
+            left = deadline.left()
+            if left == 0:
+                raise ray.exceptions.GetTimeoutError("deadline")
+            done, pending = ray.wait(pending, num_returns=1, timeout=min(1.0, left or 1.0))
+            display.update(len(done))
+    finally:
+        display.close()
 
 
 # ------------------------------------------------------------------ training on Ray
@@ -126,11 +147,14 @@ def train(arrays, packs: list[list[Job]], cfg: Config, final: bool = False,
                                  (inits or {}).get(job.name), plan)]
     ref, plan_ref = ray.put(arrays), ray.put(plan)
     remote = task(_pack_task, cfg.ray, retry_exceptions=True)
+    epochs = Queue()                        # each job's epochs, for the progress display
     refs = [remote.remote(ref, pack, cfg, final,
-                          {j.name: (loggers or {}).get(j.name) for j in pack},
+                          {j.name: Reported(j.name, epochs, (loggers or {}).get(j.name))
+                           for j in pack},
                           {j.name: (inits or {}).get(j.name) for j in pack}, plan_ref)
             for pack in packs]
     out, deadline = [], Deadline(cfg.ray)
+    _watch(refs, deadline, epochs, sum(len(p) for p in packs), cfg.train.epochs)
     for pack, r in zip(packs, refs, strict=True):
         try:
             out += ray.get(r, timeout=deadline.left())
@@ -142,6 +166,42 @@ def train(arrays, packs: list[list[Job]], cfg: Config, final: bool = False,
         except ray.exceptions.RayError as e:    # the worker or its node died, every retry
             out += [failed(j, e, cfg.ray.max_retries + 1) for j in pack]
     return out
+
+
+class Reported:
+    """A job's `log` callback in its Ray task: each epoch's row goes to the driver's progress
+    display (through a Ray queue) and to the job's own logger (the tracking layer's
+    EpochLogger, whose `errors` it passes on)."""
+
+    def __init__(self, job: str, queue: Queue, log=None) -> None:
+        self.job, self.queue, self.log = job, queue, log
+
+    @property
+    def errors(self) -> list[str]:
+        return getattr(self.log, "errors", [])
+
+    def __call__(self, row: dict) -> None:
+        with contextlib.suppress(Exception):    # the display must never stop the training
+            self.queue.put_nowait((self.job, row))
+        if self.log is not None:
+            self.log(row)
+
+
+def _watch(refs: list, deadline: Deadline, epochs: Queue, jobs: int, total: int) -> None:
+    """The driver's display while the packs train: jobs done, and each job's latest epoch."""
+    display = Display("training", jobs, "jobs")
+    pending = list(refs)
+    try:
+        while pending and deadline.left() != 0:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            while not epochs.empty():
+                job, row = epochs.get_nowait()
+                display.update(0, f"{job} epoch {row['epoch'] + 1}/{total} val "
+                                  f"{row['val_loss']:.4f} {row['samples_per_s']:,.0f}/s")
+            display.update(len(refs) - len(pending) - display.done)
+    finally:
+        display.close()
+        ray.kill(epochs.actor)
 
 
 def _ddp_worker(config: dict) -> JobResult:

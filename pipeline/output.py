@@ -67,14 +67,15 @@ def metrics_table(cols: dict, run_id: str, freq: Freq) -> pa.Table:
     return pa.table(base)
 
 
-def write(cfg: Config, kind: str, end: str, table: pa.Table) -> str:
+def write(cfg: Config, kind: str, end: str, table: pa.Table, flow: str = "run") -> str:
     """Replace one run's partition of output `kind` with `table` in one atomic step; returns
     where it went. `output.format`: `parquet` (a folder per partition holding one file,
     `data.io.replace_partition`) or `delta` (a Delta Lake table per kind, the partition
     replaced by one commit, which also detects a concurrent writer)."""
     if cfg.output.format == "delta":
-        return write_delta(paths.table(cfg, kind), paths.partition_values(cfg, end), table)
-    uri = paths.partition(cfg, kind, end)
+        return write_delta(paths.table(cfg, kind),
+                           paths.partition_values(cfg, kind, end, flow), table)
+    uri = paths.partition(cfg, kind, end, flow)
     replace_partition(table, uri)
     return uri
 

@@ -1,8 +1,9 @@
 """Every place the pipeline writes, derived from `output.path` (a local folder or a pyarrow
 filesystem URI such as s3://bucket/prefix), in one module:
 
-    <output.path>/forecasts/job=<name>/data_end=<data end>/part-0.parquet   (also backtest/,
-    <output.path>/plots/job=<name>/data_end=<data end>/<series>.png          metrics/)
+    <output.path>/forecasts/job=<name>/data_end=<data end>/part-0.parquet
+    <output.path>/backtest/job=<name>/flow=<flow>/data_end=<data end>/part-0.parquet (metrics/)
+    <output.path>/plots/job=<name>/data_end=<data end>/<series>.png
     (`output.format: delta`: <output.path>/forecasts is a Delta table partitioned likewise)
     <output.path>/<name>/validation_report.parquet
     <output.path>/<name>/models/<backtest|final|…>/<model>-<job>.pt
@@ -37,20 +38,26 @@ def data_end(arrays) -> str:
     return label(int(arrays.end.max()), arrays.freq) if len(arrays) else "none"
 
 
-PARTITION_KEYS = ("job", "data_end")   # never a column of the outputs (readers add them)
+EVALUATIONS = ("backtest", "metrics", "reports")   # per flow: a challenger never replaces
+                                                  # what `run` published
 
 
-def partition_values(cfg: Config, end: str) -> dict[str, str]:
-    """The partition keys of one run's outputs: the config's name and the data end (a
-    `data_end` label)."""
-    return {"job": cfg.name, "data_end": end}
+def partition_values(cfg: Config, kind: str, end: str, flow: str) -> dict[str, str]:
+    """The partition keys of one run's output `kind`, in order: the config's name, for the
+    backtest's predictions and metrics the flow that scored them (`run`, `backtest`,
+    `nightly`: a nightly challenger's scores never replace what `run` published), and the
+    data end (a `data_end` label). None of them is a column of the files."""
+    keys = {"job": cfg.name}
+    if kind in EVALUATIONS:
+        keys["flow"] = flow
+    return {**keys, "data_end": end}
 
 
-def partition(cfg: Config, kind: str, end: str) -> str:
+def partition(cfg: Config, kind: str, end: str, flow: str = "run") -> str:
     """The partition folder of one output `kind` (forecasts, backtest, metrics, plots):
-    `<output.path>/<kind>/job=<name>/data_end=<20240630T230000>`."""
-    keys = partition_values(cfg, end)
-    return join(cfg.output.path, kind, *(f"{k}={keys[k]}" for k in PARTITION_KEYS))
+    `<output.path>/<kind>/job=<name>[/flow=<flow>]/data_end=<20240630T230000>`."""
+    keys = partition_values(cfg, kind, end, flow)
+    return join(cfg.output.path, kind, *(f"{k}={v}" for k, v in keys.items()))
 
 
 def table(cfg: Config, kind: str) -> str:

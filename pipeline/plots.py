@@ -1,7 +1,10 @@
-"""Forecast plots (PNG) for a sample of series: recent history, the latest backtest against the
-actuals, and the forecast with its quantile band. Written next to the other outputs."""
+"""Plots (PNG): for a sample of series, recent history, the latest backtest against the actuals
+with the baselines at its cutoff, and the forecast with its quantile band; and the distribution
+of per-series errors. Written next to the other outputs, or returned as bytes (the HTML report
+inlines them). matplotlib is imported only when something is drawn."""
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -9,62 +12,150 @@ import numpy as np
 from pipeline.data.calendar import to_datetime64
 from pipeline.names import safe_key
 
+BASELINE_STYLE = {"seasonal_naive": ("--", "tab:green", "seasonal naive"),
+                  "naive": (":", "tab:purple", "naive")}   # name -> (line style, colour, label)
 
-def plot_series(path: str, sid: str, hist_t, hist_y, bt: dict | None, fc: dict) -> None:
-    """One PNG. bt/fc: {'ds', 'y_hat', optional 'lo', 'hi', 'y'} arrays of one series."""
-    import matplotlib  # optional: only runs with evaluate.plots > 0 need it
+
+def _pyplot():
+    import matplotlib  # optional: only runs with evaluate.plots > 0 or a report need it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 3.2), dpi=100)
-    ax.plot(hist_t, hist_y, color="0.35", lw=1, label="history")
-    if bt is not None:
-        ax.plot(bt["ds"], bt["y_hat"], color="tab:orange", lw=1.2, label="backtest")
-    ax.plot(fc["ds"], fc["y_hat"], color="tab:blue", lw=1.4, label=f"forecast ({fc['model']})")
-    if "lo" in fc:
-        ax.fill_between(fc["ds"], fc["lo"], fc["hi"], color="tab:blue", alpha=0.2,
-                        label="interval")
-    ax.set_title(str(sid), fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
+    return plt
+
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png")
+    finally:
+        _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def render_series(sid: str, hist_t, hist_y, bt: dict | None, fc: dict | None,
+                  baselines: dict | None = None, ylabel: str = "y") -> bytes:
+    """One series' figure as PNG bytes. bt/fc: {'ds', 'y_hat', 'model', optional 'lo', 'hi'}
+    arrays of one series (the latest backtest, the forecast); baselines: {'naive' |
+    'seasonal_naive': {'ds', 'y_hat'}} at the backtest's cutoff."""
+    fig, ax = _pyplot().subplots(figsize=(10, 3.4), dpi=100)
+    ax.plot(hist_t, hist_y, color="0.3", lw=1, label="actual")
+    for name, b in (baselines or {}).items():
+        style, colour, label = BASELINE_STYLE[name]
+        ax.plot(b["ds"], b["y_hat"], ls=style, color=colour, lw=1.2, label=label)
+    for part, colour, what in ((bt, "tab:orange", "backtest"), (fc, "tab:blue", "forecast")):
+        if part is None:
+            continue
+        ax.plot(part["ds"], part["y_hat"], color=colour, lw=1.4,
+                label=f"{what} ({part['model']})")
+        if "lo" in part:
+            ax.fill_between(part["ds"], part["lo"], part["hi"], color=colour, alpha=0.18,
+                            lw=0, label=f"{what} interval")
+    ax.set_title(str(sid), fontsize=10, parse_math=False)    # an id is text, never mathtext
+    ax.set_xlabel("step" if np.issubdtype(np.asarray(hist_t).dtype, np.integer) else "time")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the data
     fig.autofmt_xdate()
     fig.tight_layout()
+    return _png(fig)
+
+
+def plot_series(path: str, sid: str, hist_t, hist_y, bt: dict | None, fc: dict | None,
+                baselines: dict | None = None, ylabel: str = "y") -> None:
+    """One PNG file of `render_series`."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    with open(path, "wb") as f:
+        f.write(render_series(sid, hist_t, hist_y, bt, fc, baselines, ylabel))
 
 
-def plot_sample(out_dir: str, arrays, forecasts: dict, backtest: dict | None, n: int,
-                horizon: int, quantiles=()) -> list[str]:
-    """PNGs for the first `n` series (by id) that have a model forecast; returns the paths."""
+def choose(forecasts: dict, n: int) -> list[str]:
+    """The first `n` series ids (sorted) that have a model forecast (else any forecast)."""
     if n <= 0 or not forecasts:
         return []
     ids = np.asarray(forecasts["unique_id"]).astype(str)
     models = np.asarray(forecasts["model"]).astype(str)
-    chosen = sorted(set(ids[~np.char.startswith(models, "fallback")]))[:n] or sorted(set(ids))[:n]
-    where = {s: i for i, s in enumerate(arrays.ids.astype(str))}
+    return sorted(set(ids[~np.char.startswith(models, "fallback")]))[:n] or \
+        sorted(set(ids))[:n]
+
+
+def series_png(arrays, sid: str, forecasts: dict | None, backtest: dict | None, horizon: int,
+               quantiles=(), ylabel: str = "y") -> bytes:
+    """The figure of series `sid` as PNG bytes: its last 5 horizons of history, its latest
+    backtest and the baselines at that cutoff (from the long backtest columns), its forecast
+    (from the long forecast columns); bands from the lowest and highest quantile."""
+    s = int(np.flatnonzero(arrays.ids.astype(str) == sid)[0])
+    y = arrays.series(s)
+    keep = min(len(y), 5 * horizon)
+    t = arrays.start[s] + np.arange(len(y) - keep, len(y)) * arrays.freq.step   # ordinals
+    fc = _pick(forecasts, np.asarray(forecasts["unique_id"]).astype(str) == sid, quantiles,
+               arrays.freq) if forecasts else None
+    bt, baselines = latest_backtest(backtest, sid, quantiles, arrays.freq) if backtest else \
+        (None, {})
+    return render_series(sid, to_datetime64(t, arrays.freq), y[-keep:], bt, fc, baselines,
+                         ylabel)
+
+
+def plot_sample(out_dir: str, arrays, forecasts: dict, backtest: dict | None, n: int,
+                horizon: int, quantiles=(), ylabel: str = "y") -> list[str]:
+    """PNGs for the first `n` series (by id) that have a model forecast; returns the paths."""
     paths = []
-    for sid in chosen:
-        s = where[sid]
-        y = arrays.series(s)
-        keep = min(len(y), 5 * horizon)
-        t = arrays.start[s] + np.arange(len(y) - keep, len(y)) * arrays.freq.step   # ordinals
-        fc = _pick(forecasts, sid, quantiles, arrays.freq)
-        bt = _pick(backtest, sid, (), arrays.freq, latest=True) if backtest else None
+    for sid in choose(forecasts, n):
         path = os.path.join(out_dir, f"{safe_key(sid)}.png")   # ids are data, not paths
-        plot_series(path, sid, to_datetime64(t, arrays.freq), y[-keep:], bt, fc)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(series_png(arrays, sid, forecasts, backtest, horizon, quantiles, ylabel))
         paths.append(path)
     return paths
 
 
-def _pick(cols: dict, sid: str, quantiles, freq, latest: bool = False) -> dict | None:
-    rows = (np.asarray(cols["unique_id"]).astype(str) == sid)
-    if latest:  # the model's rows at the latest backtest cutoff
-        rows &= ~np.isin(np.asarray(cols["model"]).astype(str), ["naive", "seasonal_naive"])
-        if not rows.any():
-            return None
-        rows &= cols["cutoff"] == cols["cutoff"][rows].max()
+def latest_backtest(cols: dict, sid: str, quantiles, freq) -> tuple[dict | None, dict]:
+    """The model's backtest of `sid` at its latest cutoff (None without one), and the
+    baselines' forecasts at that cutoff ({name: columns})."""
+    ids = np.asarray(cols["unique_id"]).astype(str)
+    models = np.asarray(cols["model"]).astype(str)
+    mine = ids == sid
+    base = np.isin(models, list(BASELINE_STYLE))
+    pool = mine & ~base if (mine & ~base).any() else mine
+    if not pool.any():
+        return None, {}
+    at = mine & (cols["cutoff"] == cols["cutoff"][pool].max())
+    bt = _pick(cols, at & ~base, quantiles, freq) if (at & ~base).any() else None
+    return bt, {m: _pick(cols, at & (models == m), (), freq) for m in BASELINE_STYLE
+                if (at & (models == m)).any()}
+
+
+def _pick(cols: dict, rows: np.ndarray, quantiles, freq) -> dict | None:
+    """{'ds', 'y_hat', 'model'[, 'lo', 'hi']} of the selected rows; None when there are none."""
+    if not rows.any():
+        return None
     out = {"ds": to_datetime64(cols["ds"][rows], freq), "y_hat": cols["y_hat"][rows],
            "model": str(np.asarray(cols["model"])[rows][0])}
-    if len(quantiles) >= 2:
-        out["lo"] = cols[f"q_{min(quantiles):g}"][rows]
-        out["hi"] = cols[f"q_{max(quantiles):g}"][rows]
+    lo, hi = (f"q_{min(quantiles):g}", f"q_{max(quantiles):g}") if len(quantiles) >= 2 else \
+        (None, None)
+    if lo in cols and hi in cols:
+        out["lo"], out["hi"] = cols[lo][rows], cols[hi][rows]
     return out
+
+
+def error_histograms(model: str, model_mase: np.ndarray, base_mase: np.ndarray,
+                     skill: np.ndarray) -> bytes:
+    """Two panels as PNG bytes: per-series MASE of `model` and of seasonal naive (shared bins,
+    the tail beyond the 99th percentile in the last bin), and per-series skill
+    1 - MASE / MASE of seasonal naive (clipped to [-2, 1])."""
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(10, 3.4), dpi=100)
+    both = np.concatenate([model_mase, base_mase])
+    top = float(np.percentile(both, 99)) if both.size else 1.0
+    bins = np.linspace(0.0, max(top, 1e-9), 31)
+    for values, colour, label in ((model_mase, "tab:blue", model),
+                                  (base_mase, "tab:green", "seasonal naive")):
+        left.hist(np.clip(values, 0, bins[-1]), bins=bins, color=colour, alpha=0.55,
+                  label=f"{label} (median {np.median(values):.3f})" if values.size else label)
+    left.set_xlabel(f"MASE per series (the last bin holds all above {bins[-1]:.2f})")
+    left.set_ylabel("series")
+    left.legend(fontsize=7)
+    right.hist(np.clip(skill, -2.0, 1.0), bins=np.linspace(-2.0, 1.0, 31), color="tab:orange")
+    right.axvline(0.0, color="0.2", lw=1, ls="--")
+    right.set_xlabel(f"skill of {model} vs seasonal naive (1 - MASE ratio, clipped at -2)")
+    right.set_ylabel("series")
+    fig.tight_layout()
+    return _png(fig)

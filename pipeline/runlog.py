@@ -241,6 +241,11 @@ class RunLog:
         if plots:
             self.tr.log_artifacts(self.parent_id, plots, "plots")
 
+    def report(self, path: str) -> None:
+        """The batch's HTML page as an artifact of the parent run (from a local file)."""
+        if self.parent_id and "://" not in path:
+            self.tr.log_artifacts(self.parent_id, [path])
+
     def metrics(self, values: dict[str, float]) -> None:
         """Run-level figures on the parent run (wall seconds per stage, promotions, …)."""
         if self.parent_id:

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import compare, output, paths, report
+from pipeline import compare, htmlreport, output, paths, report
 from pipeline.backtest import FALLBACK, Backtest, concat_columns, config_at, final_forecast
 from pipeline.backtest import backtest as score
 from pipeline.batch import Batch
 from pipeline.config import Config
+from pipeline.data.io import join
 from pipeline.data.loader import loader_at
 from pipeline.data.prepare import Prepared
 from pipeline.data.prepare import prepare as read_input
@@ -189,8 +190,8 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
         preds = concat_columns(bt.frames)
         metrics = output.metrics_table(concat_columns(bt.metrics), b.run_id, arrays.freq)
         written = [output.write(cfg, "backtest", end,
-                                output.to_table(preds, b.run_id, arrays.freq)),
-                   output.write(cfg, "metrics", end, metrics)]
+                                output.to_table(preds, b.run_id, arrays.freq), b.flow),
+                   output.write(cfg, "metrics", end, metrics, b.flow)]
         if b.log is not None:
             b.log.backtest(bt, metrics)
     scored = b.keep("backtest", Scored(bt, bt.summary(), written, preds))
@@ -322,8 +323,22 @@ def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored: Scored | None
         if cfg.evaluate.plots and not paths.is_remote(cfg.output.path):
             fc.plots = plot_sample(paths.partition(cfg, "plots", end), arrays, fc.cols,
                                    scored.predictions if scored else None, cfg.evaluate.plots,
-                                   cfg.windows.horizon, cfg.model.quantiles)
+                                   cfg.windows.horizon, cfg.model.quantiles,
+                                   ylabel=cfg.data.target_col)
         if b.log is not None:
             b.log.forecast(fc.path, fc.n_series, fc.n_fallback, fc.plots)
     report.forecast(fc, cfg.windows.horizon)
     return fc
+
+
+def html_report(b: Batch) -> str:
+    """One self-contained HTML page for the batch (leaderboard against the baselines, groups,
+    per-series errors, validation, series drawn): next to the outputs and in the run."""
+    data = b.results["data"]
+    path = paths.partition(b.cfg, "reports", paths.data_end(data.arrays), b.flow)
+    with b.stage("report"):
+        where = htmlreport.write(b, join(path, "report.html"))
+        if b.log is not None:
+            b.log.report(where)
+    report.html(where)
+    return b.keep("report", where)

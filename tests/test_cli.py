@@ -20,7 +20,9 @@ def test_make_demo_data_then_prepare(tmp_path, capsys):
                    "skipped S0001: too_short", "wall time"):
         assert needle in text, needle
     report = pl.read_parquet(tmp_path / "out" / "demo" / "validation_report.parquet")
-    assert set(report["issue"]) >= {"too_short", "gaps", "nan_target", "unsorted"}
+    assert set(report["issue"]) >= {"too_short", "gaps", "nan_target", "unsorted",
+                                    "covariate_missing"}
+    assert report["series"].null_count() == 0 and report["file"].null_count() == 0
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):

@@ -31,7 +31,7 @@ def args(cmd, config, data, out, *extra):
 
 
 def read(out, kind, job):
-    files = glob.glob(os.path.join(out, kind, f"job={job}", "data_end=*", "*.parquet"))
+    files = glob.glob(os.path.join(out, kind, f"job={job}", "**", "*.parquet"), recursive=True)
     assert len(files) == 1, files
     return pl.read_parquet(files[0])
 

@@ -458,7 +458,7 @@ def test_a_driver_killed_mid_run_leaves_one_copy_after_the_rerun(demo_dir, tmp_p
         assert proc.wait(timeout=300) == -signal.SIGKILL
     assert main(run_args("run", demo_dir, out, *short[4:])) == EXIT_OK
     for kind in ("forecasts", "backtest", "metrics"):
-        (part,) = glob.glob(str(out / kind / "job=demo" / "data_end=*"))
+        (part,) = glob.glob(str(out / kind / "job=demo" / "**" / "data_end=*"), recursive=True)
         assert os.listdir(part) == ["part-0.parquet"], kind
         df = pl.read_parquet(os.path.join(part, "part-0.parquet"))
         key = [c for c in ("unique_id", "cutoff", "model", "step") if c in df.columns]

@@ -27,7 +27,7 @@ def run(config, data, out, *extra):
 
 
 def read(out, kind):
-    files = glob.glob(os.path.join(out, kind, "job=*", "data_end=*", "*.parquet"))
+    files = glob.glob(os.path.join(out, kind, "job=*", "**", "*.parquet"), recursive=True)
     return files, pl.read_parquet(files, hive_partitioning=False) if files else None
 
 

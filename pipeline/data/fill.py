@@ -47,18 +47,21 @@ def fill_segments(values: np.ndarray, finite: np.ndarray, indptr: np.ndarray):
     return out, no_finite & nonempty
 
 
-def scatter_covariates(df, cols, flat, indptr, part, report):
+def scatter_covariates(df, cols, flat, indptr, part, ids, report):
+    """Covariate columns on the grid [N, C], missing values filled; a report row per series
+    and column that had some."""
     if not cols:
         return None
     out = np.empty((indptr[-1], len(cols)), np.float32)  # [N, C]
+    series = np.repeat(np.arange(len(ids)), np.diff(indptr))  # [N] series of each grid step
     for j, col in enumerate(cols):
         v = np.full(indptr[-1], np.nan, np.float32)
         v[flat] = df[col].to_numpy()
         finite = np.isfinite(v)
         out[:, j], _ = fill_segments(v, finite, indptr)
-        n_missing = int((~finite).sum())
-        if n_missing:
-            report.append(report_row(part, None, "covariate_missing", "filled",
-                                     f"covariate {col!r}: {n_missing} missing value(s) filled "
-                                     "forward (backward at series starts)"))
+        missing = np.bincount(series[~finite], minlength=len(ids))
+        for s in np.flatnonzero(missing):
+            report.append(report_row(part, ids[s], "covariate_missing", "filled",
+                                     f"covariate {col!r}: {missing[s]} missing value(s) "
+                                     "filled forward (backward at the series' start)"))
     return out

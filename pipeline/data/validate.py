@@ -196,10 +196,11 @@ def _sort(df: pl.DataFrame, part: Part, data: DataConfig, report: list[dict]) ->
     df = df.sort([data.id_col, ORD], maintain_order=True)
     ids = df[data.id_col]
     back = (df[ROW].diff() < 0) & (ids == ids.shift(1))  # time order broken inside a series
-    n = int(ids.filter(back).n_unique()) if back.any() else 0
-    if n:
-        report.append(report_row(part, None, "unsorted", "sorted",
-                                 f"rows of {n} series were not in time order; sorted them"))
+    if back.any():
+        counts = ids.filter(back).value_counts(sort=False)
+        for sid, n in counts.sort(data.id_col).iter_rows():
+            report.append(report_row(part, sid, "unsorted", "sorted",
+                                     f"{n} row(s) were out of time order; sorted"))
     return df
 
 
@@ -242,8 +243,8 @@ def _to_arrays(df: pl.DataFrame, part: Part, data: DataConfig, freq: Freq,
         status[(status == 0) & neg] = STATUS_CODE["negative_values"]
     status[(status == 0) & (lengths < windows.shortest)] = STATUS_CODE["too_short"]
     _status_report(part, ids, lengths, status, windows, report)
-    past = scatter_covariates(df, data.past_covariates, flat, indptr, part, report)
-    future = scatter_covariates(df, data.future_covariates, flat, indptr, part, report)
+    past = scatter_covariates(df, data.past_covariates, flat, indptr, part, ids, report)
+    future = scatter_covariates(df, data.future_covariates, flat, indptr, part, ids, report)
     return SeriesArrays(
         ids=ids, indptr=indptr, values=values, mask=mask, start=start.astype(np.int64),
         freq=freq, status=status, past=past, future=future,

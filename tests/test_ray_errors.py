@@ -1,0 +1,91 @@
+"""Bad input under Ray gives the same one-line error as in this process: the data contract's
+failing cases through Ray tasks (one shared Ray instance), and a few through the CLI, Ray on,
+as processes (exactly one line on stderr, no traceback, no colour codes)."""
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import hourly, write_long
+from test_validate import cfg_for, two_series
+
+from pipeline.data.prepare import prepare
+from pipeline.errors import DataError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+
+
+def duplicates(tmp_path):
+    ds = hourly(6)
+    return write_long(tmp_path / "d.parquet", ["a"] * 7, np.r_[ds, ds[2:3]], np.arange(7)), ()
+
+
+def string_target(tmp_path):
+    path = two_series(tmp_path)
+    t = pq.read_table(path)
+    pq.write_table(t.set_column(t.schema.get_field_index("y"), "y", pa.array(["1.0"] * 24)),
+                   path)
+    return path, ()
+
+
+def missing_column(tmp_path):
+    path = two_series(tmp_path)
+    pq.write_table(pq.read_table(path).rename_columns(["unique_id", "ds", "y_x"]), path)
+    return path, ()
+
+
+def off_grid(tmp_path):
+    ds = hourly(6).copy()
+    ds[3] += np.timedelta64(30, "m")
+    return write_long(tmp_path / "o.parquet", ["a"] * 6, ds, np.arange(6)), ()
+
+
+def nan_fail(tmp_path):
+    y = np.arange(12, dtype=float)
+    y[[0, 5]] = np.nan
+    return two_series(tmp_path, y0=y), ("data.nan_policy=fail",)
+
+
+def varying_static(tmp_path):
+    return two_series(tmp_path, cat=["x"] * 5 + ["y"] * 19), ("data.static_cols=[cat]",)
+
+
+CASES = [duplicates, string_target, missing_column, off_grid, nan_fail, varying_static]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
+def test_a_data_error_in_a_ray_task_is_the_pipelines_own_one_line_error(ray_session, tmp_path,
+                                                                        case):
+    from pipeline.execution import RayRunner
+    path, extra = case(tmp_path)
+    cfg = cfg_for(path, *extra)
+    with pytest.raises(DataError) as local:
+        prepare(cfg)
+    with pytest.raises(DataError) as remote:
+        prepare(cfg, RayRunner(cfg.ray))
+    assert type(remote.value) is type(local.value)            # not Ray's wrapper class
+    assert str(remote.value) == str(local.value) and "\n" not in str(remote.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [duplicates, string_target, missing_column],
+                         ids=lambda c: c.__name__)
+def test_the_cli_with_ray_on_prints_one_line_for_bad_data(tmp_path, case):
+    path, extra = case(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", "prepare", "--config", "configs/demo.yaml", "--set",
+         f"data.path={path}", "--set", "data.freq=1h", "--set", "data.group_col=null",
+         "--set", "data.static_cols=[]", "--set", "data.past_covariates=[]", "--set",
+         "data.future_covariates=[]", "--set", f"output.path={tmp_path / 'out'}",
+         "--set", "ray.num_cpus=1", *sum((["--set", x] for x in extra), [])],
+        capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    assert "\x1b[" not in r.stderr and "Traceback" not in r.stderr and "ray::" not in r.stderr
