@@ -1,7 +1,7 @@
 """Training throughput: the pipeline's trainer against a bare PyTorch loop, and packed
 per-group models against separate ones.
 
-    python benchmarks/train.py [--quick] [--device cpu|cuda] [--ray]
+    python benchmarks/train.py [--quick] [--device cpu|cuda] [--ray] [--only-ensemble]
 
 Part 1 runs the same model (build_model, same initial weights) on the same data both ways:
 `pipeline.train.fit` (batches gathered from the flat series arrays, masked loss, gradient
@@ -9,7 +9,9 @@ clipping, logging) and a bare loop (windows gathered from a dense [S, T] tensor,
 the shape of ../shared/reference/gpu_ceiling.py: in fp32 (TF32 allowed on CUDA for both loops,
 as the ceiling does), and on CUDA also under bf16 autocast, both loops alike. Part 2 trains G
 small per-group CNNs one after another (with --ray also as Ray tasks) and packed as one grouped
-module. Prints tables, then one JSON line with every figure.
+module. Part 3 trains an ensemble of 8 members packed as one module (`model.ensemble.members:
+8`, one lookback) against one member alone, the same steps (the goal on a GPU: 8 packed within
+1.5× one). Prints tables, then one JSON line with every figure.
 """
 from __future__ import annotations
 
@@ -169,6 +171,44 @@ def part_packed(args, device) -> dict:
     return out
 
 
+def part_ensemble(args, device) -> list[dict]:
+    """One member alone against 8 packed (one lookback): the same data, steps and batch."""
+    from pipeline.jobs import plan_jobs, run_job
+    members = 8
+    steps = 3 if args.quick else (10 if device.type == "cpu" else 50)
+    batch = 64 if args.quick else (256 if device.type == "cpu" else 4096)
+    L, H = (48, 12) if args.quick else (168, 48)
+    arrays = make_arrays(64 if args.quick else 512, L + H + 200, 0, seed=2)
+    arrays.past, arrays.past_names = None, []
+    rows = []
+    for kind in ("cnn", "gru"):
+        mcfg = model_cfg(kind, args.quick)
+        enc = [f"model.encoder.{k}={json.dumps(v)}" for k, v in vars(mcfg.encoder).items()
+               if k in ("type", "hidden_size", "num_layers", "residual")]
+        base = ["data.calendar=[]", f"windows.lookback={L}", f"windows.horizon={H}",
+                "windows.val_size=0", *enc, f"model.decoder.hidden_size={mcfg.decoder.hidden_size}",
+                f"train.steps_per_epoch={steps}", "train.epochs=1", f"train.batch_size={batch}",
+                f"train.device={device}", "train.checkpoint_minutes=null"]
+        seconds = {}
+        for n in (1, members):
+            cfg = C.load(None, [*base, f"model.ensemble.members={n}"])
+            (job,) = plan_jobs(arrays, cfg)
+            best = float("inf")
+            for _ in range(1 + args.repeats):       # the first is a warm-up
+                sync(device)
+                t0 = time.perf_counter()
+                res = run_job(arrays, job, cfg)
+                sync(device)
+                best = min(best, time.perf_counter() - t0)
+                assert res.ok, res.error
+            seconds[n] = best
+        rows.append({"model": f"{kind}_direct", "members": members, "steps": steps,
+                     "batch": batch, "s_one_member": seconds[1],
+                     "s_packed_ensemble": seconds[members],
+                     "ratio": seconds[members] / seconds[1]})
+    return rows
+
+
 def _overrides(cfg: C.Config) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in cfg.flat().items()
             if k.split(".")[0] in ("data", "windows", "model", "train") and v is not None
@@ -181,6 +221,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ray", action="store_true", help="also time separate groups as Ray tasks")
     ap.add_argument("--skip-packed", action="store_true")
+    ap.add_argument("--skip-ensemble", action="store_true")
+    ap.add_argument("--only-ensemble", action="store_true", help="part 3 alone")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -189,14 +231,15 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}")
-    rows = part_trainer(args, device)
-    print(f"\n{'model':<12} {'batch':>6} {'precision':>9} {'bare samples/s':>15} "
-          f"{'trainer samples/s':>18} {'ratio':>6}")
+    rows = [] if args.only_ensemble else part_trainer(args, device)
+    if rows:
+        print(f"\n{'model':<12} {'batch':>6} {'precision':>9} {'bare samples/s':>15} "
+              f"{'trainer samples/s':>18} {'ratio':>6}")
     for r in rows:
         print(f"{r['model']:<12} {r['batch']:>6} {'bf16' if r['bf16'] else 'fp32':>9} "
               f"{r['bare_samples_per_s']:>15,.0f} {r['trainer_samples_per_s']:>18,.0f} "
               f"{r['ratio']:>6.2f}")
-    packed = None if args.skip_packed else part_packed(args, device)
+    packed = None if args.skip_packed or args.only_ensemble else part_packed(args, device)
     if packed:
         print(f"\nper-group CNNs: {packed['groups']} groups × {packed['steps']} steps × batch "
               f"{packed['batch']}")
@@ -205,9 +248,18 @@ def main() -> None:
             print(f"  separate, Ray tasks          {packed['s_separate_ray_tasks']:8.2f} s")
         print(f"  packed, one module           {packed['s_packed']:8.2f} s   "
               f"speed-up {packed['speedup_vs_sequential']:.1f}×")
+    ensemble = None if args.skip_ensemble else part_ensemble(args, device)
+    if ensemble:
+        e = ensemble[0]
+        print(f"\nensemble of {e['members']} packed against one member: {e['steps']} steps × "
+              f"batch {e['batch']}")
+        print(f"  {'model':<12} {'one member s':>13} {'8 packed s':>11} {'ratio':>6}")
+        for e in ensemble:
+            print(f"  {e['model']:<12} {e['s_one_member']:>13.2f} {e['s_packed_ensemble']:>11.2f}"
+                  f" {e['ratio']:>6.2f}")
     print(json.dumps({"benchmark": "train", "device": str(device), "device_name": name,
                       "machine": platform.node(), "torch": torch.__version__,
-                      "trainer": rows, "packed": packed}))
+                      "trainer": rows, "packed": packed, "ensemble": ensemble}))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from pipeline import evaluate as E
 from pipeline.config import Config
 from pipeline.data.loader import loader_at
 from pipeline.data.series import SeriesArrays
-from pipeline.data.windows import backtest_windows, cutoff_positions, forecast_windows
-from pipeline.forecast import history, long_frame, predict
+from pipeline.data.windows import backtest_windows, cutoff_positions
+from pipeline.forecast import history, long_frame, predict_job
 
 BASELINES = {"naive": E.naive, "seasonal_naive": E.seasonal_naive}
 FALLBACK = "fallback:seasonal_naive"
@@ -100,13 +100,18 @@ def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
             scale = E.mase_scale(hist, m)
             p = None
             if job.name in models_k:
-                p = predict(models_k[job.name], loader, idx, quantiles=quantiles)
-                _score(out, cfg.model.name, arrays, idx, p.y, p.y_hat, p.mask, scale, extra,
-                       cfg.windows.lookback, quantiles, p.q_hat)
-            y, mask = (p.y, p.mask) if p is not None else _actuals(arrays, idx, cfg)
+                within = np.zeros(len(arrays), bool)
+                within[idx.series] = True         # the baselines' series, no other
+                p = predict_job(models_k[job.name], arrays, cfg, cut, within,
+                                quantiles=quantiles, loader=loader)
+                _score(out, cfg.model.name, arrays, p.series, p.y, p.y_hat, p.mask,
+                       scale[np.searchsorted(idx.series, p.series)], extra, cut,
+                       quantiles, p.q_hat)
+            y, mask = (p.y, p.mask) if p is not None and np.array_equal(p.series, idx.series) \
+                else _actuals(arrays, idx, cfg)
             for name, fn in BASELINES.items():
-                _score(out, name, arrays, idx, y, fn(hist, cfg.windows.horizon, m), mask,
-                       scale, extra, cfg.windows.lookback)
+                _score(out, name, arrays, idx.series, y, fn(hist, cfg.windows.horizon, m), mask,
+                       scale, extra, cut)
     return out
 
 
@@ -116,19 +121,20 @@ def _actuals(arrays, idx, cfg):
     return arrays.values[rows], arrays.mask[rows].astype(np.float32)
 
 
-def _score(out: Backtest, model, arrays, idx, y, y_hat, mask, scale, extra, lookback,
+def _score(out: Backtest, model, arrays, series, y, y_hat, mask, scale, extra, cut,
            quantiles=(), q_hat=None) -> None:
-    """Metrics and long rows of one block of backtest forecasts."""
-    origin = idx.start.astype(np.int64) + lookback
+    """Metrics and long rows of one block of backtest forecasts (the windows of `series`,
+    their target starting at the cutoff `cut[series]`)."""
+    origin = cut[series].astype(np.int64)
     table = E.metrics_table(y, y_hat, scale, mask=mask, quantiles=list(quantiles) or None,
                             q_pred=q_hat)
     out.add(model, table)
-    frame = long_frame(arrays, idx.series, origin, y_hat, model, quantiles=quantiles,
+    frame = long_frame(arrays, series, origin, y_hat, model, quantiles=quantiles,
                        q_hat=q_hat, y=y, extra=extra)
     out.frames.append(frame)
     h = y_hat.shape[1]
     out.metrics.append({"unique_id": frame["unique_id"][::h], "cutoff": frame["cutoff"][::h],
-                        "model": np.full(len(idx), model, dtype=object),
+                        "model": np.full(len(series), model, dtype=object),
                         "group": frame["group"][::h],
                         **{k: v.astype(np.float64) for k, v in table.items()}})
 
@@ -140,7 +146,7 @@ def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
     else the fallback. A job whose forecasts are not all finite gets the fallback too, and its
     name is appended to `failed`. `within` ([S] bool) limits the forecast to those series
     (default: every series)."""
-    L, H = cfg.windows.lookback, cfg.windows.horizon
+    H = cfg.windows.horizon
     loader = loader_at(arrays, cfg, arrays.lengths, device)
     ok = arrays.status == 0
     covered = np.zeros(len(arrays), bool)
@@ -148,19 +154,18 @@ def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
     for job in jobs:
         if job.name not in models:
             continue
-        idx = forecast_windows(arrays.lengths, L, ok & job.member(len(arrays)),
-                               cfg.windows.padded)
-        p = predict(models[job.name], loader, idx, quantiles=cfg.model.quantiles,
-                    with_target=False)
+        p = predict_job(models[job.name], arrays, cfg, arrays.lengths,
+                        ok & job.member(len(arrays)), quantiles=cfg.model.quantiles,
+                        with_target=False, loader=loader)
         if not np.isfinite(p.y_hat).all() or (p.q_hat is not None and
                                              not np.isfinite(p.q_hat).all()):
             if failed is not None:
                 failed.append(job.name)
             continue
-        frames.append(long_frame(arrays, idx.series, idx.start.astype(np.int64) + L, p.y_hat,
+        frames.append(long_frame(arrays, p.series, p.origin.astype(np.int64), p.y_hat,
                                  cfg.model.name, quantiles=cfg.model.quantiles, q_hat=p.q_hat,
                                  extra=extra))
-        covered[idx.series] = True
+        covered[p.series] = True
     rest = np.flatnonzero(~covered & (within if within is not None else True))
     if len(rest):
         y_hat = E.seasonal_naive(history(arrays, rest, arrays.lengths[rest]), H,

@@ -2,19 +2,24 @@
 pipeline writes (DESIGN.md §3): one row per (series, forecast step).
 
 `predict` gathers the windows' lookbacks (and, for backtests, the actuals), runs the model in
-eval mode and inverts the per-series scaling. Imports neither Ray nor MLflow.
+eval mode and inverts the per-series scaling. `predict_job` is what the backtest and the final
+forecast call: a job's model (a single model or an `Ensemble`) from given origins. Imports
+neither Ray nor MLflow.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data.loader import WindowLoader
+from pipeline.config import Config, WindowsConfig
+from pipeline.data.loader import WindowLoader, loader_at
 from pipeline.data.series import SeriesArrays
-from pipeline.data.windows import WindowIndex
+from pipeline.data.windows import WindowIndex, backtest_windows, forecast_windows
+from pipeline.models.ensemble import Ensemble, combine
 
 
 @dataclass
@@ -51,6 +56,61 @@ def predict(model: nn.Module, loader: WindowLoader, index: WindowIndex, *, quant
         q_hat=q if len(quantiles) else None,
         y=torch.cat(acts).numpy() if acts else None,
         mask=torch.cat(masks).numpy() if masks else None)
+
+
+def predict_job(model: nn.Module, arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray,
+                eligible: np.ndarray, *, quantiles=(), with_target: bool = True,
+                device="cpu", loader: WindowLoader | None = None,
+                batch_size: int = 4096) -> Predictions:
+    """Forecasts of a job's model from each eligible series' position `cutoff[s]` ([S]; `eligible`
+    [S] bool): with_target=True the backtest window (its target [c, c + H) known, returned as
+    actuals), False the forecast past c (the final forecast: cutoff = the lengths). `loader`:
+    `loader_at(arrays, cfg, cutoff, device)` when the caller has one. An Ensemble predicts with
+    each member on its own windows (its lookback, ending at the same origin) and combines the
+    forecasts in original units over the members that can forecast each series; series none
+    can forecast are left out."""
+    loader = loader or loader_at(arrays, cfg, cutoff, device)
+    if not isinstance(model, Ensemble):
+        idx = _windows(arrays, cfg.windows, cutoff, eligible, with_target)
+        return predict(model, loader, idx, quantiles=quantiles, with_target=with_target,
+                       batch_size=batch_size)
+    preds = []
+    for member, lookback in zip(model.members, model.lookbacks, strict=True):
+        wcfg = dataclasses.replace(cfg.windows, lookback=lookback, lookback_horizons=None)
+        idx = _windows(arrays, wcfg, cutoff, eligible, with_target)
+        preds.append(predict(member, loader.with_lookback(lookback), idx, quantiles=quantiles,
+                             with_target=with_target, batch_size=batch_size))
+    return _combined(preds, model.combine, arrays, cutoff, loader.H, quantiles, with_target)
+
+
+def _windows(arrays: SeriesArrays, wcfg: WindowsConfig, cutoff: np.ndarray,
+             eligible: np.ndarray, with_target: bool) -> WindowIndex:
+    if with_target:
+        return backtest_windows(cutoff, arrays.lengths, wcfg, eligible)
+    return forecast_windows(np.asarray(cutoff), wcfg.lookback, eligible, wcfg.padded)
+
+
+def _combined(preds: list[Predictions], how: str, arrays: SeriesArrays, cutoff: np.ndarray,
+              horizon: int, quantiles, with_target: bool) -> Predictions:
+    """The members' predictions combined per series, step and quantile; the actuals from the
+    arrays."""
+    series = np.unique(np.concatenate([p.series for p in preds])).astype(np.int32)   # sorted
+    n_q = max(len(quantiles), 1)
+    stack = np.full((len(preds), len(series), horizon, n_q), np.nan, np.float32)
+    covered = np.zeros((len(preds), len(series)), bool)
+    for k, p in enumerate(preds):
+        rows = np.searchsorted(series, p.series)
+        stack[k, rows] = p.q_hat if len(quantiles) else p.y_hat[..., None]  # [N, H] -> [N, H, 1]
+        covered[k, rows] = True
+    q = combine(stack, how, covered)
+    origin = np.asarray(cutoff)[series].astype(np.int64)
+    y = mask = None
+    if with_target:
+        rows = (arrays.indptr[series] + origin)[:, None] + np.arange(horizon)    # [N, H]
+        y, mask = arrays.values[rows], arrays.mask[rows].astype(np.float32)
+    point = q[..., _median_channel(quantiles)] if len(quantiles) else q[..., 0]
+    return Predictions(series=series, origin=origin, y_hat=point,
+                       q_hat=q if len(quantiles) else None, y=y, mask=mask)
 
 
 def _median_channel(quantiles) -> int:

@@ -4,12 +4,18 @@ the set of series it trains on), grouped into packs, each pack trained by one fu
 worker). A pack of one job trains its ordinary model; a pack of several (the groups with
 `train.per_group.packed`) trains them together as one `PackedModel`.
 
+An ensemble (`model.ensemble.members > 1`) trains inside the same call: for each lookback of
+its members (`pipeline.models.ensemble.lookback_packs`), the pack's jobs × those members train
+as one `PackedModel`, each member with its own windows, seed and loss; every job's members then
+come back as one `Ensemble` in its JobResult (`members` lists each one's figures).
+
 A job's windows come from `pipeline.data.windows.plan_windows`: training and validation end
 before the oldest backtest cutoff, and the scaling statistics are fitted on the same prefix, so
 nothing after that cutoff leaks into the model.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import time
@@ -27,8 +33,15 @@ from pipeline.data.loader import WindowLoader, loader_at
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowPlan, plan_windows
 from pipeline.distributed import dist_info
-from pipeline.models import PackedModel, build_model, make_loss, save_model
-from pipeline.models.seq2seq import EncoderDecoder, load_model
+from pipeline.models import PackedModel, build_model, make_loss, model_from_spec, save_model
+from pipeline.models.ensemble import (
+    Ensemble,
+    Member,
+    ensemble_members,
+    lookback_packs,
+    member_config,
+)
+from pipeline.models.seq2seq import EncoderDecoder
 from pipeline.names import model_file
 from pipeline.train import FitResult, TrainData, fit, resolve_device, seed_everything
 
@@ -66,13 +79,14 @@ class JobResult:
     logged: bool = False              # the per-epoch history went to tracking from the worker
     node: str = ""                    # the Ray node that trained it ("" in this process)
     log_errors: list[str] = field(default_factory=list)
+    members: list[dict] = field(default_factory=list)  # an ensemble's: one dict per member
+                                      # (index, lookback, loss, seed, ok, best_val, best_epoch,
+                                      # epochs, n_windows, history; error when it had none)
 
-    def model(self) -> EncoderDecoder:
-        """The trained model, rebuilt from spec + weights."""
-        buf = io.BytesIO()
-        torch.save({"format": 1, "spec": self.spec, "state_dict": state_dict(self.state)}, buf)
-        buf.seek(0)
-        return load_model(buf)
+    def model(self) -> torch.nn.Module:
+        """The trained model (an EncoderDecoder, or an Ensemble), rebuilt from spec + weights,
+        in eval mode."""
+        return model_from_spec(self.spec, state_dict(self.state))
 
 
 def state_bytes(model: torch.nn.Module) -> bytes:
@@ -120,8 +134,23 @@ def new_model(loader: WindowLoader, cfg: Config, n_series: int, n_groups: int) -
                        static_size=loader.static_size, num_embeddings=n_emb)
 
 
+def model_spec(arrays: SeriesArrays, cfg: Config) -> dict:
+    """The spec of the model a job of this config trains (what a warm start's champion must
+    have): the single model's, or the Ensemble's of every member."""
+    loader = loader_at(arrays, cfg, arrays.lengths)
+    models = [new_model(loader.with_lookback(m.lookback), member_config(cfg, m), len(arrays),
+                        n_groups(arrays)) for m in ensemble_members(cfg)]
+    if cfg.model.ensemble.members == 1:
+        return models[0].spec
+    return Ensemble(models, cfg.model.ensemble.combine).spec
+
+
 def n_groups(arrays: SeriesArrays) -> int:
     return 0 if arrays.groups is None else len(np.unique(arrays.groups.astype(str)))
+
+
+NO_WINDOWS = ("no training windows: the series are too short for lookback + horizon + "
+              "validation, or every series was skipped")
 
 
 def run_pack(arrays: SeriesArrays, jobs: list[Job], cfg: Config, *, final: bool = False,
@@ -131,38 +160,114 @@ def run_pack(arrays: SeriesArrays, jobs: list[Job], cfg: Config, *, final: bool 
     Jobs without training windows are reported failed and left out of the pack; any other
     error is raised. `logs`: job name -> per-epoch callback (a logger that keeps an `errors`
     list, the tracking layer's EpochLogger, has them copied to the result, which says whether
-    it logged); `inits`: job name -> weights to start from (a warm start); `wrap(model) ->
-    model` lets the execution layer wrap a pack of one (DDP) before training."""
+    it logged; an ensemble's member 0 logs); `inits`: job name -> weights to start from (a warm
+    start; an ensemble's weights start each member, a single model's member 0); `wrap(model) ->
+    model` lets the execution layer wrap a pack of one (DDP) before training. An ensemble
+    trains one pack per lookback of its members, one after another."""
     t0 = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    out: dict[str, JobResult] = {}
-    keep: list[tuple[Job, TrainData]] = []
-    for job in jobs:
-        data = job_data(arrays, job, cfg, device, final, plan)
-        if len(data.train):
-            keep.append((job, data))
-        else:
-            out[job.name] = failed(job, ValueError(
-                "no training windows: the series are too short for lookback + horizon + "
-                "validation, or every series was skipped"))
-    if keep:
-        members = [job for job, _ in keep]
-        models = [_initial_model(arrays, keep[0][1].loader, cfg, (inits or {}).get(j.name))
-                  for j in members]       # each initialised as a job trained alone would be
-        core = (models[0] if len(models) == 1 else PackedModel.from_models(models)).to(device)
-        ckpt = checkpoint.for_pack(arrays, members, cfg, final, _pack_name(cfg, members),
-                                   state_bytes(core), dist_info()[1])
-        logs = [(logs or {}).get(j.name) for j in members]
-        fits = fit(wrap(core) if wrap else core, [d for _, d in keep], cfg.train,
-                   make_loss(cfg.model), log=logs, progress=progress, checkpoint=ckpt)
-        for g, ((job, data), res, log) in enumerate(zip(keep, fits, logs, strict=True)):
-            model = core if len(keep) == 1 else core.extract(g)
-            out[job.name] = trained_result(job, model, res, len(data.train), t0, log)
-            if why := diverged(model, res):
-                out[job.name] = failed(job, FloatingPointError(why), res.attempt)
+    members = ensemble_members(cfg)
+    if wrap is not None and len(members) > 1:
+        raise ValueError(f"model.ensemble.members = {len(members)} trains packed, not under DDP "
+                         "(ray.num_workers > 1); use one worker")
+    done: dict[str, dict[int, tuple]] = {job.name: {} for job in jobs}
+    ckpts = [_train_part(arrays, jobs, cfg, part, done, final=final, logs=logs or {},
+                         inits=inits or {}, progress=progress, wrap=wrap, plan=plan)
+             for part in lookback_packs(members)]
+    out = [_job_result(job, cfg, members, done[job.name], t0, (logs or {}).get(job.name))
+           for job in jobs]
+    for ckpt in ckpts:
         if ckpt is not None and dist_info()[0] == 0:
             ckpt.clear()
-    return [out[job.name] for job in jobs]
+    return out
+
+
+def _train_part(arrays: SeriesArrays, jobs: list[Job], cfg: Config, part: list[Member],
+                done: dict, *, final: bool, logs: dict, inits: dict, progress: bool,
+                wrap: Callable | None, plan: WindowPlan | None):
+    """Train the members `part` (one lookback) of every job with windows as one pack; each
+    trained (model, FitResult, windows) goes to done[job name][member index]. Returns the
+    pack's checkpoint (cleared once every part has trained), or None."""
+    device = resolve_device(cfg.train.device)
+    data_cfg = member_config(cfg, Member(0, part[0].lookback, cfg.model.loss, cfg.train.seed))
+    same = data_cfg.windows.lookback == cfg.windows.lookback
+    keep = []                                  # (job, member, data), job-major
+    for job in jobs:
+        data = job_data(arrays, job, data_cfg, device, final, plan if same else None)
+        keep += [(job, m, data) for m in part] if len(data.train) else []
+    if not keep:
+        return None
+    ensemble = cfg.model.ensemble.members > 1
+    models = [_initial_model(arrays, keep[0][2].loader, member_config(cfg, m),
+                             _member_init(inits.get(job.name), m, ensemble))
+              for job, m, _ in keep]      # each initialised as the member trained alone would be
+    core = (models[0] if len(models) == 1 else PackedModel.from_models(models)).to(device)
+    packed = [Job(f"{j.name}/{m.index}", j.series, j.group) if ensemble else j
+              for j, m, _ in keep]
+    ckpt = checkpoint.for_pack(arrays, packed, cfg, final,
+                               _pack_name(cfg, packed, part[0].lookback if ensemble else None),
+                               state_bytes(core), dist_info()[1])
+    fits = fit(wrap(core) if wrap else core, [d for *_, d in keep], cfg.train,
+               _losses(cfg, [m for _, m, _ in keep]), progress=progress, checkpoint=ckpt,
+               log=[logs.get(j.name) if m.index == 0 else None for j, m, _ in keep],
+               seeds=[m.seed for _, m, _ in keep])
+    for g, ((job, m, data), res) in enumerate(zip(keep, fits, strict=True)):
+        done[job.name][m.index] = (core if len(keep) == 1 else core.extract(g), res,
+                                   len(data.train))
+    return ckpt
+
+
+def _losses(cfg: Config, members: list[Member]):
+    """One loss function for the pack when its members share one (vmapped), else one each."""
+    fns = {name: make_loss(cfg.model if name == cfg.model.loss else
+                           dataclasses.replace(cfg.model, loss=name))
+           for name in dict.fromkeys(m.loss for m in members)}
+    return next(iter(fns.values())) if len(fns) == 1 else [fns[m.loss] for m in members]
+
+
+def _member_init(init: bytes | None, member: Member, ensemble: bool) -> dict | None:
+    """The weights member `member` starts from: its slice of an ensemble's weights, or a
+    single model's (member 0 only, in an ensemble)."""
+    if init is None:
+        return None
+    weights = state_dict(init)
+    if not ensemble:
+        return weights
+    prefix = f"members.{member.index}."
+    if any(k.startswith("members.") for k in weights):
+        mine = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        return mine or None
+    return weights if member.index == 0 else None
+
+
+def _job_result(job: Job, cfg: Config, members: list[Member], done: dict[int, tuple],
+                t0: float, log) -> JobResult:
+    """A job's result: its model (an Ensemble of the members that had windows, when the config
+    has an ensemble), failed when none trained or one diverged."""
+    if not done:
+        return failed(job, ValueError(NO_WINDOWS))
+    for model, res, _ in done.values():
+        if why := diverged(model, res):
+            return failed(job, FloatingPointError(why), res.attempt)
+    if cfg.model.ensemble.members == 1:
+        return trained_result(job, *done[0], t0, log)
+    order = sorted(done)
+    ens = Ensemble([done[i][0] for i in order], cfg.model.ensemble.combine)
+    _, res, n_windows = done[order[0]]
+    out = trained_result(job, ens, res, n_windows, t0, log)
+    out.attempts = max(r.attempt for _, r, _ in done.values())
+    out.resumed_epoch = max(r.resumed_epoch for _, r, _ in done.values())
+    out.members = [_member_row(m, done.get(m.index)) for m in members]
+    return out
+
+
+def _member_row(m: Member, trained: tuple | None) -> dict:
+    row = {"index": m.index, "lookback": m.lookback, "loss": m.loss, "seed": m.seed,
+           "ok": trained is not None}
+    if trained is None:
+        return {**row, "error": NO_WINDOWS}
+    _, res, n_windows = trained
+    return {**row, "best_val": res.best_val, "best_epoch": res.best_epoch,
+            "epochs": len(res.history), "n_windows": n_windows, "history": res.history}
 
 
 def run_job(arrays: SeriesArrays, job: Job, cfg: Config, *, log=None, init: bytes | None = None,
@@ -173,19 +278,21 @@ def run_job(arrays: SeriesArrays, job: Job, cfg: Config, *, log=None, init: byte
 
 
 def _initial_model(arrays: SeriesArrays, loader: WindowLoader, cfg: Config,
-                   init: bytes | None) -> EncoderDecoder:
+                   init: dict | None) -> EncoderDecoder:
     seed_everything(cfg.train.seed)
     model = new_model(loader, cfg, len(arrays), n_groups(arrays))
     if init is not None:
-        model.load_state_dict(state_dict(init))
+        model.load_state_dict(init)
     return model
 
 
-def _pack_name(cfg: Config, members: list[Job]) -> str:
-    """The checkpoint's name: the job's model file name, or `<model>-packed` for a pack."""
-    if len(members) == 1:
-        return model_file(cfg.model.name, members[0].name).removesuffix(".pt")
-    return f"{cfg.model.name}-packed"
+def _pack_name(cfg: Config, members: list[Job], lookback: int | None = None) -> str:
+    """The checkpoint's name: the job's model file name, or `<model>-packed` for a pack (an
+    ensemble's: `<model>-<job>-L<lookback>` or `<model>-packed-L<lookback>`)."""
+    jobs = list(dict.fromkeys(j.name.rsplit("/", 1)[0] if lookback else j.name for j in members))
+    name = model_file(cfg.model.name, jobs[0]).removesuffix(".pt") if len(jobs) == 1 else \
+        f"{cfg.model.name}-packed"
+    return name if lookback is None else f"{name}-L{lookback}"
 
 
 def diverged(model: torch.nn.Module, res: FitResult) -> str | None:
@@ -200,7 +307,7 @@ def diverged(model: torch.nn.Module, res: FitResult) -> str | None:
     return None
 
 
-def trained_result(job: Job, model: EncoderDecoder, res: FitResult, n_windows: int,
+def trained_result(job: Job, model: torch.nn.Module, res: FitResult, n_windows: int,
                    t0: float, log=None) -> JobResult:
     """A finished job: its weights on the CPU as bytes, its history and figures."""
     out = JobResult(job.name, job.group, True, spec=model.spec, state=state_bytes(model),

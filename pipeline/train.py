@@ -4,10 +4,16 @@ calls it in this process, Ray tasks or Ray Train workers.
 
 G = 1: an ordinary model (cuDNN GRU, plain conv; possibly wrapped in DDP) on batches [B, ...].
 G > 1: a `PackedModel` (G per-group models, or an ensemble's members) on batches stacked
-[G, B, ...]; each member draws its batches exactly as it would alone, the loss is the sum of
-the members' means and gradients are clipped per member, so each member's weights equal
-training it alone. Early stopping and best weights are per member; training ends when every
-member has stopped.
+[G, B, ...]; each member draws its batches exactly as it would alone (with its own seed, when
+`seeds` are given), the loss is the sum of the members' means (each member its own loss
+function, when given one each) and gradients are clipped per member, so each member's weights
+equal training it alone. Early stopping and best weights are per member; training ends when
+every member has stopped.
+
+Losses get the windows' scaling and weights too (`loss(pred, target, mask, loc, scale,
+weight)`): sMAPE uses loc and scale, MASE the loader's weights. `train.sampling: series` draws
+series-balanced batches (`pipeline.data.loader.SeriesSampler`), optionally favouring recent
+windows (`train.recency_halflife`).
 
 Batches are gathered from the series arrays by index arithmetic (`WindowLoader`); on a GPU the
 arrays sit on the device and batches are gathered there, with no DataLoader workers. The window
@@ -31,9 +37,10 @@ from torch import nn
 
 from pipeline.checkpoint import fits, training_state
 from pipeline.config import TrainConfig
-from pipeline.data.loader import Batch, WindowLoader, stack_batches
+from pipeline.data.loader import Batch, SeriesSampler, WindowLoader, stack_batches
 from pipeline.data.windows import WindowIndex
 from pipeline.distributed import dist_info, mean_over_ranks, shard
+from pipeline.models.losses import member_losses
 from pipeline.progress import Progress
 
 Log = Callable[[dict], None]
@@ -85,18 +92,18 @@ def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + rank)
 
 
-def val_sample(index: WindowIndex | None, cfg: TrainConfig, per_epoch: int
-               ) -> WindowIndex | None:
+def val_sample(index: WindowIndex | None, cfg: TrainConfig, per_epoch: int,
+               seed: int | None = None) -> WindowIndex | None:
     """At most `cfg.val_max_windows` validation windows ("auto": `per_epoch`, the windows an
-    epoch trains on, at least 1,024), drawn once with the seed — the same every epoch, so early
-    stopping compares like with like — in index order. Thousands of series hold far more
-    validation windows than a sampled epoch trains on."""
+    epoch trains on, at least 1,024), drawn once with the seed (`seed`, else cfg.seed) — the
+    same every epoch, so early stopping compares like with like — in index order. Thousands of
+    series hold far more validation windows than a sampled epoch trains on."""
     limit = cfg.val_max_windows
     if limit == "auto":
         limit = max(1024, per_epoch)
     if index is None or limit is None or len(index) <= limit:
         return index
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7)
+    g = torch.Generator().manual_seed((cfg.seed if seed is None else seed) * 1_000_003 + 7)
     rows = torch.randperm(len(index), generator=g)[:limit].sort().values
     return index.take(rows.numpy())
 
@@ -121,18 +128,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
 
 
 # ------------------------------------------------------------------ the pack
-
-def member_losses(loss_fn: nn.Module, pred: torch.Tensor, target: torch.Tensor,
-                  mask: torch.Tensor | None, members: int) -> torch.Tensor:
-    """[G] each member's mean loss. G = 1: loss_fn on [B, ...]; G > 1: loss_fn on every
-    member's slice of [G, B, ...] at once, under torch.func.vmap (every loss of `make_loss` is
-    vmap-friendly)."""
-    if members == 1:
-        return loss_fn(pred, target, mask).reshape(1)
-    if mask is None:
-        return torch.func.vmap(lambda p, t: loss_fn(p, t, None))(pred, target)
-    return torch.func.vmap(loss_fn)(pred, target, mask)
-
 
 @torch.no_grad()
 def clip_grad_norm_per_member(module: nn.Module, max_norm: float) -> torch.Tensor:
@@ -161,16 +156,20 @@ def pack_losses(model: nn.Module, batches: Sequence[Batch], loss_fn, amp, train:
     b = batches[0] if len(batches) == 1 else stack_batches(batches)
     with torch.autocast(b.x.device.type, dtype=amp, enabled=amp is not None):
         pred = model(b.x, b.xf, b.static, b.idx, target=b.y if train else None).float()
-    return member_losses(loss_fn, pred, b.y, b.y_mask, len(batches))
+    return member_losses(loss_fn, pred, b.y, b.y_mask, len(batches), b.loc, b.scale, b.weight)
 
 
 def train_epoch(model, data: Sequence[TrainData], steps: int | None, opt, sched, loss_fn,
-                cfg: TrainConfig, amp, gens: Sequence[torch.Generator]) -> tuple[list, int]:
+                cfg: TrainConfig, amp, gens: Sequence[torch.Generator],
+                samplers: Sequence[SeriesSampler | None] | None = None) -> tuple[list, int]:
     """One epoch of `steps` steps (None: one pass, the last batch smaller; packs of one only);
-    returns (each member's mean train loss, samples per member)."""
+    returns (each member's mean train loss, samples per member). `samplers`: each member's
+    series-balanced sampler (`train.sampling: series`), or None: window permutations."""
     model.train()
+    samplers = samplers or [None] * len(data)
     streams = [d.loader.batches(d.train, cfg.batch_size, shuffle=True, generator=g,
-                                steps=steps) for d, g in zip(data, gens, strict=True)]
+                                steps=steps, sampler=smp)
+               for d, g, smp in zip(data, gens, samplers, strict=True)]
     total, n = 0.0, 0
     for batches in zip(*streams, strict=True):
         losses = pack_losses(model, batches, loss_fn, amp, train=True)
@@ -219,25 +218,25 @@ def validate(model, data: Sequence[TrainData], val: Sequence[WindowIndex | None]
 
 # ------------------------------------------------------------------ the loop
 
-def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig, loss_fn: nn.Module, *,
+def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
+        loss_fn: nn.Module | Sequence[nn.Module], *,
         log: Log | Sequence[Log | None] | None = None, progress: bool = True,
-        checkpoint=None) -> list[FitResult]:
+        checkpoint=None, seeds: Sequence[int] | None = None) -> list[FitResult]:
     """Train the pack (`model` and one TrainData per member) in place; each member's weights
     of its best validation epoch are restored at the end (its last epoch's when it never
-    improved). `log`: one callback, or one per member, gets each epoch's row. `checkpoint` (a
+    improved). `loss_fn`: one for every member, or one per member. `log`: one callback, or one
+    per member, gets each epoch's row. `seeds`: each member's seed for its window order and
+    validation sample (default: cfg.seed for all). `checkpoint` (a
     `pipeline.checkpoint.Checkpoint`): resume from its state when it holds one, save the whole
     state when due; a resumed run ends with the same weights, bit for bit on the CPU, as one
     that was never interrupted."""
     G = len(data)
     logs = list(log) if isinstance(log, Sequence) else [log] * G
+    seeds = [cfg.seed] * G if seeds is None else list(seeds)
     device = data[0].loader.device
     amp = autocast_dtype(cfg, device)
     rank, world = dist_info()
-    val = [_val_windows(d, cfg, rank, world) for d in data]
-    data = [TrainData(d.loader, shard(d.train, rank, world), d.val) for d in data]
-    if any(len(d.train) == 0 for d in data):
-        raise ValueError("no training windows: the series are too short for lookback + horizon "
-                         "+ validation, or every series was skipped")
+    val, data, samplers = _prepare(data, cfg, seeds, rank, world)
     steps = epoch_steps(data, cfg)
     opt, sched = make_optimizer(model, cfg, steps * cfg.epochs)
     core = getattr(model, "module", model)   # the model inside a DDP wrapper
@@ -247,9 +246,9 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig, loss_fn: 
     t0 = time.perf_counter() - s.results[0].seconds
     for epoch in range(first, cfg.epochs if not all(s.stopped) else 0):
         te = time.perf_counter()
-        gens = [epoch_generator(cfg.seed, epoch, rank) for _ in range(G)]  # as if alone
+        gens = [epoch_generator(seed, epoch, rank) for seed in seeds]  # as if alone
         train_loss, n = train_epoch(model, data, steps if G > 1 else cfg.steps_per_epoch,
-                                    opt, sched, loss_fn, cfg, amp, gens)
+                                    opt, sched, loss_fn, cfg, amp, gens, samplers)
         val_loss = validate(model, data, val, loss_fn, cfg.batch_size * 4, amp)
         train_loss = [mean_over_ranks(v, device) for v in train_loss]
         val_loss = [mean_over_ranks(v, device) for v in val_loss]
@@ -271,10 +270,25 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig, loss_fn: 
     return s.results
 
 
-def _val_windows(data: TrainData, cfg: TrainConfig, rank: int, world: int
+def _prepare(data: Sequence[TrainData], cfg: TrainConfig, seeds: Sequence[int], rank: int,
+             world: int) -> tuple[list, list[TrainData], list | None]:
+    """Each member's validation sample and training shard (this rank's), and its
+    series-balanced sampler with `train.sampling: series` (else None)."""
+    val = [_val_windows(d, cfg, rank, world, seed) for d, seed in zip(data, seeds, strict=True)]
+    data = [TrainData(d.loader, shard(d.train, rank, world), d.val) for d in data]
+    if any(len(d.train) == 0 for d in data):
+        raise ValueError("no training windows: the series are too short for lookback + horizon "
+                         "+ validation, or every series was skipped")
+    samplers = None
+    if cfg.sampling == "series":
+        samplers = [SeriesSampler(d.train, cfg.recency_halflife) for d in data]
+    return val, data, samplers
+
+
+def _val_windows(data: TrainData, cfg: TrainConfig, rank: int, world: int, seed: int
                  ) -> WindowIndex | None:
     """A member's validation sample, this rank's shard of it; None when there is none."""
-    val = shard(val_sample(data.val, cfg, _epoch_windows(data, cfg)), rank, world)
+    val = shard(val_sample(data.val, cfg, _epoch_windows(data, cfg), seed), rank, world)
     return val if val is not None and len(val) else None
 
 

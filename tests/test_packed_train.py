@@ -80,3 +80,23 @@ def test_a_packed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         a, b = weights(r), weights(c)
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("loss", ["mase", "smape"])
+def test_packed_equals_separate_training_with_scaled_losses(loss):
+    """MASE and sMAPE take each window's loc, scale and weight: under vmap the per-member
+    [G, B] tensors are batched like the predictions, so each group still trains as alone."""
+    arrays = sines(6, length=260, groups=["a", "b"])
+    base = [*SMALL, "model.encoder.type=cnn", "train.mode=per_group", "data.group_col=g",
+            "train.epochs=2", "train.steps_per_epoch=3", f"model.loss={loss}",
+            "windows.scaling=window"]
+    separate_cfg = C.load(None, base)
+    jobs = plan_jobs(arrays, separate_cfg)
+    packed = {r.name: r for r in run_jobs_locally(
+        arrays, jobs, C.load(None, [*base, "train.per_group.packed=true"]))}
+    for job in jobs:
+        alone = run_job(arrays, job, separate_cfg)
+        assert packed[job.name].best_val == pytest.approx(alone.best_val, rel=1e-4)
+        a, b = weights(packed[job.name]), weights(alone)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{job.name}: {k}")

@@ -239,3 +239,94 @@ def test_a_checkpoint_from_before_other_series_changed_the_model_is_not_resumed(
         warnings.simplefilter("error")          # told apart by its key, not by a failed load
         res = run_job(more, job_a2, cfg)
     assert res.ok and res.resumed_epoch == 0 and len(res.history) == 3
+
+
+# ------------------------------------------------------------------ losses in the loop
+
+def ragged(seed=0):
+    """Series of many lengths (1 to 200 steps), one constant, some random walks."""
+    rng = np.random.default_rng(seed)
+    vals = [rng.normal(size=n).cumsum() for n in (1, 2, 5, 24, 25, 26, 48, 200, 150, 3)]
+    vals.append(np.full(60, 4.0))
+    return SeriesArrays.from_list(vals)
+
+
+@pytest.mark.parametrize("m", [1, 7, 24])
+def test_the_loaders_mase_scale_equals_evaluates_on_the_same_histories(m, monkeypatch):
+    """Vectorized over the flat arrays (in chunks of series: a tiny chunk size here), equal to
+    `evaluate.mase_scale` of each series' steps before its cutoff: lag 1 for histories of m
+    steps or fewer, NaN for those too short or constant."""
+    import pipeline.data.scaling as S
+    from pipeline.evaluate import mase_scale
+    from pipeline.forecast import history
+    arrays = ragged()
+    rng = np.random.default_rng(m)
+    cut = np.minimum(rng.integers(0, 230, len(arrays)), arrays.lengths + 5)
+    cut[:3] = [0, 2, 500]
+    want = mase_scale(history(arrays, np.arange(len(arrays)),
+                              np.minimum(cut, arrays.lengths)), m)
+    for chunk in (S.CHUNK, 64):
+        monkeypatch.setattr(S, "CHUNK", chunk)
+        got = S.mase_scale(arrays, cut, m)
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert np.isnan(want).sum() >= 2 and np.isfinite(want).sum() >= 5
+
+
+def test_batches_carry_the_window_scale_over_the_series_mase_scale():
+    from pipeline.data.loader import loader_at
+    from pipeline.data.scaling import mase_scale
+    arrays = sines(4)
+    cut = arrays.lengths - 30
+    for scaling in ("standard", "window"):
+        cfg = C.load(None, [*SMALL, "model.loss=mase", f"windows.scaling={scaling}"])
+        loader = loader_at(arrays, cfg, cut)
+        m_s = mase_scale(arrays, cut, 24)                     # hourly data: a day of steps
+        b = loader.gather(torch.tensor([0, 1, 3, 3]), torch.tensor([0, 10, 20, 100]))
+        want = b.scale.double() / torch.from_numpy(m_s)[b.series]
+        torch.testing.assert_close(b.weight.double(), want, rtol=1e-6, atol=0)
+        if scaling == "window":
+            assert b.scale[2] != b.scale[3]                   # the window's own scale
+    cfg = C.load(None, [*SMALL, "model.loss=mase", "evaluate.season=5"])
+    assert torch.equal(loader_at(arrays, cfg, cut).mase_scale,
+                       torch.from_numpy(mase_scale(arrays, cut, 5).astype(np.float32)))
+    assert loader_at(arrays, C.load(None, SMALL), cut).gather(
+        torch.tensor([0]), torch.tensor([0])).weight is None   # no mase loss: no weights
+
+
+def test_the_loop_gives_mase_and_smape_the_windows_scaling():
+    """pack_losses hands loc, scale and weight to the loss: MASE is then the mean of
+    |ŷ − y| / m_s in original units, sMAPE is computed in original units."""
+    from pipeline.data.loader import loader_at
+    from pipeline.data.scaling import mase_scale
+    from pipeline.jobs import new_model
+    from pipeline.models import make_loss
+    from pipeline.train import pack_losses
+    arrays = sines(4)
+    for loss in ("mase", "smape"):
+        cfg = C.load(None, [*SMALL, f"model.loss={loss}", "windows.scaling=window"])
+        loader = loader_at(arrays, cfg, arrays.lengths)
+        model = new_model(loader, cfg, len(arrays), 0).eval()
+        b = loader.gather(torch.tensor([0, 1, 2, 3]), torch.tensor([5, 50, 100, 200]))
+        got = pack_losses(model, [b], make_loss(cfg.model), None, train=False)
+        with torch.no_grad():
+            pred = model(b.x, b.xf, b.static, b.idx)[..., 0].double()
+        s, loc = b.scale.double()[:, None], b.loc.double()[:, None]
+        y_hat, y = pred * s + loc, b.y.double() * s + loc              # original units
+        if loss == "mase":
+            m_s = torch.from_numpy(mase_scale(arrays, arrays.lengths, 24))[b.series][:, None]
+            want = ((y_hat - y).abs() / m_s).mean()
+        else:
+            want = (200 * (y_hat - y).abs() / (y_hat.abs() + y.abs())).mean()
+        torch.testing.assert_close(got.double(), want.reshape(1), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("loss", ["mase", "smape"])
+def test_mase_and_smape_train(loss):
+    cfg = C.load(None, [*SMALL, "train.epochs=4", f"model.loss={loss}"])
+    arrays = sines(6)
+    res = run_job(arrays, plan_jobs(arrays, cfg)[0], cfg)
+    assert res.ok and math.isfinite(res.best_val)
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    with pytest.raises(C.ConfigError, match="model.loss = 'mape'"):
+        C.load(None, ["model.loss=mape"])

@@ -1,5 +1,6 @@
 """The model sections of the config: the encoder and decoder blocks, the model around them
-(loss, quantiles, embedding, the season its CNN must see), and what can be packed."""
+(loss, quantiles, embedding, the season its CNN must see, an ensemble of it), and what can be
+packed."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -81,6 +82,32 @@ class DecoderConfig:
 
 PACKED_ENCODERS = ("cnn", "gru")   # what pipeline.models.packed can pack
 PACKED_DECODERS = ("direct",)
+LOSSES = ("mae", "mse", "huber", "quantile", "mase", "smape")
+COMBINE = ("median", "mean")
+
+
+@dataclass
+class EnsembleConfig:
+    """`model.ensemble`: `members` models of the one architecture, trained packed. Member i
+    reads `lookbacks[i % n_l]` horizons (None: windows.lookback), trains on loss
+    `losses[(i // n_l) % n_loss]` (None: model.loss) with seed train.seed + i; member 0 is the
+    plain model. Forecasts are combined per series, step and quantile (`combine`)."""
+
+    members: int = 1                      # 1: no ensemble
+    lookbacks: list[int] | None = None    # in horizons
+    losses: list[str] | None = None
+    combine: str = "median"               # median | mean
+
+    def __post_init__(self) -> None:
+        _positive("model.ensemble.members", self.members)
+        _choice("model.ensemble.combine", self.combine, COMBINE)
+        for name, values in (("lookbacks", self.lookbacks), ("losses", self.losses)):
+            if values is not None and not values:
+                raise ConfigError(f"model.ensemble.{name} is empty; give at least one or null")
+        for i, lb in enumerate(self.lookbacks or []):
+            _positive(f"model.ensemble.lookbacks[{i}]", lb)
+        for i, loss in enumerate(self.losses or []):
+            _choice(f"model.ensemble.losses[{i}]", loss, LOSSES)
 
 
 @dataclass
@@ -88,16 +115,17 @@ class ModelConfig:
     name: str = ""                 # label used in outputs and tracking; default "<enc>_<dec>"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    loss: str = "mae"              # mae | mse | huber | quantile
+    loss: str = "mae"              # mae | mse | huber | quantile | mase | smape
     huber_delta: float = 1.0
     quantiles: list[float] = field(default_factory=list)  # non-empty with loss = quantile
     embedding: str = "none"        # none | series | group: learned id embedding (global models)
     embedding_dim: int = 8
     season: int | None = None      # the seasonality the CNN must see (e.g. 24, 168)
     require_receptive_field: bool = False  # refuse (true) or warn (false) when it does not
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def __post_init__(self) -> None:
-        _choice("model.loss", self.loss, ("mae", "mse", "huber", "quantile"))
+        _choice("model.loss", self.loss, LOSSES)
         _choice("model.embedding", self.embedding, ("none", "series", "group"))
         if self.loss == "quantile" and not self.quantiles:
             raise ConfigError("model.loss = 'quantile' needs model.quantiles, e.g. [0.1, 0.5, 0.9]")
@@ -107,6 +135,23 @@ class ModelConfig:
             raise ConfigError("model.quantiles is set but model.loss is not 'quantile'")
         if not self.name:
             self.name = f"{self.encoder.type}_{self.decoder.type}"
+        self._check_ensemble()
+
+    def _check_ensemble(self) -> None:
+        """An ensemble packs its members: a packable architecture; quantile models combine
+        quantiles, so their members all learn the quantile loss (and point models none)."""
+        ens = self.ensemble
+        if ens.members > 1 and (why := self.unpackable()):
+            raise ConfigError(f"model.ensemble.members = {ens.members}: {why}")
+        for loss in ens.losses or []:
+            if (loss == "quantile") != (self.loss == "quantile"):
+                raise ConfigError(f"model.ensemble.losses = {ens.losses}: with model.loss = "
+                                  f"{self.loss!r} every member's loss must "
+                                  f"{'be' if self.loss == 'quantile' else 'not be'} 'quantile'")
+
+    def member_losses(self) -> list[str]:
+        """The losses the model's members train on (the one `loss` without an ensemble)."""
+        return list(self.ensemble.losses or [self.loss])
 
     def unpackable(self) -> str | None:
         """Why models of this spec cannot be packed into one module (packed per-group

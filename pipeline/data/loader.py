@@ -10,9 +10,16 @@ batch follows the models' tensor contract:
   y      [B, H]              scaled target (None for forecast windows)
   y_mask [B, H]              1 where the target was observed
   static [B, C_s], idx [B]   static features and embedding index (None when not used)
+  weight [B]                 scale / m of the window's series (MASE's weight; None unless the
+                             loader was given the season m)
+
+`batches(..., sampler=SeriesSampler(index))` draws series-balanced batches instead of a
+permutation of the windows (`train.sampling: series`).
 """
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +28,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.calendar import PERIODS, resolve_features
-from pipeline.data.scaling import covariate_scaling, fit_scaling
+from pipeline.data.scaling import covariate_scaling, fit_scaling, mase_scale
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowIndex
 
@@ -38,6 +45,7 @@ class Batch:
     scale: torch.Tensor    # [B]
     series: torch.Tensor   # [B]
     start: torch.Tensor    # [B]
+    weight: torch.Tensor | None = None  # [B] window scale / the series' MASE scale m_s
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -74,12 +82,15 @@ def embedding_index(arrays: SeriesArrays, kind: str) -> np.ndarray | None:
 
 
 class WindowLoader:
-    """Gathers windows of fixed lookback/horizon from SeriesArrays held on `device`."""
+    """Gathers windows of fixed lookback/horizon from SeriesArrays held on `device`. With the
+    season `season` (MASE's m), each batch carries weight = its windows' scale / m_s, m_s the
+    series' MASE scale from its steps before `cutoff` (default: every step)."""
 
     def __init__(self, arrays: SeriesArrays, lookback: int, horizon: int, loc: np.ndarray,
                  scale: np.ndarray, *, calendar: list[str] = (), embedding: str = "none",
                  use_static: bool = True, device: str | torch.device = "cpu",
-                 window_scaling: bool = False, covariate_stats=(None, None)) -> None:
+                 window_scaling: bool = False, covariate_stats=(None, None),
+                 season: int | None = None, cutoff: np.ndarray | None = None) -> None:
         self.L, self.H, self.device = lookback, horizon, torch.device(device)
         self.window_scaling = window_scaling
         self.calendar = list(calendar)
@@ -100,6 +111,15 @@ class WindowLoader:
         emb = embedding_index(arrays, embedding)
         self.embed = t(emb) if emb is not None else None
         self.steps = torch.arange(lookback + horizon, device=self.device)
+        self.mase_scale = None if season is None else t(mase_scale(
+            arrays, arrays.lengths if cutoff is None else cutoff, season).astype(np.float32))
+
+    def with_lookback(self, lookback: int) -> WindowLoader:
+        """The same loader (arrays, scaling, features: shared, not copied) reading `lookback`
+        steps of history."""
+        out = copy.copy(self)
+        out.L, out.steps = lookback, torch.arange(lookback + self.H, device=self.device)
+        return out
 
     def _to(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -159,7 +179,8 @@ class WindowLoader:
             y_mask=self.mask[rows[:, L:]].float() if with_target else None,
             static=self.static[series] if self.static is not None else None,
             idx=self.embed[series] if self.embed is not None else None,
-            loc=loc, scale=scale, series=series, start=start)
+            loc=loc, scale=scale, series=series, start=start,
+            weight=None if self.mase_scale is None else scale / self.mase_scale[series])
 
     @staticmethod
     def _scaled(x: torch.Tensor, stats, series: torch.Tensor) -> torch.Tensor:
@@ -189,15 +210,19 @@ class WindowLoader:
 
     def batches(self, index: WindowIndex, batch_size: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None, steps: int | None = None,
-                with_target: bool = True) -> Iterator[Batch]:
+                with_target: bool = True, sampler: SeriesSampler | None = None
+                ) -> Iterator[Batch]:
         """Batches over a window index, optionally in a seeded random order.
 
         steps=None: one pass, the last batch possibly smaller. steps=k: exactly k full batches
         from an endless stream of fresh permutations (so groups of different sizes can take
-        the same number of steps)."""
+        the same number of steps). `sampler` (of this index): series-balanced draws instead,
+        as many batches of the same sizes."""
         series = torch.from_numpy(index.series).to(self.device)
         start = torch.from_numpy(index.start).to(self.device)
-        for rows in window_order(len(index), batch_size, shuffle, generator, steps):
+        order = window_order(len(index), batch_size, shuffle, generator, steps) \
+            if sampler is None else sampler.order(batch_size, generator, steps)
+        for rows in order:
             rows = rows.to(self.device)
             yield self.gather(series[rows], start[rows], with_target)
 
@@ -224,13 +249,64 @@ def window_order(n: int, batch_size: int, shuffle: bool = False,
         buf = buf[batch_size:]
 
 
+class SeriesSampler:
+    """Series-balanced draws over a window index (`train.sampling: series`): each batch picks
+    B series uniformly, with replacement, among the series that have windows, then one window
+    of each: uniformly, or with `halflife` (in windows) from a truncated exponential over the
+    window's age (0 = the series' latest window): P(age = a) ∝ 2^(−a / halflife)."""
+
+    def __init__(self, index: WindowIndex, halflife: float | None = None) -> None:
+        rows = np.lexsort((index.start, index.series))     # by series, oldest window first
+        _, first, counts = np.unique(index.series[rows], return_index=True, return_counts=True)
+        self.rows = torch.from_numpy(rows.astype(np.int64))
+        self.first = torch.from_numpy(first.astype(np.int64))
+        self.counts = torch.from_numpy(counts.astype(np.int64))
+        self.halflife = halflife
+        self.n_windows = len(index)
+
+    def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[n] rows of the index, one draw each."""
+        pick = torch.randint(len(self.counts), (n,), generator=generator)
+        count = self.counts[pick]
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        if self.halflife is None:
+            age = (u * count).long()
+        else:   # inverse CDF of the truncated geometric: P(age <= a) = (1 - r^(a+1)) / (1 - r^c)
+            log_r = -math.log(2.0) / self.halflife
+            tail = -torch.expm1(count.double() * log_r)                      # 1 - r^c
+            age = (torch.log1p(-u * tail) / log_r).floor().long()
+        age = torch.minimum(age, count - 1)
+        return self.rows[self.first[pick] + count - 1 - age]
+
+    def order(self, batch_size: int, generator: torch.Generator | None = None,
+              steps: int | None = None) -> Iterator[torch.Tensor]:
+        """Rows of each batch: `steps` full batches, or (None) as many batches as one pass over
+        the windows takes, the last one as small as that pass's."""
+        if self.n_windows == 0:
+            return
+        sizes = [batch_size] * steps if steps is not None else \
+            [min(batch_size, self.n_windows - i) for i in range(0, self.n_windows, batch_size)]
+        for size in sizes:
+            yield self.draw(size, generator)
+
+
+def loss_season(arrays: SeriesArrays, cfg: Config) -> int | None:
+    """MASE's m when a loss of the model (or of an ensemble member) is mase, else None:
+    evaluate.season, else the frequency's default season."""
+    if "mase" not in cfg.model.member_losses():
+        return None
+    return cfg.evaluate.season or arrays.freq.default_season(arrays.lengths)
+
+
 def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu"
               ) -> WindowLoader:
     """A loader over every series with the config's geometry, calendar and embedding, and the
-    scaling of the target and the covariates fitted before `cutoff` (per series)."""
+    scaling of the target and the covariates fitted before `cutoff` (per series); with a mase
+    loss, MASE's per-series scale before `cutoff` for the batches' weights."""
     loc, scale = fit_scaling(arrays, cutoff, cfg.windows.scaling)
     return WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
                         calendar=resolve_features(cfg.data.calendar, arrays.freq),
                         embedding=cfg.model.embedding, device=device,
                         window_scaling=cfg.windows.scaling == "window",
-                        covariate_stats=covariate_scaling(arrays, cutoff, cfg.windows.scaling))
+                        covariate_stats=covariate_scaling(arrays, cutoff, cfg.windows.scaling),
+                        season=loss_season(arrays, cfg), cutoff=cutoff)

@@ -109,6 +109,32 @@ def _prefix_reduce(ufunc, v, idx, cut):
     return np.where(cut > 0, out, 0.0)
 
 
+def mase_scale(arrays: SeriesArrays, cutoff: np.ndarray, m: int) -> np.ndarray:
+    """[S] float64: MASE's scale of each series from its steps before `cutoff`, the mean of
+    |x_t − x_{t−m}| over its history (lag 1 when it holds m + 1 steps or fewer; NaN when it
+    holds fewer than lag + 1 or the mean is 0): `pipeline.evaluate.mase_scale` on the same
+    histories, reduced over the flat arrays in chunks of series."""
+    cut = np.clip(np.asarray(cutoff, np.int64), 0, arrays.lengths)
+    lag = np.where(cut > m, m, 1).astype(np.int64)                 # [S]
+    out = np.full(len(arrays), np.nan)
+    for lo, hi in _chunks(arrays.indptr, cut):
+        base, end = arrays.indptr[lo], arrays.indptr[hi]
+        v = arrays.values[base:end].astype(np.float64)
+        sizes = np.diff(arrays.indptr[lo:hi + 1])
+        row = np.arange(end - base)
+        pos = row - np.repeat(arrays.indptr[lo:hi] - base, sizes)   # step within its series
+        lags = np.repeat(lag[lo:hi], sizes)
+        diff = np.abs(v - v[np.maximum(row - lags, 0)])
+        diff = np.where((pos >= lags) & (pos < np.repeat(cut[lo:hi], sizes)), diff, 0.0)
+        bounds = np.stack([arrays.indptr[lo:hi] - base, arrays.indptr[lo:hi] - base + cut[lo:hi]],
+                          1).reshape(-1)   # [S, 2] -> [a0, b0, a1, b1, …]
+        total = _prefix_reduce(np.add, diff, bounds, cut[lo:hi])
+        n = cut[lo:hi] - lag[lo:hi]
+        out[lo:hi] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+    out[out == 0] = np.nan
+    return out
+
+
 def _robust(arrays: _Column, cut, lo, hi, method):
     """Median and inter-quartile range of the observed prefix, series by series."""
     loc, scale = np.zeros(hi - lo), np.ones(hi - lo)

@@ -3,6 +3,7 @@
     model = build_model(cfg.model, lookback=168, horizon=24, past_size=3, future_size=2)
     y_hat = model(x, xf, static, idx)          # [B, H, Q]
     save_model(model, "model.pt"); model = load_model("model.pt")
+    ensemble = Ensemble([model_0, model_1, …], combine="median")   # saved and loaded alike
 
 See docs/models.md for the blocks and their config keys.
 """
@@ -24,15 +25,25 @@ from pipeline.models.encoders import (
     conv_output_length,
     register_encoder,
 )
-from pipeline.models.losses import HuberLoss, MAELoss, MSELoss, QuantileLoss, make_loss
+from pipeline.models.ensemble import Ensemble, load_model, model_from_spec, save_model
+from pipeline.models.losses import (
+    HuberLoss,
+    MAELoss,
+    MASELoss,
+    MSELoss,
+    QuantileLoss,
+    SMAPELoss,
+    make_loss,
+)
 from pipeline.models.packed import PackedModel, check_packable
-from pipeline.models.seq2seq import EncoderDecoder, build_model, load_model, save_model
+from pipeline.models.seq2seq import EncoderDecoder, build_model
 
 __all__ = [
     "DECODERS", "ENCODERS", "CNNEncoder", "DirectDecoder", "EncoderDecoder", "FFNEncoder",
     "HuberLoss", "Latent", "MAELoss", "MSELoss", "NonCrossingQuantiles", "QuantileLoss",
     "RNNDecoder", "RNNEncoder", "StateSpec", "build_model", "causal_left_padding",
     "conv_output_length", "load_model", "make_loss", "register_decoder", "register_encoder",
-    "save_model", "PackedModel", "check_packable",
+    "save_model", "PackedModel", "check_packable", "Ensemble", "MASELoss", "SMAPELoss",
+    "model_from_spec",
 ]
 

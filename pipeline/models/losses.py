@@ -145,3 +145,26 @@ def make_loss(model_cfg: ModelConfig) -> nn.Module:
         raise ValueError(f"model.loss = {model_cfg.loss!r} is not one of "
                          f"{sorted([*losses, 'huber', 'quantile'])}")
     return losses[model_cfg.loss]()
+
+
+def member_losses(loss_fn: nn.Module | Sequence[nn.Module], pred: torch.Tensor,
+                  target: torch.Tensor, mask: torch.Tensor | None, members: int,
+                  loc: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[G] each member's mean loss. G = 1: loss_fn on [B, ...]; G > 1: one loss_fn on every
+    member's slice of [G, B, ...] at once, under torch.func.vmap (every loss of `make_loss` is
+    vmap-friendly; the per-member tensors go positionally, keywords are not batched), or, given
+    one loss function per member, each on its own slice."""
+    args = (pred, target, mask, loc, scale, weight)
+    if not isinstance(loss_fn, nn.Module):
+        fns = list(loss_fn)
+        if len(fns) != members:
+            raise ValueError(f"{len(fns)} loss functions for {members} members")
+        if members > 1:
+            return torch.stack([fn(*[None if a is None else a[g] for a in args])
+                                for g, fn in enumerate(fns)])
+        loss_fn = fns[0]
+    if members == 1:
+        return loss_fn(*args).reshape(1)
+    in_dims = tuple(None if a is None else 0 for a in args)
+    return torch.func.vmap(loss_fn, in_dims=in_dims)(*args)

@@ -21,7 +21,8 @@ Supported (the zoo's single models support every encoder x decoder pair):
 - past / known-future / static features, and a learned embedding (idx [G, B] indexes each
   group's own table).
 Refused with ValueError: encoders ffn | rnn | lstm, a bidirectional gru, decoders rnn | lstm |
-gru (autoregressive), and models built with different specs.
+gru (autoregressive), and models built with different specs (but for the loss: an ensemble's
+members may learn different losses; `extract(g)` gives member g its own spec).
 """
 from __future__ import annotations
 
@@ -210,10 +211,13 @@ class PackedGRULayer(_Packed):
         # input projections of every step at once: [G, B, L, I] -> [G, B*L, I] -> [G, B*L, 3H]
         gates_x = _affine(seq.reshape(groups, batch * length, -1), self.weight_ih, self.bias_ih)
         gates_x = gates_x.reshape(groups, batch, length, -1)  # [G, B*L, 3H] -> [G, B, L, 3H]
+        # one unbind, not L selects: each select's backward fills a zero tensor of gates_x's
+        # whole size (quadratic in L: minutes per step on a CPU at L = 168)
+        steps = gates_x.unbind(2)                            # L x [G, B, 3H]
         h = seq.new_zeros(groups, batch, self.weight_hh.shape[-1])
         outputs = []
         for t in range(length):
-            x_r, x_z, x_n = gates_x[:, :, t].chunk(3, -1)
+            x_r, x_z, x_n = steps[t].chunk(3, -1)
             h_r, h_z, h_n = _affine(h, self.weight_hh, self.bias_hh).chunk(3, -1)
             r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
             n = torch.tanh(x_n + r * h_n)
@@ -271,6 +275,7 @@ class PackedModel(nn.Module):
         super().__init__()
         first = _check_models(models)
         self.groups, self.spec, self.static_size = len(models), first.spec, first.static_size
+        self.specs = [m.spec for m in models]   # each member's own (its loss may differ)
         if isinstance(first.encoder, CNNEncoder):
             self.encoder = PackedCNNEncoder([m.encoder for m in models])
         else:
@@ -333,7 +338,7 @@ class PackedModel(nn.Module):
         on this model's device and dtype and in its train/eval mode."""
         if not 0 <= group < self.groups:
             raise IndexError(f"group {group} is out of range for {self.groups} groups")
-        spec = dict(self.spec)
+        spec = dict(self.specs[group])
         model = build_model(model_config_from_dict(spec.pop("model")), **spec)
         weight = next(self.parameters())
         model.to(device=weight.device, dtype=weight.dtype)
@@ -353,7 +358,14 @@ def _check_models(models: Sequence[EncoderDecoder]) -> EncoderDecoder:
         raise ValueError("PackedModel needs models built by build_model (they carry a spec)")
     check_packable(model_config_from_dict(first.spec["model"]))
     for g, model in enumerate(models):
-        if model.spec != first.spec:
+        if _architecture(model.spec) != _architecture(first.spec):
             raise ValueError(f"model {g} was built with a different spec than model 0: packed "
                              "models share one architecture and sizes")
     return first
+
+
+def _architecture(spec: dict) -> dict:
+    """A spec without what only training uses (the loss): members of an ensemble that learn
+    different losses pack together."""
+    model = {k: v for k, v in spec["model"].items() if k not in ("loss", "huber_delta")}
+    return {**spec, "model": model}

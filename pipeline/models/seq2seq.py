@@ -8,23 +8,23 @@ Tensor contract (the data loader produces exactly this):
     target  [B, H]              scaled true future; only used for teacher forcing in training
     ->      [B, H, Q]           Q = len(model.quantiles) or 1
 
-`build_model` records its arguments in `model.spec`; `save_model` stores spec + state_dict and
-`load_model` rebuilds the same model from the file alone.
+`build_model` records its arguments in `model.spec` (the model section without its ensemble,
+which is a property of the job, not of one model); `pipeline.models.save_model` stores spec +
+state_dict and `load_model` rebuilds the same model from the file alone
+(`pipeline.models.ensemble`, which also saves and loads ensembles).
 """
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.config import DecoderConfig, EncoderConfig, ModelConfig
+from pipeline.config.model import EnsembleConfig
 from pipeline.models.decoders import DECODERS
 from pipeline.models.encoders import ENCODERS
-
-FORMAT_VERSION = 1
 
 
 class EncoderDecoder(nn.Module):
@@ -90,7 +90,8 @@ def build_model(model_cfg: ModelConfig, *, lookback: int, horizon: int, past_siz
         model_cfg.decoder, latent_size=encoder.latent_size, state_spec=encoder.state_spec,
         horizon=horizon, future_size=future_size, context_size=static_size + embedding_dim,
         quantiles=model_cfg.quantiles)
-    spec = dict(model=dataclasses.asdict(model_cfg), lookback=lookback, horizon=horizon,
+    model_dict = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k != "ensemble"}
+    spec = dict(model=model_dict, lookback=lookback, horizon=horizon,
                 past_size=past_size, future_size=future_size, static_size=static_size,
                 num_embeddings=num_embeddings)
     return EncoderDecoder(encoder, decoder, static_size=static_size,
@@ -105,24 +106,17 @@ def _lookup(registry: dict[str, type[nn.Module]], kind: str, name: str) -> type[
 
 
 def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
-    """Inverse of dataclasses.asdict for a ModelConfig (as stored in a spec)."""
+    """Inverse of dataclasses.asdict for a ModelConfig (as stored in a spec, where the ensemble
+    section is left out)."""
+    extra = {"ensemble": EnsembleConfig(**raw["ensemble"])} if "ensemble" in raw else {}
     return ModelConfig(**{**raw, "encoder": EncoderConfig(**raw["encoder"]),
-                          "decoder": DecoderConfig(**raw["decoder"])})
+                          "decoder": DecoderConfig(**raw["decoder"]), **extra})
 
 
-def save_model(model: EncoderDecoder, path: str | Path | BinaryIO) -> None:
-    """torch.save spec + state_dict: the file alone is enough to rebuild the model."""
-    if model.spec is None:
-        raise ValueError("model has no spec: build it with build_model to make it saveable")
-    torch.save({"format": FORMAT_VERSION, "spec": model.spec, "state_dict": model.state_dict()},
-               path)
-
-
-def load_model(path: str | Path | BinaryIO, map_location: str | torch.device = "cpu"
-               ) -> EncoderDecoder:
-    """Rebuild a saved model bit-exactly; it comes back in eval mode."""
-    saved = torch.load(path, map_location=map_location, weights_only=True)
-    spec = dict(saved["spec"])
+def from_spec(spec: dict, state_dict: dict | None = None) -> EncoderDecoder:
+    """The model `build_model(**spec)` builds, with `state_dict` loaded when given."""
+    spec = dict(spec)
     model = build_model(model_config_from_dict(spec.pop("model")), **spec)
-    model.load_state_dict(saved["state_dict"])
-    return model.eval()
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model
