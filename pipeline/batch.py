@@ -39,6 +39,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Iterator
 from functools import cached_property
 
@@ -60,6 +61,12 @@ from pipeline.errors import (
 )
 from pipeline.names import safe_key
 from pipeline.runlog import RunLog
+from pipeline.secrets import redact
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line, `warning: …`, without its source line (secrets redacted)."""
+    return f"warning: {redact(' '.join(str(message).split()))}\n"
 
 
 def _terminate(signum, frame) -> None:
@@ -172,7 +179,12 @@ class Batch:
 
     def begin(self, prepared) -> None:
         """The data is read: take the batch's lock, skip it if it is done, open its run,
-        write the validation report."""
+        write the validation report. A config the recipe resolved for the data replaces the
+        loaded one from here on (the run logs it)."""
+        if prepared.cfg is not None and prepared.cfg is not self.cfg:
+            self.cfg = prepared.cfg
+            if self.log is not None:
+                self.log.cfg = prepared.cfg
         arrays, cfg = prepared.arrays, self.cfg
         cutoff = paths.data_end(arrays)
         self.batch_id = self.batch_id or cutoff
@@ -220,12 +232,14 @@ class Batch:
         # nothing this job loads is a pickle; MLflow must not unpickle anything either
         self._pickles = os.environ.get(NO_PICKLES)
         os.environ[NO_PICKLES] = "false"
+        self._format, warnings.formatwarning = warnings.formatwarning, format_warning
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
         ok = exc is None
         if hasattr(self, "_sigterm"):
             signal.signal(signal.SIGTERM, self._sigterm)
+        warnings.formatwarning = self._format
         if self._pickles is None:
             os.environ.pop(NO_PICKLES, None)
         else:

@@ -15,6 +15,18 @@ from pipeline.secrets import redact
 METRICS = ["mae", "rmse", "smape", "mase", "wape", "skill_mase"]
 
 
+def recipe_line(cfg) -> str:
+    """The model the recipe resolved, in one line."""
+    m, t, ens = cfg.model, cfg.train, cfg.model.ensemble
+    enc = m.encoder
+    members = (f", {ens.members} members (lookbacks {ens.lookbacks or '-'} horizons, losses "
+               f"{', '.join(ens.losses or [m.loss])}, {ens.combine})" if ens.members > 1 else "")
+    return (f"{enc.type} {enc.num_layers}×{enc.hidden_size} → {m.decoder.type} "
+            f"{m.decoder.hidden_size}, lookback {cfg.windows.lookback}{members}; "
+            f"{t.epochs} epochs × {t.steps_per_epoch} steps of {t.batch_size}, {t.sampling} "
+            f"sampling")
+
+
 def data(prep, cfg, report_path: str | None) -> None:
     """The data stage: input, series, repairs, windows, memory, skipped series, report."""
     a, plan = prep.arrays, prep.plan
@@ -36,6 +48,8 @@ def data(prep, cfg, report_path: str | None) -> None:
     print(f"memory       arrays {a.nbytes() / 2**20:,.1f} MiB, window index "
           f"{plan.nbytes / 2**20:,.1f} MiB (materialized windows would take "
           f"{mat / 2**20:,.1f} MiB)")
+    if getattr(prep, "recipe", None):
+        print(f"recipe       auto: {recipe_line(cfg)}")
     rows = prep.report.filter(pl.col("action") == "skipped")
     for row in rows.head(10).iter_rows(named=True):
         print(f"  skipped {row['series']}: {row['issue']} ({row['detail']})")
@@ -142,6 +156,10 @@ def comparison(c) -> None:
 
 def _num(v) -> str:
     return f"{v:.4f}" if v is not None and math.isfinite(v) else "-"
+
+
+def html(path: str) -> None:
+    print(f"report       {redact(path)}")
 
 
 def tracking(log) -> None:

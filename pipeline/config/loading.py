@@ -105,10 +105,22 @@ def _apply_override(raw: dict, item: str) -> None:
 
 
 def from_dict(raw: dict | None, overrides: list[str] | tuple = ()) -> Config:
+    """The Config of `raw` (sections as nested mappings) and `section.key=value` overrides;
+    `Config.explicit` holds the dotted keys they set (a recipe leaves those alone)."""
     raw = dict(raw or {})
     for item in overrides:
         _apply_override(raw, item)
-    return _build(Config, raw, "")
+    cfg = _build(Config, raw, "")
+    cfg.explicit = frozenset(_dotted(raw))
+    return cfg
+
+
+def _dotted(raw: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out += _dotted(v, key) if isinstance(v, dict) and v else [key]
+    return out
 
 
 def load(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:

@@ -168,10 +168,19 @@ class TrainConfig:
                                    # most this often (0: every epoch; null: never); a retried
                                    # or rerun job resumes from it
     checkpoint_dir: str = ""       # "" = <output.path>/<name>/checkpoints (any pyarrow URI)
+    sampling: str = "windows"      # windows: every window alike (a permutation per epoch) |
+                                   # series: B series uniformly per batch, one window of each
+    recency_halflife: float | None = None  # series sampling: a window's weight halves every
+                                   # this many windows back from the series' latest
 
     def __post_init__(self) -> None:
         _choice("train.mode", self.mode, ("global", "per_group"))
         _positive("train.warm_start_epochs", self.warm_start_epochs)
+        _choice("train.sampling", self.sampling, ("windows", "series"))
+        if self.recency_halflife is not None:
+            _positive("train.recency_halflife", self.recency_halflife)
+            if self.sampling != "series":
+                raise ConfigError("train.recency_halflife needs train.sampling = 'series'")
         if isinstance(self.val_max_windows, str):
             _choice("train.val_max_windows", self.val_max_windows, ("auto",))
         elif self.val_max_windows is not None:
@@ -248,7 +257,11 @@ class OutputConfig:
 
 @dataclass
 class Config:
+    explicit = frozenset()          # dotted keys the YAML and --set gave (from_dict sets it)
+
     name: str = "demo"
+    recipe: str = "none"            # none | auto: sizes from the data (pipeline.recipes); keys
+                                    # set in the YAML or with --set win
     data: DataConfig = field(default_factory=DataConfig)
     windows: WindowsConfig = field(default_factory=WindowsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -259,6 +272,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
+        _choice("recipe", self.recipe, ("none", "auto"))
         for key, value in (("name", self.name), ("model.name", self.model.name)):
             if not NAME.fullmatch(value):
                 raise ConfigError(f"{key} = {value!r}: use letters, digits and _ . - (it "
@@ -284,9 +298,10 @@ class Config:
         rf = enc.receptive_field()
         if self.model.season is not None:
             self.check_season(self.model.season, "model.season")
-        if rf > self.windows.lookback:
-            warnings.warn(f"model.encoder: receptive field {rf} exceeds windows.lookback "
-                          f"{self.windows.lookback}; the oldest taps only see padding",
+        if rf >= 2 * self.windows.lookback:
+            warnings.warn(f"model.encoder: receptive field {rf} is at least twice "
+                          f"windows.lookback {self.windows.lookback}; most taps of the oldest "
+                          "outputs only see padding (fewer layers would do)",
                           stacklevel=2)
 
     def check_season(self, season: int, source: str) -> None:

@@ -24,6 +24,8 @@ from pipeline.data.validate import check_columns, load_part, timestamps_ns
 from pipeline.data.windows import WindowPlan, plan_windows
 from pipeline.errors import DataError
 from pipeline.names import check_groups
+from pipeline.progress import Display
+from pipeline.recipes import after_load, before_load
 
 Runner = Callable[[Callable, list[tuple]], list]
 REPORT_SCHEMA = {"series": pl.String, "file": pl.String, "issue": pl.String,
@@ -31,7 +33,13 @@ REPORT_SCHEMA = {"series": pl.String, "file": pl.String, "issue": pl.String,
 
 
 def local_runner(fn: Callable, args: list[tuple]) -> list:
-    return [fn(*a) for a in args]
+    display = Display("reading", len(args), "files")
+    out = []
+    for a in args:
+        out.append(fn(*a))
+        display.update(1)
+    display.close()
+    return out
 
 
 @dataclass
@@ -42,6 +50,8 @@ class Prepared:
     rows: int
     seconds: float
     plan: WindowPlan          # the windows of every usable series (train, validation, backtest)
+    cfg: Config | None = None  # the config resolved for this data (`recipe: auto`)
+    recipe: dict | None = None  # what the recipe chose (dotted key -> value)
 
     def skipped(self) -> dict[str, int]:
         counts = Counter(self.arrays.status.tolist())
@@ -99,8 +109,10 @@ def resolve_freq(cfg: Config, parts: list[Part], sample_rows: int = 1_000_000) -
 
 
 def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
-    """Read, validate and regularize the input into SeriesArrays (DESIGN.md §3–4)."""
+    """Read, validate and regularize the input into SeriesArrays (DESIGN.md §3–4). With
+    `recipe: auto` the config is resolved for the data (`pipeline.recipes`): `Prepared.cfg`."""
     t0 = time.perf_counter()
+    cfg = before_load(cfg)
     parts = list_parts(cfg.data.path, cfg.data.rows_per_task)
     if sum(p.num_rows for p in parts) == 0:
         raise DataError(f"input {cfg.data.path!r} is empty: 0 rows in {len(parts)} file(s)")
@@ -114,6 +126,27 @@ def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
     del results
     if arrays.groups is not None:
         check_groups(arrays.groups, cfg.data.group_col)
+    cfg, chosen = after_load(cfg, arrays.lengths[arrays.status == 0],
+                             cfg.evaluate.season or freq.default_season(arrays.lengths))
+    if chosen:
+        rows = padded_rows(rows, arrays, cfg.windows)
     report = pl.DataFrame(rows or None, schema=REPORT_SCHEMA)
     return Prepared(arrays, report, len(parts), sum(p.num_rows for p in parts if p.chunk == 0),
-                    time.perf_counter() - t0, plan_windows(arrays, cfg.windows))
+                    time.perf_counter() - t0, plan_windows(arrays, cfg.windows), cfg, chosen)
+
+
+def padded_rows(rows: list[dict], arrays: SeriesArrays, windows) -> list[dict]:
+    """The report's left-padded rows again for a lookback the recipe shortened after the parts
+    were read: rows of series now long enough dropped, the others' detail rewritten."""
+    need = windows.required_length
+    length = dict(zip(map(str, arrays.ids.tolist()), arrays.lengths.tolist()))
+    out = []
+    for row in rows:
+        if row["action"] == "padded":
+            n = length[row["series"]]
+            if n >= need:
+                continue
+            row = {**row, "detail": f"{n} steps < {need} (lookback + horizon + backtest): "
+                                    "windows left-padded"}
+        out.append(row)
+    return out

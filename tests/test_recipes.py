@@ -1,0 +1,119 @@
+"""`recipe: auto`: the table of pipeline/recipes.py, the user's keys winning over it, and the
+resolved config reaching the run."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import config as C
+from pipeline.config.model import receptive_field as _field
+from pipeline.recipes import after_load, before_load, choose, layers_to_cover
+
+from conftest import hourly, write_long
+
+
+def receptive_field(kernel, dilations):
+    return _field([kernel] * len(dilations), dilations, [1] * len(dilations))
+
+
+def auto(*overrides: str) -> C.Config:
+    return C.load(None, ["recipe=auto", *overrides])
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 7, 8, 48, 96, 168, 336, 1000])
+def test_layers_to_cover_is_the_fewest_whose_field_covers(steps):
+    n = layers_to_cover(steps)
+    assert receptive_field(3, [2 ** i for i in range(n)]) >= steps
+    if n > 1:
+        assert receptive_field(3, [2 ** i for i in range(n - 1)]) < steps
+
+
+def test_before_load_sets_what_the_data_read_needs():
+    cfg = before_load(auto("windows.horizon=24", "windows.n_windows=2", "windows.step=24"))
+    w = cfg.windows
+    assert (w.min_length, w.scaling, w.lookback) == (2 * 24 + 24, "window", 7 * 24)
+    assert before_load(C.load(None, ["windows.horizon=24"])).windows.min_length \
+        == C.load(None, ["windows.horizon=24"]).windows.min_length   # recipe none: untouched
+
+
+def test_hourly_recipe_from_the_table():
+    cfg = auto("windows.horizon=48", "windows.n_windows=1")
+    lengths = np.full(414, 700 + 48)                 # M4 Hourly: 700 points before the cutoff
+    got = choose(cfg, lengths, 24)
+    assert got["model.ensemble.lookbacks"] == [2, 5, 7]
+    assert got["windows.lookback"] == 7 * 48
+    assert got["model.encoder.num_layers"] == 8      # field 511 >= 336 > 255
+    assert got["model.encoder.hidden_size"] == 32 and got["model.decoder.hidden_size"] == 128
+    assert got["model.ensemble.losses"] == ["mase", "smape", "mae"]
+    assert got["model.ensemble.members"] == 9
+    assert got["train.steps_per_epoch"] == 51 and got["train.batch_size"] == 256
+    assert got["train.sampling"] == "series"
+
+
+def test_short_monthly_series_get_short_lookbacks_that_still_see_two_seasons():
+    cfg = auto("windows.horizon=18", "windows.n_windows=1")
+    got = choose(cfg, np.full(1428, 50 + 18), 12)     # M3 monthly-like: ~50 points of history
+    assert got["model.ensemble.lookbacks"] == [2, 3]   # top = clip(50 // 18, 3, 7) = 3
+    assert got["windows.lookback"] == 54 >= 2 * 12
+    yearly = choose(auto("windows.horizon=6", "windows.n_windows=1"), np.full(645, 20 + 6), 1)
+    assert yearly["model.ensemble.lookbacks"] == [2, 3]
+    # a season longer than the lookbacks: all of them scaled until the longest sees two
+    weekly = choose(auto("windows.horizon=24", "windows.n_windows=1"), np.full(50, 24 * 4), 168)
+    assert weekly["windows.lookback"] >= 2 * 168
+    assert weekly["windows.lookback"] == max(weekly["model.ensemble.lookbacks"]) * 24
+
+
+def test_sizes_grow_with_the_series_count():
+    cfg = auto("windows.horizon=12")
+    small, mid, big = (choose(cfg, np.full(n, 200), 12) for n in (500, 5_000, 200_000))
+    assert [g["model.encoder.hidden_size"] for g in (small, mid, big)] == [32, 64, 128]
+    assert [g["train.batch_size"] for g in (small, mid, big)] == [256, 256, 1024]
+    assert [g["train.steps_per_epoch"] for g in (small, mid, big)] == [62, 100, 100]
+    assert big["model.ensemble.losses"] == ["mase"]
+
+
+def test_user_keys_win_over_the_recipe():
+    cfg = auto("windows.horizon=24", "windows.n_windows=1", "windows.lookback=96",
+               "model.encoder.type=gru", "train.epochs=3", "model.loss=mae")
+    resolved, chosen = after_load(before_load(cfg), np.full(100, 24 * 9), 24)
+    assert resolved.windows.lookback == 96 and resolved.train.epochs == 3
+    assert resolved.model.encoder.type == "gru" and resolved.model.loss == "mae"
+    assert not any(k.startswith("model.encoder.") for k in chosen)
+    assert "windows.lookback" not in chosen and "model.ensemble.losses" not in chosen
+    assert resolved.train.sampling == "series"       # what the user left is the recipe's
+    assert resolved.explicit == cfg.explicit
+
+
+def test_an_architecture_that_cannot_be_packed_gets_no_ensemble():
+    cfg = auto("windows.horizon=24", "windows.n_windows=1", "model.encoder.type=lstm",
+               "model.decoder.type=lstm")
+    resolved, _ = after_load(before_load(cfg), np.full(100, 24 * 9), 24)
+    assert resolved.model.ensemble.members == 1
+    assert resolved.model.encoder.type == "lstm"
+
+
+def test_recipe_none_changes_nothing():
+    cfg = C.load(None, ["windows.horizon=24"])
+    resolved, chosen = after_load(before_load(cfg), np.full(10, 500), 24)
+    assert chosen == {} and resolved.to_dict() == cfg.to_dict()
+
+
+def test_prepare_resolves_the_config_for_the_data_and_the_cnn_covers_its_lookback(tmp_path):
+    from pipeline.data.prepare import prepare
+    n, t = 12, 24 * 20
+    rng = np.random.default_rng(0)
+    ids = np.repeat([f"s{i}" for i in range(n)], t)
+    ds = np.tile(hourly(t), n)
+    y = np.tile(np.sin(np.arange(t) * 2 * np.pi / 24), n) + rng.normal(0, .1, n * t)
+    path = write_long(str(tmp_path / "in" / "a.parquet"), ids, ds, y)
+    cfg = C.load(None, ["recipe=auto", f"data.path={path}", "data.freq=1h", "data.calendar=[]",
+                        "windows.horizon=24", "windows.n_windows=1", "train.epochs=2"])
+    prep = prepare(cfg)
+    r = prep.cfg
+    assert prep.recipe["windows.lookback"] == r.windows.lookback == 7 * 24
+    assert r.train.epochs == 2                        # the user's
+    assert r.model.ensemble.members == 9 and r.model.ensemble.lookbacks == [2, 5, 7]
+    enc = r.model.encoder
+    assert receptive_field(enc.kernel_size, [2 ** i for i in range(enc.num_layers)]) \
+        >= r.windows.lookback
+    assert prep.plan is not None
