@@ -2,6 +2,9 @@
 
     python benchmarks/m4.py [--data ../shared/data/m4] [--configs configs/m4_gru.yaml ...]
 
+With `configs/m4_auto.yaml` the recipe (`recipe: auto`) sizes the model; statsforecast's
+AutoETS and AutoTheta (fit on the last 240 points) are scored beside it.
+
 Converts the wide CSVs to the pipeline's long Parquet (a regular hourly index ending at the same
 hour for every series: M4 gives no timestamps), runs the pipeline's data stage and final
 training (early stopping on the last `windows.val_size` steps of the training part only: the
@@ -64,17 +67,21 @@ def score(names: list[str], train, test, forecasts: dict[str, np.ndarray]) -> tu
     return float(np.mean(E.smape(y, yhat))), float(np.nanmean(E.mase(y, yhat, scale)))
 
 
-def run_config(path: str, data: str, out: str) -> tuple[dict[str, np.ndarray], float, dict]:
+def run_config(path: str, data: str, out: str, sets=()) -> tuple[dict[str, np.ndarray], float,
+                                                                 dict]:
     from pipeline.backtest import final_forecast
     from pipeline.data.prepare import prepare
     from pipeline.jobs import plan_jobs, run_jobs_locally
-    cfg = C.load(path, [f"data.path={data}", f"output.path={out}", "ray.enabled=false"])
+    cfg = C.load(path, [f"data.path={data}", f"output.path={out}", "ray.enabled=false", *sets])
     t0 = time.process_time()
     w0 = time.perf_counter()
     prep = prepare(cfg)
+    cfg = prep.cfg or cfg                          # `recipe: auto` resolved for the data
     arrays = prep.arrays
     jobs = plan_jobs(arrays, cfg)
-    print(f"{path}: training on {len(arrays)} series", file=sys.stderr, flush=True)
+    print(f"{path}: training {cfg.model.name} on {len(arrays)} series"
+          + (f", {cfg.model.ensemble.members} members" if cfg.model.ensemble.members > 1 else ""),
+          file=sys.stderr, flush=True)
     results = run_jobs_locally(arrays, jobs, cfg, final=True, progress=True)
     cols = final_forecast(arrays, jobs, {r.name: r.model() for r in results if r.ok}, cfg)
     cpu, wall = time.process_time() - t0, time.perf_counter() - w0
@@ -86,7 +93,8 @@ def run_config(path: str, data: str, out: str) -> tuple[dict[str, np.ndarray], f
     info = {"config": path, "model": cfg.model.name, "cpu_s": round(cpu, 1),
             "wall_s": round(wall, 1), "epochs": len(r.history), "best_epoch": r.best_epoch,
             "best_val": r.best_val, "samples_per_s": round(r.samples_per_s),
-            "skipped": int((arrays.status != 0).sum())}
+            "skipped": int((arrays.status != 0).sum()), "members": cfg.model.ensemble.members,
+            "recipe": prep.recipe or None}
     return fc, cpu, info
 
 
@@ -98,6 +106,12 @@ def main() -> None:
                                                      "configs/m4_cnn.yaml"])
     ap.add_argument("--work", default="/tmp/m4-bench")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU time = wall)")
+    ap.add_argument("--comparators", nargs="*", default=["auto_ets", "auto_theta"],
+                    help="statsforecast models scored beside the pipeline (none: --comparators)")
+    ap.add_argument("--comparator-history", type=int, default=240,
+                    help="fit each comparator on at most the last N points (10 seasons)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every config (e.g. train.epochs=2)")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(args.threads)
@@ -112,8 +126,23 @@ def main() -> None:
     rows = {k: score(names, train, test, v) for k, v in base.items()}
     s2, m2 = rows["Naive2"]
     infos = []
+    if args.comparators:
+        from pipeline import comparators
+        w0 = time.perf_counter()
+        got = comparators.forecast([h[-args.comparator_history:] for h in hist], H, M,
+                                   args.comparators)
+        seconds = time.perf_counter() - w0
+        for name in args.comparators:
+            label = {"auto_ets": "AutoETS", "auto_theta": "AutoTheta",
+                     "auto_arima": "AutoARIMA"}[name] + " (statsforecast)"
+            rows[label] = score(names, train, test, dict(zip(names, got.columns[name],
+                                                             strict=True)))
+        infos.append({"model": "+".join(args.comparators), "wall_s": round(seconds, 1),
+                      "history": args.comparator_history, "fallbacks": len(got.fallbacks)})
+        print(f"comparators {args.comparators}: {seconds:.1f} s, {len(got.fallbacks)} "
+              "fallbacks", file=sys.stderr, flush=True)
     for path in args.configs:
-        fc, cpu, info = run_config(path, os.path.dirname(long_path), args.work)
+        fc, cpu, info = run_config(path, os.path.dirname(long_path), args.work, args.set)
         rows[f"pipeline {info['model']} ({os.path.basename(path)})"] = score(names, train,
                                                                              test, fc)
         infos.append(info)
@@ -126,6 +155,9 @@ def main() -> None:
         if name not in rows:
             print(f"{name + ' (published)':<44} {pub[0]:>8.3f} {pub[1]:>7.3f} {pub[2]:>7.3f}")
     for info in infos:
+        if "cpu_s" not in info:
+            print(f"  {info['model']}: {info['wall_s']} s wall (last {info['history']} points)")
+            continue
         print(f"  {info['model']}: {info['cpu_s']} s CPU, {info['wall_s']} s wall, "
               f"{info['epochs']} epochs (best {info['best_epoch'] + 1}), "
               f"{info['samples_per_s']:,} samples/s")

@@ -254,3 +254,39 @@ def test_not_required_tracking_and_logging_failures_keep_the_outputs(
     assert "(1 logging failure(s), outputs kept)" in printed.out
     assert "warning: MLflow logging failed 1 time(s)" in printed.err
     assert len(read(out2, "forecasts", "demo")) == 40 * 24
+
+
+@pytest.mark.slow
+def test_an_ensemble_is_logged_registered_and_forecast_from_the_registry_as_one_model(
+        demo_dir, tmp_path, monkeypatch, capsys):
+    """Three CNN members (two lookbacks, two losses) through run → compare → forecast
+    --from-registry on the embedded SQLite store: each member's validation score in the job's
+    run, one registered model, and the registry's forecast equal to the run's own."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    ens = ["--set", "model.encoder.type=cnn", "--set", "model.encoder.num_layers=6",
+           "--set", "model.ensemble.members=3", "--set", "model.ensemble.lookbacks=[3, 2]",
+           "--set", "model.ensemble.losses=[mae, mase]", "--set", "ray.enabled=false",
+           "--set", "windows.lookback=null"]
+    assert main(args("run", "configs/demo.yaml", demo_dir, out, *ens)) == 0
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    c = mlflow.MlflowClient(tracking_uri=uri)
+    (child,) = runs(c, "demo", "job")
+    metrics = child.data.metrics
+    for i in range(3):
+        assert np.isfinite(metrics[f"member_{i}_best_val"]), i
+        assert f"final_member_{i}_best_val" in metrics
+    assert main(["compare", "--config", "configs/demo.yaml", "--set", f"output.path={out}",
+                 *ens]) == 0
+    for g in "ABCD":                                   # configs/demo.yaml compares by group
+        mv = c.get_model_version_by_alias(f"demo.store_{g}", "champion")
+        assert (mv.tags["model"], mv.tags["run_id"]) == ("cnn_direct", child.info.run_id)
+    capsys.readouterr()
+    assert main(args("forecast", "configs/demo.yaml", demo_dir, tmp_path / "reg", *ens,
+                     "--from-registry", "--set", f"tracking.uri={uri}")) == 0
+    printed = capsys.readouterr()
+    assert "training" not in printed.out and "Downloading artifacts" not in printed.err
+    a = read(tmp_path / "reg", "forecasts", "demo").sort("unique_id", "step")
+    b = read(out, "forecasts", "demo").sort("unique_id", "step")
+    assert a["model"].to_list() == b["model"].to_list()
+    np.testing.assert_array_equal(a["y_hat"].to_numpy(), b["y_hat"].to_numpy())

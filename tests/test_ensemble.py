@@ -2,6 +2,7 @@
 member trained alone; forecasts combined per series, step and quantile over the members that
 can forecast; one weights-only model file."""
 import dataclasses
+import warnings
 import io
 
 import numpy as np
@@ -282,3 +283,16 @@ def test_the_ensemble_config_is_checked():
     m3 = member_config(cfg, ensemble_members(cfg)[3])
     assert (m3.windows.lookback, m3.model.loss, m3.train.seed) == (12, "smape", 10)
     assert dataclasses.asdict(cfg)["model"]["ensemble"]["members"] == 5
+
+
+def test_a_cnn_member_of_a_shorter_lookback_keeps_the_layers_it_needs():
+    cfg = C.load(None, ["windows.horizon=48", "windows.lookback=336", "model.encoder.type=cnn",
+                        "model.encoder.num_layers=8", "model.ensemble.members=3",
+                        "model.ensemble.lookbacks=[7, 5, 2]"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # no receptive-field warning per member
+        layers = [member_config(cfg, m).model.encoder.num_layers for m in ensemble_members(cfg)]
+    assert layers == [8, 7, 6]                         # fields 511 ≥ 336, 255 ≥ 240, 127 ≥ 96
+    gru = C.load(None, ["windows.horizon=48", "windows.lookback=336", "model.ensemble.members=2",
+                        "model.ensemble.lookbacks=[7, 2]"])
+    assert member_config(gru, ensemble_members(gru)[1]).model.encoder.num_layers == 2

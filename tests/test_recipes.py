@@ -7,7 +7,8 @@ import pytest
 
 from pipeline import config as C
 from pipeline.config.model import receptive_field as _field
-from pipeline.recipes import after_load, before_load, choose, layers_to_cover
+from pipeline.config.model import layers_to_cover
+from pipeline.recipes import after_load, before_load, choose
 
 from conftest import hourly, write_long
 

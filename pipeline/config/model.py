@@ -50,6 +50,16 @@ class EncoderConfig:
         return receptive_field([self.kernel_size] * n, self.layer_dilations, [self.stride] * n)
 
 
+def layers_to_cover(steps: int, kernel: int = 3, base: int = 2) -> int:
+    """The fewest causal conv layers (dilations 1, base, base², …, stride 1) whose receptive
+    field 1 + (kernel − 1)·Σ dilations covers `steps`."""
+    layers, field_ = 0, 1
+    while field_ < steps:
+        field_ += (kernel - 1) * base ** layers
+        layers += 1
+    return max(layers, 1)
+
+
 def receptive_field(kernel_sizes, dilations, strides) -> int:
     """Input steps one output of a stack of causal conv layers sees:
     1 + sum_i d_i (k_i - 1) prod_{j<i} s_j. The one formula, for the config's check and the

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.config.model import layers_to_cover
 from pipeline.models.seq2seq import EncoderDecoder, from_spec
 
 
@@ -62,10 +63,18 @@ def lookback_packs(members: Sequence[Member]) -> list[list[Member]]:
 
 
 def member_config(cfg: Config, member: Member) -> Config:
-    """The config member `member` trains with alone (`cfg` itself for the plain model)."""
+    """The config member `member` trains with alone (`cfg` itself for the plain model). A
+    causal CNN of base dilations keeps only the layers its shorter lookback needs (its
+    receptive field still covers the member's lookback)."""
     out = cfg
     if member.lookback != cfg.windows.lookback:
-        out = dataclasses.replace(out, windows=dataclasses.replace(
+        model, enc = cfg.model, cfg.model.encoder
+        if enc.type == "cnn" and enc.dilations is None and enc.stride == 1:
+            layers = layers_to_cover(member.lookback, enc.kernel_size, enc.dilation_base)
+            if layers < enc.num_layers:
+                model = dataclasses.replace(model, encoder=dataclasses.replace(
+                    enc, num_layers=layers))
+        out = dataclasses.replace(out, model=model, windows=dataclasses.replace(
             out.windows, lookback=member.lookback, lookback_horizons=None))
     if member.loss != cfg.model.loss:
         out = dataclasses.replace(out, model=dataclasses.replace(out.model, loss=member.loss))

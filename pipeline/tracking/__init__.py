@@ -60,7 +60,10 @@ def artifact_root(uri: str) -> str | None:
 
 def quiet_logs() -> None:
     """Creating or migrating a store logs INFO lines on stderr; a CLI wants its one-line
-    messages. Called when a run's tracking opens, never at import."""
+    messages, and no "Downloading artifacts" bars (a user's own setting of
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins). Called when a run's tracking opens, never at
+    import."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

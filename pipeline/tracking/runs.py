@@ -189,7 +189,8 @@ class Tracker:
     def log_job(self, run_id: str, result, prefix: str = "", history: bool = True) -> None:
         """A JobResult: per-epoch train_loss / val_loss (step = epoch; skipped with
         history=False, when the worker already logged them live), best_val, best_epoch,
-        samples_per_s, seconds, sizes, attempts, resumed_epoch, all named `<prefix><name>`; a
+        samples_per_s, seconds, sizes, attempts, resumed_epoch, all named `<prefix><name>`; an
+        ensemble's members as `<prefix>member_<i>_best_val` / `_best_epoch` / `_epochs`; a
         failed job gets its error as a tag."""
         ts = int(time.time() * 1000)
         items = [m for i, row in enumerate(result.history if history else [])
@@ -198,6 +199,10 @@ class Tracker:
                   "n_windows", "attempts", "resumed_epoch"):
             if finite(getattr(result, k, None)):
                 items.append(Metric(prefix + k, float(getattr(result, k)), ts, 0))
+        for m in getattr(result, "members", None) or []:
+            for k in ("best_val", "best_epoch", "epochs"):
+                if finite(m.get(k)):
+                    items.append(Metric(f"{prefix}member_{m['index']}_{k}", float(m[k]), ts, 0))
         tags = [RunTag(f"{prefix}job_ok", str(result.ok))]
         if result.error:
             tags.append(RunTag(f"{prefix}job_error", result.error[:5000]))
