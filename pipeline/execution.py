@@ -162,7 +162,8 @@ def train(arrays, packs: list[list[Job]], cfg: Config, final: bool = False,
             ray.cancel(r, force=True)
             out += [failed(j, deadline.error("its training task")) for j in pack]
         except ray.exceptions.RayTaskError as e:
-            out += [failed(j, e.as_instanceof_cause(), cfg.ray.max_retries + 1) for j in pack]
+            cause = e.cause if isinstance(e.cause, BaseException) else e.as_instanceof_cause()
+            out += [failed(j, cause, cfg.ray.max_retries + 1) for j in pack]
         except ray.exceptions.RayError as e:    # the worker or its node died, every retry
             out += [failed(j, e, cfg.ray.max_retries + 1) for j in pack]
     return out
@@ -171,16 +172,27 @@ def train(arrays, packs: list[list[Job]], cfg: Config, final: bool = False,
 class Reported:
     """A job's `log` callback in its Ray task: each epoch's row goes to the driver's progress
     display (through a Ray queue) and to the job's own logger (the tracking layer's
-    EpochLogger, whose `errors` it passes on)."""
+    EpochLogger, whose `errors` it passes on); within an epoch, `tick` sends the step and the
+    running loss at most every `every` seconds."""
 
-    def __init__(self, job: str, queue: Queue, log=None) -> None:
-        self.job, self.queue, self.log = job, queue, log
+    def __init__(self, job: str, queue: Queue, log=None, every: float = 2.0) -> None:
+        self.job, self.queue, self.log, self.every = job, queue, log, every
+        self.epoch, self.last = 0, 0.0
+
+    def tick(self, step: int, loss) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            with contextlib.suppress(Exception):
+                self.queue.put_nowait((self.job, {"epoch": self.epoch, "step": step,
+                                                  "train_loss": loss()}))
 
     @property
     def errors(self) -> list[str]:
         return getattr(self.log, "errors", [])
 
     def __call__(self, row: dict) -> None:
+        self.epoch = row["epoch"] + 1
         with contextlib.suppress(Exception):    # the display must never stop the training
             self.queue.put_nowait((self.job, row))
         if self.log is not None:
@@ -196,12 +208,21 @@ def _watch(refs: list, deadline: Deadline, epochs: Queue, jobs: int, total: int)
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
             while not epochs.empty():
                 job, row = epochs.get_nowait()
-                display.update(0, f"{job} epoch {row['epoch'] + 1}/{total} val "
-                                  f"{row['val_loss']:.4f} {row['samples_per_s']:,.0f}/s")
+                display.update(0, job_status(job, row, total))
             display.update(len(refs) - len(pending) - display.done)
     finally:
         display.close()
         ray.kill(epochs.actor)
+
+
+def job_status(job: str, row: dict, epochs: int) -> str:
+    """A job's latest figures for the driver's line: an epoch's row (validation loss,
+    samples/s) or a step's (`step`, running train loss)."""
+    if "step" in row:
+        return (f"{job} epoch {row['epoch'] + 1}/{epochs} step {row['step']} "
+                f"loss {row['train_loss']:.4f}")
+    return (f"{job} epoch {row['epoch'] + 1}/{epochs} val {row['val_loss']:.4f} "
+            f"{row['samples_per_s']:,.0f}/s")
 
 
 def _ddp_worker(config: dict) -> JobResult:

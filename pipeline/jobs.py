@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -328,11 +329,16 @@ def save_result(result: JobResult, path: str) -> None:
     write_bytes_atomic(buf.getvalue(), path)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
-    """A job that raised: its error, one line plus the innermost frame."""
+    """A job that raised: its error, one line (no terminal colours) plus the innermost frame."""
     tb = traceback.extract_tb(exc.__traceback__)
     where = f" ({tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
-    return JobResult(job.name, job.group, False, error=f"{type(exc).__name__}: {exc}{where}",
+    text = ANSI.sub("", str(exc)).strip().splitlines()
+    return JobResult(job.name, job.group, False,
+                     error=f"{type(exc).__name__}: {text[0] if text else ''}{where}",
                      n_series=len(job.series), attempts=attempts)
 
 

@@ -58,40 +58,71 @@ class Display:
 
 
 class Progress:
-    """A training job's progress (`pipeline.train.fit`): a line per epoch off a terminal, and
-    between epochs a line at most every `EVERY` seconds of steps; a bar on a terminal."""
+    """A training job's progress (`pipeline.train.fit`): off a terminal a line per epoch and,
+    within an epoch, a line at most every `every` seconds with the step, the running train
+    loss and the time left (at the full number of epochs: an early stop ends sooner); on a
+    terminal one bar over every step with the same figures."""
 
     def __init__(self, epochs: int, enabled: bool = True, stream=None, steps: int = 0,
-                 label: str = "epoch") -> None:
-        self.epochs, self.enabled = epochs, enabled
+                 every: float = EVERY) -> None:
+        self.epochs, self.steps, self.enabled, self.every = epochs, steps, enabled, every
         self.stream = stream or sys.stderr
-        self.tty = self.enabled and getattr(self.stream, "isatty", lambda: False)()
-        self.label = label
-        self.steps = Display(label, steps or None, "steps", stream=self.stream,
-                             enabled=enabled and steps > 0)
-        self.epoch = 0
+        self.tty = enabled and getattr(self.stream, "isatty", lambda: False)()
+        self.bar = tqdm(total=epochs * steps or None, desc="training", unit=" steps",
+                        file=self.stream, leave=False, dynamic_ncols=True) \
+            if self.tty and tqdm is not None else None
+        self.epoch, self.done = 0, 0
+        self.t0 = self.last = time.monotonic()
 
-    def step(self, loss: float | None = None) -> None:
-        """A training step done (with its loss, when known)."""
-        status = f"epoch {self.epoch + 1}/{self.epochs}" + (
-            f" loss {loss:.4f}" if loss is not None else "")
-        self.steps.update(1, status)
+    def step(self, step: int, loss=None) -> None:
+        """Step `step` of the current epoch done; `loss()` the running train loss (called
+        only when something is printed: it may sync the device)."""
+        self.done = self.epoch * self.steps + step
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(self.done - self.bar.n)
+            if now - self.last >= 1.0:
+                self.bar.set_postfix_str(self.status(step, loss), refresh=False)
+                self.last = now
+        elif now - self.last >= self.every:
+            self.stream.write(self.status(step, loss) + "\n")
+            self.stream.flush()
+            self.last = now
+
+    def status(self, step: int, loss=None) -> str:
+        """`epoch e/E step s/S loss x (t s, about T s left)`."""
+        of = f"/{self.steps}" if self.steps else ""
+        text = f"epoch {self.epoch + 1}/{self.epochs} step {step}{of}"
+        if loss is not None:
+            text += f" loss {loss():.4f}"
+        elapsed = time.monotonic() - self.t0
+        total = self.epochs * self.steps
+        left = f", about {elapsed * (total - self.done) / self.done:,.0f} s left" \
+            if total and self.done else ""
+        return f"{text}  ({elapsed:,.0f} s{left})"
 
     def update(self, row: dict) -> None:
+        """An epoch's row (`epoch`, `train_loss`, `val_loss`, `samples_per_s`)."""
         self.epoch = row["epoch"] + 1
+        self.done = self.epoch * self.steps
         if not self.enabled:
             return
         text = (f"epoch {row['epoch'] + 1}/{self.epochs}  train {row['train_loss']:.4f}  "
                 f"val {row['val_loss']:.4f}  {row['samples_per_s']:,.0f} samples/s")
-        self.stream.write(f"\r{text}\033[K" if self.tty else text + "\n")
-        self.stream.flush()
-        self.steps.last = time.monotonic()
+        self.note(text)
+        self.last = time.monotonic()
 
     def note(self, text: str) -> None:
-        if self.enabled:
-            self.stream.write(("\n" if self.tty else "") + text + "\n")
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     def close(self) -> None:
-        self.steps.close()
-        if self.enabled and self.tty:
-            self.stream.write("\n")
+        if self.bar is not None:
+            self.bar.close()

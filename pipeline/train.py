@@ -161,17 +161,20 @@ def pack_losses(model: nn.Module, batches: Sequence[Batch], loss_fn, amp, train:
 
 def train_epoch(model, data: Sequence[TrainData], steps: int | None, opt, sched, loss_fn,
                 cfg: TrainConfig, amp, gens: Sequence[torch.Generator],
-                samplers: Sequence[SeriesSampler | None] | None = None) -> tuple[list, int]:
+                samplers: Sequence[SeriesSampler | None] | None = None, tick=None
+                ) -> tuple[list, int]:
     """One epoch of `steps` steps (None: one pass, the last batch smaller; packs of one only);
     returns (each member's mean train loss, samples per member). `samplers`: each member's
-    series-balanced sampler (`train.sampling: series`), or None: window permutations."""
+    series-balanced sampler (`train.sampling: series`), or None: window permutations.
+    `tick(step, loss)` after each step, `loss()` the running mean train loss (it syncs the
+    device: a progress display calls it only when it prints)."""
     model.train()
     samplers = samplers or [None] * len(data)
     streams = [d.loader.batches(d.train, cfg.batch_size, shuffle=True, generator=g,
                                 steps=steps, sampler=smp)
                for d, g, smp in zip(data, gens, samplers, strict=True)]
     total, n = 0.0, 0
-    for batches in zip(*streams, strict=True):
+    for step, batches in enumerate(zip(*streams, strict=True), 1):
         losses = pack_losses(model, batches, loss_fn, amp, train=True)
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()        # member g's gradient is that of its own loss
@@ -184,6 +187,8 @@ def train_epoch(model, data: Sequence[TrainData], steps: int | None, opt, sched,
             sched.step()
         total += losses.detach() * len(batches[0])  # stays on the device: no sync per step
         n += len(batches[0])
+        if tick is not None:
+            tick(step, lambda t=total, k=n: float(torch.as_tensor(t).mean()) / k)
     return [float(t) / max(n, 1) for t in torch.as_tensor(total).reshape(-1)], n
 
 
@@ -241,14 +246,23 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
     opt, sched = make_optimizer(model, cfg, steps * cfg.epochs)
     core = getattr(model, "module", model)   # the model inside a DDP wrapper
     s = _State(G)
-    display = Progress(cfg.epochs, enabled=progress and rank == 0)
+    display = Progress(cfg.epochs, enabled=progress and rank == 0, steps=steps or 0)
+    # a log callback may follow the steps too (the pack's first that does: steps are shared)
+    ticks = [t for t in (getattr(lg, "tick", None) for lg in logs) if t][:1] if rank == 0 \
+        else []
+
+    def tick(step: int, loss) -> None:
+        display.step(step, loss if display.enabled else None)
+        for t in ticks:
+            t(step, loss)
     first = _resume(checkpoint, core, opt, sched, device, s, display, logs)
+    display.epoch = first
     t0 = time.perf_counter() - s.results[0].seconds
     for epoch in range(first, cfg.epochs if not all(s.stopped) else 0):
         te = time.perf_counter()
         gens = [epoch_generator(seed, epoch, rank) for seed in seeds]  # as if alone
         train_loss, n = train_epoch(model, data, steps if G > 1 else cfg.steps_per_epoch,
-                                    opt, sched, loss_fn, cfg, amp, gens, samplers)
+                                    opt, sched, loss_fn, cfg, amp, gens, samplers, tick)
         val_loss = validate(model, data, val, loss_fn, cfg.batch_size * 4, amp)
         train_loss = [mean_over_ranks(v, device) for v in train_loss]
         val_loss = [mean_over_ranks(v, device) for v in val_loss]

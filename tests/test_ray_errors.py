@@ -89,3 +89,19 @@ def test_the_cli_with_ray_on_prints_one_line_for_bad_data(tmp_path, case):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
     assert "\x1b[" not in r.stderr and "Traceback" not in r.stderr and "ray::" not in r.stderr
+
+
+def test_a_training_task_that_raises_under_ray_reports_one_clean_line(ray_session):
+    from test_train import SMALL, sines
+
+    from pipeline import config as C
+    from pipeline.execution import train
+    from pipeline.jobs import Job
+    arrays = sines(4)
+    cfg = C.load(None, [*SMALL, "train.epochs=1", "train.steps_per_epoch=2",
+                        "ray.max_retries=0"])
+    # an epoch logger that raises in the task (a builtin: workers cannot import test modules)
+    (res,) = train(arrays, [[Job("global", np.arange(4))]], cfg, loggers={"global": int})
+    assert not res.ok and "\n" not in res.error and "\x1b[" not in res.error, res.error
+    assert res.error.startswith("TypeError: int() argument must be"), res.error
+    assert "ray::" not in res.error and "pid=" not in res.error

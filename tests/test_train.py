@@ -104,13 +104,37 @@ def test_embeddings_and_quantiles_train():
     assert res.ok and math.isfinite(res.best_val)
 
 
-def test_progress_is_plain_lines_off_a_terminal():
+def test_progress_is_plain_lines_off_a_terminal(monkeypatch):
     out = io.StringIO()
-    p = Progress(3, stream=out)
+    now = [0.0]
+    monkeypatch.setattr("pipeline.progress.time.monotonic", lambda: now[0])
+    p = Progress(3, stream=out, steps=10, every=10)        # t0 = last = 0
+    for step, t, loss in ((1, 5.0, 9.9), (2, 12.0, 0.5), (3, 13.0, 0.25)):
+        now[0] = t                                         # a line at 12 s only
+        p.step(step, lambda v=loss: v)
+    now[0] = 30.0
     p.update({"epoch": 0, "train_loss": 1.0, "val_loss": 2.0, "samples_per_s": 1234.0})
     p.note("early stop")
-    assert out.getvalue() == ("epoch 1/3  train 1.0000  val 2.0000  1,234 samples/s\n"
+    assert out.getvalue() == ("epoch 1/3 step 2/10 loss 0.5000  (12 s, about 168 s left)\n"
+                              "epoch 1/3  train 1.0000  val 2.0000  1,234 samples/s\n"
                               "early stop\n")
+    assert p.status(4) == "epoch 2/3 step 4/10  (30 s, about 60 s left)"   # 10 of 30 in 30 s
+
+
+def test_fit_ticks_each_step_to_a_log_that_follows_steps():
+    arrays = sines(4)
+    cfg = C.load(None, [*SMALL, "train.epochs=2", "train.steps_per_epoch=3"])
+    seen = []
+
+    class Log:
+        def __call__(self, row):
+            seen.append(("epoch", row["epoch"]))
+
+        def tick(self, step, loss):
+            seen.append(("step", step, round(loss(), 6) > 0))
+    run_job(arrays, Job("global", np.arange(4)), cfg, log=Log())
+    assert seen == [("step", 1, True), ("step", 2, True), ("step", 3, True), ("epoch", 0),
+                    ("step", 1, True), ("step", 2, True), ("step", 3, True), ("epoch", 1)]
 
 
 class Crash(Exception):
