@@ -17,6 +17,7 @@ failure-tolerant (`Tracker.safe`): logging problems are listed in `failures`, ou
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -70,8 +71,15 @@ class RunLog:
         return self.cfg.tracking.experiment or self.cfg.name
 
     def where(self) -> str:
-        return (f"{tracking.redact(self.tr.uri)} experiment {self.experiment!r} "
-                f"run {self.parent_id}")
+        """The store, experiment and run, for the console: a SQLite file under the working
+        directory as a relative URI (`sqlite:///outputs/mlflow.db`, which MLflow reads the
+        same from there)."""
+        uri = self.tr.uri
+        if uri.startswith("sqlite:///"):
+            path = Path(uri[len("sqlite:///"):])
+            with contextlib.suppress(ValueError):
+                uri = "sqlite:///" + str(path.resolve().relative_to(Path.cwd().resolve()))
+        return f"{tracking.redact(uri)} experiment {self.experiment!r} run {self.parent_id}"
 
     # -------------------------------------------------------------- the batch's runs
 

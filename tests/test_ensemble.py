@@ -2,8 +2,8 @@
 member trained alone; forecasts combined per series, step and quantile over the members that
 can forecast; one weights-only model file."""
 import dataclasses
-import warnings
 import io
+import warnings
 
 import numpy as np
 import pytest

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import hourly, write_long
 
 from pipeline import config as C
-from pipeline.config.model import receptive_field as _field
 from pipeline.config.model import layers_to_cover
+from pipeline.config.model import receptive_field as _field
 from pipeline.recipes import after_load, before_load, choose
-
-from conftest import hourly, write_long
 
 
 def receptive_field(kernel, dilations):

@@ -139,7 +139,7 @@ def padded_rows(rows: list[dict], arrays: SeriesArrays, windows) -> list[dict]:
     """The report's left-padded rows again for a lookback the recipe shortened after the parts
     were read: rows of series now long enough dropped, the others' detail rewritten."""
     need = windows.required_length
-    length = dict(zip(map(str, arrays.ids.tolist()), arrays.lengths.tolist()))
+    length = dict(zip(map(str, arrays.ids.tolist()), arrays.lengths.tolist(), strict=True))
     out = []
     for row in rows:
         if row["action"] == "padded":
