@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import polars as pl
 
@@ -95,6 +96,14 @@ def backtest(scored, cfg) -> None:
     print(f"outputs      {redact(scored.paths[0])}")
     for p in scored.paths[1:]:
         print(f"             {redact(p)}")
+
+
+def comparator_fallbacks(fallbacks: dict[str, int], made: dict[str, int]) -> None:
+    """A warning line for the comparators that fell back to seasonal naive somewhere."""
+    parts = [f"{name} {n:,} of {made[name]:,}" for name, n in fallbacks.items() if n]
+    if parts:
+        print(f"warning: comparator forecasts replaced by seasonal naive (the model could not "
+              f"fit the series): {', '.join(parts)}", file=sys.stderr)
 
 
 def promotion(model: str, decisions: list, metric: str = "mase") -> None:

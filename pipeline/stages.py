@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import compare, htmlreport, output, paths, report
-from pipeline.backtest import FALLBACK, Backtest, concat_columns, config_at, final_forecast
+from pipeline.backtest import (
+    FALLBACK,
+    Backtest,
+    concat_columns,
+    config_at,
+    fallback_name,
+    final_forecast,
+)
 from pipeline.backtest import backtest as score
 from pipeline.batch import Batch
 from pipeline.config import Config
@@ -185,7 +192,7 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
             models[k] = train(b, data, jobs, inits, cfg=config_at(cfg, k),
                               label=f"backtest-cutoff{k}").models()
     with b.stage("backtest"):
-        bt = score(arrays, jobs, models, cfg, refit=cfg.evaluate.refit)
+        bt = score(arrays, jobs, models, cfg, refit=cfg.evaluate.refit, runner=b.runner)
         end = paths.data_end(arrays)
         preds = concat_columns(bt.frames)
         metrics = output.metrics_table(concat_columns(bt.metrics), b.run_id, arrays.freq)
@@ -196,6 +203,7 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
             b.log.backtest(bt, metrics)
     scored = b.keep("backtest", Scored(bt, bt.summary(), written, preds))
     report.backtest(scored, cfg)
+    report.comparator_fallbacks(bt.fallbacks, bt.forecasts)
     return scored
 
 
@@ -219,9 +227,10 @@ def forecast(b: Batch, data: Prepared, jobs: list[Job], trained: Trained) -> For
     """H steps past every series' end with its job's model; the fallback where there is none."""
     with b.stage("forecast"):
         bad: list[str] = []
-        cols = final_forecast(data.arrays, jobs, trained.models(), b.cfg, failed=bad)
+        cols = final_forecast(data.arrays, jobs, trained.models(), b.cfg, failed=bad,
+                              runner=b.runner)
     _failed(b, bad, "its forecasts are not finite")
-    return b.keep("forecast", Forecast(cols))
+    return b.keep("forecast", Forecast(cols, fallback=fallback_name(b.cfg)))
 
 
 def _failed(b: Batch, jobs: list[str], why: str) -> None:
@@ -282,16 +291,17 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Foreca
                 within[c.job.series] = True
             frames.append(final_forecast(arrays, [c.job for c in entries],
                                          _checked(arrays, entries), entries[0].config,
-                                         within=within, failed=bad))
+                                         within=within, failed=bad, runner=b.runner))
         if champs.missing:
             report.missing_champions([j.name for j, _ in champs.missing])
             rest = Job("rest", np.concatenate([j.series for j, _ in champs.missing]))
             frames.append(final_forecast(arrays, [rest], {}, cfg,
-                                         within=rest.member(len(arrays))))
+                                         within=rest.member(len(arrays)), runner=b.runner))
     _failed(b, bad, "its champion's forecasts are not finite")
     used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
     return b.keep("forecast", Forecast(concat_columns(frames),
-                                         note=f"champions {', '.join(used)}"))
+                                         note=f"champions {', '.join(used)}",
+                                         fallback=fallback_name(cfg)))
 
 
 def _champion_jobs(cfg: Config, arrays, by: str) -> list[Job]:
@@ -319,7 +329,7 @@ def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored: Scored | None
                                output.to_table(fc.cols, b.run_id, arrays.freq))
         ids, models = fc.cols["unique_id"], fc.cols["model"]
         fc.n_series = len(set(ids))
-        fc.n_fallback = len(set(ids[models == FALLBACK]))
+        fc.n_fallback = len(set(ids[np.char.startswith(models.astype(str), "fallback:")]))
         if cfg.evaluate.plots and not paths.is_remote(cfg.output.path):
             fc.plots = plot_sample(paths.partition(cfg, "plots", end), arrays, fc.cols,
                                    scored.predictions if scored else None, cfg.evaluate.plots,

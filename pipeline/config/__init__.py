@@ -15,6 +15,7 @@ from pipeline.config.sections import (
     ModelConfig,
     OutputConfig,
     PerGroupConfig,
+    STATISTICAL,
     RayConfig,
     TrackingConfig,
     TrainConfig,
@@ -24,5 +25,5 @@ from pipeline.config.sections import (
 
 __all__ = ["CALENDAR_FEATURES", "PACKED_DECODERS", "PACKED_ENCODERS", "Config", "ConfigError",
            "DataConfig", "DecoderConfig", "EncoderConfig", "EvaluateConfig", "ModelConfig",
-           "OutputConfig", "PerGroupConfig", "RayConfig", "TrackingConfig", "TrainConfig",
+           "OutputConfig", "PerGroupConfig", "RayConfig", "STATISTICAL", "TrackingConfig", "TrainConfig",
            "WindowsConfig", "from_dict", "load", "receptive_field"]
