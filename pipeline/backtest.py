@@ -66,6 +66,8 @@ class Backtest:
     fallbacks: dict[str, int] = field(default_factory=dict)  # comparator -> forecasts that
                                                          # fell back to seasonal naive
     forecasts: dict[str, int] = field(default_factory=dict)  # comparator -> forecasts made
+    season: int = 1                                      # m of MASE, baselines, comparators
+    history: int = 0                                     # the comparators' history cap
 
     def add(self, model: str, table: dict) -> None:
         self.tables.setdefault(model, []).append(table)
@@ -111,8 +113,8 @@ def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
     {cutoff number: {job name: model trained before that cutoff}}. Jobs without a model get
     the baselines (and comparators) only. `runner` maps the comparators over chunks of series
     (`pipeline.execution.RayRunner`; default: in this process)."""
-    out = Backtest()
     m = season_of(cfg, arrays)
+    out = Backtest(season=m, history=cfg.evaluate.history_cap(m))
     ok = arrays.status == 0
     quantiles = cfg.model.quantiles
     cutoffs = cutoff_positions(arrays.lengths, cfg.windows.horizon, cfg.windows.n_windows,
@@ -228,7 +230,6 @@ def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
     else the fallback (`fallback_forecast`). A job whose forecasts are not all finite gets the
     fallback too, and its name is appended to `failed`. `within` ([S] bool) limits the
     forecast to those series (default: every series)."""
-    H = cfg.windows.horizon
     loader = loader_at(arrays, cfg, arrays.lengths, device)
     ok = arrays.status == 0
     covered = np.zeros(len(arrays), bool)
@@ -257,6 +258,22 @@ def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
                                  fallback_name(cfg), quantiles=cfg.model.quantiles,
                                  q_hat=q_hat, extra=extra))
     return concat_columns(frames)
+
+
+def refit_forecast(arrays: SeriesArrays, series: np.ndarray, name: str, season: int,
+                   cap: int, horizon: int, runner: Callable | None = None,
+                   extra: dict | None = None) -> tuple[dict, np.ndarray]:
+    """A statistical champion's forecast: comparator `name` refitted on the last `cap` steps
+    of each of `series` (those with a finite value), H steps past its end. Returns the long
+    columns and the series it could not serve (no finite value: the caller's fallback)."""
+    hist = history(arrays, series, arrays.lengths[series])
+    some = np.array([np.isfinite(h).any() for h in hist], bool)
+    fc = comparator_forecasts([h for h, s in zip(hist, some, strict=True) if s], horizon,
+                              season, [name], cap, runner)
+    served = series[some]
+    cols = long_frame(arrays, served, arrays.lengths[served].astype(np.int64),
+                      fc.columns[name], name, extra=extra) if len(served) else {}
+    return cols, series[~some]
 
 
 def fallback_forecast(arrays: SeriesArrays, rest: np.ndarray, cfg: Config,

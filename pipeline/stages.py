@@ -24,9 +24,11 @@ from pipeline.backtest import (
     config_at,
     fallback_name,
     final_forecast,
+    refit_forecast,
 )
 from pipeline.backtest import backtest as score
 from pipeline.batch import Batch
+from pipeline.calibration import Calibration, calibrate, with_intervals
 from pipeline.config import Config
 from pipeline.data.io import join
 from pipeline.data.loader import loader_at
@@ -47,6 +49,7 @@ from pipeline.jobs import (
 from pipeline.names import model_file
 from pipeline.plots import plot_sample
 from pipeline.secrets import redact
+from pipeline.statistical import Statistical
 from pipeline.train import resolve_device
 
 
@@ -69,6 +72,7 @@ class Scored:
     summary: dict[str, dict[str, float]]
     paths: list[str]
     predictions: dict
+    calibration: Calibration | None = None     # evaluate.intervals: conformal
 
 
 @dataclass
@@ -204,7 +208,27 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
     scored = b.keep("backtest", Scored(bt, bt.summary(), written, preds))
     report.backtest(scored, cfg)
     report.comparator_fallbacks(bt.fallbacks, bt.forecasts)
+    if cfg.evaluate.intervals == "conformal":
+        scored.calibration = _calibrate(b, bt, arrays)
     return scored
+
+
+def _calibrate(b: Batch, bt: Backtest, arrays) -> Calibration:
+    """Conformal widths from the backtest; each level's coverage on the latest window
+    printed and logged (`coverage_80` for the run's model, `<model>_coverage_80` else)."""
+    cal = calibrate(bt, arrays.groups, b.cfg.evaluate.levels)
+    if b.log is not None:
+        b.log.coverage(cal.coverage)
+    report.coverage(cal, b.cfg.model.name)
+    return cal
+
+
+def _with_intervals(b: Batch, cols: dict) -> dict:
+    """The forecast with the backtest's conformal intervals, when it made them."""
+    scored = b.results.get("backtest")
+    if scored is None or scored.calibration is None:
+        return cols
+    return with_intervals(cols, scored.calibration, b.cfg.windows.horizon)
 
 
 def final_model(b: Batch, data: Prepared, jobs: list[Job], trained: Trained | None = None,
@@ -230,7 +254,7 @@ def forecast(b: Batch, data: Prepared, jobs: list[Job], trained: Trained) -> For
         cols = final_forecast(data.arrays, jobs, trained.models(), b.cfg, failed=bad,
                               runner=b.runner)
     _failed(b, bad, "its forecasts are not finite")
-    return b.keep("forecast", Forecast(cols, fallback=fallback_name(b.cfg)))
+    return b.keep("forecast", Forecast(_with_intervals(b, cols), fallback=fallback_name(b.cfg)))
 
 
 def _failed(b: Batch, jobs: list[str], why: str) -> None:
@@ -253,20 +277,36 @@ def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = No
         champs = compare.load_champions(cfg, _champion_jobs(cfg, arrays, by), by)
         theirs = {}
         for entries in champs.by_run().values():
-            ccfg = dataclasses.replace(entries[0].config, windows=dataclasses.replace(
-                entries[0].config.windows, n_windows=cfg.windows.n_windows,
-                step=cfg.windows.step))
+            ccfg = _scoring_config(cfg, entries[0])
             if ccfg.windows.horizon != cfg.windows.horizon:
                 raise PipelineError(f"the champion of {entries[0].job.name!r} forecasts "
                                     f"{ccfg.windows.horizon} steps, this config "
                                     f"{cfg.windows.horizon}: they cannot be compared")
-            cols = concat_columns(score(arrays, [c.job for c in entries],
-                                        _checked(arrays, entries), ccfg).metrics)
+            models = {} if entries[0].statistical else _checked(arrays, entries)
+            cols = concat_columns(score(arrays, [c.job for c in entries], models, ccfg,
+                                        runner=b.runner).metrics)
             theirs.update({c.job.name: cols for c in entries})
-        decisions = compare.promote(cfg, b.log, champs, concat_columns(scored.backtest.metrics),
-                                    theirs, arrays.freq, final.results if final else None)
+        bt = scored.backtest
+        mine = {name: Statistical(name, bt.season, bt.history, cfg.windows.horizon)
+                for name in cfg.evaluate.comparators}
+        decisions = compare.promote(cfg, b.log, champs, concat_columns(bt.metrics),
+                                    theirs, arrays.freq, final.results if final else None,
+                                    statistical=mine)
     report.promotion(cfg.model.name, decisions)
     return b.keep("promote", decisions)
+
+
+def _scoring_config(cfg: Config, champ: compare.Champion) -> Config:
+    """The config a champion is re-scored with on this run's backtest windows: a trained
+    model alone (no comparators), or a statistical one as the comparator with its settings."""
+    c = champ.config
+    ev = dataclasses.replace(c.evaluate, comparators=[champ.model.model],
+                             comparator_history=champ.model.history,
+                             season=champ.model.season) if champ.statistical else \
+        dataclasses.replace(c.evaluate, comparators=[])
+    windows = dataclasses.replace(c.windows, n_windows=cfg.windows.n_windows,
+                                  step=cfg.windows.step)
+    return dataclasses.replace(c, windows=windows, evaluate=ev)
 
 
 def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Forecast:
@@ -286,6 +326,9 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Foreca
                 "run `python -m pipeline compare --config ...` first")
         frames, bad = [], []
         for entries in champs.by_run().values():
+            if entries[0].statistical:
+                frames += _refit(b, arrays, entries)
+                continue
             within = np.zeros(len(arrays), bool)
             for c in entries:
                 within[c.job.series] = True
@@ -299,9 +342,24 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Foreca
                                          within=rest.member(len(arrays)), runner=b.runner))
     _failed(b, bad, "its champion's forecasts are not finite")
     used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
-    return b.keep("forecast", Forecast(concat_columns(frames),
+    return b.keep("forecast", Forecast(_with_intervals(b, concat_columns(frames)),
                                          note=f"champions {', '.join(used)}",
                                          fallback=fallback_name(cfg)))
+
+
+def _refit(b: Batch, arrays, entries: list[compare.Champion]) -> list[dict]:
+    """A statistical champion refitted on each of its series' recent history; the series it
+    cannot serve (no finite value) get the fallback."""
+    spec, cfg = entries[0].model, entries[0].config
+    series = np.sort(np.concatenate([c.job.series for c in entries]))
+    cols, rest = refit_forecast(arrays, series, spec.model, spec.season, spec.history,
+                                spec.horizon, b.runner)
+    frames = [cols] if cols else []
+    if len(rest):
+        within = np.zeros(len(arrays), bool)
+        within[rest] = True
+        frames.append(final_forecast(arrays, [], {}, cfg, within=within, runner=b.runner))
+    return frames
 
 
 def _champion_jobs(cfg: Config, arrays, by: str) -> list[Job]:

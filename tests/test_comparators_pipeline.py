@@ -4,6 +4,9 @@ fallback of the final forecast, statistical champions registered as a spec and r
 conformal intervals reaching their coverage through the pipeline's path."""
 from __future__ import annotations
 
+import os
+import pathlib
+
 import numpy as np
 import pytest
 from statsforecast.models import AutoETS, AutoTheta
@@ -112,3 +115,120 @@ def test_auto_ets_fallback_forecasts_the_series_the_model_cannot():
     default = final_forecast(arrays, [], {}, small_cfg())
     assert set(default["model"]) == {"fallback:seasonal_naive"}
     np.testing.assert_array_equal(default["y_hat"][:H], arrays.values[90 - SEASON:90 - SEASON + H])
+
+
+# ------------------------------------------------------------ statistical champions, end to end
+
+def seasonal_panel(path, n_series: int = 4, days: int = 16) -> str:
+    """Hourly series of a pure daily pattern around a level each: AutoETS and AutoTheta all
+    but recover it, a one-step tiny GRU cannot."""
+    from conftest import hourly, write_long
+    rng = np.random.default_rng(3)
+    n = 24 * days
+    t = np.arange(n)
+    ys = [20 + 15 * i + 8 * np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.05, n)
+          for i in range(n_series)]
+    return write_long(path, np.repeat([f"s{i}" for i in range(n_series)], n),
+                      np.tile(hourly(n), n_series), np.concatenate(ys))
+
+
+def statistical_config(tmp_path) -> str:
+    import yaml
+    data = seasonal_panel(str(tmp_path / "data" / "panel.parquet"))
+    cfg = {"name": "stat", "data": {"path": data, "freq": "1h", "calendar": []},
+           "windows": {"lookback": 48, "horizon": 24, "n_windows": 2},
+           "model": {"encoder": {"type": "gru", "hidden_size": 4},
+                     "decoder": {"type": "direct", "hidden_size": 8}},
+           "train": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 8},
+           "evaluate": {"comparators": ["auto_ets", "auto_theta"],
+                        "comparator_history": 120, "plots": 0, "intervals": "conformal"},
+           "ray": {"enabled": False},
+           "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+           "output": {"path": str(tmp_path / "out")}}
+    path = tmp_path / "stat.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_a_winning_comparator_is_registered_as_a_spec_and_refitted(tmp_path):
+    import json
+
+    import mlflow
+
+    from pipeline.cli import execute, main
+    from pipeline.tracking import read
+    config = statistical_config(tmp_path)
+    run = execute(["run", "--config", config])
+    assert run.exit_code == 0
+    summary = run.results["backtest"].summary
+    best = min(CLASSES, key=lambda m: summary[m]["mase"])
+    assert summary[best]["mase"] < 0.2 * summary[run.cfg.model.name]["mase"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # conformal intervals: coverage logged per model, quantile columns in the forecast
+    parent = mlflow.MlflowClient(tracking_uri=uri).get_run(run.log.parent_id).data
+    cal = run.results["backtest"].calibration
+    assert parent.metrics["coverage_80"] == cal.coverage[run.cfg.model.name]["coverage_80"]
+    assert parent.metrics["auto_ets_coverage_95"] == cal.coverage["auto_ets"]["coverage_95"]
+    cols = run.results["forecast"].cols
+    assert [k for k in cols if k.startswith("q_")] == ["q_0.025", "q_0.1", "q_0.9", "q_0.975"]
+    assert (cols["q_0.025"] <= cols["q_0.1"]).all() and (cols["q_0.1"] <= cols["y_hat"]).all()
+    assert main(["compare", "--config", config]) == 0
+    mv = mlflow.MlflowClient(tracking_uri=uri).get_model_version_by_alias("stat", "champion")
+    assert (mv.tags["kind"], mv.tags["model"]) == ("statistical", best)
+    where = mlflow.MlflowClient(tracking_uri=uri).get_logged_model(mv.tags["model_id"])
+    folder = pathlib.Path(where.artifact_location.removeprefix("file://"))
+    assert sorted(os.listdir(folder)) == ["spec.json"]         # no weights, no pickle
+    spec = json.loads((folder / "spec.json").read_text())
+    assert spec == {"kind": "statistical", "model": best, "season": 24, "history": 120,
+                    "horizon": 24}
+    assert read.load_champion("stat", uri=uri).spec == spec
+    fc = execute(["forecast", "--config", config, "--from-registry"])
+    assert fc.exit_code == 0
+    cols = fc.results["forecast"].cols
+    assert set(cols["model"]) == {best}
+    arrays = fc.results["data"].arrays
+    for s in range(len(arrays)):
+        hist = arrays.values[arrays.indptr[s]:arrays.indptr[s + 1]].astype(np.float64)
+        want = CLASSES[best](season_length=24).forecast(y=hist[-120:], h=24)["mean"]
+        rows = cols["unique_id"] == arrays.ids[s]
+        np.testing.assert_array_equal(cols["y_hat"][rows], want.astype(np.float32))
+
+
+# ------------------------------------------------------------------------ conformal intervals
+
+def exchangeable(n_series: int = 400, n: int = 60, seed: int = 5) -> SeriesArrays:
+    """A level per series plus i.i.d. noise: the naive forecasts' errors are exchangeable
+    across series and cutoffs."""
+    rng = np.random.default_rng(seed)
+    return SeriesArrays.from_list([rng.uniform(10, 50) + rng.normal(0, 2, n)
+                                   for _ in range(n_series)])
+
+
+def test_conformal_intervals_reach_their_coverage_on_the_latest_window():
+    from pipeline.calibration import calibrate
+    arrays = exchangeable()
+    cfg = C.load(None, ["windows.lookback=12", f"windows.horizon={H}", "windows.n_windows=3",
+                        "data.calendar=[]", "evaluate.season=1", "evaluate.comparators=[]",
+                        "evaluate.intervals=conformal", "evaluate.levels=[50, 80, 95]"])
+    bt = backtest(arrays, [Job("global", np.arange(len(arrays)))], {}, cfg)
+    cal = calibrate(bt, None, cfg.evaluate.levels)
+    assert set(cal.coverage) == {"naive", "seasonal_naive"}
+    for level in (50, 80, 95):
+        got = cal.coverage["naive"][f"coverage_{level}"]
+        assert abs(got - level / 100) < 0.03, (level, got)
+
+
+def test_conformal_widths_go_around_the_final_forecast_by_the_model_fallen_back_to():
+    from pipeline.calibration import calibrate, with_intervals
+    arrays = exchangeable(60)
+    cfg = C.load(None, ["windows.lookback=12", f"windows.horizon={H}", "windows.n_windows=2",
+                        "data.calendar=[]", "evaluate.season=1", "evaluate.comparators=[]",
+                        "evaluate.intervals=conformal"])
+    bt = backtest(arrays, [Job("global", np.arange(len(arrays)))], {}, cfg)
+    cal = calibrate(bt, None, cfg.evaluate.levels)
+    cols = with_intervals(final_forecast(arrays, [], {}, cfg), cal, H)
+    width = cal.fitted["seasonal_naive"].width                     # [levels, H]
+    y_hat = cols["y_hat"].reshape(-1, H)
+    np.testing.assert_allclose(cols["q_0.1"].reshape(-1, H), y_hat - width[0], rtol=1e-6)
+    np.testing.assert_allclose(cols["q_0.975"].reshape(-1, H), y_hat + width[1], rtol=1e-6)
