@@ -232,3 +232,31 @@ def test_conformal_widths_go_around_the_final_forecast_by_the_model_fallen_back_
     y_hat = cols["y_hat"].reshape(-1, H)
     np.testing.assert_allclose(cols["q_0.1"].reshape(-1, H), y_hat - width[0], rtol=1e-6)
     np.testing.assert_allclose(cols["q_0.975"].reshape(-1, H), y_hat + width[1], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_nightly_promotes_a_winning_comparator_and_forecasts_with_it(tmp_path):
+    import mlflow
+
+    from flows import nightly
+    from flows._common import parser, run_flow
+    config = statistical_config(tmp_path)
+    args = parser("nightly", nightly.nightly.__doc__).parse_args(
+        ["--config", config, "--set", "evaluate.intervals=none"])
+    b = run_flow(nightly.nightly, args, registry=True)
+    assert b.exit_code == 0
+    (d,) = b.results["promote"]
+    summary = b.results["backtest"].summary
+    best = min([*CLASSES, b.cfg.model.name], key=lambda m: summary[m]["mase"])
+    assert best in CLASSES and (d.promoted, d.challenger_model) == (True, best)
+    assert d.challenger == pytest.approx(summary[best]["mase"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mv = mlflow.MlflowClient(tracking_uri=uri).get_model_version_by_alias("stat", "champion")
+    assert (mv.tags["kind"], mv.tags["model"], str(mv.version)) == ("statistical", best,
+                                                                 d.version)
+    assert set(b.results["forecast"].cols["model"]) == {best}
+    # the next night scores the registered comparator as the champion, on the same windows
+    again = run_flow(nightly.nightly, parser("nightly", "").parse_args(
+        ["--config", config, "--set", "evaluate.intervals=none", "--force"]), registry=True)
+    (d2,) = again.results["promote"]
+    assert d2.champion == pytest.approx(d2.challenger) and not d2.promoted

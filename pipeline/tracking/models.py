@@ -10,6 +10,11 @@ shapes that loses the optional inputs. Its signature and input example describe 
 `example_inputs`: a lone tensor `x` for models with no other inputs, else a dict of named
 tensors {x, xf, static, idx} (call the reloaded module with `**batch`).
 
+A statistical champion (a comparator that won, `pipeline.statistical`) is a LoggedModel
+holding only `spec.json` (its name and settings), its version tagged kind=statistical
+(`register_spec`); `read.load_champion` returns it as a `Statistical`, refitted at forecast
+time. Both kinds become versions through the same `_version`.
+
 Everything goes through the `MlflowClient` it is given, bound to the run's URI: no global
 state is set.
 """
