@@ -10,6 +10,7 @@ this module decides and registers. MLflow only through `pipeline.tracking`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -163,6 +164,19 @@ def load_champions(cfg: Config, jobs: list, by: str) -> Champions:
     return Champions(by, uri, found, missing)
 
 
+def scoring_config(cfg: Config, champ: Champion) -> Config:
+    """The config a champion is re-scored with on this run's backtest windows: a trained
+    model alone (no comparators), or a statistical one as the comparator with its settings."""
+    c = champ.config
+    ev = dataclasses.replace(c.evaluate, comparators=[champ.model.model],
+                             comparator_history=champ.model.history,
+                             season=champ.model.season) if champ.statistical else \
+        dataclasses.replace(c.evaluate, comparators=[])
+    windows = dataclasses.replace(c.windows, n_windows=cfg.windows.n_windows,
+                                  step=cfg.windows.step)
+    return dataclasses.replace(c, windows=windows, evaluate=ev)
+
+
 def check_inputs(champ: Champion, sizes: tuple[int, int, int], rows: dict[str, int]) -> None:
     """Refuse a champion whose inputs no longer fit today's data: `sizes` = the loader's
     (past, future, static) widths, `rows` = the embedding rows per kind (series, group)."""
@@ -225,7 +239,6 @@ def promote(cfg: Config, log, champs: Champions, mine: dict, theirs: dict, freq:
     ready = {("global" if by == "global" or r.group is None else str(r.group)) if r.ok else None
              for r in (final or [])}
     held = {(c.job.group if by == "group" else "global"): c for c in champs.found}
-    statistical = statistical or {}
     out = []
     for g in keys:
         if final is not None and not ("global" in ready or g in ready):
@@ -251,7 +264,7 @@ def promote(cfg: Config, log, champs: Champions, mine: dict, theirs: dict, freq:
                      value < held_value, note, challenger_model=winner)
         if d.promoted:
             d.version = _register(cfg, log, champs.uri, g, by, value, metric,
-                                  statistical.get(winner))
+                                  (statistical or {}).get(winner))
         out.append(d)
     log.metrics({"promoted_groups": sum(d.promoted for d in out),
                  "champion_groups": len(champs.found)})

@@ -277,7 +277,7 @@ def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = No
         champs = compare.load_champions(cfg, _champion_jobs(cfg, arrays, by), by)
         theirs = {}
         for entries in champs.by_run().values():
-            ccfg = _scoring_config(cfg, entries[0])
+            ccfg = compare.scoring_config(cfg, entries[0])
             if ccfg.windows.horizon != cfg.windows.horizon:
                 raise PipelineError(f"the champion of {entries[0].job.name!r} forecasts "
                                     f"{ccfg.windows.horizon} steps, this config "
@@ -294,19 +294,6 @@ def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = No
                                     statistical=mine)
     report.promotion(cfg.model.name, decisions)
     return b.keep("promote", decisions)
-
-
-def _scoring_config(cfg: Config, champ: compare.Champion) -> Config:
-    """The config a champion is re-scored with on this run's backtest windows: a trained
-    model alone (no comparators), or a statistical one as the comparator with its settings."""
-    c = champ.config
-    ev = dataclasses.replace(c.evaluate, comparators=[champ.model.model],
-                             comparator_history=champ.model.history,
-                             season=champ.model.season) if champ.statistical else \
-        dataclasses.replace(c.evaluate, comparators=[])
-    windows = dataclasses.replace(c.windows, n_windows=cfg.windows.n_windows,
-                                  step=cfg.windows.step)
-    return dataclasses.replace(c, windows=windows, evaluate=ev)
 
 
 def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Forecast:
