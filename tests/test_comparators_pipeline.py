@@ -260,3 +260,23 @@ def test_nightly_promotes_a_winning_comparator_and_forecasts_with_it(tmp_path):
         ["--config", config, "--set", "evaluate.intervals=none", "--force"]), registry=True)
     (d2,) = again.results["promote"]
     assert d2.champion == pytest.approx(d2.challenger) and not d2.promoted
+
+
+def test_chunks_keep_the_order_and_number_the_fallbacks_over_every_history(monkeypatch,
+                                                                           capsys):
+    import pipeline.backtest as B
+    from pipeline import report
+    from pipeline.comparators import forecast
+    histories = [h.astype(np.float64) for h in
+                 (monthly_like(5).series(s) for s in range(5))]
+    histories[3] = np.array([1.0, 2.0, 4.0])          # too short for AutoETS: seasonal naive
+    whole = forecast([h[-CAP:] for h in histories], H, SEASON, ["auto_ets"])
+    monkeypatch.setattr(B, "CHUNK", 2)
+    chunked = B.comparator_forecasts(histories, H, SEASON, ["auto_ets"], CAP)
+    np.testing.assert_array_equal(chunked.columns["auto_ets"], whole.columns["auto_ets"])
+    assert [f.series for f in chunked.fallbacks] == [f.series for f in whole.fallbacks] == [3]
+    report.comparator_fallbacks({"auto_ets": 1, "auto_theta": 0},
+                                {"auto_ets": 5, "auto_theta": 5})
+    assert capsys.readouterr().err == ("warning: comparator forecasts replaced by seasonal "
+                                       "naive (the model could not fit the series): "
+                                       "auto_ets 1 of 5\n")
