@@ -5,14 +5,20 @@ the model's forecasts, naive and seasonal naive on the same cutoffs, per-series 
 frames the pipeline writes. A job is anything with a `name` and `member(n_series)` (the series
 it covers, `pipeline.jobs.Job`); models come as {job name: model}. Scaling statistics are
 refitted at each cutoff from data before it.
+The statistical comparators (`evaluate.comparators`, `pipeline.comparators`) forecast the same
+series at the same cutoffs, fitted on at most `evaluate.comparator_history` steps before the
+cutoff, mapped over chunks of series through the runner (Ray tasks when Ray is on), and are
+scored as the baselines are.
 `final_forecast` predicts H steps past each series' end; series that were skipped (too short,
-no finite value, …) or whose job failed get a seasonal-naive forecast marked
-`model = "fallback:seasonal_naive"`, so every input series has a forecast.
+no finite value, …) or whose job failed get the `evaluate.fallback` forecast (seasonal naive
+or AutoETS) marked `model = "fallback:<name>"`, so every input series has a forecast.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,6 +31,13 @@ from pipeline.forecast import history, long_frame, predict_job
 
 BASELINES = {"naive": E.naive, "seasonal_naive": E.seasonal_naive}
 FALLBACK = "fallback:seasonal_naive"
+CHUNK = 32          # series per comparator task
+
+
+def fallback_name(cfg: Config) -> str:
+    """The `model` value of fallback forecasts: "fallback:seasonal_naive" or
+    "fallback:auto_ets" (`evaluate.fallback`)."""
+    return f"fallback:{cfg.evaluate.fallback}"
 
 
 def season_of(cfg: Config, arrays: SeriesArrays) -> int:
@@ -34,11 +47,27 @@ def season_of(cfg: Config, arrays: SeriesArrays) -> int:
     return cfg.evaluate.season or arrays.freq.default_season(arrays.lengths)
 
 
+class Block(NamedTuple):
+    """One scored block of forecasts, kept for the conformal intervals (not written)."""
+    k: int                  # cutoff number (0 = latest)
+    model: str
+    series: np.ndarray      # [N]
+    y: np.ndarray           # [N, H] actuals
+    y_hat: np.ndarray       # [N, H]
+    mask: np.ndarray        # [N, H] 1 = observed
+
+
 @dataclass
 class Backtest:
     frames: list[dict] = field(default_factory=list)    # long prediction columns per block
     metrics: list[dict] = field(default_factory=list)   # per-series metric columns per block
     tables: dict[str, list[dict]] = field(default_factory=dict)  # model -> metric tables
+    blocks: list[Block] = field(default_factory=list)
+    fallbacks: dict[str, int] = field(default_factory=dict)  # comparator -> forecasts that
+                                                         # fell back to seasonal naive
+    forecasts: dict[str, int] = field(default_factory=dict)  # comparator -> forecasts made
+    season: int = 1                                      # m of MASE, baselines, comparators
+    history: int = 0                                     # the comparators' history cap
 
     def add(self, model: str, table: dict) -> None:
         self.tables.setdefault(model, []).append(table)
@@ -78,16 +107,19 @@ def config_at(cfg: Config, k: int) -> Config:
 
 
 def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
-             extra: dict | None = None, device="cpu", refit: bool = False) -> Backtest:
+             extra: dict | None = None, device="cpu", refit: bool = False,
+             runner: Callable | None = None) -> Backtest:
     """`models`: {job name: model} trained once before the oldest cutoff, or with `refit`
     {cutoff number: {job name: model trained before that cutoff}}. Jobs without a model get
-    the baselines only."""
-    out = Backtest()
+    the baselines (and comparators) only. `runner` maps the comparators over chunks of series
+    (`pipeline.execution.RayRunner`; default: in this process)."""
     m = season_of(cfg, arrays)
+    out = Backtest(season=m, history=cfg.evaluate.history_cap(m))
     ok = arrays.status == 0
     quantiles = cfg.model.quantiles
     cutoffs = cutoff_positions(arrays.lengths, cfg.windows.horizon, cfg.windows.n_windows,
                                cfg.windows.step)
+    pending = []              # the comparators' blocks, forecast together after the loop
     for k, cut in enumerate(cutoffs):
         models_k = models[k] if refit else models
         loader = loader_at(arrays, cfg, cut, device)
@@ -106,13 +138,63 @@ def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
                                 quantiles=quantiles, loader=loader)
                 _score(out, cfg.model.name, arrays, p.series, p.y, p.y_hat, p.mask,
                        scale[np.searchsorted(idx.series, p.series)], extra, cut,
-                       quantiles, p.q_hat)
+                       quantiles, p.q_hat, k=k)
             y, mask = (p.y, p.mask) if p is not None and np.array_equal(p.series, idx.series) \
                 else _actuals(arrays, idx, cfg)
             for name, fn in BASELINES.items():
                 _score(out, name, arrays, idx.series, y, fn(hist, cfg.windows.horizon, m), mask,
-                       scale, extra, cut)
+                       scale, extra, cut, k=k)
+            pending.append((k, idx.series, y, mask, scale, cut, hist))
+    if cfg.evaluate.comparators and pending:
+        _score_comparators(out, arrays, cfg, pending, m, extra, runner)
     return out
+
+
+def _score_comparators(out: Backtest, arrays, cfg: Config, pending: list, m: int, extra,
+                       runner) -> None:
+    """Every pending block's comparator forecasts, made in one fan-out, scored per block."""
+    names = cfg.evaluate.comparators
+    fc = comparator_forecasts([h for b in pending for h in b[6]], cfg.windows.horizon, m,
+                              names, cfg.evaluate.history_cap(m), runner)
+    start = 0
+    for k, series, y, mask, scale, cut, _ in pending:
+        end = start + len(series)
+        for name in names:
+            _score(out, name, arrays, series, y, fc.columns[name][start:end], mask, scale,
+                   extra, cut, k=k)
+        start = end
+    for name in names:
+        out.forecasts[name] = out.forecasts.get(name, 0) + start
+        out.fallbacks[name] = out.fallbacks.get(name, 0) + int(fc.fell_back(name).sum())
+
+
+def comparator_forecasts(histories: list[np.ndarray], h: int, season: int, names,
+                         cap: int, runner: Callable | None = None, levels=()):
+    """`pipeline.comparators.forecast` of the histories (each cut to its last `cap` finite
+    values) mapped over chunks of CHUNK series by `runner` (None: in this process); one
+    `Forecasts` in the histories' order, its fallbacks numbered over all of them."""
+    from pipeline.comparators import Fallback, Forecasts  # statsforecast: seconds to import
+    cut = [_fit_window(y, cap) for y in histories]
+    args = [(cut[i:i + CHUNK], h, season, list(names), list(levels))
+            for i in range(0, len(cut), CHUNK)]
+    parts = runner(_forecast_chunk, args, verb="comparators", unit="chunks") if runner \
+        else [_forecast_chunk(*a) for a in args]
+    columns = {key: np.concatenate([p.columns[key] for p in parts])
+               for key in parts[0].columns} if parts else {}
+    fallbacks = [Fallback(i * CHUNK + f.series, f.model, f.reason)
+                 for i, p in enumerate(parts) for f in p.fallbacks]
+    return Forecasts(columns, fallbacks)
+
+
+def _forecast_chunk(histories, h, season, names, levels):
+    from pipeline.comparators import forecast  # statsforecast: seconds to import
+    return forecast(histories, h, season, names, levels)
+
+
+def _fit_window(y: np.ndarray, cap: int) -> np.ndarray:
+    """The last `cap` finite values of a history, as float64."""
+    y = np.asarray(y, np.float64)
+    return y[np.isfinite(y)][-cap:]
 
 
 def _actuals(arrays, idx, cfg):
@@ -122,10 +204,11 @@ def _actuals(arrays, idx, cfg):
 
 
 def _score(out: Backtest, model, arrays, series, y, y_hat, mask, scale, extra, cut,
-           quantiles=(), q_hat=None) -> None:
+           quantiles=(), q_hat=None, k: int = 0) -> None:
     """Metrics and long rows of one block of backtest forecasts (the windows of `series`,
-    their target starting at the cutoff `cut[series]`)."""
+    their target starting at the cutoff `cut[series]`, cutoff number `k`)."""
     origin = cut[series].astype(np.int64)
+    out.blocks.append(Block(k, model, series, y, y_hat, mask))
     table = E.metrics_table(y, y_hat, scale, mask=mask, quantiles=list(quantiles) or None,
                             q_pred=q_hat)
     out.add(model, table)
@@ -141,12 +224,12 @@ def _score(out: Backtest, model, arrays, series, y, y_hat, mask, scale, extra, c
 
 def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
                    extra: dict | None = None, device="cpu",
-                   within: np.ndarray | None = None, failed: list | None = None) -> dict:
+                   within: np.ndarray | None = None, failed: list | None = None,
+                   runner: Callable | None = None) -> dict:
     """H steps past every series' end: the job's model ({job name: model}) where there is one,
-    else the fallback. A job whose forecasts are not all finite gets the fallback too, and its
-    name is appended to `failed`. `within` ([S] bool) limits the forecast to those series
-    (default: every series)."""
-    H = cfg.windows.horizon
+    else the fallback (`fallback_forecast`). A job whose forecasts are not all finite gets the
+    fallback too, and its name is appended to `failed`. `within` ([S] bool) limits the
+    forecast to those series (default: every series)."""
     loader = loader_at(arrays, cfg, arrays.lengths, device)
     ok = arrays.status == 0
     covered = np.zeros(len(arrays), bool)
@@ -168,15 +251,46 @@ def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
         covered[p.series] = True
     rest = np.flatnonzero(~covered & (within if within is not None else True))
     if len(rest):
-        y_hat = E.seasonal_naive(history(arrays, rest, arrays.lengths[rest]), H,
-                                 season_of(cfg, arrays))
-        y_hat[arrays.status[rest] == 3] = np.nan  # no finite value: nothing to repeat
+        y_hat = fallback_forecast(arrays, rest, cfg, runner)
         q_hat = np.repeat(y_hat[..., None], len(cfg.model.quantiles), -1) \
             if cfg.model.quantiles else None
         frames.append(long_frame(arrays, rest, arrays.lengths[rest].astype(np.int64), y_hat,
-                                 FALLBACK, quantiles=cfg.model.quantiles, q_hat=q_hat,
-                                 extra=extra))
+                                 fallback_name(cfg), quantiles=cfg.model.quantiles,
+                                 q_hat=q_hat, extra=extra))
     return concat_columns(frames)
+
+
+def refit_forecast(arrays: SeriesArrays, series: np.ndarray, name: str, season: int,
+                   cap: int, horizon: int, runner: Callable | None = None,
+                   extra: dict | None = None) -> tuple[dict, np.ndarray]:
+    """A statistical champion's forecast: comparator `name` refitted on the last `cap` steps
+    of each of `series` (those with a finite value), H steps past its end. Returns the long
+    columns and the series it could not serve (no finite value: the caller's fallback)."""
+    hist = history(arrays, series, arrays.lengths[series])
+    some = np.array([np.isfinite(h).any() for h in hist], bool)
+    fc = comparator_forecasts([h for h, s in zip(hist, some, strict=True) if s], horizon,
+                              season, [name], cap, runner)
+    served = series[some]
+    cols = long_frame(arrays, served, arrays.lengths[served].astype(np.int64),
+                      fc.columns[name], name, extra=extra) if len(served) else {}
+    return cols, series[~some]
+
+
+def fallback_forecast(arrays: SeriesArrays, rest: np.ndarray, cfg: Config,
+                      runner: Callable | None = None) -> np.ndarray:
+    """[N, H] the `evaluate.fallback` forecast past the end of series `rest`: seasonal naive,
+    or AutoETS on the last `evaluate.comparator_history` steps (itself seasonal naive where
+    AutoETS cannot fit); NaN for series without a finite value."""
+    H, m = cfg.windows.horizon, season_of(cfg, arrays)
+    hist = history(arrays, rest, arrays.lengths[rest])
+    some = np.array([np.isfinite(h).any() for h in hist], bool)  # else nothing to fit
+    y_hat = E.seasonal_naive(hist, H, m)
+    if cfg.evaluate.fallback == "auto_ets" and some.any():
+        fc = comparator_forecasts([h for h, s in zip(hist, some, strict=True) if s], H, m,
+                                  ["auto_ets"], cfg.evaluate.history_cap(m), runner)
+        y_hat[some] = fc.columns["auto_ets"]
+    y_hat[~some] = np.nan
+    return y_hat
 
 
 def concat_columns(frames: list[dict]) -> dict:

@@ -37,12 +37,16 @@ import numpy as np
 from statsforecast.models import AutoARIMA, AutoETS, AutoTheta
 
 from pipeline import evaluate as E
+from pipeline.config import STATISTICAL
 
 COMPARATORS: dict[str, Callable[[int], object]] = {
     "auto_ets": lambda season_length: AutoETS(season_length=season_length),
     "auto_theta": lambda season_length: AutoTheta(season_length=season_length),
     "auto_arima": lambda season_length: AutoARIMA(season_length=season_length),
 }
+
+
+assert tuple(COMPARATORS) == STATISTICAL, "pipeline.config.STATISTICAL names the comparators"
 
 
 class Fallback(NamedTuple):

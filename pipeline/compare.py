@@ -10,6 +10,7 @@ this module decides and registers. MLflow only through `pipeline.tracking`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,10 +18,11 @@ import polars as pl
 
 from pipeline import evaluate as E
 from pipeline import tracking
-from pipeline.config import Config, from_dict
+from pipeline.config import STATISTICAL, Config, from_dict
 from pipeline.data.calendar import Freq, to_datetime64
 from pipeline.errors import PipelineError
 from pipeline.names import model_file
+from pipeline.statistical import KIND, Statistical
 from pipeline.tracking import models as tracked_models
 from pipeline.tracking import read
 
@@ -74,16 +76,31 @@ def compare(cfg: Config, metric: str = "mase", by: str | None = None,
         name = read.registered_name(exp, group)
         current = read.champion_version(name, ALIAS, uri)
         if current is not None and current.tags.get("run_id") == g["run_id"] and \
-                current.tags.get("group") == (group or "global"):
+                current.tags.get("group") == (group or "global") and \
+                current.tags.get("model", g["model"]) == g["model"]:
             out.registered[g["group"]] = (name, str(current.version), False)
             continue
-        version = tracked_models.register(
-            tracking.client(uri), g["run_id"], name, ALIAS, group=group, model_file=g["model_file"],
-            tags={"model": g["model"], "metric": metric, "value": g["value"],
-                  "cutoff": g["cutoff"], "batch_id": g["batch_id"],
-                  "parent_run_id": g["parent_run_id"]})
+        tags = {"model": g["model"], "metric": metric, "value": g["value"],
+                "cutoff": g["cutoff"], "batch_id": g["batch_id"],
+                "parent_run_id": g["parent_run_id"]}
+        client = tracking.client(uri)
+        if g["model"] in STATISTICAL:
+            spec = statistical_spec(g["model"], read.comparator_settings(
+                g["parent_run_id"] or g["run_id"], uri))
+            version = tracked_models.register_spec(client, g["run_id"], name, ALIAS, spec.spec,
+                                                   group=group, tags=tags)
+        else:
+            version = tracked_models.register(client, g["run_id"], name, ALIAS, group=group,
+                                              model_file=g["model_file"], tags=tags)
         out.registered[g["group"]] = (name, version, True)
     return out
+
+
+def statistical_spec(model: str, settings: dict) -> Statistical:
+    """The registered spec of comparator `model` from its run's settings (`season`,
+    `history`, `horizon`: `RunLog.backtest` tags them on the parent run)."""
+    return Statistical.from_spec({"kind": KIND, "model": model, **settings},
+                                 f"the {model} comparator's run settings")
 
 
 def champion_config(cfg: Config, raw: dict, by: str) -> Config:
@@ -100,9 +117,18 @@ def champion_config(cfg: Config, raw: dict, by: str) -> Config:
 @dataclass
 class Champion:
     job: object               # the pipeline.jobs.Job it serves
-    model: object             # the EncoderDecoder, loaded from weights only
+    model: object             # the EncoderDecoder, loaded from weights only, or a Statistical
     version: object           # its ModelVersion
     config: Config            # the config that trained it, with today's data settings
+
+    @property
+    def statistical(self) -> bool:
+        return isinstance(self.model, Statistical)
+
+    @property
+    def name(self) -> str:
+        """The model's name in backtest rows: the comparator's, or the trained model's."""
+        return self.model.model if self.statistical else self.config.model.name
 
 
 @dataclass
@@ -115,8 +141,9 @@ class Champions:
     def by_run(self) -> dict[str, list[Champion]]:
         """Champions grouped by the run that trained them (one config each)."""
         out: dict[str, list[Champion]] = {}
-        for c in self.found:
-            out.setdefault(c.version.tags.get("run_id") or c.version.run_id, []).append(c)
+        for c in self.found:      # a run's comparator champions apart from its own model
+            run = c.version.tags.get("run_id") or c.version.run_id
+            out.setdefault(f"{run}/{c.name}" if c.statistical else run, []).append(c)
         return out
 
 
@@ -135,6 +162,19 @@ def load_champions(cfg: Config, jobs: list, by: str) -> Champions:
             configs[run_id] = champion_config(cfg, read.run_config(run_id, uri), by)
         found.append(Champion(job, read.load_champion(name, ALIAS, uri), mv, configs[run_id]))
     return Champions(by, uri, found, missing)
+
+
+def scoring_config(cfg: Config, champ: Champion) -> Config:
+    """The config a champion is re-scored with on this run's backtest windows: a trained
+    model alone (no comparators), or a statistical one as the comparator with its settings."""
+    c = champ.config
+    ev = dataclasses.replace(c.evaluate, comparators=[champ.model.model],
+                             comparator_history=champ.model.history,
+                             season=champ.model.season) if champ.statistical else \
+        dataclasses.replace(c.evaluate, comparators=[])
+    windows = dataclasses.replace(c.windows, n_windows=cfg.windows.n_windows,
+                                  step=cfg.windows.step)
+    return dataclasses.replace(c, windows=windows, evaluate=ev)
 
 
 def check_inputs(champ: Champion, sizes: tuple[int, int, int], rows: dict[str, int]) -> None:
@@ -176,18 +216,24 @@ class Decision:
     promoted: bool
     note: str = ""
     version: str | None = None
+    challenger_model: str = ""     # the run's model or the comparator that scored best
 
 
 def promote(cfg: Config, log, champs: Champions, mine: dict, theirs: dict, freq: Freq,
-            final: list | None = None, metric: str = "mase") -> list[Decision]:
+            final: list | None = None, metric: str = "mase",
+            statistical: dict | None = None) -> list[Decision]:
     """Challenger (this run: per-series metric columns `mine`) against the champions (their
     re-scored columns `theirs`, {champion's job name: columns}): register the challenger
-    where its backtest `metric` is strictly lower, or where there is no valid champion. Both
+    where its backtest `metric` is strictly lower, or where there is no valid champion. The
+    challenger of a group is the best of the run's model and its comparators
+    (`evaluate.comparators`); a comparator is registered as its `Statistical` spec
+    (`statistical`: {comparator name: Statistical}), the model as its weights. Both
     are scored on the backtest windows after the champion's own data cutoff (out of sample for
     both); when there are none (the same data again), on every window, noted. Groups whose
     final model failed to train are not promoted."""
     by, model = champs.by, cfg.model.name
     mine = _cutoff_times(mine, freq)
+    candidates = [model, *cfg.evaluate.comparators]
     theirs = {k: _cutoff_times(v, freq) for k, v in theirs.items()}
     keys = sorted(set(mine["group"].astype(str))) if by == "group" else ["global"]
     ready = {("global" if by == "global" or r.group is None else str(r.group)) if r.ok else None
@@ -205,31 +251,46 @@ def promote(cfg: Config, log, champs: Champions, mine: dict, theirs: dict, freq:
         if champ is not None:
             since = _label_time(champ.version.tags.get("cutoff"))
             if _score(mine, model, metric, g, by, since) is None or \
-                    _score(cols, champ.config.model.name, metric, g, by, since) is None:
+                    _score(cols, champ.name, metric, g, by, since) is None:
                 since, note = None, "(every window is in the champion's training data)"
-        value = _score(mine, model, metric, g, by, since)
+        value, winner = _best(mine, candidates, metric, g, by, since)
         if value is None or not np.isfinite(value):
             continue
-        held_value = _score(cols, champ.config.model.name, metric, g, by, since) if champ \
-            else None
+        held_value = _score(cols, champ.name, metric, g, by, since) if champ else None
         valid = held_value is not None and np.isfinite(held_value)
         label = (f"{champ.version.tags.get('model', '?')} v{champ.version.version}"
                  if valid else "none")
         d = Decision(g, value, held_value if valid else None, label, not valid or
-                     value < held_value, note)
+                     value < held_value, note, challenger_model=winner)
         if d.promoted:
-            d.version = _register(cfg, log, champs.uri, g, by, value, metric)
+            d.version = _register(cfg, log, champs.uri, g, by, value, metric,
+                                  (statistical or {}).get(winner))
         out.append(d)
     log.metrics({"promoted_groups": sum(d.promoted for d in out),
                  "champion_groups": len(champs.found)})
     return out
 
 
+def _best(mine: dict, candidates: list[str], metric: str, key: str, by: str, since
+          ) -> tuple[float | None, str]:
+    """(value, model) of the candidate with the lowest finite `metric` (the first on ties);
+    (None, first candidate) when none has one."""
+    scored = [(v, i, m) for i, m in enumerate(candidates)
+              if (v := _score(mine, m, metric, key, by, since)) is not None and np.isfinite(v)]
+    return (min(scored)[0], min(scored)[2]) if scored else (None, candidates[0])
+
+
 def _register(cfg: Config, log, uri: str, group: str, by: str, value: float,
-              metric: str) -> str:
+              metric: str, spec: Statistical | None = None) -> str:
     model, key = cfg.model.name, log.key_of(group) if by == "group" else "global"
     exp = cfg.tracking.experiment or cfg.name
     name = read.registered_name(exp, group if by == "group" else None)
+    if spec is not None:                 # a comparator won: its name and settings
+        return tracked_models.register_spec(
+            tracking.client(uri), log.parent_id, name, ALIAS, spec.spec,
+            group=group if by == "group" else None,
+            tags={"model": spec.model, "metric": metric, "value": value, **log.batch_tags,
+                  "parent_run_id": log.parent_id})
     return tracked_models.register(
         tracking.client(uri), log.job_run(key), name, ALIAS, group=group if by == "group" else None,
         model_file=f"models/{model_file(model, group)}" if key == "all" else None,

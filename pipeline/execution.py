@@ -87,13 +87,14 @@ class RayRunner:
             ray.shutdown()
             self.started = False
 
-    def __call__(self, fn: Callable, args: list[tuple]) -> list:
+    def __call__(self, fn: Callable, args: list[tuple], verb: str = "reading",
+                 unit: str = "files") -> list:
         self.started |= connect(self.cfg)
         remote = task(fn, self.cfg, retry_exceptions=False)
         refs = [remote.remote(*a) for a in args]
         deadline = Deadline(self.cfg)
         try:
-            wait_all(refs, deadline, Display("reading", len(refs), "files"))
+            wait_all(refs, deadline, Display(verb, len(refs), unit))
             return ray.get(refs, timeout=deadline.left())
         except ray.exceptions.GetTimeoutError:
             for r in refs:

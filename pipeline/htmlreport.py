@@ -23,6 +23,7 @@ import polars as pl
 from pipeline import evaluate as E
 from pipeline import paths, plots
 from pipeline.backtest import BASELINES, concat_columns
+from pipeline.config import STATISTICAL
 from pipeline.data.io import write_bytes_atomic
 from pipeline.data.series import STATUS
 from pipeline.report import METRICS
@@ -141,7 +142,7 @@ def _leaderboard(scored, model: str) -> str:
         cells = "".join(
             f"<td class=\"num{' best' if summary[m].get(c, math.nan) == best[c] else ''}\">"
             f"{_num(summary[m].get(c, math.nan))}</td>" for c in cols)
-        kind = "baseline" if m in BASELINES else "model"
+        kind = "baseline" if m in BASELINES else "comparator" if m in STATISTICAL else "model"
         rows.append(f"<tr class=\"{kind}\"><td>{esc(m)}</td>{cells}</tr>")
     return ("<section><h2>Backtest leaderboard</h2>"
             + _table("leaderboard", ["model", *(f"#{c}" for c in cols)], rows)
@@ -171,16 +172,24 @@ def _groups(scored, decisions, model: str) -> str:
     for g, by_model in per.items():
         mine = by_model.get(model, {}).get("mase", math.nan)
         base = by_model.get("seasonal_naive", {}).get("mase", math.nan)
-        wins = math.isfinite(mine) and (not math.isfinite(base) or mine < base)
-        champ = model if wins else "seasonal_naive"
+        champ = _lowest_mase(by_model, ["seasonal_naive",
+                                        *(m for m in by_model if m in STATISTICAL), model])
         rows.append(f"<tr><td>{esc(g) if g else '(all series)'}</td>"
                     f"<td class=\"num\">{_num(mine)}</td><td class=\"num\">{_num(base)}</td>"
                     f"<td class=\"num\">{_num(E.skill(mine, base))}</td>"
                     f"<td>{esc(champ)}</td></tr>")
     head = ["group", f"#mase {model}", "#mase seasonal_naive", "#skill_mase", "best"]
     return ("<section><h2>Per group</h2>" + _table("groups", head, rows)
-            + "<p class=\"note\">The better of the model and seasonal naive by backtest MASE "
-              "per group.</p></section>") if rows else ""
+            + "<p class=\"note\">The best of the model, the statistical comparators and "
+              "seasonal naive by backtest MASE per group.</p></section>") if rows else ""
+
+
+def _lowest_mase(by_model: dict, candidates: list[str]) -> str:
+    """The candidate with the lowest finite MASE (the earlier on ties: seasonal naive is
+    first); seasonal naive when none has one."""
+    scored = [(by_model[m]["mase"], i, m) for i, m in enumerate(candidates)
+              if math.isfinite(by_model.get(m, {}).get("mase", math.nan))]
+    return min(scored)[2] if scored else "seasonal_naive"
 
 
 def _decisions(decisions: list) -> str:

@@ -13,7 +13,10 @@ from pipeline.data.calendar import to_datetime64
 from pipeline.names import safe_key
 
 BASELINE_STYLE = {"seasonal_naive": ("--", "tab:green", "seasonal naive"),
-                  "naive": (":", "tab:purple", "naive")}   # name -> (line style, colour, label)
+                  "naive": (":", "tab:purple", "naive"),   # name -> (line style, colour, label)
+                  "auto_ets": ("-.", "tab:red", "AutoETS"),      # the comparators
+                  "auto_theta": ("-.", "tab:brown", "AutoTheta"),
+                  "auto_arima": ("-.", "tab:pink", "AutoARIMA")}
 
 
 def _pyplot():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import polars as pl
 
@@ -97,6 +98,24 @@ def backtest(scored, cfg) -> None:
         print(f"             {redact(p)}")
 
 
+def comparator_fallbacks(fallbacks: dict[str, int], made: dict[str, int]) -> None:
+    """A warning line for the comparators that fell back to seasonal naive somewhere."""
+    parts = [f"{name} {n:,} of {made[name]:,}" for name, n in fallbacks.items() if n]
+    if parts:
+        print(f"warning: comparator forecasts replaced by seasonal naive (the model could not "
+              f"fit the series): {', '.join(parts)}", file=sys.stderr)
+
+
+def coverage(cal, model: str) -> None:
+    """Each conformal level's coverage on the latest backtest window, per model."""
+    levels = ", ".join(f"{round(100 * v)} %" for v in cal.levels)
+    print(f"intervals    conformal ({levels}) from the older cutoffs' residuals; coverage on "
+          "the latest window:")
+    for m in sorted(cal.coverage, key=lambda m: m != model):
+        row = cal.coverage[m]
+        print("  " + f"{m:<22}" + "".join(f"{k:>14} {v:.3f}" for k, v in row.items()))
+
+
 def promotion(model: str, decisions: list, metric: str = "mase") -> None:
     print(f"promote      challenger {model} against the champions, backtest {metric}")
     for d in decisions:
@@ -104,7 +123,8 @@ def promotion(model: str, decisions: list, metric: str = "mase") -> None:
             print(f"  {d.group:<14} {d.note}")
             continue
         was = f"{d.champion:.4f} ({d.champion_label})" if d.champion is not None else "none"
-        print(f"  {d.group:<14} challenger {d.challenger:.4f}  champion {was:<28} "
+        by = f" ({d.challenger_model})" if d.challenger_model not in ("", model) else ""
+        print(f"  {d.group:<14} challenger {d.challenger:.4f}{by}  champion {was:<28} "
               f"{'-> promoted' if d.promoted else 'kept'}{'  ' + d.note if d.note else ''}")
         if d.version:
             print(f"               registered version {d.version}")

@@ -195,6 +195,9 @@ class RunLog:
             return
         summary = bt.summary()
         self.tr.log_backtest(self.parent_id, summary, self.model)
+        for key, value in (("season", bt.season), ("history", bt.history),
+                           ("horizon", self.cfg.windows.horizon)):  # a comparator champion's
+            self.tr.set_tag(self.parent_id, f"comparator_{key}", str(value))  # settings
         if per_series is not None:       # an Arrow table: written here, logged, removed
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "per_series_metrics.parquet"
@@ -212,6 +215,15 @@ class RunLog:
                     for m, row in models.items() for k, v in row.items()})
         if self._group_runs():
             self._flush_groups()      # each group's numbers into its own child run
+
+    def coverage(self, coverage: dict[str, dict[str, float]]) -> None:
+        """Conformal coverage on the latest backtest window ({model: {"coverage_80": …}}) on
+        the parent run: `coverage_80` for the run's model, `<model>_coverage_80` for the
+        comparators and baselines."""
+        if self.parent_id:
+            self.tr.log_metrics(self.parent_id, {
+                k if m == self.model else f"{m}_{k}": v
+                for m, row in coverage.items() for k, v in row.items()})
 
     # -------------------------------------------------------------- models
 

@@ -17,9 +17,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import compare, htmlreport, output, paths, report
-from pipeline.backtest import FALLBACK, Backtest, concat_columns, config_at, final_forecast
+from pipeline.backtest import (
+    FALLBACK,
+    Backtest,
+    concat_columns,
+    config_at,
+    fallback_name,
+    final_forecast,
+    refit_forecast,
+)
 from pipeline.backtest import backtest as score
 from pipeline.batch import Batch
+from pipeline.calibration import Calibration, calibrate, with_intervals
 from pipeline.config import Config
 from pipeline.data.io import join
 from pipeline.data.loader import loader_at
@@ -40,6 +49,7 @@ from pipeline.jobs import (
 from pipeline.names import model_file
 from pipeline.plots import plot_sample
 from pipeline.secrets import redact
+from pipeline.statistical import Statistical
 from pipeline.train import resolve_device
 
 
@@ -62,6 +72,7 @@ class Scored:
     summary: dict[str, dict[str, float]]
     paths: list[str]
     predictions: dict
+    calibration: Calibration | None = None     # evaluate.intervals: conformal
 
 
 @dataclass
@@ -185,7 +196,7 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
             models[k] = train(b, data, jobs, inits, cfg=config_at(cfg, k),
                               label=f"backtest-cutoff{k}").models()
     with b.stage("backtest"):
-        bt = score(arrays, jobs, models, cfg, refit=cfg.evaluate.refit)
+        bt = score(arrays, jobs, models, cfg, refit=cfg.evaluate.refit, runner=b.runner)
         end = paths.data_end(arrays)
         preds = concat_columns(bt.frames)
         metrics = output.metrics_table(concat_columns(bt.metrics), b.run_id, arrays.freq)
@@ -196,7 +207,28 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
             b.log.backtest(bt, metrics)
     scored = b.keep("backtest", Scored(bt, bt.summary(), written, preds))
     report.backtest(scored, cfg)
+    report.comparator_fallbacks(bt.fallbacks, bt.forecasts)
+    if cfg.evaluate.intervals == "conformal":
+        scored.calibration = _calibrate(b, bt, arrays)
     return scored
+
+
+def _calibrate(b: Batch, bt: Backtest, arrays) -> Calibration:
+    """Conformal widths from the backtest; each level's coverage on the latest window
+    printed and logged (`coverage_80` for the run's model, `<model>_coverage_80` else)."""
+    cal = calibrate(bt, arrays.groups, b.cfg.evaluate.levels)
+    if b.log is not None:
+        b.log.coverage(cal.coverage)
+    report.coverage(cal, b.cfg.model.name)
+    return cal
+
+
+def _with_intervals(b: Batch, cols: dict) -> dict:
+    """The forecast with the backtest's conformal intervals, when it made them."""
+    scored = b.results.get("backtest")
+    if scored is None or scored.calibration is None:
+        return cols
+    return with_intervals(cols, scored.calibration, b.cfg.windows.horizon)
 
 
 def final_model(b: Batch, data: Prepared, jobs: list[Job], trained: Trained | None = None,
@@ -219,9 +251,10 @@ def forecast(b: Batch, data: Prepared, jobs: list[Job], trained: Trained) -> For
     """H steps past every series' end with its job's model; the fallback where there is none."""
     with b.stage("forecast"):
         bad: list[str] = []
-        cols = final_forecast(data.arrays, jobs, trained.models(), b.cfg, failed=bad)
+        cols = final_forecast(data.arrays, jobs, trained.models(), b.cfg, failed=bad,
+                              runner=b.runner)
     _failed(b, bad, "its forecasts are not finite")
-    return b.keep("forecast", Forecast(cols))
+    return b.keep("forecast", Forecast(_with_intervals(b, cols), fallback=fallback_name(b.cfg)))
 
 
 def _failed(b: Batch, jobs: list[str], why: str) -> None:
@@ -244,18 +277,21 @@ def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = No
         champs = compare.load_champions(cfg, _champion_jobs(cfg, arrays, by), by)
         theirs = {}
         for entries in champs.by_run().values():
-            ccfg = dataclasses.replace(entries[0].config, windows=dataclasses.replace(
-                entries[0].config.windows, n_windows=cfg.windows.n_windows,
-                step=cfg.windows.step))
+            ccfg = compare.scoring_config(cfg, entries[0])
             if ccfg.windows.horizon != cfg.windows.horizon:
                 raise PipelineError(f"the champion of {entries[0].job.name!r} forecasts "
                                     f"{ccfg.windows.horizon} steps, this config "
                                     f"{cfg.windows.horizon}: they cannot be compared")
-            cols = concat_columns(score(arrays, [c.job for c in entries],
-                                        _checked(arrays, entries), ccfg).metrics)
+            models = {} if entries[0].statistical else _checked(arrays, entries)
+            cols = concat_columns(score(arrays, [c.job for c in entries], models, ccfg,
+                                        runner=b.runner).metrics)
             theirs.update({c.job.name: cols for c in entries})
-        decisions = compare.promote(cfg, b.log, champs, concat_columns(scored.backtest.metrics),
-                                    theirs, arrays.freq, final.results if final else None)
+        bt = scored.backtest
+        mine = {name: Statistical(name, bt.season, bt.history, cfg.windows.horizon)
+                for name in cfg.evaluate.comparators}
+        decisions = compare.promote(cfg, b.log, champs, concat_columns(bt.metrics),
+                                    theirs, arrays.freq, final.results if final else None,
+                                    statistical=mine)
     report.promotion(cfg.model.name, decisions)
     return b.keep("promote", decisions)
 
@@ -277,21 +313,40 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Foreca
                 "run `python -m pipeline compare --config ...` first")
         frames, bad = [], []
         for entries in champs.by_run().values():
+            if entries[0].statistical:
+                frames += _refit(b, arrays, entries)
+                continue
             within = np.zeros(len(arrays), bool)
             for c in entries:
                 within[c.job.series] = True
             frames.append(final_forecast(arrays, [c.job for c in entries],
                                          _checked(arrays, entries), entries[0].config,
-                                         within=within, failed=bad))
+                                         within=within, failed=bad, runner=b.runner))
         if champs.missing:
             report.missing_champions([j.name for j, _ in champs.missing])
             rest = Job("rest", np.concatenate([j.series for j, _ in champs.missing]))
             frames.append(final_forecast(arrays, [rest], {}, cfg,
-                                         within=rest.member(len(arrays))))
+                                         within=rest.member(len(arrays)), runner=b.runner))
     _failed(b, bad, "its champion's forecasts are not finite")
     used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
-    return b.keep("forecast", Forecast(concat_columns(frames),
-                                         note=f"champions {', '.join(used)}"))
+    return b.keep("forecast", Forecast(_with_intervals(b, concat_columns(frames)),
+                                         note=f"champions {', '.join(used)}",
+                                         fallback=fallback_name(cfg)))
+
+
+def _refit(b: Batch, arrays, entries: list[compare.Champion]) -> list[dict]:
+    """A statistical champion refitted on each of its series' recent history; the series it
+    cannot serve (no finite value) get the fallback."""
+    spec, cfg = entries[0].model, entries[0].config
+    series = np.sort(np.concatenate([c.job.series for c in entries]))
+    cols, rest = refit_forecast(arrays, series, spec.model, spec.season, spec.history,
+                                spec.horizon, b.runner)
+    frames = [cols] if cols else []
+    if len(rest):
+        within = np.zeros(len(arrays), bool)
+        within[rest] = True
+        frames.append(final_forecast(arrays, [], {}, cfg, within=within, runner=b.runner))
+    return frames
 
 
 def _champion_jobs(cfg: Config, arrays, by: str) -> list[Job]:
@@ -319,7 +374,7 @@ def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored: Scored | None
                                output.to_table(fc.cols, b.run_id, arrays.freq))
         ids, models = fc.cols["unique_id"], fc.cols["model"]
         fc.n_series = len(set(ids))
-        fc.n_fallback = len(set(ids[models == FALLBACK]))
+        fc.n_fallback = len(set(ids[np.char.startswith(models.astype(str), "fallback:")]))
         if cfg.evaluate.plots and not paths.is_remote(cfg.output.path):
             fc.plots = plot_sample(paths.partition(cfg, "plots", end), arrays, fc.cols,
                                    scored.predictions if scored else None, cfg.evaluate.plots,

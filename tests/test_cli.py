@@ -46,7 +46,7 @@ def test_run_trains_on_ray_and_saves_loadable_models(ray_session, demo_dir, tmp_
     config = "configs/demo.yaml" if mode == "global" else "configs/per_group.yaml"
     args = ["run", "--config", config, "--set", f"data.path={demo_dir}", "--set",
             f"output.path={tmp_path}", "--set", "train.epochs=1", "--set",
-            "train.steps_per_epoch=2"]
+            "train.steps_per_epoch=2", "--set", "evaluate.comparators=[auto_theta]"]  # cheap
     assert main(args) == 0
     text = capsys.readouterr().out
     models = sorted((tmp_path).glob("*/models/*/*.pt"))  # (MLflow keeps copies elsewhere)

@@ -62,7 +62,7 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(demo_dir, tmp_path, ray_
             "--set", "train.per_group.packed=false", "--set", "train.epochs=2", "--set",
             "train.steps_per_epoch=3", "--set", "windows.lookback=72", "--set",
             "tracking.enabled=false", "--set", "evaluate.plots=0", "--set",
-            "evaluate.final_model=reuse"]
+            "evaluate.final_model=reuse", "--set", "evaluate.comparators=[]"]
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=_kill_first_job_task, args=(killed, stop), daemon=True)

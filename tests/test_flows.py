@@ -25,7 +25,7 @@ mlflow = pytest.importorskip("mlflow")
 
 FAST = ["--set", "train.epochs=2", "--set", "train.steps_per_epoch=3", "--set",
         "windows.lookback=72", "--set", "evaluate.plots=0", "--set", "ray.enabled=false",
-        "--set", "model.encoder.hidden_size=8"]
+        "--set", "model.encoder.hidden_size=8", "--set", "evaluate.comparators=[]"]
 BATCH = "20240630T230000"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

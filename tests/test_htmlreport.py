@@ -78,7 +78,8 @@ def batch(demo_dir, tmp_path_factory):
         f"output.path={out}", "--set", "ray.enabled=false", "--set", "tracking.enabled=false",
         "--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
         "windows.lookback=72", "--set", "model.encoder.hidden_size=8", "--set",
-        "model.loss=quantile", "--set", "model.quantiles=[0.1,0.5,0.9]"])
+        "model.loss=quantile", "--set", "model.quantiles=[0.1,0.5,0.9]", "--set",
+        "evaluate.comparators=[auto_theta]", "--set", "evaluate.comparator_history=100"])
     b = run_flow(run, args, record=False)
     assert b.exit_code == 0
     return b
@@ -95,7 +96,7 @@ def hostile_batch() -> SimpleNamespace:
     """A batch-shaped object whose series ids and group values are markup: baselines-only
     backtest, fallback forecasts, a skipped series in the report."""
     cfg = C.load(None, ["windows.lookback=24", "windows.horizon=6", "data.calendar=[]",
-                        "evaluate.plots=5"])
+                        "evaluate.plots=5", "evaluate.comparators=[]"])
     arrays = SeriesArrays.from_list([np.sin(np.arange(200) / 4) * 5 + 10 + i for i in range(5)],
                                     ids=HOSTILE)
     arrays.groups = np.array(["<b>North</b>", "East & West", "<b>North</b>", "x", "x"],
@@ -118,7 +119,7 @@ def test_leaderboard_has_the_model_first_then_the_baselines_with_the_summary(bat
     rows = Page(page[1]).tables["leaderboard"]
     head, body = rows[0], rows[1:]
     assert head[:7] == ["model", "mae", "rmse", "smape", "mase", "wape", "skill_mase"]
-    assert [r[0] for r in body] == ["gru_direct", "naive", "seasonal_naive"]
+    assert [r[0] for r in body] == ["gru_direct", "auto_theta", "naive", "seasonal_naive"]
     summary = batch.results["backtest"].summary
     for r in body:
         for name, cell in zip(head[1:], r[1:], strict=True):
@@ -235,7 +236,7 @@ def test_the_page_renders_in_headless_chromium(batch, page, tmp_path):
         driver.get("file://" + os.path.abspath(page[0]))
         rows = driver.find_elements(By.CSS_SELECTOR, "table#leaderboard tbody tr")
         assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == [
-            "gru_direct", "naive", "seasonal_naive"]
+            "gru_direct", "auto_theta", "naive", "seasonal_naive"]
         images = _images(driver)
         assert len(images) == 7 and all(ok and width > 0 for ok, width in images), images
         height = driver.execute_script("return document.documentElement.scrollHeight")

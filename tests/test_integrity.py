@@ -42,7 +42,7 @@ mlflow = pytest.importorskip("mlflow")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
         "windows.lookback=72", "--set", "model.encoder.hidden_size=8", "--set",
-        "evaluate.plots=0", "--set", "ray.enabled=false"]
+        "evaluate.plots=0", "--set", "evaluate.comparators=[]", "--set", "ray.enabled=false"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # 2 cores: no spinning
 
 

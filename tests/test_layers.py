@@ -57,11 +57,13 @@ def test_only_the_cli_imports_the_flows_and_the_flows_never_import_it():
 
 # function-level imports allowed, and why: Ray is needed only with ray.enabled (and absent on
 # the GPU check's machine), Ray Train only for DDP, matplotlib only when plots are drawn,
-# deltalake (an optional extra) only with output.format: delta
+# deltalake (an optional extra) only with output.format: delta, statsforecast (via
+# pipeline.comparators) only when the comparators or the AutoETS fallback run
 LAZY = {"pipeline.execution": "Ray only when enabled", "ray.train": "DDP only",
         "ray.train.torch": "DDP only", "matplotlib": "plots only",
         "matplotlib.pyplot": "plots only", "deltalake": "output.format delta only",
-        "deltalake.exceptions": "output.format delta only"}
+        "deltalake.exceptions": "output.format delta only",
+        "pipeline.comparators": "statsforecast (seconds to import) only when comparators run"}
 
 
 def _functions():

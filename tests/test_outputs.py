@@ -17,7 +17,8 @@ from pipeline.cli import execute
 duckdb = pytest.importorskip("duckdb")
 FAST = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
         "windows.lookback=72", "--set", "model.encoder.hidden_size=8", "--set",
-        "evaluate.plots=0", "--set", "ray.enabled=false", "--set", "tracking.enabled=false"]
+        "evaluate.plots=0", "--set", "ray.enabled=false", "--set", "tracking.enabled=false",
+        "--set", "evaluate.comparators=[]"]
 KINDS = {"forecasts": ["job", "data_end"], "backtest": ["job", "flow", "data_end"],
          "metrics": ["job", "flow", "data_end"]}
 

@@ -17,7 +17,7 @@ from pipeline.cli import main as pipeline_main
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
          "windows.lookback=72", "--set", "model.encoder.hidden_size=8", "--set",
-         "evaluate.plots=1", "--set", "ray.enabled=false"]
+         "evaluate.plots=1", "--set", "evaluate.comparators=[]", "--set", "ray.enabled=false"]
 TRAINS = {"train", "backtest", "forecast", "run", "flows.nightly", "flows.backtest",
           "flows.run", "flows.forecast"}
 

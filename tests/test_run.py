@@ -13,7 +13,8 @@ from pipeline.data.calendar import Freq
 
 FAST = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
         "tracking.enabled=false", "--set",
-        "windows.lookback=72", "--set", "model.encoder.hidden_size=8"]
+        "windows.lookback=72", "--set", "model.encoder.hidden_size=8", "--set",
+        "evaluate.comparators=[]"]  # on in the demo.yaml run below; more in their own tests
 SCHEMA = ["unique_id", "ds", "cutoff", "step", "y_hat", "model", "group", "run_id",
           "created_at"]
 
@@ -34,14 +35,17 @@ def read(out, kind):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/demo.yaml", "configs/per_group.yaml"])
 def test_run_writes_one_forecast_per_series_and_step(demo_dir, tmp_path, config, capsys):
-    b = run(config, demo_dir, tmp_path, "--set", "ray.enabled=false")
+    on = [] if "per_group" in config else ["--set", "evaluate.comparators=[auto_ets, auto_theta]",
+                                           "--set", "evaluate.comparator_history=100"]
+    comparators = ["auto_ets", "auto_theta"] if on else []
+    b = run(config, demo_dir, tmp_path, "--set", "ray.enabled=false", *on)
     name = "demo_per_group" if "per_group" in config else "demo"
     report = pl.read_parquet(tmp_path / name / "validation_report.parquet")
     skipped = sorted(report.filter(pl.col("action") == "skipped")["series"])
     assert skipped and set(skipped) <= {"S0001", "S0002", "S0003"}
     assert b.results["data"].report.equals(report)
     assert set(b.results["backtest"].summary) == {b.results["train"].results[0].spec["model"][
-        "name"], "naive", "seasonal_naive"}
+        "name"], "naive", "seasonal_naive", *comparators}
     fc_result = b.results["forecast"]
     assert (fc_result.n_series, fc_result.n_fallback) == (40, len(skipped))
     files, fc = read(tmp_path, "forecasts")
@@ -55,8 +59,11 @@ def test_run_writes_one_forecast_per_series_and_step(demo_dir, tmp_path, config,
     assert (fc["ds"] > fc["cutoff"]).all() and set(fc["group"]) == {f"store_{c}" for c in "ABCD"}
     _, metrics = read(tmp_path, "metrics")
     assert set(metrics["model"]) >= {"naive", "seasonal_naive"}
-    model_rows = metrics.filter(~pl.col("model").is_in(["naive", "seasonal_naive"]))
+    model_rows = metrics.filter(~pl.col("model").is_in(["naive", "seasonal_naive",
+                                                        *comparators]))
     assert len(model_rows) == 2 * (40 - len(skipped))
+    for c in comparators:      # every scored series at both cutoffs, like the baselines
+        assert len(metrics.filter(pl.col("model") == c)) == 2 * (40 - len(skipped))
     assert np.isfinite(model_rows["mase"].to_numpy()).all()
     _, bt = read(tmp_path, "backtest")
     assert {"y", "y_hat"} <= set(bt.columns) and bt["y"].is_finite().all()

@@ -6,6 +6,7 @@ from pipeline.config.sections import (
     CALENDAR_FEATURES,
     PACKED_DECODERS,
     PACKED_ENCODERS,
+    STATISTICAL,
     Config,
     ConfigError,
     DataConfig,
@@ -24,5 +25,6 @@ from pipeline.config.sections import (
 
 __all__ = ["CALENDAR_FEATURES", "PACKED_DECODERS", "PACKED_ENCODERS", "Config", "ConfigError",
            "DataConfig", "DecoderConfig", "EncoderConfig", "EvaluateConfig", "ModelConfig",
-           "OutputConfig", "PerGroupConfig", "RayConfig", "TrackingConfig", "TrainConfig",
+           "OutputConfig", "PerGroupConfig", "RayConfig", "STATISTICAL", "TrackingConfig",
+           "TrainConfig",
            "WindowsConfig", "from_dict", "load", "receptive_field"]

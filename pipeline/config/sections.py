@@ -21,6 +21,7 @@ from pipeline.config.model import (  # noqa: F401 - the model sections, re-expor
 
 MAX_HORIZON = 32767     # the outputs' `step` column is an int16
 CALENDAR_FEATURES = ("hour", "dayofweek", "dayofmonth", "month")
+STATISTICAL = ("auto_ets", "auto_theta", "auto_arima")  # pipeline.comparators.COMPARATORS
 
 
 @dataclass
@@ -203,12 +204,43 @@ class EvaluateConfig:
     refit: bool = False            # backtest: train before every cutoff (else once, before the
                                    # oldest, and predict every cutoff with that model)
     plots: int = 6                 # PNGs of this many series (history, backtest, forecast)
+    comparators: list[str] = field(default_factory=lambda: ["auto_ets", "auto_theta"])
+                                   # statsforecast models scored beside the baselines
+                                   # (STATISTICAL items; [] turns them off)
+    comparator_history: int | str | None = "auto"  # fit a comparator on at most the last N
+                                   # steps before the cutoff; auto/null: max(10 × season, 100)
+    fallback: str = "seasonal_naive"  # forecast of series the model cannot serve:
+                                   # seasonal_naive | auto_ets
+    intervals: str = "none"        # none | conformal (split-conformal from the backtest's
+                                   # residuals; needs windows.n_windows >= 2)
+    levels: list[int] = field(default_factory=lambda: [80, 95])  # conformal coverage, in %
 
     def __post_init__(self) -> None:
         _choice("evaluate.final_model", self.final_model, ("refit", "reuse"))
         if self.season is not None:
             _positive("evaluate.season", self.season)
         _positive("evaluate.plots", self.plots, allow_zero=True)
+        for name in self.comparators:
+            _choice("evaluate.comparators[]", name, STATISTICAL)
+        if len(set(self.comparators)) != len(self.comparators):
+            raise ConfigError(f"evaluate.comparators = {self.comparators}: a name repeats")
+        if isinstance(self.comparator_history, str):
+            _choice("evaluate.comparator_history", self.comparator_history, ("auto",))
+        elif self.comparator_history is not None:
+            _positive("evaluate.comparator_history", self.comparator_history)
+        _choice("evaluate.fallback", self.fallback, ("seasonal_naive", "auto_ets"))
+        _choice("evaluate.intervals", self.intervals, ("none", "conformal"))
+        if not self.levels or any(not 0 < v < 100 for v in self.levels) or \
+                len(set(self.levels)) != len(self.levels):
+            raise ConfigError(f"evaluate.levels = {self.levels}: distinct whole percentages "
+                              "in (0, 100), e.g. [80, 95]")
+
+    def history_cap(self, season: int) -> int:
+        """Steps of history a comparator is fitted on (`comparator_history`; auto: the
+        larger of 10 seasons and 100 steps)."""
+        if isinstance(self.comparator_history, int):
+            return self.comparator_history
+        return max(10 * season, 100)
 
 
 @dataclass
@@ -283,7 +315,21 @@ class Config:
             self._check_packable()
         if self.model.embedding == "group" and not self.data.group_col:
             raise ConfigError("model.embedding = 'group' needs data.group_col")
+        if self.model.name in STATISTICAL or self.model.name in ("naive", "seasonal_naive"):
+            raise ConfigError(f"model.name = {self.model.name!r} is a comparator's or "
+                              "baseline's name; choose another")
+        self._check_intervals()
         self._check_receptive_field()
+
+    def _check_intervals(self) -> None:
+        if self.evaluate.intervals != "conformal":
+            return
+        if self.windows.n_windows < 2:
+            raise ConfigError("evaluate.intervals = 'conformal' needs windows.n_windows >= 2 "
+                              "(older cutoffs calibrate, the latest measures coverage)")
+        if self.model.quantiles:
+            raise ConfigError("evaluate.intervals = 'conformal' writes the quantile columns "
+                              "itself; leave model.quantiles empty (model.loss not quantile)")
 
     def _check_packable(self) -> None:
         if self.train.mode != "per_group":

@@ -32,8 +32,9 @@ REPORT_SCHEMA = {"series": pl.String, "file": pl.String, "issue": pl.String,
                  "action": pl.String, "detail": pl.String}
 
 
-def local_runner(fn: Callable, args: list[tuple]) -> list:
-    display = Display("reading", len(args), "files")
+def local_runner(fn: Callable, args: list[tuple], verb: str = "reading",
+                 unit: str = "files") -> list:
+    display = Display(verb, len(args), unit)
     out = []
     for a in args:
         out.append(fn(*a))

@@ -10,12 +10,18 @@ shapes that loses the optional inputs. Its signature and input example describe 
 `example_inputs`: a lone tensor `x` for models with no other inputs, else a dict of named
 tensors {x, xf, static, idx} (call the reloaded module with `**batch`).
 
+A statistical champion (a comparator that won, `pipeline.statistical`) is a LoggedModel
+holding only `spec.json` (its name and settings), its version tagged kind=statistical
+(`register_spec`); `read.load_champion` returns it as a `Statistical`, refitted at forecast
+time. Both kinds become versions through the same `_version`.
+
 Everything goes through the `MlflowClient` it is given, bound to the run's URI: no global
 state is set.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +38,8 @@ from pipeline.models import load_model, save_model
 from pipeline.names import safe_key
 
 WEIGHTS = "weights.pt"      # spec + state dict inside every logged model
+SPEC = "spec.json"          # a statistical model's name and settings (no weights)
+KIND_TAG = "kind"           # "statistical" on a statistical model's version; absent: neural
 MODEL_NAME = "model"
 MODEL_URI_TAG = "pipeline.model_uri"        # on a job run: the URI of the model it logged
 
@@ -127,6 +135,33 @@ def register(c: mlflow.MlflowClient, run_id: str, name: str, alias: str,
     """Register the model of `run_id` (of `group`, see `model_source`) as a new version of
     `name` and point `alias` at it. Returns the version."""
     source = model_source(c, run_id, group, model_file)
+    return _version(c, source, run_id, name, alias, group, tags)
+
+
+def register_spec(c: mlflow.MlflowClient, run_id: str, name: str, alias: str, spec: dict,
+                  group: str | None = None, tags: dict | None = None) -> str:
+    """Register a statistical model (`pipeline.statistical`) as a new version of `name`: a
+    LoggedModel of `run_id` holding only its JSON spec (SPEC), tagged kind=statistical, no
+    weights and no pickle; `alias` points at it. Returns the version."""
+    experiment_id = c.get_run(run_id).info.experiment_id
+    logged = c.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                   tags={"mlflow.source.run_id": run_id, KIND_TAG: spec["kind"]})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / SPEC).write_text(json.dumps(spec, sort_keys=True))
+            c.log_model_artifacts(logged.model_id, tmp)
+    except BaseException:
+        c.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    c.finalize_logged_model(logged.model_id, "READY")
+    return _version(c, f"models:/{logged.model_id}", run_id, name, alias, group,
+                    {**(tags or {}), KIND_TAG: spec["kind"]})
+
+
+def _version(c: mlflow.MlflowClient, source: str, run_id: str, name: str, alias: str,
+             group: str | None, tags: dict | None) -> str:
+    """A new version of `name` from the logged model at `source` (models:/<id>), `alias` on
+    it."""
     try:
         c.get_registered_model(name)
     except mlflow.exceptions.MlflowException:

@@ -4,6 +4,7 @@ server fresh, never to a cached run id. Writing is `runs.py` and `models.py`.
 """
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 import warnings
@@ -14,10 +15,12 @@ import polars as pl
 import yaml
 from mlflow.exceptions import MlflowException
 
+from pipeline.config import STATISTICAL
 from pipeline.errors import PipelineError
 from pipeline.models import load_model
 from pipeline.names import safe_key
-from pipeline.tracking.models import MODEL_URI_TAG, WEIGHTS
+from pipeline.statistical import KIND, Statistical
+from pipeline.tracking.models import KIND_TAG, MODEL_URI_TAG, SPEC, WEIGHTS
 from pipeline.tracking.runs import (
     CONFIG_ARTIFACT,
     GROUP_TABLE_TAG,
@@ -68,11 +71,17 @@ def _group_rows(client, run, metric: str) -> list[dict]:
         local = client.download_artifacts(run.info.run_id, run.data.tags[GROUP_TABLE_TAG], tmp)
         df = pl.read_parquet(local)
     col = f"backtest_{metric}"
-    if col not in df.columns:
-        return []
     files = df["model_file"] if "model_file" in df.columns else [None] * len(df)
-    return [{"group": str(g), "value": float(v), "model_file": f or None}
-            for g, v, f in zip(df["group"], df[col], files, strict=True) if _finite(v)]
+    rows = [] if col not in df.columns else [
+        {"group": str(g), "value": float(v), "model_file": f or None}
+        for g, v, f in zip(df["group"], df[col], files, strict=True) if _finite(v)]
+    for name in STATISTICAL:       # the comparators scored in the same backtest
+        if f"{name}_{metric}" in df.columns:
+            rows += [{"group": str(g), "value": float(v), "model_file": None, "model": name,
+                      "has_model": True}
+                     for g, v in zip(df["group"], df[f"{name}_{metric}"], strict=True)
+                     if _finite(v)]
+    return rows
 
 
 def leaderboard(experiment: str, metric: str = "mase", uri: str | None = None,
@@ -104,6 +113,11 @@ def leaderboard(experiment: str, metric: str = "mase", uri: str | None = None,
             value = r.data.metrics.get(f"backtest_{metric}")
             if group != "all" and _finite(value):
                 rows.append({**base, "group": group, "value": float(value)})
+            if group != "all":     # the comparators: statistical models, nothing to log
+                rows += [{**base, "group": group, "model": name, "has_model": True,
+                          "value": float(r.data.metrics[f"{name}_{metric}"])}
+                         for name in STATISTICAL
+                         if _finite(r.data.metrics.get(f"{name}_{metric}"))]
             if GROUP_TABLE_TAG in tags:
                 try:
                     table = _group_rows(client, r, metric)
@@ -111,7 +125,7 @@ def leaderboard(experiment: str, metric: str = "mase", uri: str | None = None,
                     warnings.warn(f"run {r.info.run_id}: per-group table unreadable "
                                   f"({type(e).__name__}); left out", stacklevel=2)
                     table = []
-                rows += [{**base, **row, "has_model": logged or bool(row["model_file"])}
+                rows += [{**base, "has_model": logged or bool(row["model_file"]), **row}
                          for row in table]
         token = page.token
         if not token:
@@ -210,12 +224,15 @@ def champion_version(name: str, alias: str = "champion", uri: str | None = None)
 def load_champion(name: str, alias: str = "champion", uri: str | None = None):
     """The model registered as `name@alias`, rebuilt from the weights file of its logged model
     (spec + state dict, read with weights_only=True): nothing from the registry is unpickled,
-    so a version whose artifact is a pickle cannot run code here; it is refused by name."""
+    so a version whose artifact is a pickle cannot run code here; it is refused by name. A
+    statistical model (version tag kind=statistical) comes back as its `Statistical` spec."""
     client = _client(uri)
     mv = client.get_model_version_by_alias(name, alias)
     where = mv.source
     if where.startswith("models:/"):      # a logged model: its artifacts' location
         where = client.get_logged_model(where.removeprefix("models:/")).artifact_location
+    if mv.tags.get(KIND_TAG) == KIND:
+        return _load_spec(name, alias, mv, where, uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/{WEIGHTS}",
@@ -230,6 +247,33 @@ def load_champion(name: str, alias: str = "champion", uri: str | None = None):
             raise PipelineError(f"{name}@{alias} (version {mv.version}): {WEIGHTS} is not a "
                                 f"weights-only model file ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200]})") from None
+
+
+def _load_spec(name: str, alias: str, mv, where: str, uri: str | None) -> Statistical:
+    """The `Statistical` of a version holding SPEC (JSON, nothing executed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/{SPEC}",
+                                                       dst_path=tmp, tracking_uri=uri)
+            spec = json.loads(Path(path).read_text())
+        except (MlflowException, OSError, ValueError) as e:
+            raise PipelineError(f"{name}@{alias} (version {mv.version}) has no readable "
+                                f"{SPEC} ({type(e).__name__})") from None
+    return Statistical.from_spec(spec, f"{name}@{alias} (version {mv.version}) {SPEC}")
+
+
+COMPARATOR_TAGS = ("season", "history", "horizon")   # tagged "comparator_<key>" on a parent
+
+
+def comparator_settings(run_id: str, uri: str | None = None) -> dict:
+    """{season, history, horizon} the comparators of run `run_id` (a parent or job run) were
+    scored with, from the parent run's tags (missing ones are None)."""
+    client = _client(uri)
+    tags = client.get_run(run_id).data.tags
+    if "mlflow.parentRunId" in tags:
+        tags = client.get_run(tags["mlflow.parentRunId"]).data.tags
+    values = {k: tags.get(f"comparator_{k}") for k in COMPARATOR_TAGS}
+    return {k: int(v) if v is not None and v.isdigit() else v for k, v in values.items()}
 
 
 def run_config(run_id: str, uri: str | None = None) -> dict:

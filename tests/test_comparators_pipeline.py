@@ -1,0 +1,282 @@
+"""The statistical comparators and conformal intervals wired into the pipeline (#15 items 4-5):
+backtest rows equal to statsforecast's own forecasts (in this process and on Ray), the AutoETS
+fallback of the final forecast, statistical champions registered as a spec and refitted, and
+conformal intervals reaching their coverage through the pipeline's path."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from statsforecast.models import AutoETS, AutoTheta
+
+from pipeline import config as C
+from pipeline.backtest import backtest, final_forecast
+from pipeline.data.series import SeriesArrays
+from pipeline.data.windows import cutoff_positions
+from pipeline.jobs import Job
+
+H, SEASON, CAP = 6, 12, 60
+CLASSES = {"auto_ets": AutoETS, "auto_theta": AutoTheta}
+
+
+def monthly_like(n_series: int = 5, seed: int = 0) -> SeriesArrays:
+    """Series of different lengths with a level, a trend, a season of 12 and noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_series):
+        t = np.arange(90 + 7 * i)
+        out.append(50 + 0.2 * t + 6 * np.sin(2 * np.pi * t / SEASON) + rng.normal(0, 1, t.size))
+    return SeriesArrays.from_list(out)
+
+
+def small_cfg(*extra: str) -> C.Config:
+    return C.load(None, ["windows.lookback=24", f"windows.horizon={H}", "windows.n_windows=2",
+                         "data.calendar=[]", f"evaluate.season={SEASON}",
+                         f"evaluate.comparator_history={CAP}", *extra])
+
+
+def comparator_blocks(bt) -> dict:
+    """{(model, k): block} of the comparators' backtest blocks."""
+    return {(b.model, b.k): b for b in bt.blocks if b.model in CLASSES}
+
+
+def test_backtest_comparators_equal_statsforecast_per_series():
+    arrays, cfg = monthly_like(), small_cfg()
+    bt = backtest(arrays, [Job("global", np.arange(len(arrays)))], {}, cfg)
+    cuts = cutoff_positions(arrays.lengths, H, 2, H)
+    blocks = comparator_blocks(bt)
+    assert sorted(blocks) == [(m, k) for m in CLASSES for k in (0, 1)]
+    for (name, k), block in blocks.items():
+        for i, s in enumerate(block.series):
+            hist = arrays.values[arrays.indptr[s]:arrays.indptr[s] + cuts[k][s]]
+            want = CLASSES[name](season_length=SEASON).forecast(
+                y=hist.astype(np.float64)[-CAP:], h=H)["mean"]
+            np.testing.assert_array_equal(block.y_hat[i], want)
+    summary = bt.summary()
+    assert list(summary) == ["naive", "seasonal_naive", "auto_ets", "auto_theta"]
+    assert bt.fallbacks == {"auto_ets": 0, "auto_theta": 0}
+    assert bt.forecasts == {"auto_ets": 2 * len(arrays), "auto_theta": 2 * len(arrays)}
+    # the written rows carry the same forecasts, as float32
+    frames = [f for f in bt.frames if f["model"][0] == "auto_ets"]
+    assert sum(len(f["y_hat"]) for f in frames) == 2 * len(arrays) * H
+
+
+def test_comparators_off_and_capped_history():
+    arrays = monthly_like(3)
+    off = backtest(arrays, [Job("global", np.arange(3))], {},
+                   small_cfg("evaluate.comparators=[]"))
+    assert list(off.summary()) == ["naive", "seasonal_naive"]
+    cfg = C.load(None, ["evaluate.comparator_history=auto"])
+    assert cfg.evaluate.history_cap(24) == 240 and cfg.evaluate.history_cap(1) == 100
+    assert C.load(None, ["evaluate.comparator_history=null"]).evaluate.history_cap(12) == 120
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("evaluate.comparators=[ets]", "evaluate.comparators[] = 'ets'"),
+    ("evaluate.comparators=[auto_ets, auto_ets]", "a name repeats"),
+    ("evaluate.comparator_history=0", "evaluate.comparator_history = 0"),
+    ("evaluate.comparator_history=all", "evaluate.comparator_history = 'all'"),
+    ("evaluate.fallback=auto_arima", "evaluate.fallback = 'auto_arima'"),
+    ("evaluate.intervals=split", "evaluate.intervals = 'split'"),
+    ("evaluate.levels=[80, 100]", "evaluate.levels"),
+    ("evaluate.intervals=conformal", "needs windows.n_windows >= 2"),
+    ("model.name=auto_ets", "model.name = 'auto_ets'"),
+])
+def test_bad_settings_are_one_line_errors_naming_the_key(override, message):
+    with pytest.raises(C.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        C.load(None, [override])
+
+
+def test_backtest_on_ray_equals_the_local_one(ray_session):
+    from pipeline.execution import RayRunner
+    arrays, cfg = monthly_like(), small_cfg()
+    jobs = [Job("global", np.arange(len(arrays)))]
+    local = comparator_blocks(backtest(arrays, jobs, {}, cfg))
+    with RayRunner(cfg.ray) as runner:
+        remote = comparator_blocks(backtest(arrays, jobs, {}, cfg, runner=runner))
+    assert local.keys() == remote.keys()
+    for key in local:
+        np.testing.assert_array_equal(local[key].series, remote[key].series)
+        np.testing.assert_array_equal(local[key].y_hat, remote[key].y_hat)
+
+
+def test_auto_ets_fallback_forecasts_the_series_the_model_cannot():
+    arrays = monthly_like(3)
+    cfg = small_cfg("evaluate.fallback=auto_ets")
+    cols = final_forecast(arrays, [], {}, cfg)
+    assert set(cols["model"]) == {"fallback:auto_ets"}
+    for s in range(3):
+        hist = arrays.values[arrays.indptr[s]:arrays.indptr[s + 1]].astype(np.float64)
+        want = AutoETS(season_length=SEASON).forecast(y=hist[-CAP:], h=H)["mean"]
+        np.testing.assert_array_equal(cols["y_hat"][s * H:(s + 1) * H],
+                                      want.astype(np.float32))
+    default = final_forecast(arrays, [], {}, small_cfg())
+    assert set(default["model"]) == {"fallback:seasonal_naive"}
+    np.testing.assert_array_equal(default["y_hat"][:H], arrays.values[90 - SEASON:90 - SEASON + H])
+
+
+# ------------------------------------------------------------ statistical champions, end to end
+
+def seasonal_panel(path, n_series: int = 4, days: int = 16) -> str:
+    """Hourly series of a pure daily pattern around a level each: AutoETS and AutoTheta all
+    but recover it, a one-step tiny GRU cannot."""
+    from conftest import hourly, write_long
+    rng = np.random.default_rng(3)
+    n = 24 * days
+    t = np.arange(n)
+    ys = [20 + 15 * i + 8 * np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.05, n)
+          for i in range(n_series)]
+    return write_long(path, np.repeat([f"s{i}" for i in range(n_series)], n),
+                      np.tile(hourly(n), n_series), np.concatenate(ys))
+
+
+def statistical_config(tmp_path) -> str:
+    import yaml
+    data = seasonal_panel(str(tmp_path / "data" / "panel.parquet"))
+    cfg = {"name": "stat", "data": {"path": data, "freq": "1h", "calendar": []},
+           "windows": {"lookback": 48, "horizon": 24, "n_windows": 2},
+           "model": {"encoder": {"type": "gru", "hidden_size": 4},
+                     "decoder": {"type": "direct", "hidden_size": 8}},
+           "train": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 8},
+           "evaluate": {"comparators": ["auto_ets", "auto_theta"],
+                        "comparator_history": 120, "plots": 0, "intervals": "conformal"},
+           "ray": {"enabled": False},
+           "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+           "output": {"path": str(tmp_path / "out")}}
+    path = tmp_path / "stat.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_a_winning_comparator_is_registered_as_a_spec_and_refitted(tmp_path):
+    import json
+
+    import mlflow
+
+    from pipeline.cli import execute, main
+    from pipeline.tracking import read
+    config = statistical_config(tmp_path)
+    run = execute(["run", "--config", config])
+    assert run.exit_code == 0
+    summary = run.results["backtest"].summary
+    best = min(CLASSES, key=lambda m: summary[m]["mase"])
+    assert summary[best]["mase"] < 0.2 * summary[run.cfg.model.name]["mase"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # conformal intervals: coverage logged per model, quantile columns in the forecast
+    parent = mlflow.MlflowClient(tracking_uri=uri).get_run(run.log.parent_id).data
+    cal = run.results["backtest"].calibration
+    assert parent.metrics["coverage_80"] == cal.coverage[run.cfg.model.name]["coverage_80"]
+    assert parent.metrics["auto_ets_coverage_95"] == cal.coverage["auto_ets"]["coverage_95"]
+    cols = run.results["forecast"].cols
+    assert [k for k in cols if k.startswith("q_")] == ["q_0.025", "q_0.1", "q_0.9", "q_0.975"]
+    assert (cols["q_0.025"] <= cols["q_0.1"]).all() and (cols["q_0.1"] <= cols["y_hat"]).all()
+    assert main(["compare", "--config", config]) == 0
+    mv = mlflow.MlflowClient(tracking_uri=uri).get_model_version_by_alias("stat", "champion")
+    assert (mv.tags["kind"], mv.tags["model"]) == ("statistical", best)
+    where = mlflow.MlflowClient(tracking_uri=uri).get_logged_model(mv.tags["model_id"])
+    folder = pathlib.Path(where.artifact_location.removeprefix("file://"))
+    assert sorted(os.listdir(folder)) == ["spec.json"]         # no weights, no pickle
+    spec = json.loads((folder / "spec.json").read_text())
+    assert spec == {"kind": "statistical", "model": best, "season": 24, "history": 120,
+                    "horizon": 24}
+    assert read.load_champion("stat", uri=uri).spec == spec
+    fc = execute(["forecast", "--config", config, "--from-registry"])
+    assert fc.exit_code == 0
+    cols = fc.results["forecast"].cols
+    assert set(cols["model"]) == {best}
+    arrays = fc.results["data"].arrays
+    for s in range(len(arrays)):
+        hist = arrays.values[arrays.indptr[s]:arrays.indptr[s + 1]].astype(np.float64)
+        want = CLASSES[best](season_length=24).forecast(y=hist[-120:], h=24)["mean"]
+        rows = cols["unique_id"] == arrays.ids[s]
+        np.testing.assert_array_equal(cols["y_hat"][rows], want.astype(np.float32))
+
+
+# ------------------------------------------------------------------------ conformal intervals
+
+def exchangeable(n_series: int = 400, n: int = 60, seed: int = 5) -> SeriesArrays:
+    """A level per series plus i.i.d. noise: the naive forecasts' errors are exchangeable
+    across series and cutoffs."""
+    rng = np.random.default_rng(seed)
+    return SeriesArrays.from_list([rng.uniform(10, 50) + rng.normal(0, 2, n)
+                                   for _ in range(n_series)])
+
+
+def test_conformal_intervals_reach_their_coverage_on_the_latest_window():
+    from pipeline.calibration import calibrate
+    arrays = exchangeable()
+    cfg = C.load(None, ["windows.lookback=12", f"windows.horizon={H}", "windows.n_windows=3",
+                        "data.calendar=[]", "evaluate.season=1", "evaluate.comparators=[]",
+                        "evaluate.intervals=conformal", "evaluate.levels=[50, 80, 95]"])
+    bt = backtest(arrays, [Job("global", np.arange(len(arrays)))], {}, cfg)
+    cal = calibrate(bt, None, cfg.evaluate.levels)
+    assert set(cal.coverage) == {"naive", "seasonal_naive"}
+    for level in (50, 80, 95):
+        got = cal.coverage["naive"][f"coverage_{level}"]
+        assert abs(got - level / 100) < 0.03, (level, got)
+
+
+def test_conformal_widths_go_around_the_final_forecast_by_the_model_fallen_back_to():
+    from pipeline.calibration import calibrate, with_intervals
+    arrays = exchangeable(60)
+    cfg = C.load(None, ["windows.lookback=12", f"windows.horizon={H}", "windows.n_windows=2",
+                        "data.calendar=[]", "evaluate.season=1", "evaluate.comparators=[]",
+                        "evaluate.intervals=conformal"])
+    bt = backtest(arrays, [Job("global", np.arange(len(arrays)))], {}, cfg)
+    cal = calibrate(bt, None, cfg.evaluate.levels)
+    cols = with_intervals(final_forecast(arrays, [], {}, cfg), cal, H)
+    width = cal.fitted["seasonal_naive"].width                     # [levels, H]
+    y_hat = cols["y_hat"].reshape(-1, H)
+    np.testing.assert_allclose(cols["q_0.1"].reshape(-1, H), y_hat - width[0], rtol=1e-6)
+    np.testing.assert_allclose(cols["q_0.975"].reshape(-1, H), y_hat + width[1], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_nightly_promotes_a_winning_comparator_and_forecasts_with_it(tmp_path):
+    import mlflow
+
+    from flows import nightly
+    from flows._common import parser, run_flow
+    config = statistical_config(tmp_path)
+    args = parser("nightly", nightly.nightly.__doc__).parse_args(
+        ["--config", config, "--set", "evaluate.intervals=none"])
+    b = run_flow(nightly.nightly, args, registry=True)
+    assert b.exit_code == 0
+    (d,) = b.results["promote"]
+    summary = b.results["backtest"].summary
+    best = min([*CLASSES, b.cfg.model.name], key=lambda m: summary[m]["mase"])
+    assert best in CLASSES and (d.promoted, d.challenger_model) == (True, best)
+    assert d.challenger == pytest.approx(summary[best]["mase"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mv = mlflow.MlflowClient(tracking_uri=uri).get_model_version_by_alias("stat", "champion")
+    assert (mv.tags["kind"], mv.tags["model"], str(mv.version)) == ("statistical", best,
+                                                                 d.version)
+    assert set(b.results["forecast"].cols["model"]) == {best}
+    # the next night scores the registered comparator as the champion, on the same windows
+    again = run_flow(nightly.nightly, parser("nightly", "").parse_args(
+        ["--config", config, "--set", "evaluate.intervals=none", "--force"]), registry=True)
+    (d2,) = again.results["promote"]
+    assert d2.champion == pytest.approx(d2.challenger) and not d2.promoted
+
+
+def test_chunks_keep_the_order_and_number_the_fallbacks_over_every_history(monkeypatch,
+                                                                           capsys):
+    import pipeline.backtest as B
+    from pipeline import report
+    from pipeline.comparators import forecast
+    histories = [h.astype(np.float64) for h in
+                 (monthly_like(5).series(s) for s in range(5))]
+    histories[3] = np.array([1.0, 2.0, 4.0])          # too short for AutoETS: seasonal naive
+    whole = forecast([h[-CAP:] for h in histories], H, SEASON, ["auto_ets"])
+    monkeypatch.setattr(B, "CHUNK", 2)
+    chunked = B.comparator_forecasts(histories, H, SEASON, ["auto_ets"], CAP)
+    np.testing.assert_array_equal(chunked.columns["auto_ets"], whole.columns["auto_ets"])
+    assert [f.series for f in chunked.fallbacks] == [f.series for f in whole.fallbacks] == [3]
+    report.comparator_fallbacks({"auto_ets": 1, "auto_theta": 0},
+                                {"auto_ets": 5, "auto_theta": 5})
+    assert capsys.readouterr().err == ("warning: comparator forecasts replaced by seasonal "
+                                       "naive (the model could not fit the series): "
+                                       "auto_ets 1 of 5\n")
