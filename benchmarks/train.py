@@ -32,8 +32,9 @@ from pipeline import config as C  # noqa: E402
 from pipeline.data.loader import WindowLoader  # noqa: E402
 from pipeline.data.series import SeriesArrays  # noqa: E402
 from pipeline.data.windows import starts_between  # noqa: E402
+from pipeline.device import seed_everything  # noqa: E402
 from pipeline.models import build_model, make_loss  # noqa: E402
-from pipeline.train import TrainData, fit, seed_everything  # noqa: E402
+from pipeline.train import TrainData, fit  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

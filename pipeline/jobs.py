@@ -33,6 +33,7 @@ from pipeline.data.io import write_bytes_atomic
 from pipeline.data.loader import WindowLoader, loader_at
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowPlan, plan_windows
+from pipeline.device import resolve_device, seed_everything
 from pipeline.distributed import dist_info
 from pipeline.models import PackedModel, build_model, make_loss, model_from_spec, save_model
 from pipeline.models.ensemble import (
@@ -44,7 +45,7 @@ from pipeline.models.ensemble import (
 )
 from pipeline.models.seq2seq import EncoderDecoder
 from pipeline.names import model_file
-from pipeline.train import FitResult, TrainData, fit, resolve_device, seed_everything
+from pipeline.train import FitResult, TrainData, fit
 
 
 @dataclass
@@ -336,9 +337,12 @@ def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
     """A job that raised: its error, one line (no terminal colours) plus the innermost frame."""
     tb = traceback.extract_tb(exc.__traceback__)
     where = f" ({tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
-    text = ANSI.sub("", str(exc)).strip().splitlines()
+    lines = [t.strip() for t in ANSI.sub("", str(exc)).splitlines() if t.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:   # "failed due to worker errors:" + the cause
+        text += " " + lines[-1]
     return JobResult(job.name, job.group, False,
-                     error=f"{type(exc).__name__}: {text[0] if text else ''}{where}",
+                     error=f"{type(exc).__name__}: {text}{where}",
                      n_series=len(job.series), attempts=attempts)
 
 

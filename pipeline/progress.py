@@ -61,11 +61,13 @@ class Progress:
     """A training job's progress (`pipeline.train.fit`): off a terminal a line per epoch and,
     within an epoch, a line at most every `every` seconds with the step, the running train
     loss and the time left (at the full number of epochs: an early stop ends sooner); on a
-    terminal one bar over every step with the same figures."""
+    terminal one bar over every step with the same figures. `follow(step, loss)`: told of
+    every step too, displayed or not (a Ray task's reporter to the driver)."""
 
     def __init__(self, epochs: int, enabled: bool = True, stream=None, steps: int = 0,
-                 every: float = EVERY) -> None:
+                 every: float = EVERY, follow=None) -> None:
         self.epochs, self.steps, self.enabled, self.every = epochs, steps, enabled, every
+        self.follow = follow
         self.stream = stream or sys.stderr
         self.tty = enabled and getattr(self.stream, "isatty", lambda: False)()
         self.bar = tqdm(total=epochs * steps or None, desc="training", unit=" steps",
@@ -78,6 +80,8 @@ class Progress:
         """Step `step` of the current epoch done; `loss()` the running train loss (called
         only when something is printed: it may sync the device)."""
         self.done = self.epoch * self.steps + step
+        if self.follow is not None:
+            self.follow(step, loss)
         if not self.enabled:
             return
         now = time.monotonic()

@@ -34,6 +34,7 @@ from pipeline.data.io import join
 from pipeline.data.loader import loader_at
 from pipeline.data.prepare import Prepared
 from pipeline.data.prepare import prepare as read_input
+from pipeline.device import resolve_device
 from pipeline.errors import InfraError, PipelineError
 from pipeline.jobs import (
     Job,
@@ -50,7 +51,6 @@ from pipeline.names import model_file
 from pipeline.plots import plot_sample
 from pipeline.secrets import redact
 from pipeline.statistical import Statistical
-from pipeline.train import resolve_device
 
 
 @dataclass

@@ -25,7 +25,6 @@ together. On CUDA, bf16 autocast unless train.precision says fp32.
 from __future__ import annotations
 
 import math
-import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from pipeline.checkpoint import fits, training_state
 from pipeline.config import TrainConfig
 from pipeline.data.loader import Batch, SeriesSampler, WindowLoader, stack_batches
 from pipeline.data.windows import WindowIndex
+from pipeline.device import autocast_dtype
 from pipeline.distributed import dist_info, mean_over_ranks, shard
 from pipeline.models.losses import member_losses
 from pipeline.progress import Progress
@@ -66,25 +66,6 @@ class FitResult:
     @property
     def samples_per_s(self) -> float:
         return self.samples / self.seconds if self.seconds else 0.0
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA unless fp32 is asked for; none on the CPU unless bf16 is."""
-    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
 
 
 def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
@@ -223,6 +204,20 @@ def validate(model, data: Sequence[TrainData], val: Sequence[WindowIndex | None]
 
 # ------------------------------------------------------------------ the loop
 
+def _display(cfg: TrainConfig, logs: list, steps: int, progress: bool, rank: int) -> Progress:
+    """Rank 0's progress display; a log callback with a `tick` follows the steps too (the
+    pack's first that has one: its members share the steps)."""
+    follow = next((lg.tick for lg in logs if hasattr(lg, "tick")), None) if rank == 0 else None
+    return Progress(cfg.epochs, enabled=progress and rank == 0, steps=steps, follow=follow)
+
+
+def _save_if_due(checkpoint, epoch: int, core, opt, sched, device, s, t0: float) -> None:
+    if checkpoint.due():
+        s.set_seconds(time.perf_counter() - t0)
+        checkpoint.save(training_state(epoch, core, opt, sched, device, s.results,
+                                       best=s.best, bad=s.bad, stopped=s.stopped))
+
+
 def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
         loss_fn: nn.Module | Sequence[nn.Module], *,
         log: Log | Sequence[Log | None] | None = None, progress: bool = True,
@@ -246,23 +241,15 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
     opt, sched = make_optimizer(model, cfg, steps * cfg.epochs)
     core = getattr(model, "module", model)   # the model inside a DDP wrapper
     s = _State(G)
-    display = Progress(cfg.epochs, enabled=progress and rank == 0, steps=steps or 0)
-    # a log callback may follow the steps too (the pack's first that does: steps are shared)
-    ticks = [t for t in (getattr(lg, "tick", None) for lg in logs) if t][:1] if rank == 0 \
-        else []
-
-    def tick(step: int, loss) -> None:
-        display.step(step, loss if display.enabled else None)
-        for t in ticks:
-            t(step, loss)
-    first = _resume(checkpoint, core, opt, sched, device, s, display, logs)
-    display.epoch = first
+    display = _display(cfg, logs, steps, progress, rank)
+    first = display.epoch = _resume(checkpoint, core, opt, sched, device, s, display, logs)
     t0 = time.perf_counter() - s.results[0].seconds
     for epoch in range(first, cfg.epochs if not all(s.stopped) else 0):
         te = time.perf_counter()
         gens = [epoch_generator(seed, epoch, rank) for seed in seeds]  # as if alone
         train_loss, n = train_epoch(model, data, steps if G > 1 else cfg.steps_per_epoch,
-                                    opt, sched, loss_fn, cfg, amp, gens, samplers, tick)
+                                    opt, sched, loss_fn, cfg, amp, gens, samplers,
+                                    display.step)
         val_loss = validate(model, data, val, loss_fn, cfg.batch_size * 4, amp)
         train_loss = [mean_over_ranks(v, device) for v in train_loss]
         val_loss = [mean_over_ranks(v, device) for v in val_loss]
@@ -270,11 +257,8 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
         _end_epoch(s, core, epoch, train_loss, val_loss, n * world, rate, opt, cfg, logs)
         display.update({"epoch": epoch, "train_loss": float(np.mean(train_loss)),
                         "val_loss": _nanmean(val_loss), "samples_per_s": rate * G})
-        if checkpoint is not None and rank == 0 and epoch + 1 < cfg.epochs and \
-                checkpoint.due():
-            s.set_seconds(time.perf_counter() - t0)
-            checkpoint.save(training_state(epoch, core, opt, sched, device, s.results,
-                                           best=s.best, bad=s.bad, stopped=s.stopped))
+        if checkpoint is not None and rank == 0 and epoch + 1 < cfg.epochs:
+            _save_if_due(checkpoint, epoch, core, opt, sched, device, s, t0)
         if all(s.stopped):
             display.note(f"early stop: no better validation loss for {cfg.patience} epochs")
             break

@@ -17,11 +17,11 @@ from pipeline.backtest import backtest, final_forecast
 from pipeline.data.loader import loader_at
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import cutoff_positions
+from pipeline.device import seed_everything
 from pipeline.forecast import predict_job
 from pipeline.jobs import new_model, plan_jobs, run_job, state_bytes
 from pipeline.models import EncoderDecoder, Ensemble, load_model, save_model
 from pipeline.models.ensemble import Member, ensemble_members, lookback_packs, member_config
-from pipeline.train import seed_everything
 
 # horizon 12: lookbacks [1, 2, 4] horizons are 12, 24 and 48 steps
 BASE = [*SMALL, "model.encoder.type=cnn", "windows.lookback=24", "train.epochs=2",
