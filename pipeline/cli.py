@@ -2,7 +2,8 @@
 
 The top of the house: a thin argparse layer. `prepare`, `train`, `backtest`, `forecast` and
 `run` are the flows of those names (`flows/`), run whenever asked (a scheduled `python -m
-flows.<name>` skips a batch that already finished); `compare` ranks the tracked runs. Exit codes
+flows.<name>` skips a batch that already finished); `compare` ranks the tracked runs; `tune`
+searches `tune.space` on Ray Tune, writes the best config and backtests it. Exit codes
 and the one-line reasons are `pipeline.errors`'s; never a traceback for a user's mistake. The
 only module of the package that imports `flows`.
 """
@@ -14,6 +15,7 @@ import sys
 import warnings
 
 from flows import backtest, forecast, forecast_only, prepare, run, train
+from flows import tune as tune_flow
 from flows._common import add_arguments, run_flow
 from pipeline import compare as ranking
 from pipeline import config as C
@@ -58,7 +60,35 @@ def _parser() -> argparse.ArgumentParser:
                                  help="rank runs of every data cutoff, not only the latest")
     cmds["compare"].add_argument("--no-register", action="store_true",
                                  help="print the leaderboard without touching the registry")
+    _tune_parser(sub)
     return p
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+        return value
+    return parse
+
+
+def _tune_parser(sub) -> None:
+    t = sub.add_parser("tune", help="search tune.space on Ray Tune (each trial an MLflow child "
+                                    "run), write the best config, backtest it")
+    add_arguments(t, batch=False)
+    t.add_argument("--batch-id", help="the search (default: the data cutoff); an unfinished "
+                                      "search of this batch is resumed")
+    t.add_argument("--trials", type=_positive(int), help="trials to run (default: tune.trials)")
+    t.add_argument("--time-budget", type=_positive(float), metavar="MINUTES",
+                   help="start no trial after this many minutes, stop running ones")
+    t.add_argument("--out", help="where the tuned config goes (default: <config>.tuned.yaml "
+                                 "beside the config; a folder with tune.per_group)")
+    t.add_argument("--no-backtest", action="store_true",
+                   help="only search; do not backtest the tuned config")
 
 
 def make_demo_data(args: argparse.Namespace) -> int:
@@ -90,7 +120,30 @@ def main(argv: list[str] | None = None) -> int:
         return make_demo_data(args)
     if args.command == "compare":
         return compare(args)
+    if args.command == "tune":
+        return tune(args)[-1].exit_code
     return execute(args).exit_code
+
+
+def tune(args: argparse.Namespace | list[str]) -> list[Batch]:
+    """The search (a batch of its own, its trials child runs of its run), then, for a global
+    search, the tuned config's backtest as `backtest` runs it (an ordinary run `compare`
+    ranks), which the search's run names in its tag `tune.backtest_run_id`. The batches run."""
+    if isinstance(args, list):
+        args = _parser().parse_args(args)
+    flow = functools.update_wrapper(
+        functools.partial(tune_flow.tune, trials=args.trials, minutes=args.time_budget,
+                          out=args.out), tune_flow.tune)
+    searched = run_flow(flow, args, record=False)
+    tuned = searched.results.get("tune")
+    if searched.exit_code != EXIT_OK or args.no_backtest or None not in tuned.files:
+        return [searched]
+    print(f"backtest of the tuned config {tuned.files[None]}")
+    again = argparse.Namespace(config=tuned.files[None], set=[], batch_id=args.batch_id)
+    checked = run_flow(backtest.backtest, again, record=False)
+    if searched.log is not None and checked.log is not None and checked.log.parent_id:
+        searched.log.tag("tune.backtest_run_id", checked.log.parent_id)
+    return [searched, checked]
 
 
 def execute(args: argparse.Namespace | list[str]) -> Batch:

@@ -35,7 +35,14 @@ from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowPlan, plan_windows
 from pipeline.device import resolve_device, seed_everything
 from pipeline.distributed import dist_info
-from pipeline.models import PackedModel, build_model, make_loss, model_from_spec, save_model
+from pipeline.models import (
+    PackedModel,
+    build_model,
+    make_loss,
+    make_val_loss,
+    model_from_spec,
+    save_model,
+)
 from pipeline.models.ensemble import (
     Ensemble,
     Member,
@@ -211,7 +218,8 @@ def _train_part(arrays: SeriesArrays, jobs: list[Job], cfg: Config, part: list[M
     fits = fit(wrap(core) if wrap else core, [d for *_, d in keep], cfg.train,
                _losses(cfg, [m for _, m, _ in keep]), progress=progress, checkpoint=ckpt,
                log=[logs.get(j.name) if m.index == 0 else None for j, m, _ in keep],
-               seeds=[m.seed for _, m, _ in keep])
+               seeds=[m.seed for _, m, _ in keep],
+               val_loss=make_val_loss(cfg.model, cfg.train.val_metric))
     for g, ((job, m, data), res) in enumerate(zip(keep, fits, strict=True)):
         done[job.name][m.index] = (core if len(keep) == 1 else core.extract(g), res,
                                    len(data.train))

@@ -104,3 +104,10 @@ def tracking_db(cfg: Config) -> Path:
     """The embedded tracking store's SQLite file (outputs on object storage: ./outputs)."""
     out = cfg.output.path if not is_remote(cfg.output.path) else "outputs"
     return Path(out).resolve() / "mlflow.db"
+
+
+def tune_dir(cfg: Config) -> str:
+    """Where searches keep their state (`<output.path>/<name>/tune`, absolute; a URI as
+    given): Ray Tune resumes an unfinished search from there."""
+    root = join(cfg.output.path, cfg.name, "tune")
+    return root if is_remote(root) else os.path.abspath(root)

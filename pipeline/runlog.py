@@ -271,6 +271,35 @@ class RunLog:
         if self.parent_id:
             self.tr.log_metrics(self.parent_id, values)
 
+    def tag(self, key: str, value: str) -> None:
+        """A tag on the parent run (also once it has finished)."""
+        if self.parent_id:
+            self.tr.set_tag(self.parent_id, key, value)
+
+    def trial_runs(self) -> tracking.TrialRuns | None:
+        """Where a search's trials go: child runs of this (the `tune` command's) run."""
+        if not self.parent_id or self.tr.experiment_id is None:
+            return None
+        return tracking.TrialRuns(self.uri, self.parent_id, self.tr.experiment_id,
+                                  self.batch_tags)
+
+    def tuned(self, files: dict[str, str], best: dict, score: float, tags: dict) -> None:
+        """A search's outcome on its parent run: the best point as `best.<key>` params, its
+        score as `best_score`, `tags`, and text `files` (the space, the tuned config) under
+        `tune/`."""
+        if not self.parent_id:
+            return
+        self.tr.log_params(self.parent_id, {f"best.{k}": v for k, v in best.items()})
+        self.tr.log_metrics(self.parent_id, {"best_score": score})
+        for k, v in tags.items():
+            self.tr.set_tag(self.parent_id, k, str(v))
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = []
+            for name, text in files.items():
+                paths.append(Path(tmp) / name)
+                paths[-1].write_text(tracking.redact(text))
+            self.tr.log_artifacts(self.parent_id, paths, "tune")
+
     def finish(self, ok: bool = True, status: str | None = None) -> None:
         """End the run and its job runs: FINISHED, FAILED, or `status` (KILLED)."""
         if not self.parent_id:

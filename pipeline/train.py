@@ -221,12 +221,14 @@ def _save_if_due(checkpoint, epoch: int, core, opt, sched, device, s, t0: float)
 def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
         loss_fn: nn.Module | Sequence[nn.Module], *,
         log: Log | Sequence[Log | None] | None = None, progress: bool = True,
-        checkpoint=None, seeds: Sequence[int] | None = None) -> list[FitResult]:
+        checkpoint=None, seeds: Sequence[int] | None = None, val_loss: nn.Module | None = None
+        ) -> list[FitResult]:
     """Train the pack (`model` and one TrainData per member) in place; each member's weights
     of its best validation epoch are restored at the end (its last epoch's when it never
     improved). `loss_fn`: one for every member, or one per member. `log`: one callback, or one
     per member, gets each epoch's row. `seeds`: each member's seed for its window order and
-    validation sample (default: cfg.seed for all). `checkpoint` (a
+    validation sample (default: cfg.seed for all). `val_loss`: what validation scores
+    (`train.val_metric`; default: `loss_fn`). `checkpoint` (a
     `pipeline.checkpoint.Checkpoint`): resume from its state when it holds one, save the whole
     state when due; a resumed run ends with the same weights, bit for bit on the CPU, as one
     that was never interrupted."""
@@ -250,13 +252,13 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
         train_loss, n = train_epoch(model, data, steps if G > 1 else cfg.steps_per_epoch,
                                     opt, sched, loss_fn, cfg, amp, gens, samplers,
                                     display.step)
-        val_loss = validate(model, data, val, loss_fn, cfg.batch_size * 4, amp)
+        scores = validate(model, data, val, val_loss or loss_fn, cfg.batch_size * 4, amp)
         train_loss = [mean_over_ranks(v, device) for v in train_loss]
-        val_loss = [mean_over_ranks(v, device) for v in val_loss]
+        scores = [mean_over_ranks(v, device) for v in scores]
         rate = n * world / (time.perf_counter() - te)            # samples/s per member
-        _end_epoch(s, core, epoch, train_loss, val_loss, n * world, rate, opt, cfg, logs)
+        _end_epoch(s, core, epoch, train_loss, scores, n * world, rate, opt, cfg, logs)
         display.update({"epoch": epoch, "train_loss": float(np.mean(train_loss)),
-                        "val_loss": _nanmean(val_loss), "samples_per_s": rate * G})
+                        "val_loss": _nanmean(scores), "samples_per_s": rate * G})
         if checkpoint is not None and rank == 0 and epoch + 1 < cfg.epochs:
             _save_if_due(checkpoint, epoch, core, opt, sched, device, s, t0)
         if all(s.stopped):

@@ -36,7 +36,7 @@ def imports_of(module: str, where: str = "pipeline") -> list[str]:
 
 
 def test_ray_is_imported_only_by_the_execution_layer():
-    assert imports_of("ray") == ["pipeline/execution.py"]
+    assert imports_of("ray") == ["pipeline/execution.py", "pipeline/search.py"]  # + Ray Tune
 
 
 def test_mlflow_is_imported_only_by_the_tracking_package():
@@ -63,7 +63,11 @@ LAZY = {"pipeline.execution": "Ray only when enabled", "ray.train": "DDP only",
         "ray.train.torch": "DDP only", "matplotlib": "plots only",
         "matplotlib.pyplot": "plots only", "deltalake": "output.format delta only",
         "deltalake.exceptions": "output.format delta only",
-        "pipeline.comparators": "statsforecast (seconds to import) only when comparators run"}
+        "pipeline.comparators": "statsforecast (seconds to import) only when comparators run",
+        "pipeline.search": "Ray Tune only for the tune command",
+        "optuna": "tune.search optuna only", "ray.tune.search.optuna": "tune.search optuna only",
+        "ray.tune.search": "tune.search random or grid only",
+        "ray.tune.schedulers": "tune.scheduler asha only"}
 
 
 def _functions():

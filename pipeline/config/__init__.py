@@ -1,7 +1,7 @@
 """Typed job configuration: the schema (`sections`: one dataclass per section, cross-field
 checks) and its loading (`loading`: YAML, `--set section.key=value` overrides, coercion, unknown
 keys named with the nearest valid one). This package imports nothing else of the project."""
-from pipeline.config.loading import from_dict, load
+from pipeline.config.loading import from_dict, load, read_raw
 from pipeline.config.sections import (
     CALENDAR_FEATURES,
     PACKED_DECODERS,
@@ -22,9 +22,10 @@ from pipeline.config.sections import (
     WindowsConfig,
     receptive_field,
 )
+from pipeline.config.tune import Domain, TuneConfig
 
 __all__ = ["CALENDAR_FEATURES", "PACKED_DECODERS", "PACKED_ENCODERS", "Config", "ConfigError",
            "DataConfig", "DecoderConfig", "EncoderConfig", "EvaluateConfig", "ModelConfig",
            "OutputConfig", "PerGroupConfig", "RayConfig", "STATISTICAL", "TrackingConfig",
-           "TrainConfig",
-           "WindowsConfig", "from_dict", "load", "receptive_field"]
+           "TrainConfig", "TuneConfig", "Domain",
+           "WindowsConfig", "from_dict", "load", "read_raw", "receptive_field"]

@@ -125,6 +125,12 @@ def _dotted(raw: dict, prefix: str = "") -> list[str]:
 
 def load(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:
     """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+    return from_dict(read_raw(path), overrides)
+
+
+def read_raw(path: str | Path | None, overrides: list[str] | tuple = ()) -> dict:
+    """The YAML mapping of a config file ({} for None) with `overrides` applied: what the
+    config was written as, before defaults (a tuned config is written from it)."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -136,4 +142,6 @@ def load(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
-    return from_dict(raw, overrides)
+    for item in overrides:
+        _apply_override(raw, item)
+    return raw

@@ -18,6 +18,7 @@ from pipeline.config.model import (  # noqa: F401 - the model sections, re-expor
     ModelConfig,
     receptive_field,
 )
+from pipeline.config.tune import TuneConfig
 
 MAX_HORIZON = 32767     # the outputs' `step` column is an int16
 CALENDAR_FEATURES = ("hour", "dayofweek", "dayofmonth", "month")
@@ -156,6 +157,9 @@ class TrainConfig:
     scheduler: str = "none"        # none | cosine | onecycle
     grad_clip: float | None = 1.0
     patience: int = 5              # early stopping on validation loss
+    val_metric: str = "loss"       # what validation scores (early stopping, best weights, the
+                                   # `val_loss` logged): loss (the training loss) | mase |
+                                   # smape (in original units; a quantile model's median)
     val_max_windows: int | str | None = "auto"  # validate on a fixed seeded sample of at
                                    # most this many windows per job; auto: as many as an
                                    # epoch trains on (at least 1,024); null: all
@@ -178,6 +182,7 @@ class TrainConfig:
         _choice("train.mode", self.mode, ("global", "per_group"))
         _positive("train.warm_start_epochs", self.warm_start_epochs)
         _choice("train.sampling", self.sampling, ("windows", "series"))
+        _choice("train.val_metric", self.val_metric, ("loss", "mase", "smape"))
         if self.recency_halflife is not None:
             _positive("train.recency_halflife", self.recency_halflife)
             if self.sampling != "series":
@@ -302,9 +307,12 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)   # `python -m pipeline tune` only
 
     def __post_init__(self) -> None:
         _choice("recipe", self.recipe, ("none", "auto"))
+        if self.tune.per_group and self.train.mode != "per_group":
+            raise ConfigError("tune.per_group = true needs train.mode = 'per_group'")
         for key, value in (("name", self.name), ("model.name", self.model.name)):
             if not NAME.fullmatch(value):
                 raise ConfigError(f"{key} = {value!r}: use letters, digits and _ . - (it "

@@ -291,9 +291,9 @@ class SeriesSampler:
 
 
 def loss_season(arrays: SeriesArrays, cfg: Config) -> int | None:
-    """MASE's m when a loss of the model (or of an ensemble member) is mase, else None:
-    evaluate.season, else the frequency's default season."""
-    if "mase" not in cfg.model.member_losses():
+    """MASE's m when a loss of the model (or of an ensemble member) or `train.val_metric` is
+    mase, else None: evaluate.season, else the frequency's default season."""
+    if "mase" not in [*cfg.model.member_losses(), cfg.train.val_metric]:
         return None
     return cfg.evaluate.season or arrays.freq.default_season(arrays.lengths)
 

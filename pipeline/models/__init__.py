@@ -34,6 +34,7 @@ from pipeline.models.losses import (
     QuantileLoss,
     SMAPELoss,
     make_loss,
+    make_val_loss,
 )
 from pipeline.models.packed import PackedModel, check_packable
 from pipeline.models.seq2seq import EncoderDecoder, build_model
@@ -42,8 +43,8 @@ __all__ = [
     "DECODERS", "ENCODERS", "CNNEncoder", "DirectDecoder", "EncoderDecoder", "FFNEncoder",
     "HuberLoss", "Latent", "MAELoss", "MSELoss", "NonCrossingQuantiles", "QuantileLoss",
     "RNNDecoder", "RNNEncoder", "StateSpec", "build_model", "causal_left_padding",
-    "conv_output_length", "load_model", "make_loss", "register_decoder", "register_encoder",
-    "save_model", "PackedModel", "check_packable", "Ensemble", "MASELoss", "SMAPELoss",
-    "model_from_spec",
+    "conv_output_length", "load_model", "make_loss", "make_val_loss", "register_decoder",
+    "register_encoder", "save_model", "PackedModel", "check_packable", "Ensemble", "MASELoss",
+    "SMAPELoss", "model_from_spec",
 ]
 

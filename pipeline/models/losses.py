@@ -147,6 +147,31 @@ def make_loss(model_cfg: ModelConfig) -> nn.Module:
     return losses[model_cfg.loss]()
 
 
+class PointOf(nn.Module):
+    """`loss` on one output of a quantile model (pred[..., index]): its median, for a point
+    metric."""
+
+    def __init__(self, loss: nn.Module, index: int):
+        super().__init__()
+        self.loss, self.index = loss, index
+
+    def forward(self, pred, target, mask=None, loc=None, scale=None, weight=None):
+        return self.loss(pred[..., self.index:self.index + 1], target, mask, loc, scale, weight)
+
+
+def make_val_loss(model_cfg: ModelConfig, val_metric: str) -> nn.Module | None:
+    """The validation score of `train.val_metric`: None for "loss" (validate on the training
+    loss), else MASE or sMAPE in original units, on the quantile closest to 0.5 of a quantile
+    model."""
+    if val_metric == "loss":
+        return None
+    metric = {"mase": MASELoss, "smape": SMAPELoss}[val_metric]()
+    if model_cfg.loss != "quantile":
+        return metric
+    qs = list(model_cfg.quantiles)
+    return PointOf(metric, min(range(len(qs)), key=lambda i: abs(qs[i] - 0.5)))
+
+
 def member_losses(loss_fn: nn.Module | Sequence[nn.Module], pred: torch.Tensor,
                   target: torch.Tensor, mask: torch.Tensor | None, members: int,
                   loc: torch.Tensor | None = None, scale: torch.Tensor | None = None,

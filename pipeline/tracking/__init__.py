@@ -3,6 +3,7 @@
     runs.py     writing runs: parent and child runs, params, metrics, artifacts, live epochs
     models.py   models in MLflow: logged (weights file + PyTorch flavor), registered, loaded
     read.py     reading runs back: leaderboards, champions, batch records, run configs
+    trials.py   a search's trials as child runs of the `tune` run
 
 This module says where runs go. `tracking_uri(cfg)`: `tracking.uri`, else $MLFLOW_TRACKING_URI,
 else the embedded default `sqlite:///<output.path>/mlflow.db` with artifacts beside it
@@ -34,9 +35,10 @@ from pipeline.tracking.runs import (
     client,
     metric_prefix,
 )
+from pipeline.tracking.trials import TrialRuns
 
 __all__ = ["CONFIG_ARTIFACT", "GROUP_TABLE", "GROUP_TABLE_TAG", "MODEL_URI_TAG", "ROLE",
-           "SUPERSEDED_TAG", "EpochLogger", "Tracker", "artifact_root", "check_server",
+           "SUPERSEDED_TAG", "EpochLogger", "Tracker", "TrialRuns", "artifact_root", "check_server",
            "client", "metric_prefix", "quiet_logs", "redact", "tracking_uri"]
 
 
