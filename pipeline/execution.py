@@ -259,8 +259,38 @@ def train_global_ddp(arrays, job: Job, cfg: Config, final: bool = False, log=Non
     try:
         result = _fit_within(trainer, Deadline(cfg.ray))
     except Exception as e:  # noqa: BLE001 - Ray Train wraps worker errors in its own types
-        return failed(job, e)
+        return failed(job, worker_error(e))
     return result.return_value
+
+
+def worker_error(e: BaseException) -> BaseException:
+    """The exception a DDP worker raised, out of Ray Train's wrappers (whose message is a
+    header line ending in ':' and the workers' tracebacks as text): a WorkerGroupError's
+    `worker_failures` (world rank -> the worker's own exception; the lowest rank whose error
+    is not one of Ray's, as the other ranks often fail only because it did), a
+    ControllerError's `controller_failure`, the `__cause__` of Ray Train's other errors (v1's
+    TrainingFailedError) and a RayTaskError's `cause`. `e` itself when nothing is inside: the
+    deadline, a preemption, a worker that died (its health check failed), an NCCL hang."""
+    for _ in range(8):                              # wrappers in wrappers; never a cycle
+        inner = _wrapped(e)
+        if inner is None:
+            return e
+        e = inner
+    return e
+
+
+def _wrapped(e: BaseException) -> BaseException | None:
+    def ray_own(x: BaseException) -> bool:
+        return type(x).__module__.startswith("ray.")
+    if getattr(e, "worker_failures", None):
+        return min(e.worker_failures.items(), key=lambda kv: (ray_own(kv[1]), kv[0]))[1]
+    if isinstance(getattr(e, "controller_failure", None), BaseException):
+        return e.controller_failure
+    if isinstance(e, ray.exceptions.RayTaskError):
+        return e.cause if isinstance(e.cause, BaseException) else None
+    if type(e).__module__.startswith("ray.train") and e.__cause__ is not None:
+        return e.__cause__
+    return None
 
 
 def _fit_within(trainer, deadline: Deadline):

@@ -345,12 +345,9 @@ def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
     """A job that raised: its error, one line (no terminal colours) plus the innermost frame."""
     tb = traceback.extract_tb(exc.__traceback__)
     where = f" ({tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
-    lines = [t.strip() for t in ANSI.sub("", str(exc)).splitlines() if t.strip()]
-    text = lines[0] if lines else ""
-    if text.endswith(":") and len(lines) > 1:   # "failed due to worker errors:" + the cause
-        text += " " + lines[-1]
+    text = ANSI.sub("", str(exc)).strip().splitlines()
     return JobResult(job.name, job.group, False,
-                     error=f"{type(exc).__name__}: {text}{where}",
+                     error=f"{type(exc).__name__}: {text[0] if text else ''}{where}",
                      n_series=len(job.series), attempts=attempts)
 
 

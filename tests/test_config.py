@@ -1,6 +1,9 @@
+import warnings
+
 import pytest
 
 from pipeline import config as C
+from pipeline.config import Config, ConfigError, EncoderConfig, ModelConfig, WindowsConfig
 
 
 def test_defaults_build_and_flatten():
@@ -61,3 +64,29 @@ def test_exponent_floats_without_a_dot_are_numbers():
     assert from_dict({}, ["train.lr=1e-5"]).train.lr == 1e-5
     with pytest.raises(C.ConfigError, match="train.lr must be a number, got 'fast'"):
         from_dict({}, ["train.lr=fast"])
+
+
+def test_config_refuses_or_warns_when_receptive_field_misses_the_season():
+    small = EncoderConfig(type="cnn", kernel_size=2, num_layers=2)  # receptive field 4
+    windows = WindowsConfig(lookback=48, horizon=24)
+    with pytest.raises(ConfigError, match="receptive field is 4"):
+        Config(windows=windows, model=ModelConfig(encoder=small, season=24,
+                                                  require_receptive_field=True))
+    with pytest.warns(UserWarning, match="receptive field is 4"):
+        Config(windows=windows, model=ModelConfig(encoder=small, season=24))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wide = EncoderConfig(type="cnn", kernel_size=2, num_layers=5)  # 32 >= 24
+        Config(windows=windows, model=ModelConfig(encoder=wide, season=24,
+                                                  require_receptive_field=True))
+
+
+def test_config_warns_when_receptive_field_is_twice_the_lookback():
+    deep = EncoderConfig(type="cnn", kernel_size=3, num_layers=6)  # 1 + 2 * 63 = 127
+    with pytest.warns(UserWarning, match="at least twice windows.lookback 48"):
+        Config(windows=WindowsConfig(lookback=48, horizon=24), model=ModelConfig(encoder=deep))
+    # a field somewhat over the lookback (the recipe's "cover the longest lookback") is quiet
+    near = EncoderConfig(type="cnn", kernel_size=3, num_layers=5)  # 1 + 2 * 31 = 63
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Config(windows=WindowsConfig(lookback=48, horizon=24), model=ModelConfig(encoder=near))

@@ -1,5 +1,6 @@
 """Training losses: MASE and sMAPE against hand-computed values and `pipeline.evaluate`, masks,
-finite gradients, torch.func.vmap over pack members, and the older losses unchanged."""
+finite gradients, torch.func.vmap over pack members, and the older losses unchanged; the losses
+a ModelConfig makes (observed entries only, the pinball's weights, packed members' losses)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from pipeline import evaluate as E
+from pipeline.config import EncoderConfig, ModelConfig
+from pipeline.models import build_model
 from pipeline.models.losses import (
     HuberLoss,
     MAELoss,
@@ -225,3 +228,68 @@ def test_make_loss_knows_every_loss_by_name():
     assert make_loss(cfg("huber", delta=0.25)).delta == 0.25
     with pytest.raises(ValueError, match=r"model.loss = 'msae' is not one of"):
         make_loss(cfg("msae"))
+
+
+# -------------------------------------------- through ModelConfig: masks, pinball, packs
+
+def test_losses_average_only_observed_entries():
+    pred = torch.zeros(2, 3, 1)
+    target = torch.tensor([[1.0, -2.0, float("nan")], [4.0, 1e6, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    expected = {"mae": 7 / 4, "mse": 21 / 4, "huber": (0.5 + 1.5 + 3.5 + 0) / 4}
+    for name, value in expected.items():
+        got = make_loss(ModelConfig(loss=name))(pred.requires_grad_(), target, mask)
+        assert got.item() == pytest.approx(value)
+        got.backward()
+        assert torch.isfinite(pred.grad).all()
+        pred.grad = None
+
+
+def test_pinball_loss_weights_under_and_over_forecasts():
+    loss = make_loss(ModelConfig(loss="quantile", quantiles=[0.1, 0.9]))
+    target = torch.zeros(1, 2)
+    under = torch.full((1, 2, 2), -1.0)   # y - yhat = 1: cost q
+    over = torch.full((1, 2, 2), 1.0)     # y - yhat = -1: cost 1 - q
+    assert loss(under, target).item() == pytest.approx((0.1 + 0.9) / 2)
+    assert loss(over, target).item() == pytest.approx((0.9 + 0.1) / 2)
+    assert loss(under, target, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.5)
+    one = make_loss(ModelConfig(loss="quantile", quantiles=[0.1]))
+    assert one(under[..., :1], target).item() == pytest.approx(0.1)
+    assert one(over[..., :1], target).item() == pytest.approx(0.9)
+
+
+def test_point_loss_refuses_quantile_outputs():
+    with pytest.raises(ValueError, match=r"\[B, H, 1\]"):
+        make_loss(ModelConfig(loss="mae"))(torch.zeros(2, 3, 3), torch.zeros(2, 3))
+
+
+B, L, H = 8, 12, 4  # batch, lookback, horizon
+
+
+def test_a_spec_leaves_the_ensemble_out_and_packs_members_of_other_losses():
+    """The ensemble section is the job's, not one model's: a member's spec is the plain
+    model's (files and warm starts unchanged). Members that differ only in their loss pack
+    together, and each comes back out with its own spec."""
+    from pipeline.config.model import EnsembleConfig
+    from pipeline.models import PackedModel
+    from pipeline.train import member_losses
+    enc = EncoderConfig(type="cnn", hidden_size=4, num_layers=2)
+    sizes = dict(lookback=L, horizon=H, past_size=0, future_size=0)
+    plain = build_model(ModelConfig(encoder=enc), **sizes)
+    member = build_model(ModelConfig(encoder=enc, ensemble=EnsembleConfig(members=3)), **sizes)
+    assert member.spec == plain.spec and "ensemble" not in member.spec["model"]
+    other = build_model(ModelConfig(encoder=enc, loss="smape"), **sizes)
+    packed = PackedModel.from_models([plain, other])
+    assert [packed.extract(g).spec["model"]["loss"] for g in (0, 1)] == ["mae", "smape"]
+    with pytest.raises(ValueError, match="different spec"):
+        PackedModel.from_models([plain, build_model(ModelConfig(encoder=enc), lookback=2 * L,
+                                                    horizon=H, past_size=0, future_size=0)])
+    pred, target = torch.randn(2, B, H, 1), torch.randn(2, B, H)
+    loc, scale = torch.randn(2, B), torch.rand(2, B) + 0.5
+    fns = [make_loss(ModelConfig(loss="mae")), make_loss(ModelConfig(loss="smape"))]
+    got = member_losses(fns, pred, target, None, 2, loc, scale, None)  # one loss each
+    assert torch.equal(got, torch.stack([fns[0](pred[0], target[0]),
+                                         fns[1](pred[1], target[1], None, loc[1], scale[1])]))
+    same = member_losses(fns[1], pred, target, None, 2, loc, scale, None)   # one vmap
+    torch.testing.assert_close(same, torch.stack([fns[1](pred[g], target[g], None, loc[g],
+                                                         scale[g]) for g in (0, 1)]))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import itertools
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -16,12 +15,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from pipeline.config import (
-    Config,
-    ConfigError,
     DecoderConfig,
     EncoderConfig,
     ModelConfig,
-    WindowsConfig,
 )
 from pipeline.models import (
     DECODERS,
@@ -347,91 +343,3 @@ def test_cnn_receptive_field_matches_gradient_measurement(kernel_size, dilations
     seen = x.grad.abs().sum(dim=(0, 2)).nonzero().flatten()
     measured = length - seen.min().item()
     assert measured == enc.receptive_field == cfg.receptive_field()
-
-
-def test_config_refuses_or_warns_when_receptive_field_misses_the_season():
-    small = EncoderConfig(type="cnn", kernel_size=2, num_layers=2)  # receptive field 4
-    windows = WindowsConfig(lookback=48, horizon=24)
-    with pytest.raises(ConfigError, match="receptive field is 4"):
-        Config(windows=windows, model=ModelConfig(encoder=small, season=24,
-                                                  require_receptive_field=True))
-    with pytest.warns(UserWarning, match="receptive field is 4"):
-        Config(windows=windows, model=ModelConfig(encoder=small, season=24))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        wide = EncoderConfig(type="cnn", kernel_size=2, num_layers=5)  # 32 >= 24
-        Config(windows=windows, model=ModelConfig(encoder=wide, season=24,
-                                                  require_receptive_field=True))
-
-
-def test_config_warns_when_receptive_field_is_twice_the_lookback():
-    deep = EncoderConfig(type="cnn", kernel_size=3, num_layers=6)  # 1 + 2 * 63 = 127
-    with pytest.warns(UserWarning, match="at least twice windows.lookback 48"):
-        Config(windows=WindowsConfig(lookback=48, horizon=24), model=ModelConfig(encoder=deep))
-    # a field somewhat over the lookback (the recipe's "cover the longest lookback") is quiet
-    near = EncoderConfig(type="cnn", kernel_size=3, num_layers=5)  # 1 + 2 * 31 = 63
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        Config(windows=WindowsConfig(lookback=48, horizon=24), model=ModelConfig(encoder=near))
-
-
-# ---------------------------------------------------------------- losses
-
-def test_losses_average_only_observed_entries():
-    pred = torch.zeros(2, 3, 1)
-    target = torch.tensor([[1.0, -2.0, float("nan")], [4.0, 1e6, 0.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
-    expected = {"mae": 7 / 4, "mse": 21 / 4, "huber": (0.5 + 1.5 + 3.5 + 0) / 4}
-    for name, value in expected.items():
-        got = make_loss(ModelConfig(loss=name))(pred.requires_grad_(), target, mask)
-        assert got.item() == pytest.approx(value)
-        got.backward()
-        assert torch.isfinite(pred.grad).all()
-        pred.grad = None
-
-
-def test_pinball_loss_weights_under_and_over_forecasts():
-    loss = make_loss(ModelConfig(loss="quantile", quantiles=[0.1, 0.9]))
-    target = torch.zeros(1, 2)
-    under = torch.full((1, 2, 2), -1.0)   # y - yhat = 1: cost q
-    over = torch.full((1, 2, 2), 1.0)     # y - yhat = -1: cost 1 - q
-    assert loss(under, target).item() == pytest.approx((0.1 + 0.9) / 2)
-    assert loss(over, target).item() == pytest.approx((0.9 + 0.1) / 2)
-    assert loss(under, target, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.5)
-    one = make_loss(ModelConfig(loss="quantile", quantiles=[0.1]))
-    assert one(under[..., :1], target).item() == pytest.approx(0.1)
-    assert one(over[..., :1], target).item() == pytest.approx(0.9)
-
-
-def test_point_loss_refuses_quantile_outputs():
-    with pytest.raises(ValueError, match=r"\[B, H, 1\]"):
-        make_loss(ModelConfig(loss="mae"))(torch.zeros(2, 3, 3), torch.zeros(2, 3))
-
-
-def test_a_spec_leaves_the_ensemble_out_and_packs_members_of_other_losses():
-    """The ensemble section is the job's, not one model's: a member's spec is the plain
-    model's (files and warm starts unchanged). Members that differ only in their loss pack
-    together, and each comes back out with its own spec."""
-    from pipeline.config.model import EnsembleConfig
-    from pipeline.models import PackedModel
-    from pipeline.train import member_losses
-    enc = EncoderConfig(type="cnn", hidden_size=4, num_layers=2)
-    sizes = dict(lookback=L, horizon=H, past_size=0, future_size=0)
-    plain = build_model(ModelConfig(encoder=enc), **sizes)
-    member = build_model(ModelConfig(encoder=enc, ensemble=EnsembleConfig(members=3)), **sizes)
-    assert member.spec == plain.spec and "ensemble" not in member.spec["model"]
-    other = build_model(ModelConfig(encoder=enc, loss="smape"), **sizes)
-    packed = PackedModel.from_models([plain, other])
-    assert [packed.extract(g).spec["model"]["loss"] for g in (0, 1)] == ["mae", "smape"]
-    with pytest.raises(ValueError, match="different spec"):
-        PackedModel.from_models([plain, build_model(ModelConfig(encoder=enc), lookback=2 * L,
-                                                    horizon=H, past_size=0, future_size=0)])
-    pred, target = torch.randn(2, B, H, 1), torch.randn(2, B, H)
-    loc, scale = torch.randn(2, B), torch.rand(2, B) + 0.5
-    fns = [make_loss(ModelConfig(loss="mae")), make_loss(ModelConfig(loss="smape"))]
-    got = member_losses(fns, pred, target, None, 2, loc, scale, None)  # one loss each
-    assert torch.equal(got, torch.stack([fns[0](pred[0], target[0]),
-                                         fns[1](pred[1], target[1], None, loc[1], scale[1])]))
-    same = member_losses(fns[1], pred, target, None, 2, loc, scale, None)   # one vmap
-    torch.testing.assert_close(same, torch.stack([fns[1](pred[g], target[g], None, loc[g],
-                                                         scale[g]) for g in (0, 1)]))

@@ -105,3 +105,40 @@ def test_a_training_task_that_raises_under_ray_reports_one_clean_line(ray_sessio
     assert not res.ok and "\n" not in res.error and "\x1b[" not in res.error, res.error
     assert res.error.startswith("TypeError: int() argument must be"), res.error
     assert "ray::" not in res.error and "pid=" not in res.error
+
+
+@pytest.mark.slow
+def test_a_ddp_worker_that_raises_reports_its_own_error_in_one_line(ray_session):
+    from test_train import SMALL, sines
+
+    from pipeline import config as C
+    from pipeline.execution import train
+    from pipeline.jobs import Job
+    # every worker raises a ValueError as it starts: an ensemble trains packed, never under DDP
+    cfg = C.load(None, [*SMALL, "train.epochs=1", "ray.num_workers=2",
+                        "model.ensemble.members=2"])
+    (res,) = train(sines(4), [[Job("global", np.arange(4))]], cfg)
+    assert not res.ok and "\n" not in res.error and "\x1b[" not in res.error, res.error
+    assert res.error == ("ValueError: model.ensemble.members = 2 trains packed, not under DDP "
+                         "(ray.num_workers > 1); use one worker"), res.error
+    assert "ray::" not in res.error and "Training failed" not in res.error
+
+
+def test_ray_trains_wrappers_give_up_the_workers_own_exception():
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.base_trainer import TrainingFailedError as V1Failed
+
+    from pipeline.execution import worker_error
+    own, other = ValueError("bad input"), RuntimeError("peer closed")
+    died = RayTaskError("f", "Traceback ...", OSError("gone"))
+    # the lowest rank whose error is not Ray's own; inside a RayTaskError, its cause
+    assert worker_error(WorkerGroupError("x", {1: other, 0: own})) is own
+    assert worker_error(WorkerGroupError("x", {0: died, 1: other})) is other
+    assert isinstance(worker_error(WorkerGroupError("x", {0: died})), OSError)
+    assert worker_error(ControllerError(own)) is own
+    v1 = V1Failed("The Ray Train run failed.")             # Ray Train v1: its __cause__
+    v1.__cause__ = died
+    assert isinstance(worker_error(v1), OSError)
+    hang = WorkerGroupError("no progress", {})         # nothing inside: itself
+    assert worker_error(hang) is hang
