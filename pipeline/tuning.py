@@ -70,7 +70,7 @@ def tune(b: Batch, data: Prepared, trials: int | None = None, minutes: float | N
         raise PipelineError("tune runs its trials on Ray Tune: set ray.enabled: true")
     raw = C.read_raw(b.config_path, b.overrides)
     domains = check_space(raw, cfg)
-    from pipeline import search  # Ray Tune: the tune command only
+    from pipeline.search import search, search_groups  # Ray Tune: the tune command only
     runs = b.log.trial_runs() if b.log is not None else None
     name, storage = f"{safe_key(cfg.name)}-{b.batch_id}", paths.tune_dir(cfg)
     print(f"tune: {len(domains)} key(s) ({', '.join(domains)}), {cfg.tune.trials} trial(s) "
@@ -80,10 +80,10 @@ def tune(b: Batch, data: Prepared, trials: int | None = None, minutes: float | N
     with b.stage("tune"):
         if cfg.tune.per_group:
             groups = sorted(set(data.arrays.groups.astype(str).tolist()))
-            results = search.search_groups(data.arrays, raw, cfg, domains, storage, name,
+            results = search_groups(data.arrays, raw, cfg, domains, storage, name,
                                            groups, runs)
         else:
-            results = [search.search(data.arrays, raw, cfg, domains, storage, name, runs)]
+            results = [search(data.arrays, raw, cfg, domains, storage, name, runs)]
     tuned = Tuned(results, seconds=time.perf_counter() - t0)
     for res in results:
         best = res.best()

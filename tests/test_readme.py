@@ -48,13 +48,16 @@ def run(argv: list[str], tmp: pathlib.Path) -> int:
         extra = SHORT if name in TRAINS else SHORT[-2:]
         return flow.main(fn, [*argv[1:], *extra], registry=getattr(flow, "REGISTRY", False))
     extra = SHORT if name in TRAINS else (SHORT[-2:] if name == "prepare" else [])
+    if name == "tune":      # trials run on Ray Tune: Ray stays on; the space sets the lookback
+        extra = [a for i in range(0, len(SHORT) - 2, 2) for a in SHORT[i:i + 2]
+                 if "windows.lookback" not in SHORT[i + 1]] + ["--trials", "2"]
     return pipeline_main([*argv, *extra])
 
 
 def test_the_readme_shows_the_commands_this_test_runs():
     names = [c[0] for c in readme_commands()]
     assert {"make-demo-data", "prepare", "train", "run", "compare", "forecast",
-            "flows.nightly"} <= set(names)
+            "flows.nightly", "tune"} <= set(names)
 
 
 @pytest.mark.slow

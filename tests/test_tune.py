@@ -4,6 +4,7 @@ Ray instance with every trial a child run on a real MLflow server."""
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -28,7 +29,8 @@ from pipeline.trial import run_trial
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo_tune.yaml")
 SMALL = ["train.epochs=2", "train.steps_per_epoch=3", "train.batch_size=32",
-         "evaluate.comparators=[]", "evaluate.plots=0", "tune.space.windows.lookback_horizons=[2,3]"]
+         "evaluate.comparators=[]", "evaluate.plots=0",
+         "tune.space.windows.lookback_horizons=[2,3]"]
 
 
 def sets(*items: str) -> list[str]:
@@ -208,7 +210,7 @@ def test_tune_on_ray_logs_each_trial_as_a_child_run_and_writes_a_config_run_acce
         {k: str(v) for k, v in best.point.items()}
     assert parent.data.metrics["best_score"] == pytest.approx(best.score)
     logged = c.download_artifacts(parent.info.run_id, "tune/tuned.yaml", str(tmp_path))
-    assert open(logged).read() == tuned.read_text()
+    assert pathlib.Path(logged).read_text() == tuned.read_text()
     assert c.get_run(parent.info.run_id).data.tags["tune.backtest_run_id"] == \
         checked.log.parent_id
     bt = c.get_run(checked.log.parent_id)
@@ -234,7 +236,7 @@ def test_the_search_scores_are_the_same_when_the_backtest_windows_are_poisoned(
                        ("poisoned", poisoned(demo_dir, str(tmp_path / "p"), 48))]:
         (searched,) = tune_cmd(["tune", "--config", CONFIG, *sets(
             f"data.path={path}", f"output.path={tmp_path / name}", *SMALL), *grid,
-            "--trials", "1", "--no-backtest"])
+            "--trials", "1", "--no-backtest", "--out", str(tmp_path / f"{name}.yaml")])
         assert searched.exit_code == 0
         records = searched.results["tune"].records
         assert len(records) == 4 and {r.status for r in records} == {"finished"}
@@ -252,7 +254,7 @@ def test_a_killed_search_resumes_keeping_its_finished_trials(demo_dir, tmp_path,
     argv = ["tune", "--config", CONFIG, *sets(
         f"data.path={demo_dir}", f"output.path={tmp_path / 'out'}", *SMALL,
         "tune.max_concurrent=1", "tune.search=random", "tune.scheduler=none"),
-        "--trials", "3", "--no-backtest"]
+        "--trials", "3", "--no-backtest", "--out", str(tmp_path / "tuned.yaml")]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -272,3 +274,30 @@ def test_a_killed_search_resumes_keeping_its_finished_trials(demo_dir, tmp_path,
     tuned = searched.results["tune"]
     assert tuned.results[0].resumed and len(tuned.records) == 3
     assert {r.status for r in tuned.records} == {"finished"}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_per_group_searches_run_at_once_one_tuned_config_per_group(demo_dir, tmp_path,
+                                                                    ray_session):
+    """tune.per_group: one search per store, each driven by its own Ray task; each store's
+    trials train on its series only (their scores differ), are child runs tagged with the
+    store, and each store gets its tuned config."""
+    mlflow = pytest.importorskip("mlflow")
+    (searched,) = tune_cmd(["tune", "--config", CONFIG, *sets(
+        f"data.path={demo_dir}", f"output.path={tmp_path / 'out'}", *SMALL,
+        "train.mode=per_group", "tune.per_group=true", "tune.search=random",
+        "tune.scheduler=none", "tune.space.model.encoder.type=[cnn]"),
+        "--trials", "1", "--out", str(tmp_path / "tuned")])
+    assert searched.exit_code == 0
+    tuned = searched.results["tune"]
+    groups = ["store_A", "store_B", "store_C", "store_D"]
+    assert sorted(g for g in tuned.files) == groups
+    assert len({round(r.score, 9) for r in tuned.records}) == 4   # each on its own series
+    for g in groups:
+        cfg = C.load(str(tmp_path / "tuned" / f"tuned.{g}.yaml"))
+        assert cfg.train.lr == tuned.best[g].point["train.lr"]
+    c = mlflow.MlflowClient(searched.log.uri)
+    runs = c.search_runs([c.get_run(searched.log.parent_id).info.experiment_id],
+                         f"tags.`mlflow.parentRunId` = '{searched.log.parent_id}'")
+    assert sorted(r.data.tags["group"] for r in runs) == groups
