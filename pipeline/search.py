@@ -202,6 +202,11 @@ def _searcher(cfg: Config):
     return BasicVariantGenerator(random_state=t.seed)
 
 
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What one trial holds: {"cpu": tune.cpus_per_trial, "gpu": gpus_per_trial(cfg)}."""
+    return {"cpu": cfg.tune.cpus_per_trial, "gpu": gpus_per_trial(cfg)}
+
+
 def gpus_per_trial(cfg: Config) -> float:
     """`tune.gpus_per_trial`; auto: 0.25 where the cluster has GPUs (and train.device allows),
     else 0."""
@@ -225,7 +230,7 @@ def search(arrays, raw: dict, cfg: Config, domains: dict[str, Domain], storage: 
     trainable = tune.with_resources(
         tune.with_parameters(_named(name), arrays=arrays, raw=raw, metric=t.metric, group=group,
                              threads=max(1, int(t.cpus_per_trial))),
-        {"cpu": t.cpus_per_trial, "gpu": gpus_per_trial(cfg)})
+        trial_resources(cfg))
     resumed = tune.Tuner.can_restore(path) and not os.path.exists(os.path.join(path, DONE))
     try:
         if resumed:

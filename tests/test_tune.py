@@ -220,6 +220,22 @@ def test_tune_on_ray_logs_each_trial_as_a_child_run_and_writes_a_config_run_acce
     assert {"model.encoder.type": cfg.model.encoder.type, "train.lr": cfg.train.lr,
             "windows.lookback_horizons": cfg.windows.lookback_horizons} == best.point
     assert main(["run", "--config", str(tuned)]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--config", str(tuned), "--no-register", "--by", "global"]) == 0
+    board = capsys.readouterr().out       # the backtest's run is ranked; no trial is
+    assert checked.log.parent_id[:8] in board and "trial" not in board
+
+
+@pytest.mark.ray
+def test_a_trial_holds_its_cpus_and_a_fraction_of_a_gpu_where_there_are_gpus(ray_session):
+    from pipeline.search import trial_resources
+    cfg = C.from_dict({"tune": {"cpus_per_trial": 2, "gpus_per_trial": 0.25}})
+    assert trial_resources(cfg) == {"cpu": 2.0, "gpu": 0.25}
+    auto = C.from_dict({})                # this Ray instance has no GPU: auto asks for none
+    assert ray_session.cluster_resources().get("GPU", 0) == 0
+    assert trial_resources(auto) == {"cpu": 1.0, "gpu": 0.0}
+    with pytest.raises(ConfigError, match="tune.gpus_per_trial"):
+        C.from_dict({"tune": {"gpus_per_trial": -1}})
 
 
 @pytest.mark.slow
@@ -248,9 +264,10 @@ def test_the_search_scores_are_the_same_when_the_backtest_windows_are_poisoned(
 @pytest.mark.ray
 def test_a_killed_search_resumes_keeping_its_finished_trials(demo_dir, tmp_path, ray_session,
                                                             capsys):
-    """The search's process is killed after its first trial; the same command again resumes
-    it: the finished trial is kept (logged into the new run, tagged restored), the others run,
-    and the search ends with all its trials."""
+    """The search's process is killed once its second trial has finished (the first one's end
+    is then in the search's saved state); the same command again resumes it: the finished
+    trials are kept (logged into the new run, tagged restored), the others run, and the search
+    ends with all its trials."""
     argv = ["tune", "--config", CONFIG, *sets(
         f"data.path={demo_dir}", f"output.path={tmp_path / 'out'}", *SMALL,
         "tune.max_concurrent=1", "tune.search=random", "tune.scheduler=none"),
@@ -261,7 +278,7 @@ def test_a_killed_search_resumes_keeping_its_finished_trials(demo_dir, tmp_path,
                             start_new_session=True)
     try:
         for line in proc.stdout:
-            if "trial 1/3" in line:
+            if "trial 2/3" in line:
                 break
         else:
             pytest.fail(f"the search ended before its first trial (rc {proc.wait()})")
@@ -274,6 +291,11 @@ def test_a_killed_search_resumes_keeping_its_finished_trials(demo_dir, tmp_path,
     tuned = searched.results["tune"]
     assert tuned.results[0].resumed and len(tuned.records) == 3
     assert {r.status for r in tuned.records} == {"finished"}
+    mlflow = pytest.importorskip("mlflow")   # every trial a child run of the new run
+    c = mlflow.MlflowClient(searched.log.uri)
+    runs = c.search_runs([c.get_run(searched.log.parent_id).info.experiment_id],
+                         f"tags.`mlflow.parentRunId` = '{searched.log.parent_id}'")
+    assert len(runs) == 3 and sum(r.data.tags.get("restored") == "true" for r in runs) >= 1
 
 
 @pytest.mark.slow
