@@ -13,8 +13,7 @@ from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
-
-from pipeline.data.io import write_parquet_atomic
+import pyarrow.parquet as pq
 
 END = np.datetime64(datetime(2024, 6, 30, 23), "ns")
 HOUR = np.timedelta64(1, "h")
@@ -35,34 +34,86 @@ def _series(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     return {"y": np.maximum(y, 0).round(2), "promo": promo, "temperature": temperature.round(1)}
 
 
-def make_demo_data(out: str, n_series: int = 120, n_groups: int = 4, seed: int = 0) -> dict:
-    """Write the dataset under `out` as out/store=<g>/part-0.parquet; returns what it wrote."""
+def make_demo_data(out: str, n_series: int = 120, n_groups: int = 4, seed: int = 0,
+                   flush_rows: int = 2_000_000) -> dict:
+    """Write the dataset under `out` as out/store=<g>/part-0.parquet; returns what it wrote.
+    Each store's file is written as its series are made (a row group every `flush_rows`
+    rows) and renamed into place when complete, so a large dataset is never held whole."""
     rng = np.random.default_rng(seed)
     ids = [f"S{i:04d}" for i in range(n_series)]
     groups = [f"store_{chr(65 + i % n_groups)}" for i in range(n_series)]
     lengths = rng.integers(24 * 28, 24 * 56, n_series)
     defects = {"too_short": ids[1:4], "gaps": ids[4:7], "nan": ids[7:10], "unsorted": ids[10:11]}
     lengths[1:4] = rng.integers(48, 150, 3)
-    frames: dict[str, list[dict]] = {g: [] for g in sorted(set(groups))}
-    for sid, g, n in zip(ids, groups, lengths, strict=True):
-        cols = _series(rng, int(n))
-        ds = END - (np.arange(n)[::-1]) * HOUR
-        keep = np.ones(n, bool)
-        if sid in defects["gaps"]:
-            keep[rng.choice(np.arange(1, n - 1), 5, replace=False)] = False
-        if sid in defects["nan"]:
-            cols["y"][rng.choice(n, 3, replace=False)] = np.nan
-        order = np.flatnonzero(keep)
-        if sid in defects["unsorted"]:
-            order = rng.permutation(order)
-        frames[g].append({"unique_id": np.full(len(order), sid), "ds": ds[order],
-                          "y": cols["y"][order], "temperature": cols["temperature"][order],
-                          "promo": cols["promo"][order],
-                          "category": np.full(len(order), CATEGORIES[int(sid[1:]) % 3])})
-    rows = 0
-    for g, parts in frames.items():
-        table = pa.table({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-        write_parquet_atomic(table, os.path.join(out, f"store={g}", "part-0.parquet"))
-        rows += table.num_rows
+    stores = {g: _StoreFile(os.path.join(out, f"store={g}", "part-0.parquet"), flush_rows)
+              for g in sorted(set(groups))}
+    try:
+        for sid, g, n in zip(ids, groups, lengths, strict=True):
+            stores[g].add(_defective(rng, sid, int(n), defects))
+        rows = sum(f.close() for f in stores.values())
+    finally:
+        for f in stores.values():
+            f.abort()
     return {"path": out, "series": n_series, "groups": n_groups, "rows": rows,
             "defects": {k: list(v) for k, v in defects.items()}}
+
+
+def _defective(rng: np.random.Generator, sid: str, n: int, defects: dict) -> dict:
+    """One series' rows, with its defects."""
+    cols = _series(rng, n)
+    ds = END - (np.arange(n)[::-1]) * HOUR
+    keep = np.ones(n, bool)
+    if sid in defects["gaps"]:
+        keep[rng.choice(np.arange(1, n - 1), 5, replace=False)] = False
+    if sid in defects["nan"]:
+        cols["y"][rng.choice(n, 3, replace=False)] = np.nan
+    order = np.flatnonzero(keep)
+    if sid in defects["unsorted"]:
+        order = rng.permutation(order)
+    return {"unique_id": np.full(len(order), sid), "ds": ds[order], "y": cols["y"][order],
+            "temperature": cols["temperature"][order], "promo": cols["promo"][order],
+            "category": np.full(len(order), CATEGORIES[int(sid[1:]) % 3])}
+
+
+class _StoreFile:
+    """One store's Parquet file, written row group by row group to a temporary name and
+    renamed into place by `close` (`abort` removes an unfinished one)."""
+
+    def __init__(self, path: str, flush_rows: int) -> None:
+        self.path, self.flush_rows = path, flush_rows
+        self.tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+        self.parts: list[dict] = []
+        self.pending = self.rows = 0
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, part: dict) -> None:
+        self.parts.append(part)
+        self.pending += len(part["ds"])
+        if self.pending >= self.flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.parts:
+            return
+        table = pa.table({k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]})
+        if self.writer is None:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.writer = pq.ParquetWriter(self.tmp, table.schema)
+        self.writer.write_table(table)
+        self.rows += table.num_rows
+        self.parts, self.pending = [], 0
+
+    def close(self) -> int:
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            os.replace(self.tmp, self.path)
+        return self.rows
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
