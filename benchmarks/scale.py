@@ -49,10 +49,11 @@ def run_one(spec: str, data: str, out: str, steps: int) -> dict:
            "--set", "train.epochs=1", "--set", f"train.steps_per_epoch={steps}",
            "--set", "evaluate.plots=3", "--set", "tracking.uri=null",
            *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    stage_log = os.path.join(out + ".stages")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_STAGE_LOG": stage_log}
     env.pop("MLFLOW_TRACKING_URI", None)        # the embedded SQLite file under `out`
     t0 = time.perf_counter()
-    with PeakMemory() as mem:
+    with PeakMemory(interval=0.2) as mem:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -60,7 +61,30 @@ def run_one(spec: str, data: str, out: str, steps: int) -> dict:
         raise SystemExit(f"{spec}: exit {proc.returncode}")
     wall, stages = parse_wall(proc.stdout)
     return {"config": config, "set": sets, "wall_s": wall, "process_s": seconds,
-            "stages_s": stages, "peak_pss_mib": mem.peak / 2**20}
+            "stages_s": stages, "peak_pss_mib": mem.peak / 2**20,
+            "stage_peak_pss_mib": stage_peaks(stage_log, mem.samples)}
+
+
+def arrow_bytes(path: str) -> int:
+    """The input's in-memory Arrow size (every column, the hive key too), read batch by batch
+    so the benchmark itself never holds it."""
+    import pyarrow.dataset as ds
+    return sum(b.nbytes for b in ds.dataset(path, format="parquet",
+                                            partitioning="hive").to_batches())
+
+
+def stage_peaks(stage_log: str, samples: list[tuple[float, int]]) -> dict[str, float]:
+    """The peak PSS (MiB) sampled while each stage ran (`$PIPELINE_STAGE_LOG` lines: name,
+    start, end), and `other` for samples outside every stage (start-up, reporting)."""
+    spans = []
+    if os.path.exists(stage_log):
+        with open(stage_log) as f:
+            spans = [(n, float(a), float(b)) for n, a, b in (ln.split() for ln in f if ln.strip())]
+    out: dict[str, float] = {}
+    for t, pss in samples:
+        name = next((n for n, a, b in spans if a <= t <= b), "other")
+        out[name] = max(out.get(name, 0.0), pss / 2**20)
+    return out
 
 
 def main() -> None:
@@ -74,8 +98,10 @@ def main() -> None:
         t0 = time.perf_counter()
         made = make_demo_data(os.path.join(tmp, "data"), n_series=args.series,
                               n_groups=args.stores, seed=3)
+        size = arrow_bytes(made["path"])
         print(f"data: {made['series']:,} series, {made['rows']:,} rows in {args.stores} stores "
-              f"({time.perf_counter() - t0:.1f} s to write)", flush=True)
+              f"({time.perf_counter() - t0:.1f} s to write), {size / 2**20:,.0f} MiB as Arrow",
+              flush=True)
         rows = []
         for i, spec in enumerate(args.run or RUNS):
             rows.append(run_one(spec, made["path"], os.path.join(tmp, f"out{i}"), args.steps))
@@ -83,14 +109,20 @@ def main() -> None:
             print(f"  {spec}: {r['wall_s']} s", flush=True)
     stages = list(dict.fromkeys(k for r in rows for k in r["stages_s"]))
     print(f"\n{'config':<48} {'wall s':>7} " + " ".join(f"{s:>9}" for s in stages)
-          + f" {'rows/s':>9} {'peak PSS MiB':>13}")
+          + f" {'rows/s':>9} {'peak PSS MiB':>13} {'/ input':>8}")
     for r in rows:
         name = r["config"] + (" " + ",".join(r["set"]) if r["set"] else "")
         print(f"{name:<48} {r['wall_s']:>7.1f} "
               + " ".join(f"{r['stages_s'].get(s, 0.0):>9.1f}" for s in stages)
-              + f" {made['rows'] / r['wall_s']:>9,.0f} {r['peak_pss_mib']:>13,.0f}")
+              + f" {made['rows'] / r['wall_s']:>9,.0f} {r['peak_pss_mib']:>13,.0f}"
+              + f" {r['peak_pss_mib'] * 2**20 / size:>8.2f}")
+    print("\npeak PSS MiB while each stage ran (driver, Ray and workers)")
+    for r in rows:
+        print(f"  {r['config']:<46} " + "  ".join(
+            f"{k} {v:,.0f}" for k, v in r["stage_peak_pss_mib"].items()))
     print(json.dumps({"benchmark": "scale", "machine": platform.node(),
                       "cpus": os.cpu_count(), "series": made["series"], "rows": made["rows"],
+                      "input_arrow_bytes": size,
                       "stores": args.stores, "steps": args.steps, "runs": rows}))
 
 

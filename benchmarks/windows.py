@@ -52,6 +52,7 @@ class PeakMemory:
 
     def __init__(self, interval: float = 0.1) -> None:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.samples: list[tuple[float, int]] = []      # (time.time(), PSS bytes)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> int:
@@ -64,7 +65,9 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
+            pss = self.sample()
+            self.samples.append((time.time(), pss))
+            self.peak = max(self.peak, pss)
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakMemory:

@@ -74,6 +74,7 @@ def _terminate(signum, frame) -> None:
 
 
 NO_PICKLES = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+STAGE_LOG = "PIPELINE_STAGE_LOG"
 BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,99}")
 
 
@@ -149,12 +150,17 @@ class Batch:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a stage (its seconds add up per name)."""
-        t = time.perf_counter()
+        """Time a stage (its seconds add up per name). With $PIPELINE_STAGE_LOG set, each
+        stage's wall-clock start and end are appended to that file (benchmarks/scale.py
+        attributes its memory samples to stages with them)."""
+        t, wall = time.perf_counter(), time.time()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+            if os.environ.get(STAGE_LOG):
+                with open(os.environ[STAGE_LOG], "a") as f:
+                    f.write(f"{name} {wall:.3f} {time.time():.3f}\n")
 
     # -------------------------------------------------------------- opening
 
