@@ -60,6 +60,7 @@ class Block(NamedTuple):
 @dataclass
 class Backtest:
     frames: list[dict] = field(default_factory=list)    # long prediction columns per block
+    frame_series: list[np.ndarray] = field(default_factory=list)  # each frame's series [N]
     metrics: list[dict] = field(default_factory=list)   # per-series metric columns per block
     tables: dict[str, list[dict]] = field(default_factory=dict)  # model -> metric tables
     blocks: list[Block] = field(default_factory=list)
@@ -68,6 +69,14 @@ class Backtest:
     forecasts: dict[str, int] = field(default_factory=dict)  # comparator -> forecasts made
     season: int = 1                                      # m of MASE, baselines, comparators
     history: int = 0                                     # the comparators' history cap
+
+    def drawn(self, series: np.ndarray) -> dict:
+        """The long rows of `series` only (the ones plots and the report draw)."""
+        parts = []
+        for frame, ss in zip(self.frames, self.frame_series, strict=True):
+            keep = np.repeat(np.isin(ss, series), len(frame["y_hat"]) // max(len(ss), 1))
+            parts.append({k: v[keep] for k, v in frame.items()})
+        return concat_columns(parts)
 
     def add(self, model: str, table: dict) -> None:
         self.tables.setdefault(model, []).append(table)
@@ -98,6 +107,13 @@ class Backtest:
                     out.setdefault(str(g), {})[str(m)] = E.summarize(
                         {k: cols[k][sel] for k in names})
         return out
+
+
+def drawn_series(arrays: SeriesArrays, n: int) -> np.ndarray:
+    """The series whose backtest rows a run keeps for its plots and report: the first 4n
+    usable ones by id (they draw the first n by id with a model forecast)."""
+    ok = np.flatnonzero(arrays.status == 0)
+    return ok[np.argsort(arrays.ids[ok].astype(str), kind="stable")[:4 * max(n, 1)]]
 
 
 def config_at(cfg: Config, k: int) -> Config:
@@ -215,6 +231,7 @@ def _score(out: Backtest, model, arrays, series, y, y_hat, mask, scale, extra, c
     frame = long_frame(arrays, series, origin, y_hat, model, quantiles=quantiles,
                        q_hat=q_hat, y=y, extra=extra)
     out.frames.append(frame)
+    out.frame_series.append(series)
     h = y_hat.shape[1]
     out.metrics.append({"unique_id": frame["unique_id"][::h], "cutoff": frame["cutoff"][::h],
                         "model": np.full(len(series), model, dtype=object),

@@ -139,8 +139,8 @@ def long_frame(arrays: SeriesArrays, series: np.ndarray, origin: np.ndarray, y_h
     n, h = y_hat.shape
     times = step_times(arrays, series, origin, h)
     rep = np.repeat
-    cols = {
-        "unique_id": rep(arrays.ids[series].astype(str), h),
+    cols = {   # ids and groups as object arrays: each row points at its series' one string
+        "unique_id": rep(_strings(arrays.ids[series]), h),
         "ds": times.reshape(-1),                                          # [N, H] -> [N*H]
         "cutoff": rep(times[:, 0] - arrays.freq.step, h),
         "step": np.tile(np.arange(1, h + 1, dtype=np.int16), n),
@@ -151,12 +151,17 @@ def long_frame(arrays: SeriesArrays, series: np.ndarray, origin: np.ndarray, y_h
     if y is not None:
         cols["y"] = y.reshape(-1).astype(np.float32)
     cols["model"] = np.full(n * h, model, dtype=object)
-    groups = arrays.groups[series].astype(str) if arrays.groups is not None else \
+    groups = _strings(arrays.groups[series]) if arrays.groups is not None else \
         np.full(n, "", dtype=object)
     cols["group"] = rep(groups, h)
     for k, v in (extra or {}).items():
         cols[k] = np.full(n * h, v, dtype=object) if np.isscalar(v) else rep(v, h)
     return cols
+
+
+def _strings(values: np.ndarray) -> np.ndarray:
+    """[N] values as an object array of Python str (one per series, not per row)."""
+    return values.astype(str).astype(object)
 
 
 def quantile_column(q: float) -> str:

@@ -58,6 +58,21 @@ def to_table(cols: dict, run_id: str, freq: Freq, created_at: datetime | None = 
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+def frames_table(frames: list[dict], run_id: str, freq: Freq) -> pa.Table:
+    """The long column blocks as one Arrow table (each block converted on its own, the blocks
+    consumed as they go, so the numpy rows and their Arrow copy are never both whole); a
+    column some blocks lack is NaN there, as `backtest.concat_columns` makes it."""
+    keys = list(dict.fromkeys(k for f in frames for k in f))
+    created, tables = datetime.now(timezone.utc), []
+    while frames:
+        f = frames.pop(0)
+        n = len(next(iter(f.values())))
+        tables.append(to_table({k: f[k] if k in f else np.full(n, np.nan, np.float32)
+                                for k in keys}, run_id, freq, created))
+        del f
+    return pa.concat_tables(tables) if tables else to_table({}, run_id, freq, created)
+
+
 def metrics_table(cols: dict, run_id: str, freq: Freq) -> pa.Table:
     """Per-series metric columns, `cutoff` as the input held time, and the run."""
     base = dict(cols)

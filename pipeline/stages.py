@@ -22,6 +22,7 @@ from pipeline.backtest import (
     Backtest,
     concat_columns,
     config_at,
+    drawn_series,
     fallback_name,
     final_forecast,
     refit_forecast,
@@ -179,8 +180,8 @@ def _run(data: Prepared, jobs: list[Job], cfg: Config, final: bool, loggers, ini
 
 def _warm(cfg: Config) -> Config:
     """The fine-tuning budget of a warm start: train.warm_start_epochs epochs."""
-    return dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, epochs=cfg.train.warm_start_epochs))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                              epochs=cfg.train.warm_start_epochs))
 
 
 def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
@@ -198,10 +199,11 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
     with b.stage("backtest"):
         bt = score(arrays, jobs, models, cfg, refit=cfg.evaluate.refit, runner=b.runner)
         end = paths.data_end(arrays)
-        preds = concat_columns(bt.frames)
+        preds = bt.drawn(drawn_series(arrays, cfg.evaluate.plots))  # the rest: written
         metrics = output.metrics_table(concat_columns(bt.metrics), b.run_id, arrays.freq)
+        bt.frame_series = []
         written = [output.write(cfg, "backtest", end,
-                                output.to_table(preds, b.run_id, arrays.freq), b.flow),
+                                output.frames_table(bt.frames, b.run_id, arrays.freq), b.flow),
                    output.write(cfg, "metrics", end, metrics, b.flow)]
         if b.log is not None:
             b.log.backtest(bt, metrics)
@@ -225,10 +227,8 @@ def _calibrate(b: Batch, bt: Backtest, arrays) -> Calibration:
 
 def _with_intervals(b: Batch, cols: dict) -> dict:
     """The forecast with the backtest's conformal intervals, when it made them."""
-    scored = b.results.get("backtest")
-    if scored is None or scored.calibration is None:
-        return cols
-    return with_intervals(cols, scored.calibration, b.cfg.windows.horizon)
+    cal = getattr(b.results.get("backtest"), "calibration", None)
+    return cols if cal is None else with_intervals(cols, cal, b.cfg.windows.horizon)
 
 
 def final_model(b: Batch, data: Prepared, jobs: list[Job], trained: Trained | None = None,
