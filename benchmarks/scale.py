@@ -1,5 +1,5 @@
 """The whole main job at scale: `python -m pipeline run` on generated demo-like data, per
-config, with the wall time of each stage and the peak memory of every process.
+config, with the wall time of each stage and the peak memory of the job's processes.
 
     python benchmarks/scale.py [--series 20000] [--stores 20] [--run CONFIG[:KEY=VALUE,...]]...
 
@@ -8,7 +8,8 @@ defects) with `--series` series in `--stores` stores. Each run trains one epoch 
 `--steps` steps, so the training work is fixed and what grows with the series shows: the
 data stage, validation, backtest, forecast, writing and tracking (a fresh SQLite file per
 run, Ray started by the job). Peak memory is the PSS of the job's process tree (driver, Ray
-and its workers; shared pages counted once). Prints a table, then one JSON line.
+and its workers; shared pages counted once), not of this benchmark's own process, which made
+the data. Prints a table, then one JSON line.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def run_one(spec: str, data: str, out: str, steps: int) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_STAGE_LOG": stage_log}
     env.pop("MLFLOW_TRACKING_URI", None)        # the embedded SQLite file under `out`
     t0 = time.perf_counter()
-    with PeakMemory(interval=0.2) as mem:
+    with PeakMemory(interval=0.2, children_only=True) as mem:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:

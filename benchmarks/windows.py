@@ -48,17 +48,19 @@ def generate(out: str, n_series: int, length: int, n_files: int) -> None:
 
 
 class PeakMemory:
-    """Samples the PSS of this process tree in a thread; `peak` in bytes."""
+    """Samples the PSS of this process tree (or only its children: a job the benchmark
+    started) in a thread; `peak` in bytes."""
 
-    def __init__(self, interval: float = 0.1) -> None:
+    def __init__(self, interval: float = 0.1, children_only: bool = False) -> None:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.children_only = children_only    # the job's processes, not the benchmark's own
         self.samples: list[tuple[float, int]] = []      # (time.time(), PSS bytes)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> int:
         me = psutil.Process()
         total = 0
-        for p in [me, *me.children(recursive=True)]:
+        for p in [*([] if self.children_only else [me]), *me.children(recursive=True)]:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 total += p.memory_full_info().pss
         return total
