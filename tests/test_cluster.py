@@ -36,6 +36,30 @@ def test_per_group_tasks_on_two_nodes_equal_the_local_run(demo_dir):
         assert on_ray == pytest.approx(local, rel=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_job_on_two_nodes_with_s3_input_and_outputs_writes_the_local_forecasts(
+        demo_dir, tmp_path):
+    """tests/multinode_s3.py in a subprocess: the main job on a head + worker node, reading
+    its input from and writing its outputs to an S3 API (moto in server mode on loopback;
+    checkpoints default under the outputs, saved every epoch); the parts are read by tasks on
+    both nodes, groups train on both; the forecasts on S3 equal, bit for bit, those of the
+    same job run in one process on local files."""
+    pytest.importorskip("moto.server")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_s3.py"), demo_dir,
+                        str(tmp_path / "local")], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["codes"] == [0, 0] and len(info["nodes"]) == 2
+    assert info["readers"] == info["nodes"]          # the input was read on both nodes
+    assert info["trained_on"] == info["nodes"]
+    kinds = {f.split("/")[2] for f in info["files"]}
+    assert {"forecasts", "backtest", "metrics", "reports"} <= kinds
+    assert info["rows"] == 40 * 24 and info["same_keys"] and info["max_y_hat_diff"] == 0.0
+
+
 def _kill_first_job_task(killed: list, stop: threading.Event) -> None:
     """SIGKILL the first Ray worker seen running a training task (`ray::_pack_task`)."""
     while not stop.is_set() and not killed:

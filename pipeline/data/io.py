@@ -118,9 +118,12 @@ def list_parts(uri: str, rows_per_task: int) -> list[Part]:
 
 
 def _uri(root: str, fs: pafs.FileSystem, path: str) -> str:
+    """A part's URI on the root's filesystem: its scheme and its query (an object store's
+    `?endpoint_override=…&scheme=http` must reach the task that reads the part)."""
     if "://" not in root:
         return path
-    return f"{root.split('://', 1)[0]}://{path}"
+    query = root.partition("?")[2]
+    return f"{root.split('://', 1)[0]}://{path}" + (f"?{query}" if query else "")
 
 
 def read_columns(part: Part, columns: list[str]) -> pa.Table:
