@@ -27,7 +27,7 @@ from pipeline.config import Config
 from pipeline.data.loader import loader_at
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import backtest_windows, cutoff_positions
-from pipeline.forecast import history, long_frame, predict_job
+from pipeline.forecast import history, long_frame, predict_job, quantile_column
 
 BASELINES = {"naive": E.naive, "seasonal_naive": E.seasonal_naive}
 FALLBACK = "fallback:seasonal_naive"
@@ -78,6 +78,18 @@ class Backtest:
             parts.append({k: v[keep] for k, v in frame.items()})
         return concat_columns(parts)
 
+    def merge(self, other: Backtest) -> None:
+        """Take in the scores of another chunk of series (its frames are not kept)."""
+        for model, tables in other.tables.items():
+            self.tables.setdefault(model, []).extend(tables)
+        self.metrics += other.metrics
+        self.blocks += other.blocks
+        for mine, theirs in ((self.fallbacks, other.fallbacks),
+                             (self.forecasts, other.forecasts)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+        self.season, self.history = other.season, other.history
+
     def add(self, model: str, table: dict) -> None:
         self.tables.setdefault(model, []).append(table)
 
@@ -107,6 +119,48 @@ class Backtest:
                     out.setdefault(str(g), {})[str(m)] = E.summarize(
                         {k: cols[k][sel] for k in names})
         return out
+
+
+class Chunked:
+    """`backtest` over chunks of `evaluate.chunk_series` series, for a streaming writer:
+    iterating it scores one chunk at a time and yields its frames converted by `convert` (the
+    frames are then dropped); `scores` merges every chunk's scores, `drawn` keeps the rows of
+    the series `keep` (for plots and the report). Chunks without rows yield nothing; an empty
+    backtest yields `convert([])` once."""
+
+    def __init__(self, arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
+                 convert: Callable[[list[dict]], object], keep: np.ndarray,
+                 refit: bool = False, runner: Callable | None = None) -> None:
+        self.arrays, self.jobs, self.models, self.cfg = arrays, jobs, models, cfg
+        self.convert, self.keep, self.refit, self.runner = convert, keep, refit, runner
+        self.scores, self.drawn = Backtest(), []
+
+    def __iter__(self):
+        n, made = len(self.arrays), 0
+        size = self.cfg.evaluate.chunk_series or max(n, 1)
+        for lo in range(0, max(n, 1), size):
+            bt = backtest(self.arrays, chunk_jobs(self.jobs, lo, lo + size), self.models,
+                          self.cfg, refit=self.refit, runner=self.runner)
+            self.drawn.append(bt.drawn(self.keep))
+            frames, bt.frames, bt.frame_series = bt.frames, [], []
+            self.scores.merge(bt)
+            if frames:
+                made += 1
+                yield self.convert(frames)
+        if not made:
+            yield self.convert([])
+
+
+def backtest_keys(cfg: Config) -> list[str]:
+    """The columns of every backtest row (the model's quantiles NaN for the baselines)."""
+    return ["unique_id", "ds", "cutoff", "step", "y_hat",
+            *[quantile_column(q) for q in cfg.model.quantiles], "y", "model", "group"]
+
+
+def chunk_jobs(jobs: list, lo: int, hi: int) -> list:
+    """The jobs restricted to series lo <= s < hi (a chunk of the backtest)."""
+    return [dataclasses.replace(j, series=j.series[(j.series >= lo) & (j.series < hi)])
+            for j in jobs]
 
 
 def drawn_series(arrays: SeriesArrays, n: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from pipeline import paths
 from pipeline.config import Config
 from pipeline.data import grid
 from pipeline.data.calendar import Freq
-from pipeline.data.io import replace_partition
+from pipeline.data.io import replace_partition, replace_partition_stream
 from pipeline.errors import InfraError
 from pipeline.secrets import redact
 
@@ -58,11 +58,13 @@ def to_table(cols: dict, run_id: str, freq: Freq, created_at: datetime | None = 
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def frames_table(frames: list[dict], run_id: str, freq: Freq) -> pa.Table:
+def frames_table(frames: list[dict], run_id: str, freq: Freq,
+                 keys: list[str] | None = None) -> pa.Table:
     """The long column blocks as one Arrow table (each block converted on its own, the blocks
     consumed as they go, so the numpy rows and their Arrow copy are never both whole); a
-    column some blocks lack is NaN there, as `backtest.concat_columns` makes it."""
-    keys = list(dict.fromkeys(k for f in frames for k in f))
+    column some blocks lack is NaN there, as `backtest.concat_columns` makes it. `keys`: the
+    columns (default: every block's), so that chunks of one output share a schema."""
+    keys = keys or list(dict.fromkeys(k for f in frames for k in f))
     created, tables = datetime.now(timezone.utc), []
     while frames:
         f = frames.pop(0)
@@ -92,6 +94,17 @@ def write(cfg: Config, kind: str, end: str, table: pa.Table, flow: str = "run") 
                            paths.partition_values(cfg, kind, end, flow), table)
     uri = paths.partition(cfg, kind, end, flow)
     replace_partition(table, uri)
+    return uri
+
+
+def write_stream(cfg: Config, kind: str, end: str, tables, flow: str = "run") -> str:
+    """`write` of the concatenation of `tables` (an iterable of tables of one schema),
+    written as they come: the Parquet partition file is put in place once whole. A Delta
+    partition is replaced by one commit of them all."""
+    if cfg.output.format == "delta":
+        return write(cfg, kind, end, pa.concat_tables(list(tables)), flow)
+    uri = paths.partition(cfg, kind, end, flow)
+    replace_partition_stream(tables, uri)
     return uri
 
 

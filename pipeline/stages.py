@@ -4,9 +4,7 @@
             -> forecast (or promote -> registry_forecast) -> write_forecast
 
 Each takes the `Batch` (config, runner, tracking run, timings), does one step, logs it to the
-tracking run, has `pipeline.report` print it, and returns its result: tests and flows read the
-results, never the console.
-"""
+tracking run, has `pipeline.report` print it, and returns its result (what tests read)."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +18,8 @@ from pipeline import compare, htmlreport, output, paths, report
 from pipeline.backtest import (
     FALLBACK,
     Backtest,
+    Chunked,
+    backtest_keys,
     concat_columns,
     config_at,
     drawn_series,
@@ -196,15 +196,15 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
         for k in range(cfg.windows.n_windows - 1):
             models[k] = train(b, data, jobs, inits, cfg=config_at(cfg, k),
                               label=f"backtest-cutoff{k}").models()
-    with b.stage("backtest"):
-        bt = score(arrays, jobs, models, cfg, refit=cfg.evaluate.refit, runner=b.runner)
-        end = paths.data_end(arrays)
-        preds = bt.drawn(drawn_series(arrays, cfg.evaluate.plots))  # the rest: written
+    with b.stage("backtest"):    # chunk by chunk of series, streamed into the partition
+        end, keys = paths.data_end(arrays), backtest_keys(cfg)
+        run = Chunked(arrays, jobs, models, cfg,
+                      lambda f: output.frames_table(f, b.run_id, arrays.freq, keys),
+                      drawn_series(arrays, cfg.evaluate.plots), cfg.evaluate.refit, b.runner)
+        written = [output.write_stream(cfg, "backtest", end, iter(run), b.flow)]
+        bt, preds = run.scores, concat_columns(run.drawn)      # preds: the drawn series'
         metrics = output.metrics_table(concat_columns(bt.metrics), b.run_id, arrays.freq)
-        bt.frame_series = []
-        written = [output.write(cfg, "backtest", end,
-                                output.frames_table(bt.frames, b.run_id, arrays.freq), b.flow),
-                   output.write(cfg, "metrics", end, metrics, b.flow)]
+        written.append(output.write(cfg, "metrics", end, metrics, b.flow))
         if b.log is not None:
             b.log.backtest(bt, metrics)
     scored = b.keep("backtest", Scored(bt, bt.summary(), written, preds))

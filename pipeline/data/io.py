@@ -5,8 +5,9 @@ import math
 import os
 import shutil
 import signal
+import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -221,6 +222,42 @@ def write_bytes_atomic(data: bytes, uri: str) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
     write_atomic(uri, put)
+
+
+def replace_partition_stream(tables: Iterable[pa.Table], uri: str) -> str:
+    """`replace_partition` of the concatenation of `tables`, written as they come (a row
+    group each) into a local temporary file, then put in place as one file: a rename on a
+    local disk, one upload to an object store (which must not see a partial upload if making
+    a later table fails). A reader never sees part of it. Every table must have the first
+    one's schema."""
+    sweep(uri)
+    sweep(parent(uri))
+    target = join(uri, PARTITION_FILE)
+    fs, path = filesystem_for(target)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    folder = os.path.dirname(path) if local else None
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".parquet", dir=folder)
+    os.close(fd)
+    try:
+        writer = None
+        try:
+            for table in tables:
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ValueError("replace_partition_stream: no table to write")
+        write_atomic(target, lambda f, p: os.replace(tmp, p) if local else
+                     pafs.copy_files(tmp, p, destination_filesystem=f))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
 
 
 def replace_partition(table: pa.Table, uri: str) -> str:
