@@ -43,12 +43,14 @@ def connect(cfg: RayConfig) -> bool:
     return True
 
 
-def task(fn: Callable, cfg: RayConfig, retry_exceptions: bool):
+def task(fn: Callable, cfg: RayConfig, retry_exceptions: bool, **options):
     """`fn` as a Ray task with the configured resources (`ray.task_num_cpus` /
     `ray.task_num_gpus`, fractions allowed: a scheduling label, not a memory cap) and
-    `ray.max_retries` retries (of exceptions too, when `retry_exceptions`)."""
+    `ray.max_retries` retries (of exceptions too, when `retry_exceptions`); `options`: more of
+    Ray's task options (a scheduling strategy)."""
     return ray.remote(fn).options(num_cpus=cfg.task_num_cpus, num_gpus=cfg.task_num_gpus,
-                                  max_retries=cfg.max_retries, retry_exceptions=retry_exceptions)
+                                  max_retries=cfg.max_retries, retry_exceptions=retry_exceptions,
+                                  **options)
 
 
 class Deadline:
@@ -90,7 +92,8 @@ class RayRunner:
     def __call__(self, fn: Callable, args: list[tuple], verb: str = "reading",
                  unit: str = "files") -> list:
         self.started |= connect(self.cfg)
-        remote = task(fn, self.cfg, retry_exceptions=False)
+        remote = task(fn, self.cfg, retry_exceptions=False,
+                      scheduling_strategy="SPREAD")   # reads spread over the nodes
         refs = [remote.remote(*a) for a in args]
         deadline = Deadline(self.cfg)
         try:

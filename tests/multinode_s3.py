@@ -7,11 +7,13 @@ forecasts compare."""
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import ray
+import torch
 from ray.cluster_utils import Cluster
 
 from pipeline.cli import execute
@@ -32,15 +34,21 @@ def forecasts(uri: str, fs=None):
             for c in ("unique_id", "ds", "step", "y_hat", "model")}
 
 
-def load_part_nodes() -> list[str]:
-    """The nodes Ray ran the data stage's part readers on (its task records)."""
-    try:
-        from ray.util.state import list_tasks
-        tasks = list_tasks(filters=[("func_or_class_name", "=", "load_part")], detail=True,
-                           limit=1000, raise_on_missing_output=False)
-        return sorted({t.node_id for t in tasks if t.node_id})
-    except Exception as e:  # noqa: BLE001 - the state API is best effort here
-        return [f"unavailable: {type(e).__name__}"]
+def load_part_nodes(want: int, wait: float = 30.0) -> list[str]:
+    """The nodes Ray ran the data stage's part readers on (its task records, which reach the
+    state API a little after the tasks end: polled until `want` nodes or `wait` seconds)."""
+    from ray.util.state import list_tasks
+    end, nodes = time.monotonic() + wait, []
+    while True:
+        try:
+            tasks = list_tasks(filters=[("func_or_class_name", "=", "load_part")],
+                               detail=True, limit=1000, raise_on_missing_output=False)
+            nodes = sorted({t.node_id for t in tasks if t.node_id})
+        except Exception as e:  # noqa: BLE001 - the state API is best effort here
+            nodes = [f"unavailable: {type(e).__name__}: {e}"]
+        if len(nodes) >= want or time.monotonic() > end:
+            return nodes
+        time.sleep(1.0)
 
 
 def main(data: str, out: str) -> None:
@@ -65,9 +73,10 @@ def main(data: str, out: str) -> None:
             f"ray.address={cluster.address}", "ray.task_num_cpus=1", "train.checkpoint_minutes=0",
             "train.per_group.packed=false", *FAST])])
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        readers = load_part_nodes()
+        readers = load_part_nodes(len(nodes))
         trained = sorted({r.node for r in remote.results["final"].results})
         ray.shutdown()
+        torch.set_num_threads(1)     # as the 1-CPU Ray workers: the same float reductions
         local = execute(["run", "--config", "configs/per_group.yaml", *sets([
             f"data.path={data}", f"output.path={out}", "ray.enabled=false",
             "train.per_group.packed=false", *FAST])])
