@@ -37,9 +37,16 @@ class Tuned:
     files: dict = field(default_factory=dict)       # group or None -> YAML path
     seconds: float = 0.0
 
+    texts: dict = field(default_factory=dict)       # group or None -> the YAML written
+
     @property
     def records(self) -> list:
         return [r for res in self.results for r in res.records]
+
+    def counts(self) -> dict[str, int]:
+        """Trials by status: finished, stopped, failed."""
+        return {s: sum(r.status == s for r in self.records)
+                for s in ("finished", "stopped", "failed")}
 
 
 def tuned_path(config_path: str | None, out: str | None, group: str | None = None) -> str:
@@ -92,13 +99,14 @@ def tune(b: Batch, data: Prepared, trials: int | None = None, minutes: float | N
             raise PipelineError(f"tune: no trial of {res.group or 'the search'} has a score "
                                 f"({first})")
         tuned.best[res.group] = best
-        tuned.files[res.group] = _write(b, cfg, raw, res, best, out)
+        tuned.files[res.group], tuned.texts[res.group] = _write(b, cfg, raw, res, best, out)
     _log(b, cfg, raw, tuned)
     _print(cfg, tuned)
     return b.keep("tune", tuned)
 
 
-def _write(b: Batch, cfg: C.Config, raw: dict, res, best, out: str | None) -> str:
+def _write(b: Batch, cfg: C.Config, raw: dict, res, best, out: str | None
+           ) -> tuple[str, str]:
     path = tuned_path(b.config_path, out, res.group)
     n = len(res.records)
     header = (f"tuned by `python -m pipeline tune` ({time.strftime('%Y-%m-%d %H:%M')}), "
@@ -110,7 +118,7 @@ def _write(b: Batch, cfg: C.Config, raw: dict, res, best, out: str | None) -> st
     C.from_dict(yaml.safe_load(text))       # what `run` will load: refused here, not there
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_bytes_atomic(text.encode(), path)
-    return path
+    return path, text
 
 
 def _log(b: Batch, cfg: C.Config, raw: dict, tuned: Tuned) -> None:
@@ -118,16 +126,14 @@ def _log(b: Batch, cfg: C.Config, raw: dict, tuned: Tuned) -> None:
         return
     files = {"space.yaml": yaml.safe_dump(raw.get("tune", {}), sort_keys=False)}
     for group, path in tuned.files.items():
-        with open(path) as f:
-            files[os.path.basename(path) if group is None else f"tuned.{safe_key(group)}.yaml"] \
-                = f.read()
+        name = os.path.basename(path) if group is None else f"tuned.{safe_key(group)}.yaml"
+        files[name] = tuned.texts[group]
     best = {}
     for group, rec in tuned.best.items():
         best.update({(f"{group}." if group is not None else "") + k: v
                      for k, v in rec.point.items()})
     scores = [r.score for r in tuned.best.values() if math.isfinite(r.score)]
-    counts = {s: sum(r.status == s for r in tuned.records)
-              for s in ("finished", "stopped", "failed")}
+    counts = tuned.counts()
     b.log.tuned(files, best, sum(scores) / len(scores) if scores else math.nan,
                 {"tune.trials": len(tuned.records), **{f"tune.{k}": v for k, v in counts.items()},
                  "tune.best_trial": ",".join(r.trial_id for r in tuned.best.values()),
@@ -138,10 +144,8 @@ def _log(b: Batch, cfg: C.Config, raw: dict, tuned: Tuned) -> None:
 
 
 def _print(cfg: C.Config, tuned: Tuned) -> None:
-    counts = {s: sum(r.status == s for r in tuned.records) for s in ("finished", "stopped",
-                                                                      "failed")}
     print(f"tune: {len(tuned.records)} trial(s) in {tuned.seconds:,.0f}s: "
-          + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+          + ", ".join(f"{v} {k}" for k, v in tuned.counts().items() if v))
     for group, rec in tuned.best.items():
         point = ", ".join(f"{k}={v}" for k, v in rec.point.items())
         print(f"  best{f' of {group}' if group is not None else ''}: {point} (validation "
