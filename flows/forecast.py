@@ -4,6 +4,7 @@ instead of training, `flows.forecast_only`."""
 import sys
 
 from flows._common import main
+from pipeline import forecasting as F
 from pipeline import stages as S
 from pipeline.batch import Batch
 
@@ -15,7 +16,7 @@ def forecast(b: Batch) -> None:
     inits = S.warm_start(b, data, jobs)
     final = S.final_model(b, data, jobs, None, inits)
     S.log_models(b, final)
-    S.write_forecast(b, data, S.forecast(b, data, jobs, final))
+    F.write_forecast(b, data, F.forecast(b, data, jobs, final))
     S.html_report(b)                             # the batch's page, next to the outputs
 
 

@@ -3,6 +3,7 @@ forecast, write. No training. `python -m flows.forecast_only --config configs/de
 import sys
 
 from flows._common import main
+from pipeline import forecasting as F
 from pipeline import stages as S
 from pipeline.batch import Batch
 
@@ -12,8 +13,8 @@ REGISTRY = True
 def forecast_only(b: Batch, by: str | None = None) -> None:
     """Forecast with the registered champions (per group, or one global with by="global")."""
     data = S.prepare(b)
-    forecast = S.registry_forecast(b, data, by)
-    S.write_forecast(b, data, forecast)
+    forecast = F.registry_forecast(b, data, by)
+    F.write_forecast(b, data, forecast)
     S.html_report(b)                             # the batch's page, next to the outputs
 
 

@@ -4,6 +4,7 @@ champions -> write. `python -m flows.nightly --config configs/demo.yaml [--force
 import sys
 
 from flows._common import main
+from pipeline import forecasting as F
 from pipeline import stages as S
 from pipeline.batch import Batch
 
@@ -21,8 +22,8 @@ def nightly(b: Batch) -> None:
     final = S.final_model(b, data, jobs, trained, inits)  # on all the data
     S.log_models(b, final)
     S.promote(b, data, scored, final)            # challenger vs champion, same windows
-    forecast = S.registry_forecast(b, data)      # with the champions, new or kept
-    S.write_forecast(b, data, forecast, scored)
+    forecast = F.registry_forecast(b, data)      # with the champions, new or kept
+    F.write_forecast(b, data, forecast, scored)
     S.html_report(b)                             # the batch's page, next to the outputs
 
 

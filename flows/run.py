@@ -4,6 +4,7 @@ configs/demo.yaml` (`python -m pipeline run` is this flow, run again whenever as
 import sys
 
 from flows._common import main
+from pipeline import forecasting as F
 from pipeline import stages as S
 from pipeline.batch import Batch
 
@@ -17,8 +18,8 @@ def run(b: Batch) -> None:
     scored = S.backtest(b, data, jobs, trained, inits)   # against the baselines; written
     final = S.final_model(b, data, jobs, trained, inits)  # on all the data (or reused)
     S.log_models(b, final)
-    forecast = S.forecast(b, data, jobs, final)
-    S.write_forecast(b, data, forecast, scored)
+    forecast = F.forecast(b, data, jobs, final)
+    F.write_forecast(b, data, forecast, scored)
     S.html_report(b)                             # the batch's page, next to the outputs
 
 

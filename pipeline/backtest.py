@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline import evaluate as E
 from pipeline.config import Config
-from pipeline.data.loader import loader_at
+from pipeline.data.loader import WindowLoader, loader_at
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import backtest_windows, cutoff_positions
 from pipeline.forecast import history, long_frame, predict_job, quantile_column
@@ -134,13 +134,14 @@ class Chunked:
         self.arrays, self.jobs, self.models, self.cfg = arrays, jobs, models, cfg
         self.convert, self.keep, self.refit, self.runner = convert, keep, refit, runner
         self.scores, self.drawn = Backtest(), []
+        self.loaders: dict = {}       # cutoff number -> loader, fitted once for every chunk
 
     def __iter__(self):
         n, made = len(self.arrays), 0
         size = self.cfg.evaluate.chunk_series or max(n, 1)
         for lo in range(0, max(n, 1), size):
             bt = backtest(self.arrays, chunk_jobs(self.jobs, lo, lo + size), self.models,
-                          self.cfg, refit=self.refit, runner=self.runner)
+                          self.cfg, refit=self.refit, runner=self.runner, loaders=self.loaders)
             self.drawn.append(bt.drawn(self.keep))
             frames, bt.frames, bt.frame_series = bt.frames, [], []
             self.scores.merge(bt)
@@ -178,11 +179,12 @@ def config_at(cfg: Config, k: int) -> Config:
 
 def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
              extra: dict | None = None, device="cpu", refit: bool = False,
-             runner: Callable | None = None) -> Backtest:
+             runner: Callable | None = None, loaders: dict | None = None) -> Backtest:
     """`models`: {job name: model} trained once before the oldest cutoff, or with `refit`
     {cutoff number: {job name: model trained before that cutoff}}. Jobs without a model get
     the baselines (and comparators) only. `runner` maps the comparators over chunks of series
-    (`pipeline.execution.RayRunner`; default: in this process)."""
+    (`pipeline.execution.RayRunner`; default: in this process). `loaders`: {cutoff number:
+    loader}, filled as fitted and reused (the chunks of one backtest share it)."""
     m = season_of(cfg, arrays)
     out = Backtest(season=m, history=cfg.evaluate.history_cap(m))
     ok = arrays.status == 0
@@ -190,9 +192,12 @@ def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
     cutoffs = cutoff_positions(arrays.lengths, cfg.windows.horizon, cfg.windows.n_windows,
                                cfg.windows.step)
     pending = []              # the comparators' blocks, forecast together after the loop
+    loaders = {} if loaders is None else loaders
     for k, cut in enumerate(cutoffs):
         models_k = models[k] if refit else models
-        loader = loader_at(arrays, cfg, cut, device)
+        if k not in loaders:
+            loaders[k] = loader_at(arrays, cfg, cut, device)
+        loader = loaders[k]
         for job in jobs:
             idx = backtest_windows(cut, arrays.lengths, cfg.windows,
                                    ok & job.member(len(arrays)))
@@ -296,18 +301,21 @@ def _score(out: Backtest, model, arrays, series, y, y_hat, mask, scale, extra, c
 def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
                    extra: dict | None = None, device="cpu",
                    within: np.ndarray | None = None, failed: list | None = None,
-                   runner: Callable | None = None) -> dict:
+                   runner: Callable | None = None, loader: WindowLoader | None = None
+                   ) -> dict:
     """H steps past every series' end: the job's model ({job name: model}) where there is one,
     else the fallback (`fallback_forecast`). A job whose forecasts are not all finite gets the
     fallback too, and its name is appended to `failed`. `within` ([S] bool) limits the
-    forecast to those series (default: every series)."""
-    loader = loader_at(arrays, cfg, arrays.lengths, device)
+    forecast to those series (default: every series). `loader`: `loader_at(arrays, cfg,
+    arrays.lengths)` when the caller has one (it forecasts in chunks)."""
     ok = arrays.status == 0
     covered = np.zeros(len(arrays), bool)
     frames = []
     for job in jobs:
-        if job.name not in models:
+        if job.name not in models or not len(job.series):
             continue
+        if loader is None:
+            loader = loader_at(arrays, cfg, arrays.lengths, device)
         p = predict_job(models[job.name], arrays, cfg, arrays.lengths,
                         ok & job.member(len(arrays)), quantiles=cfg.model.quantiles,
                         with_target=False, loader=loader)

@@ -274,7 +274,7 @@ def _series(b) -> str:
     figures = []
     for sid in plots.choose(cols or bt, cfg.evaluate.plots):
         png = plots.series_png(data.arrays, sid, cols, bt, cfg.windows.horizon,
-                               cfg.model.quantiles, cfg.data.target_col)
+                               plots.quantiles_of(cols, bt), cfg.data.target_col)
         figures.append(f"<figure>{_img(png, f'forecast of series {sid}')}"
                        f"<figcaption>{esc(sid)}{_caption(cols, sid)}</figcaption></figure>")
     if not figures:

@@ -56,12 +56,18 @@ class Conformal:
                              f"residuals' horizon); got {y_hat.shape}")
         w = self.widths(len(y_hat), groups)                                  # [N, K, H]
         order = np.argsort(self.levels)
-        cols = {}
-        for k in order[::-1]:                                                # widest first
-            cols[quantile_column(round((1 - self.levels[k]) / 2, 10))] = y_hat - w[:, k]
-        for k in order:
-            cols[quantile_column(round((1 + self.levels[k]) / 2, 10))] = y_hat + w[:, k]
-        return cols
+        names = interval_columns([self.levels[k] for k in order])
+        sides = [(k, -1) for k in order[::-1]] + [(k, 1) for k in order]    # widest first
+        return {name: y_hat + sign * w[:, k] for name, (k, sign) in zip(names, sides,
+                                                                        strict=True)}
+
+
+def interval_columns(levels) -> list[str]:
+    """The quantile columns of central intervals at `levels` (fractions), ascending:
+    (0.8, 0.95) -> q_0.025, q_0.1, q_0.9, q_0.975."""
+    lv = sorted(levels)
+    return [quantile_column(round((1 - v) / 2, 10)) for v in lv[::-1]] + \
+        [quantile_column(round((1 + v) / 2, 10)) for v in lv]
 
 
 def fit(residuals: np.ndarray, levels: Sequence[float], groups: np.ndarray | None = None,

@@ -133,11 +133,16 @@ def _pick(cols: dict, rows: np.ndarray, quantiles, freq) -> dict | None:
         return None
     out = {"ds": to_datetime64(cols["ds"][rows], freq), "y_hat": cols["y_hat"][rows],
            "model": str(np.asarray(cols["model"])[rows][0])}
-    lo, hi = (f"q_{min(quantiles):g}", f"q_{max(quantiles):g}") if len(quantiles) >= 2 else \
-        (None, None)
-    if lo in cols and hi in cols:
-        out["lo"], out["hi"] = cols[lo][rows], cols[hi][rows]
+    have = [q for q in quantiles if f"q_{q:g}" in cols]      # the band: the widest present
+    if len(have) >= 2:
+        out["lo"], out["hi"] = cols[f"q_{min(have):g}"][rows], cols[f"q_{max(have):g}"][rows]
     return out
+
+
+def quantiles_of(*frames: dict | None) -> list[float]:
+    """The quantiles of the long columns' `q_…` columns (a model's, or conformal intervals'),
+    ascending: what the bands are drawn from."""
+    return sorted({float(k[2:]) for f in frames if f for k in f if k.startswith("q_")})
 
 
 def error_histograms(model: str, model_mase: np.ndarray, base_mase: np.ndarray,

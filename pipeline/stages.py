@@ -1,7 +1,9 @@
 """The stages the flows compose (`flows/*.py`), in the order data flows through them:
 
     prepare -> plan -> warm_start -> train -> backtest -> final_model -> log_models
-            -> forecast (or promote -> registry_forecast) -> write_forecast
+            -> forecast (or promote -> registry_forecast) -> write_forecast -> html_report
+
+(the forecast stages are `pipeline.forecasting`'s)
 
 Each takes the `Batch` (config, runner, tracking run, timings), does one step, logs it to the
 tracking run, has `pipeline.report` print it, and returns its result (what tests read)."""
@@ -9,27 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import sys
-from dataclasses import dataclass, field
-
-import numpy as np
+from dataclasses import dataclass
 
 from pipeline import compare, htmlreport, output, paths, report
 from pipeline.backtest import (
-    FALLBACK,
     Backtest,
     Chunked,
     backtest_keys,
     concat_columns,
     config_at,
     drawn_series,
-    fallback_name,
-    final_forecast,
-    refit_forecast,
 )
 from pipeline.backtest import backtest as score
 from pipeline.batch import Batch
-from pipeline.calibration import Calibration, calibrate, with_intervals
+from pipeline.calibration import Calibration, calibrate
 from pipeline.config import Config
 from pipeline.data.io import join
 from pipeline.data.loader import loader_at
@@ -37,6 +32,7 @@ from pipeline.data.prepare import Prepared
 from pipeline.data.prepare import prepare as read_input
 from pipeline.device import resolve_device
 from pipeline.errors import InfraError, PipelineError
+from pipeline.forecasting import champion_jobs, checked_models
 from pipeline.jobs import (
     Job,
     JobResult,
@@ -49,8 +45,6 @@ from pipeline.jobs import (
     state_bytes,
 )
 from pipeline.names import model_file
-from pipeline.plots import plot_sample
-from pipeline.secrets import redact
 from pipeline.statistical import Statistical
 
 
@@ -74,18 +68,6 @@ class Scored:
     paths: list[str]
     predictions: dict
     calibration: Calibration | None = None     # evaluate.intervals: conformal
-
-
-@dataclass
-class Forecast:
-    """Forecast columns (one row per series and step) and, once written, where they went."""
-    cols: dict
-    note: str = ""                          # e.g. the champions it came from
-    path: str = ""
-    n_series: int = 0
-    n_fallback: int = 0
-    plots: list[str] = field(default_factory=list)
-    fallback: str = FALLBACK
 
 
 def prepare(b: Batch) -> Prepared:
@@ -119,7 +101,7 @@ def warm_start(b: Batch, data: Prepared, jobs: list[Job]) -> dict[str, bytes]:
         by = "global" if cfg.train.mode == "global" else "group"
         champs = compare.load_champions(cfg, jobs, by)
         if by == "global" and not champs.found and arrays.groups is not None:
-            per_group = compare.load_champions(cfg, _champion_jobs(cfg, arrays, "group"),
+            per_group = compare.load_champions(cfg, champion_jobs(cfg, arrays, "group"),
                                                "group")
             if len({(c.version.run_id, c.version.source) for c in per_group.found}) == 1:
                 champs.found = [dataclasses.replace(per_group.found[0], job=jobs[0])]
@@ -225,12 +207,6 @@ def _calibrate(b: Batch, bt: Backtest, arrays) -> Calibration:
     return cal
 
 
-def _with_intervals(b: Batch, cols: dict) -> dict:
-    """The forecast with the backtest's conformal intervals, when it made them."""
-    cal = getattr(b.results.get("backtest"), "calibration", None)
-    return cols if cal is None else with_intervals(cols, cal, b.cfg.windows.horizon)
-
-
 def final_model(b: Batch, data: Prepared, jobs: list[Job], trained: Trained | None = None,
                 inits: dict | None = None) -> Trained:
     """The forecast model: trained again on all the data, or (`evaluate.final_model: reuse`)
@@ -247,24 +223,6 @@ def log_models(b: Batch, trained: Trained) -> None:
             b.log.models(trained.results, trained.folder)
 
 
-def forecast(b: Batch, data: Prepared, jobs: list[Job], trained: Trained) -> Forecast:
-    """H steps past every series' end with its job's model; the fallback where there is none."""
-    with b.stage("forecast"):
-        bad: list[str] = []
-        cols = final_forecast(data.arrays, jobs, trained.models(), b.cfg, failed=bad,
-                              runner=b.runner)
-    _failed(b, bad, "its forecasts are not finite")
-    return b.keep("forecast", Forecast(_with_intervals(b, cols), fallback=fallback_name(b.cfg)))
-
-
-def _failed(b: Batch, jobs: list[str], why: str) -> None:
-    """Jobs that fail after training (their series got the fallback): named, counted."""
-    if jobs:
-        print(f"warning: job(s) {', '.join(jobs[:5])} failed: {why}; their series get the "
-              "fallback forecast", file=sys.stderr)
-        b.failed_jobs = sorted(set(b.failed_jobs) | set(jobs))
-
-
 def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = None
             ) -> list[compare.Decision]:
     """Challenger (this run) against the registered champions, both scored now on the same
@@ -274,7 +232,7 @@ def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = No
         raise PipelineError("promoting a champion needs MLflow tracking (tracking.enabled)")
     with b.stage("promote"):
         by = compare.resolve(cfg, None)[2]
-        champs = compare.load_champions(cfg, _champion_jobs(cfg, arrays, by), by)
+        champs = compare.load_champions(cfg, champion_jobs(cfg, arrays, by), by)
         theirs = {}
         for entries in champs.by_run().values():
             ccfg = compare.scoring_config(cfg, entries[0])
@@ -282,7 +240,7 @@ def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = No
                 raise PipelineError(f"the champion of {entries[0].job.name!r} forecasts "
                                     f"{ccfg.windows.horizon} steps, this config "
                                     f"{cfg.windows.horizon}: they cannot be compared")
-            models = {} if entries[0].statistical else _checked(arrays, entries)
+            models = {} if entries[0].statistical else checked_models(arrays, entries)
             cols = concat_columns(score(arrays, [c.job for c in entries], models, ccfg,
                                         runner=b.runner).metrics)
             theirs.update({c.job.name: cols for c in entries})
@@ -294,96 +252,6 @@ def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = No
                                     statistical=mine)
     report.promotion(cfg.model.name, decisions)
     return b.keep("promote", decisions)
-
-
-def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Forecast:
-    """Forecasts from the registered champions, no training: each with the windows, scaling
-    and model of the run that trained it. Groups without a champion get the fallback."""
-    cfg, arrays = b.cfg, data.arrays
-    with b.stage("forecast"):
-        by = compare.resolve(cfg, by)[2]
-        if by == "group" and arrays.groups is None:
-            raise PipelineError("--by group needs data.group_col")
-        champs = compare.load_champions(cfg, _champion_jobs(cfg, arrays, by), by)
-        if not champs.found:
-            names = [n for _, n in champs.missing]
-            raise PipelineError(
-                f"no champion registered under {', '.join(names[:3])}"
-                f"{' …' if len(names) > 3 else ''} at {redact(champs.uri)}; "
-                "run `python -m pipeline compare --config ...` first")
-        frames, bad = [], []
-        for entries in champs.by_run().values():
-            if entries[0].statistical:
-                frames += _refit(b, arrays, entries)
-                continue
-            within = np.zeros(len(arrays), bool)
-            for c in entries:
-                within[c.job.series] = True
-            frames.append(final_forecast(arrays, [c.job for c in entries],
-                                         _checked(arrays, entries), entries[0].config,
-                                         within=within, failed=bad, runner=b.runner))
-        if champs.missing:
-            report.missing_champions([j.name for j, _ in champs.missing])
-            rest = Job("rest", np.concatenate([j.series for j, _ in champs.missing]))
-            frames.append(final_forecast(arrays, [rest], {}, cfg,
-                                         within=rest.member(len(arrays)), runner=b.runner))
-    _failed(b, bad, "its champion's forecasts are not finite")
-    used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
-    return b.keep("forecast", Forecast(_with_intervals(b, concat_columns(frames)),
-                                         note=f"champions {', '.join(used)}",
-                                         fallback=fallback_name(cfg)))
-
-
-def _refit(b: Batch, arrays, entries: list[compare.Champion]) -> list[dict]:
-    """A statistical champion refitted on each of its series' recent history; the series it
-    cannot serve (no finite value) get the fallback."""
-    spec, cfg = entries[0].model, entries[0].config
-    series = np.sort(np.concatenate([c.job.series for c in entries]))
-    cols, rest = refit_forecast(arrays, series, spec.model, spec.season, spec.history,
-                                spec.horizon, b.runner)
-    frames = [cols] if cols else []
-    if len(rest):
-        within = np.zeros(len(arrays), bool)
-        within[rest] = True
-        frames.append(final_forecast(arrays, [], {}, cfg, within=within, runner=b.runner))
-    return frames
-
-
-def _champion_jobs(cfg: Config, arrays, by: str) -> list[Job]:
-    """Today's jobs as champions serve them: one per group (by="group") or one global."""
-    return plan_jobs(arrays, compare.champion_config(cfg, cfg.to_dict(), by))
-
-
-def _checked(arrays, entries: list[compare.Champion]) -> dict:
-    """{job name: champion model}, each checked to fit today's inputs."""
-    loader = loader_at(arrays, entries[0].config, arrays.lengths)
-    sizes = (loader.past_size, loader.future_size, loader.static_size)
-    rows = {"series": len(arrays), "group": n_groups(arrays)}
-    for c in entries:
-        compare.check_inputs(c, sizes, rows)
-    return {c.job.name: c.model for c in entries}
-
-
-def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored: Scored | None = None
-                   ) -> Forecast:
-    """Write the forecast partition (atomically), then plots, then tell the tracking run."""
-    cfg, arrays = b.cfg, data.arrays
-    with b.stage("forecast"):
-        end = paths.data_end(arrays)
-        fc.path = output.write(cfg, "forecasts", end,
-                               output.to_table(fc.cols, b.run_id, arrays.freq))
-        ids, models = fc.cols["unique_id"], fc.cols["model"]
-        fc.n_series = len(set(ids))
-        fc.n_fallback = len(set(ids[np.char.startswith(models.astype(str), "fallback:")]))
-        if cfg.evaluate.plots and not paths.is_remote(cfg.output.path):
-            fc.plots = plot_sample(paths.partition(cfg, "plots", end), arrays, fc.cols,
-                                   scored.predictions if scored else None, cfg.evaluate.plots,
-                                   cfg.windows.horizon, cfg.model.quantiles,
-                                   ylabel=cfg.data.target_col)
-        if b.log is not None:
-            b.log.forecast(fc.path, fc.n_series, fc.n_fallback, fc.plots)
-    report.forecast(fc, cfg.windows.horizon)
-    return fc
 
 
 def html_report(b: Batch) -> str:

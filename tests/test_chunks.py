@@ -5,6 +5,7 @@ data."""
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -83,18 +84,10 @@ def test_a_backtest_in_chunks_of_series_writes_what_one_chunk_writes(tmp_path):
     summary, the same rows kept for drawing."""
     import polars as pl
 
-    from pipeline.cli import execute
-    from pipeline.data.demo import make_demo_data as demo
-    data = demo(str(tmp_path / "data"), n_series=14, seed=2)["path"]
     out = {}
     for chunk in ("2", "null"):
-        b = execute(["backtest", "--config", "configs/demo.yaml", "--set", f"data.path={data}",
-                     "--set", f"output.path={tmp_path / chunk}", "--set", "ray.enabled=false",
-                     "--set", "tracking.enabled=false", "--set", "train.epochs=1",
-                     "--set", "train.steps_per_epoch=2", "--set", "windows.lookback=72",
-                     "--set", "evaluate.plots=1", "--set", f"evaluate.chunk_series={chunk}",
-                     "--set", "evaluate.comparators=[auto_theta]"])
-        assert b.exit_code == 0
+        b = small_run(tmp_path, "backtest", "configs/demo.yaml", "evaluate.plots=1",
+                      f"evaluate.chunk_series={chunk}", "evaluate.comparators=[auto_theta]")
         files = {kind: next((tmp_path / chunk / kind).rglob("*.parquet"))
                  for kind in ("backtest", "metrics")}
         out[chunk] = (b.results["backtest"], {
@@ -139,3 +132,62 @@ def test_a_stream_that_fails_midway_leaves_the_old_partition_whole(tmp_path):
     replace_partition_stream(iter([pa.table({"a": [4]}), pa.table({"a": [5, 6]})]), uri)
     assert pq.read_table(uri).column("a").to_pylist() == [4, 5, 6]
     assert pq.ParquetFile(f"{uri}/part-0.parquet").num_row_groups == 2
+
+
+def test_a_forecast_in_chunks_of_series_writes_what_one_chunk_writes(tmp_path):
+    """evaluate.chunk_series = 3 against null on the `run` command with one model per group,
+    conformal intervals and fallback series: the forecast partition holds the same
+    rows and columns (streamed chunk by chunk into one file), the same counts, the same
+    series drawn; the fallback rows exactly, the networks' to float32
+    rounding (their forward on batches of 3 or of 14 series rounds differently)."""
+    import polars as pl
+
+    out = {}
+    for chunk in ("3", "null"):
+        b = small_run(tmp_path, "run", "configs/per_group.yaml", "evaluate.intervals=conformal",
+                      "evaluate.plots=2", f"evaluate.chunk_series={chunk}",
+                      "evaluate.comparators=[]")
+        (part,) = (tmp_path / chunk / "forecasts").rglob("*.parquet")
+        if chunk == "3":
+            assert pq_row_groups(part) == 5                  # 14 series in chunks of 3
+        out[chunk] = (b.results["forecast"], pl.read_parquet(part).drop("run_id", "created_at")
+                      .sort("unique_id", "step"))
+    (a, x), (w, y) = out["3"], out["null"]
+    assert x.columns == y.columns == ["unique_id", "ds", "cutoff", "step", "y_hat", "q_0.025",
+                                      "q_0.1", "q_0.9", "q_0.975", "model", "group"]
+    assert x.schema == y.schema and x.height == y.height == 14 * 24
+    for name in x.columns:
+        if x[name].dtype.is_float():
+            np.testing.assert_allclose(x[name].to_numpy(), y[name].to_numpy(), rtol=1e-5,
+                                       atol=1e-5, err_msg=name)
+        else:
+            assert x[name].equals(y[name]), name
+    fallback = pl.col("model").str.starts_with("fallback:")
+    assert x.filter(fallback).height > 0 and x.filter(fallback).equals(y.filter(fallback))
+    assert (a.n_series, a.n_fallback) == (w.n_series, w.n_fallback) == \
+        (14, x.filter(fallback)["unique_id"].n_unique())
+    assert [os.path.basename(p) for p in a.plots] == [os.path.basename(p) for p in w.plots]
+    assert sorted(set(a.cols["unique_id"])) == sorted(set(w.cols["unique_id"]))
+
+
+def pq_row_groups(path) -> int:
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(path).num_row_groups
+
+
+def small_run(tmp_path, command: str, config: str, *sets: str):
+    """`command` on 14 demo series (made once per test), one short epoch, no Ray or tracking,
+    outputs under tmp_path/<evaluate.chunk_series>; the finished batch (exit code 0)."""
+    from pipeline.cli import execute
+    from pipeline.data.demo import make_demo_data
+    data = tmp_path / "data"
+    if not data.exists():
+        make_demo_data(str(data), n_series=14, seed=2)
+    chunk = next(s for s in sets if s.startswith("evaluate.chunk_series=")).split("=")[1]
+    fixed = [f"data.path={data}", f"output.path={tmp_path / chunk}", "ray.enabled=false",
+             "tracking.enabled=false", "train.epochs=1", "train.steps_per_epoch=2",
+             "windows.lookback=72"]
+    b = execute([command, "--config", config, *sum((["--set", x] for x in [*fixed, *sets]),
+                                                    [])])
+    assert b.exit_code == 0
+    return b

@@ -170,7 +170,7 @@ def test_a_winning_comparator_is_registered_as_a_spec_and_refitted(tmp_path):
     cal = run.results["backtest"].calibration
     assert parent.metrics["coverage_80"] == cal.coverage[run.cfg.model.name]["coverage_80"]
     assert parent.metrics["auto_ets_coverage_95"] == cal.coverage["auto_ets"]["coverage_95"]
-    cols = run.results["forecast"].cols
+    cols = run.results["forecast"].rows()
     assert [k for k in cols if k.startswith("q_")] == ["q_0.025", "q_0.1", "q_0.9", "q_0.975"]
     assert (cols["q_0.025"] <= cols["q_0.1"]).all() and (cols["q_0.1"] <= cols["y_hat"]).all()
     assert main(["compare", "--config", config]) == 0
@@ -183,9 +183,10 @@ def test_a_winning_comparator_is_registered_as_a_spec_and_refitted(tmp_path):
     assert spec == {"kind": "statistical", "model": best, "season": 24, "history": 120,
                     "horizon": 24}
     assert read.load_champion("stat", uri=uri).spec == spec
-    fc = execute(["forecast", "--config", config, "--from-registry"])
+    fc = execute(["forecast", "--config", config, "--from-registry", "--set",
+                  "evaluate.chunk_series=3"])             # refitted chunk by chunk
     assert fc.exit_code == 0
-    cols = fc.results["forecast"].cols
+    cols = fc.results["forecast"].rows()
     assert set(cols["model"]) == {best}
     arrays = fc.results["data"].arrays
     for s in range(len(arrays)):
@@ -254,7 +255,7 @@ def test_nightly_promotes_a_winning_comparator_and_forecasts_with_it(tmp_path):
     mv = mlflow.MlflowClient(tracking_uri=uri).get_model_version_by_alias("stat", "champion")
     assert (mv.tags["kind"], mv.tags["model"], str(mv.version)) == ("statistical", best,
                                                                  d.version)
-    assert set(b.results["forecast"].cols["model"]) == {best}
+    assert set(b.results["forecast"].rows()["model"]) == {best}
     # the next night scores the registered comparator as the champion, on the same windows
     again = run_flow(nightly.nightly, parser("nightly", "").parse_args(
         ["--config", config, "--set", "evaluate.intervals=none", "--force"]), registry=True)

@@ -104,11 +104,11 @@ def test_nightly_rerun_is_skipped_force_redoes_and_forecast_only_agrees(
 @pytest.mark.slow
 def test_a_crash_is_recovered_cleanly(demo_dir, tmp_path, no_env, monkeypatch, capsys):
     out = tmp_path / "out"
-    import pipeline.stages as stages
+    import pipeline.forecasting as forecasting
 
     def boom(*a, **k):
         raise RuntimeError("object store timed out")
-    monkeypatch.setattr(stages, "registry_forecast", boom)
+    monkeypatch.setattr(forecasting, "registry_forecast", boom)
     assert flow(nightly, demo_dir, out) == EXIT_FAILED
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: nightly failed: RuntimeError: object store timed out"

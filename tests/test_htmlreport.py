@@ -20,8 +20,9 @@ from pipeline import htmlreport, plots
 from pipeline.backtest import backtest, concat_columns, final_forecast
 from pipeline.data.prepare import REPORT_SCHEMA, Prepared
 from pipeline.data.series import SeriesArrays
+from pipeline.forecasting import Forecast
 from pipeline.jobs import Job
-from pipeline.stages import Forecast, Scored
+from pipeline.stages import Scored
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -107,7 +108,7 @@ def hostile_batch() -> SimpleNamespace:
                             "action": "skipped", "detail": "1 < 2"}], schema=REPORT_SCHEMA)
     results = {"data": Prepared(arrays, report, 1, 800, 0.0, None),
                "backtest": Scored(bt, bt.summary(), [], concat_columns(bt.frames)),
-               "forecast": Forecast(final_forecast(arrays, [], {}, cfg))}
+               "forecast": Forecast(None, cols=final_forecast(arrays, [], {}, cfg))}
     return SimpleNamespace(cfg=cfg, results=results, seconds={"data": 0.1}, failed_jobs=[],
                            run_id="r1", batch_id="b1", flow="<flow>")
 

@@ -219,9 +219,9 @@ class EvaluateConfig:
     intervals: str = "none"        # none | conformal (split-conformal from the backtest's
                                    # residuals; needs windows.n_windows >= 2)
     levels: list[int] = field(default_factory=lambda: [80, 95])  # conformal coverage, in %
-    chunk_series: int | None = 100_000  # the backtest scores this many series at a time,
-                                   # each chunk's rows streamed into the partition file
-                                   # (memory bounded by a chunk); null: all at once
+    chunk_series: int | None = 100_000  # the backtest and the forecast take this many
+                                   # series at a time, each chunk's rows streamed into the
+                                   # partition file (memory bounded by a chunk); null: all
 
     def __post_init__(self) -> None:
         _choice("evaluate.final_model", self.final_model, ("refit", "reuse"))

@@ -1,0 +1,242 @@
+"""The forecast stages (after `pipeline.stages`' backtest): H steps past every series' end from
+the run's models (`forecast`) or from the registered champions (`registry_forecast`), then
+`write_forecast`.
+
+A forecast is made and written chunk by chunk of `evaluate.chunk_series` series: each chunk's
+long columns are converted to Arrow, streamed into the partition's one file and dropped, so
+memory holds one chunk, and the partition is put in place once whole (a failing chunk leaves
+the old one). What stays in memory is the counts and the rows of the series drawn for the plots
+and the report (`Forecast.cols`); `Forecast.rows()` reads the whole forecast back.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline import compare, output, paths, report
+from pipeline.backtest import (
+    FALLBACK,
+    chunk_jobs,
+    concat_columns,
+    drawn_series,
+    fallback_name,
+    final_forecast,
+    refit_forecast,
+)
+from pipeline.batch import Batch
+from pipeline.calibration import with_intervals
+from pipeline.config import Config
+from pipeline.data.io import filesystem_for
+from pipeline.data.loader import loader_at
+from pipeline.data.prepare import Prepared
+from pipeline.errors import PipelineError
+from pipeline.forecast import quantile_column
+from pipeline.intervals import interval_columns
+from pipeline.jobs import Job, n_groups, plan_jobs
+from pipeline.plots import plot_sample, quantiles_of
+from pipeline.secrets import redact
+
+KEYS = ["unique_id", "ds", "cutoff", "step", "y_hat", "model", "group"]
+
+
+@dataclass
+class Forecast:
+    """A forecast to write: `make(lo, hi)` gives the long columns of series lo <= s < hi (one
+    row per series and step) and the jobs that failed there; `quantiles` every quantile a
+    chunk may hold (so every chunk is written with the same columns). Once written
+    (`write_forecast`): where it went, its counts, and `cols`, the rows of the series drawn
+    for the plots and the report."""
+    make: Callable[[int, int], tuple[dict, list[str]]]
+    quantiles: list[float] = field(default_factory=list)
+    note: str = ""                          # e.g. the champions it came from
+    fallback: str = FALLBACK
+    cols: dict = field(default_factory=dict)
+    path: str = ""
+    n_series: int = 0
+    n_fallback: int = 0
+    plots: list[str] = field(default_factory=list)
+
+    def rows(self) -> dict[str, np.ndarray]:
+        """Every row written, read back from the Parquet partition (`ds` and `cutoff` as the
+        output holds them): for callers that need the whole forecast."""
+        fs, path = filesystem_for(self.path)
+        table = pq.read_table(path, filesystem=fs)
+        return {k: table[k].to_numpy(zero_copy_only=False) for k in table.column_names}
+
+
+def forecast(b: Batch, data: Prepared, jobs: list[Job], trained) -> Forecast:
+    """H steps past every series' end with its job's model (`trained`: a `stages.Trained`);
+    the fallback where there is none. Made chunk by chunk when written."""
+    arrays, cfg, models = data.arrays, b.cfg, trained.models()
+    with b.stage("forecast"):     # the scaling at the series' ends, fitted once for all chunks
+        loader = loader_at(arrays, cfg, arrays.lengths) if models else None
+
+    def make(lo: int, hi: int) -> tuple[dict, list[str]]:
+        bad: list[str] = []
+        cols = final_forecast(arrays, chunk_jobs(jobs, lo, hi), models, cfg,
+                              within=_range(len(arrays), lo, hi), failed=bad, runner=b.runner,
+                              loader=loader)
+        return cols, bad
+    return b.keep("forecast", Forecast(make, list(cfg.model.quantiles),
+                                       fallback=fallback_name(cfg)))
+
+
+def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Forecast:
+    """Forecasts from the registered champions, no training: each with the windows, scaling
+    and model of the run that trained it. Groups without a champion get the fallback."""
+    cfg, arrays = b.cfg, data.arrays
+    with b.stage("forecast"):
+        by = compare.resolve(cfg, by)[2]
+        if by == "group" and arrays.groups is None:
+            raise PipelineError("--by group needs data.group_col")
+        champs = compare.load_champions(cfg, champion_jobs(cfg, arrays, by), by)
+        if not champs.found:
+            names = [n for _, n in champs.missing]
+            raise PipelineError(
+                f"no champion registered under {', '.join(names[:3])}"
+                f"{' …' if len(names) > 3 else ''} at {redact(champs.uri)}; "
+                "run `python -m pipeline compare --config ...` first")
+        served = [(entries, None if entries[0].statistical else checked_models(arrays, entries),
+                   None if entries[0].statistical else
+                   loader_at(arrays, entries[0].config, arrays.lengths))
+                  for entries in champs.by_run().values()]
+        rest = None
+        if champs.missing:
+            report.missing_champions([j.name for j, _ in champs.missing])
+            rest = Job("rest", np.concatenate([j.series for j, _ in champs.missing]))
+
+    def make(lo: int, hi: int) -> tuple[dict, list[str]]:
+        frames, bad, n = [], [], len(arrays)
+        for entries, models, loader in served:
+            jobs = chunk_jobs([c.job for c in entries], lo, hi)
+            if not any(len(j.series) for j in jobs):
+                continue
+            if models is None:
+                frames += _refit(b, arrays, entries, np.concatenate([j.series for j in jobs]))
+                continue
+            within = np.zeros(n, bool)
+            for j in jobs:
+                within[j.series] = True
+            frames.append(final_forecast(arrays, jobs, models, entries[0].config,
+                                         within=within, failed=bad, runner=b.runner,
+                                         loader=loader))
+        if rest is not None:
+            (part,) = chunk_jobs([rest], lo, hi)
+            if len(part.series):
+                frames.append(final_forecast(arrays, [part], {}, cfg, within=part.member(n),
+                                             runner=b.runner))
+        return concat_columns(frames), bad
+    used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
+    quantiles = {q for entries, _, _ in served for q in entries[0].config.model.quantiles}
+    return b.keep("forecast", Forecast(make, sorted(quantiles | set(cfg.model.quantiles)),
+                                       note=f"champions {', '.join(used)}",
+                                       fallback=fallback_name(cfg)))
+
+
+def _refit(b: Batch, arrays, entries: list[compare.Champion], series: np.ndarray
+           ) -> list[dict]:
+    """A statistical champion refitted on the recent history of its `series`; the series it
+    cannot serve (no finite value) get the fallback."""
+    spec, cfg = entries[0].model, entries[0].config
+    cols, rest = refit_forecast(arrays, np.sort(series), spec.model, spec.season, spec.history,
+                                spec.horizon, b.runner)
+    frames = [cols] if cols else []
+    if len(rest):
+        within = np.zeros(len(arrays), bool)
+        within[rest] = True
+        frames.append(final_forecast(arrays, [], {}, cfg, within=within, runner=b.runner))
+    return frames
+
+
+def champion_jobs(cfg: Config, arrays, by: str) -> list[Job]:
+    """Today's jobs as champions serve them: one per group (by="group") or one global."""
+    return plan_jobs(arrays, compare.champion_config(cfg, cfg.to_dict(), by))
+
+
+def checked_models(arrays, entries: list[compare.Champion]) -> dict:
+    """{job name: champion model}, each checked to fit today's inputs."""
+    loader = loader_at(arrays, entries[0].config, arrays.lengths)
+    sizes = (loader.past_size, loader.future_size, loader.static_size)
+    rows = {"series": len(arrays), "group": n_groups(arrays)}
+    for c in entries:
+        compare.check_inputs(c, sizes, rows)
+    return {c.job.name: c.model for c in entries}
+
+
+def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored=None) -> Forecast:
+    """Make and write the forecast partition chunk by chunk (put in place once whole), then
+    the plots, then tell the tracking run. `scored`: the `stages.Scored` backtest, whose
+    drawn rows the plots show beside the forecast."""
+    cfg, arrays = b.cfg, data.arrays
+    with b.stage("forecast"):
+        end = paths.data_end(arrays)
+        chunks = _Chunks(b, data, fc)
+        fc.path = output.write_stream(cfg, "forecasts", end, iter(chunks))
+        fc.cols = concat_columns(chunks.drawn)
+        drawn = scored.predictions if scored else None
+        if cfg.evaluate.plots and not paths.is_remote(cfg.output.path):
+            fc.plots = plot_sample(paths.partition(cfg, "plots", end), arrays, fc.cols,
+                                   drawn, cfg.evaluate.plots, cfg.windows.horizon,
+                                   quantiles_of(fc.cols, drawn),
+                                   ylabel=cfg.data.target_col)
+        if b.log is not None:
+            b.log.forecast(fc.path, fc.n_series, fc.n_fallback, fc.plots)
+    _failed(b, chunks.failed, "its forecasts are not finite")
+    report.forecast(fc, cfg.windows.horizon)
+    return fc
+
+
+class _Chunks:
+    """The forecast's chunks as Arrow tables of one schema, the conformal intervals added;
+    counts the series and the fallbacks into the Forecast and keeps the drawn series' rows."""
+
+    def __init__(self, b: Batch, data: Prepared, fc: Forecast) -> None:
+        self.b, self.arrays, self.fc = b, data.arrays, fc
+        self.cal = getattr(b.results.get("backtest"), "calibration", None)
+        quantiles = [quantile_column(q) for q in fc.quantiles]
+        if self.cal is not None:
+            quantiles += interval_columns(self.cal.levels)
+        self.keys = KEYS[:5] + list(dict.fromkeys(quantiles)) + KEYS[5:]
+        self.keep = set(self.arrays.ids[drawn_series(self.arrays, b.cfg.evaluate.plots)]
+                        .astype(str))
+        self.drawn: list[dict] = []
+        self.failed: list[str] = []
+
+    def __iter__(self):
+        n, cfg, made = len(self.arrays), self.b.cfg, 0
+        size, h = cfg.evaluate.chunk_series or max(n, 1), cfg.windows.horizon
+        self.fc.n_series = self.fc.n_fallback = 0
+        for lo in range(0, n, size):
+            cols, bad = self.fc.make(lo, min(lo + size, n))
+            self.failed += [j for j in bad if j not in self.failed]
+            if not cols or not len(cols["unique_id"]):
+                continue
+            if self.cal is not None:
+                cols = with_intervals(cols, self.cal, h)
+            ids, models = cols["unique_id"][::h], cols["model"][::h]    # one row per series
+            self.fc.n_series += len(ids)
+            self.fc.n_fallback += int(np.char.startswith(models.astype(str), "fallback:").sum())
+            rows = np.repeat(np.fromiter((i in self.keep for i in ids), bool, len(ids)), h)
+            self.drawn.append({k: v[rows] for k, v in cols.items()})
+            made += 1
+            yield output.frames_table([cols], self.b.run_id, self.arrays.freq, self.keys)
+        if not made:
+            yield output.frames_table([], self.b.run_id, self.arrays.freq)
+
+
+def _range(n: int, lo: int, hi: int) -> np.ndarray:
+    out = np.zeros(n, bool)
+    out[lo:hi] = True
+    return out
+
+
+def _failed(b: Batch, jobs: list[str], why: str) -> None:
+    """Jobs that fail after training (their series got the fallback): named, counted."""
+    if jobs:
+        print(f"warning: job(s) {', '.join(jobs[:5])} failed: {why}; their series get the "
+              "fallback forecast", file=sys.stderr)
+        b.failed_jobs = sorted(set(b.failed_jobs) | set(jobs))
