@@ -82,6 +82,28 @@ def test_unsorted_input_is_sorted_and_reported(tmp_path):
     assert prep.report.filter(pl.col("issue") == "unsorted")["action"].to_list() == ["sorted"]
 
 
+def test_input_in_order_skips_the_sort_and_builds_the_arrays_of_shuffled_input(tmp_path):
+    """Rows already by (id, time) are not sorted again (one pass checks it); the same rows
+    interleaved across series, or one series' rows swapped, give the same arrays."""
+    ids, ds = np.repeat(["a", "b", "c"], 12), np.tile(hourly(12), 3)
+    y, cat = np.arange(36.0), np.repeat(["x", "y", "z"], 12)
+    preps = {}
+    for name, order in {"sorted": np.arange(36),
+                        "interleaved": np.random.default_rng(1).permutation(36),
+                        "one swap": np.r_[0, 2, 1, 3:36]}.items():
+        path = write_long(tmp_path / name / "x.parquet", ids[order], ds[order], y[order],
+                          cat=cat[order])
+        preps[name] = prepare(cfg_for(path, "data.static_cols=[cat]"))
+    assert len(preps["sorted"].report) == 0
+    for name in ("interleaved", "one swap"):
+        a, b = preps[name].arrays, preps["sorted"].arrays
+        assert a.ids.tolist() == b.ids.tolist() == ["a", "b", "c"]
+        np.testing.assert_array_equal(a.values, b.values)
+        np.testing.assert_array_equal(a.static["cat"], b.static["cat"])
+        assert set(preps[name].report["issue"]) == {"unsorted"}
+    assert preps["one swap"].report["series"].to_list() == ["a"]
+
+
 def test_gaps_are_filled_masked_and_reported(tmp_path):
     keep = [0, 1, 2, 5, 6, 7, 8, 9, 10, 11]
     path = write_long(tmp_path / "g.parquet", ["a"] * 10, hourly(12)[keep], np.arange(12)[keep])

@@ -53,13 +53,15 @@ def scatter_covariates(df, cols, flat, indptr, part, ids, report):
     if not cols:
         return None
     out = np.empty((indptr[-1], len(cols)), np.float32)  # [N, C]
-    series = np.repeat(np.arange(len(ids)), np.diff(indptr))  # [N] series of each grid step
     for j, col in enumerate(cols):
         v = np.full(indptr[-1], np.nan, np.float32)
         v[flat] = df[col].to_numpy()
         finite = np.isfinite(v)
         out[:, j], _ = fill_segments(v, finite, indptr)
-        missing = np.bincount(series[~finite], minlength=len(ids))
+        if finite.all():
+            continue
+        gone = np.r_[0, np.cumsum(~finite)]
+        missing = gone[indptr[1:]] - gone[indptr[:-1]]      # per series
         for s in np.flatnonzero(missing):
             report.append(report_row(part, ids[s], "covariate_missing", "filled",
                                      f"covariate {col!r}: {missing[s]} missing value(s) "

@@ -160,8 +160,15 @@ def infer(df: pl.DataFrame, id_col: str, col: str, sample_rows: int = 1_000_000)
     return Freq("D", dstep, **base)
 
 
+def _same_series(ids: pl.Series) -> np.ndarray:
+    """[n - 1] bool: row i + 1 is of the same series as row i (ids compared in Polars, not
+    as Python strings)."""
+    return ids.slice(1).eq_missing(ids.slice(0, len(ids) - 1)).to_numpy() if len(ids) > 1 else \
+        np.zeros(0, bool)
+
+
 def _mode_step(values: np.ndarray, ids: pl.Series) -> int:
-    same = ids.to_numpy()[1:] == ids.to_numpy()[:-1]
+    same = _same_series(ids)
     d = np.diff(values)[same]
     d = d[d > 0]
     if len(d) == 0:
@@ -173,8 +180,7 @@ def _mode_step(values: np.ndarray, ids: pl.Series) -> int:
 def _has_weekend_jumps(days: np.ndarray, ids: pl.Series) -> bool:
     """Weekday-only stamps whose Friday is followed by the next Monday (a business-day
     grid), rather than a daily series that merely has no weekend in its sample."""
-    same = ids.to_numpy()[1:] == ids.to_numpy()[:-1]
-    d = np.diff(days)[same]
+    d = np.diff(days)[_same_series(ids)]
     return bool((d == 3).any())
 
 

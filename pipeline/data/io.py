@@ -140,7 +140,8 @@ def read_columns(part: Part, columns: list[str]) -> pa.Table:
         raise storage_error(e, part.path) from None
     for col in columns:
         if col not in table.column_names and col in part.partition:
-            table = table.append_column(col, pa.array([part.partition[col]] * table.num_rows))
+            table = table.append_column(col, pa.repeat(pa.scalar(str(part.partition[col])),
+                                                       table.num_rows))
     return table
 
 

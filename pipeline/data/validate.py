@@ -193,6 +193,12 @@ def _cast_covariates(df: pl.DataFrame, part: Part, data: DataConfig) -> pl.DataF
 
 
 def _sort(df: pl.DataFrame, part: Part, data: DataConfig, report: list[dict]) -> pl.DataFrame:
+    """Rows by series id, then time (stable); a report row per series that was out of time
+    order. Input already in that order (the usual case) is checked in one pass, not sorted."""
+    sid, ts = pl.col(data.id_col), pl.col(ORD)
+    ordered = ((sid > sid.shift(1)) | ((sid == sid.shift(1)) & (ts >= ts.shift(1))))
+    if df.select(ordered.fill_null(True).all()).item():
+        return df
     df = df.sort([data.id_col, ORD], maintain_order=True)
     ids = df[data.id_col]
     back = (df[ROW].diff() < 0) & (ids == ids.shift(1))  # time order broken inside a series
@@ -223,7 +229,7 @@ def _to_arrays(df: pl.DataFrame, part: Part, data: DataConfig, freq: Freq,
     code = df[data.id_col].rle_id().to_numpy().astype(np.int64)  # series number of each row
     t = df[ORD].to_numpy()
     first_row = np.flatnonzero(np.r_[True, code[1:] != code[:-1]]) if len(df) else np.zeros(0, int)
-    ids = df[data.id_col].to_numpy()[first_row].astype(object)
+    ids = df[data.id_col].gather(first_row).to_numpy().astype(object)   # one per series
     start = t[first_row]
     rel = t - start[code]
     _check_grid(df, part, data, rel, freq, code, ids)
@@ -341,10 +347,12 @@ def _status_report(part, ids, lengths, status, windows: WindowsConfig, report) -
 
 
 def _per_series(df, data, col, first_row, part) -> np.ndarray:
-    varying = (df.group_by(data.id_col).agg(pl.col(col).n_unique().alias("n"))
-               .filter(pl.col("n") > 1))
-    if len(varying):
+    """A column constant per series, one value per series (`df` sorted by series)."""
+    sid, c = pl.col(data.id_col), pl.col(col)
+    if df.select(((sid == sid.shift(1)) & c.ne_missing(c.shift(1))).any()).item():
+        varying = (df.group_by(data.id_col).agg(c.n_unique().alias("n"))
+                   .filter(pl.col("n") > 1).sort(data.id_col))
         raise DataError(f"column {col!r} in {part.path} must be constant per series, but series "
                         f"{varying[data.id_col][0]!r} has {varying['n'][0]} different values "
                         f"({len(varying)} series vary)")
-    return df[col].to_numpy()[first_row]
+    return df[col].gather(first_row).to_numpy()
