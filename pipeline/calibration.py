@@ -11,6 +11,7 @@ the model it falls back to. Imports neither Ray nor MLflow.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,18 @@ class Calibration:
     fitted: dict[str, intervals.Conformal]     # model -> widths from every cutoff
     coverage: dict[str, dict[str, float]]      # model -> {"coverage_80": …} on the latest
                                                # window, calibrated on the older ones
+
+    def to_json(self) -> str:
+        """The widths of every model as JSON (logged with the run, so that its registered
+        champions forecast with the intervals it was calibrated with)."""
+        return json.dumps({"levels": list(self.levels), "coverage": self.coverage,
+                           "fitted": {m: c.to_dict() for m, c in self.fitted.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        d = json.loads(text)
+        return cls(tuple(d["levels"]), {m: intervals.Conformal.from_dict(c)
+                                        for m, c in d["fitted"].items()}, d["coverage"])
 
 
 def calibrate(bt: Backtest, groups: np.ndarray | None, levels: list[int]) -> Calibration:

@@ -18,6 +18,7 @@ import polars as pl
 
 from pipeline import evaluate as E
 from pipeline import tracking
+from pipeline.calibration import Calibration
 from pipeline.config import STATISTICAL, Config, from_dict
 from pipeline.data.calendar import Freq, to_datetime64
 from pipeline.errors import PipelineError
@@ -120,6 +121,8 @@ class Champion:
     model: object             # the EncoderDecoder, loaded from weights only, or a Statistical
     version: object           # its ModelVersion
     config: Config            # the config that trained it, with today's data settings
+    calibration: object = None  # its run's conformal widths (`calibration.Calibration`), when
+                                # it logged them and today's config asks for intervals
 
     @property
     def statistical(self) -> bool:
@@ -151,7 +154,7 @@ def load_champions(cfg: Config, jobs: list, by: str) -> Champions:
     """The registered champion of every job of today's data (`jobs`: one per group with
     by="group", one global job otherwise), each with its training run's config."""
     uri, exp, by = resolve(cfg, by)
-    found, missing, configs = [], [], {}
+    found, missing, configs, cals = [], [], {}, {}
     for job in jobs:
         name, mv = read.find_champion(exp, job.group, ALIAS, uri)
         if mv is None:
@@ -160,7 +163,11 @@ def load_champions(cfg: Config, jobs: list, by: str) -> Champions:
         run_id = mv.tags.get("run_id") or mv.run_id
         if run_id not in configs:
             configs[run_id] = champion_config(cfg, read.run_config(run_id, uri), by)
-        found.append(Champion(job, read.load_champion(name, ALIAS, uri), mv, configs[run_id]))
+            text = read.run_calibration(run_id, uri) \
+                if cfg.evaluate.intervals == "conformal" else None
+            cals[run_id] = Calibration.from_json(text) if text else None
+        found.append(Champion(job, read.load_champion(name, ALIAS, uri), mv, configs[run_id],
+                              cals[run_id]))
     return Champions(by, uri, found, missing)
 
 

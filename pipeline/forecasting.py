@@ -46,12 +46,12 @@ KEYS = ["unique_id", "ds", "cutoff", "step", "y_hat", "model", "group"]
 @dataclass
 class Forecast:
     """A forecast to write: `make(lo, hi)` gives the long columns of series lo <= s < hi (one
-    row per series and step) and the jobs that failed there; `quantiles` every quantile a
-    chunk may hold (so every chunk is written with the same columns). Once written
-    (`write_forecast`): where it went, its counts, and `cols`, the rows of the series drawn
-    for the plots and the report."""
+    row per series and step, with their intervals) and the jobs that failed there; `columns`
+    every quantile column a chunk may hold (so every chunk is written with the same columns).
+    Once written (`write_forecast`): where it went, its counts, and `cols`, the rows of the
+    series drawn for the plots and the report."""
     make: Callable[[int, int], tuple[dict, list[str]]]
-    quantiles: list[float] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
     note: str = ""                          # e.g. the champions it came from
     fallback: str = FALLBACK
     cols: dict = field(default_factory=dict)
@@ -71,7 +71,7 @@ class Forecast:
 def forecast(b: Batch, data: Prepared, jobs: list[Job], trained) -> Forecast:
     """H steps past every series' end with its job's model (`trained`: a `stages.Trained`);
     the fallback where there is none. Made chunk by chunk when written."""
-    arrays, cfg, models = data.arrays, b.cfg, trained.models()
+    arrays, cfg, models, cal = data.arrays, b.cfg, trained.models(), _calibration(b)
     with b.stage("forecast"):     # the scaling at the series' ends, fitted once for all chunks
         loader = loader_at(arrays, cfg, arrays.lengths) if models else None
 
@@ -80,15 +80,17 @@ def forecast(b: Batch, data: Prepared, jobs: list[Job], trained) -> Forecast:
         cols = final_forecast(arrays, chunk_jobs(jobs, lo, hi), models, cfg,
                               within=_range(len(arrays), lo, hi), failed=bad, runner=b.runner,
                               loader=loader)
-        return cols, bad
-    return b.keep("forecast", Forecast(make, list(cfg.model.quantiles),
+        return _intervals(cols, cal, cfg), bad
+    return b.keep("forecast", Forecast(make, _columns([cfg], [cal]),
                                        fallback=fallback_name(cfg)))
 
 
 def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Forecast:
     """Forecasts from the registered champions, no training: each with the windows, scaling
-    and model of the run that trained it. Groups without a champion get the fallback."""
-    cfg, arrays = b.cfg, data.arrays
+    and model of the run that trained it, and with `evaluate.intervals: conformal` the widths
+    that run calibrated (this batch's backtest's where it logged none). Groups without a
+    champion get the fallback."""
+    cfg, arrays, mine = b.cfg, data.arrays, _calibration(b)
     with b.stage("forecast"):
         by = compare.resolve(cfg, by)[2]
         if by == "group" and arrays.groups is None:
@@ -102,7 +104,8 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Foreca
                 "run `python -m pipeline compare --config ...` first")
         served = [(entries, None if entries[0].statistical else checked_models(arrays, entries),
                    None if entries[0].statistical else
-                   loader_at(arrays, entries[0].config, arrays.lengths))
+                   loader_at(arrays, entries[0].config, arrays.lengths),
+                   entries[0].calibration or mine)
                   for entries in champs.by_run().values()]
         rest = None
         if champs.missing:
@@ -111,30 +114,50 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Foreca
 
     def make(lo: int, hi: int) -> tuple[dict, list[str]]:
         frames, bad, n = [], [], len(arrays)
-        for entries, models, loader in served:
+        for entries, models, loader, cal in served:
             jobs = chunk_jobs([c.job for c in entries], lo, hi)
             if not any(len(j.series) for j in jobs):
                 continue
             if models is None:
-                frames += _refit(b, arrays, entries, np.concatenate([j.series for j in jobs]))
+                frames += [_intervals(f, cal, cfg) for f in _refit(
+                    b, arrays, entries, np.concatenate([j.series for j in jobs]))]
                 continue
             within = np.zeros(n, bool)
             for j in jobs:
                 within[j.series] = True
-            frames.append(final_forecast(arrays, jobs, models, entries[0].config,
-                                         within=within, failed=bad, runner=b.runner,
-                                         loader=loader))
+            frames.append(_intervals(final_forecast(
+                arrays, jobs, models, entries[0].config, within=within, failed=bad,
+                runner=b.runner, loader=loader), cal, cfg))
         if rest is not None:
             (part,) = chunk_jobs([rest], lo, hi)
             if len(part.series):
-                frames.append(final_forecast(arrays, [part], {}, cfg, within=part.member(n),
-                                             runner=b.runner))
+                frames.append(_intervals(final_forecast(arrays, [part], {}, cfg,
+                                                        within=part.member(n),
+                                                        runner=b.runner), mine, cfg))
         return concat_columns(frames), bad
     used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
-    quantiles = {q for entries, _, _ in served for q in entries[0].config.model.quantiles}
-    return b.keep("forecast", Forecast(make, sorted(quantiles | set(cfg.model.quantiles)),
-                                       note=f"champions {', '.join(used)}",
+    columns = _columns([cfg] + [e[0].config for e, *_ in served], [mine] + [s[3] for s in served])
+    return b.keep("forecast", Forecast(make, columns, note=f"champions {', '.join(used)}",
                                        fallback=fallback_name(cfg)))
+
+
+def _calibration(b: Batch):
+    """This batch's conformal widths, when its backtest made them."""
+    return getattr(b.results.get("backtest"), "calibration", None)
+
+
+def _intervals(cols: dict, cal, cfg: Config) -> dict:
+    """The long columns with the conformal interval columns of `cal` (none without one)."""
+    return with_intervals(cols, cal, cfg.windows.horizon) if cal is not None and cols else cols
+
+
+def _columns(configs: list[Config], cals: list) -> list[str]:
+    """The quantile columns of the models trained with `configs` and of the intervals of
+    the calibrations `cals` (None: none), in the order the output writes them."""
+    names = {quantile_column(q) for c in configs for q in c.model.quantiles}
+    for cal in filter(None, cals):
+        names |= set(interval_columns(cal.levels))
+    return sorted(names, key=lambda k: float(k[2:]))
 
 
 def _refit(b: Batch, arrays, entries: list[compare.Champion], series: np.ndarray
@@ -191,16 +214,12 @@ def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored=None) -> Forec
 
 
 class _Chunks:
-    """The forecast's chunks as Arrow tables of one schema, the conformal intervals added;
-    counts the series and the fallbacks into the Forecast and keeps the drawn series' rows."""
+    """The forecast's chunks as Arrow tables of one schema; counts the series and the
+    fallbacks into the Forecast and keeps the drawn series' rows."""
 
     def __init__(self, b: Batch, data: Prepared, fc: Forecast) -> None:
         self.b, self.arrays, self.fc = b, data.arrays, fc
-        self.cal = getattr(b.results.get("backtest"), "calibration", None)
-        quantiles = [quantile_column(q) for q in fc.quantiles]
-        if self.cal is not None:
-            quantiles += interval_columns(self.cal.levels)
-        self.keys = KEYS[:5] + list(dict.fromkeys(quantiles)) + KEYS[5:]
+        self.keys = KEYS[:5] + fc.columns + KEYS[5:]
         self.keep = set(self.arrays.ids[drawn_series(self.arrays, b.cfg.evaluate.plots)]
                         .astype(str))
         self.drawn: list[dict] = []
@@ -215,8 +234,6 @@ class _Chunks:
             self.failed += [j for j in bad if j not in self.failed]
             if not cols or not len(cols["unique_id"]):
                 continue
-            if self.cal is not None:
-                cols = with_intervals(cols, self.cal, h)
             ids, models = cols["unique_id"][::h], cols["model"][::h]    # one row per series
             self.fc.n_series += len(ids)
             self.fc.n_fallback += int(np.char.startswith(models.astype(str), "fallback:").sum())

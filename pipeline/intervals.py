@@ -35,6 +35,24 @@ class Conformal:
     group_capped: np.ndarray     # [G, K, H] bool: `capped` of the widths in group_width
     group_own: np.ndarray        # [G, H] bool: the group had >= min_series residuals there
 
+    def to_dict(self) -> dict:
+        """Plain lists (JSON); `from_dict` restores it exactly (NaN widths included)."""
+        return {"levels": list(self.levels), "width": self.width.tolist(),
+                "capped": self.capped.tolist(), "count": self.count.tolist(),
+                "groups": [str(g) for g in self.groups], "group_width": self.group_width.tolist(),
+                "group_capped": self.group_capped.tolist(), "group_own": self.group_own.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Conformal:
+        width = np.asarray(d["width"], np.float64)
+        K, H = width.shape
+        return cls(tuple(float(v) for v in d["levels"]), width,
+                   np.asarray(d["capped"], bool).reshape(K, H), np.asarray(d["count"], np.int64),
+                   np.asarray(d["groups"], object),
+                   np.asarray(d["group_width"], np.float64).reshape(-1, K, H),
+                   np.asarray(d["group_capped"], bool).reshape(-1, K, H),
+                   np.asarray(d["group_own"], bool).reshape(-1, H))
+
     def widths(self, n: int, groups: np.ndarray | None = None) -> np.ndarray:
         """[n, K, H] half-widths for n forecasts: their group's, pooled for unknown groups."""
         out = np.broadcast_to(self.width, (n, *self.width.shape)).copy()    # [K, H] -> [n, K, H]

@@ -216,14 +216,17 @@ class RunLog:
         if self._group_runs():
             self._flush_groups()      # each group's numbers into its own child run
 
-    def coverage(self, coverage: dict[str, dict[str, float]]) -> None:
-        """Conformal coverage on the latest backtest window ({model: {"coverage_80": …}}) on
-        the parent run: `coverage_80` for the run's model, `<model>_coverage_80` for the
-        comparators and baselines."""
+    def calibration(self, cal) -> None:
+        """A `calibration.Calibration` on the parent run: each model's conformal coverage on
+        the latest backtest window (`coverage_80` for the run's model, `<model>_coverage_80`
+        for the comparators and baselines) and every model's widths (`conformal.json`, which
+        `forecast --from-registry` puts around the run's champions' forecasts)."""
         if self.parent_id:
             self.tr.log_metrics(self.parent_id, {
                 k if m == self.model else f"{m}_{k}": v
-                for m, row in coverage.items() for k, v in row.items()})
+                for m, row in cal.coverage.items() for k, v in row.items()})
+            self.tr.safe(self.tr.client.log_text, self.parent_id, cal.to_json(),
+                         tracking.CALIBRATION_ARTIFACT)
 
     # -------------------------------------------------------------- models
 

@@ -202,7 +202,7 @@ def _calibrate(b: Batch, bt: Backtest, arrays) -> Calibration:
     printed and logged (`coverage_80` for the run's model, `<model>_coverage_80` else)."""
     cal = calibrate(bt, arrays.groups, b.cfg.evaluate.levels)
     if b.log is not None:
-        b.log.coverage(cal.coverage)
+        b.log.calibration(cal)
     report.coverage(cal, b.cfg.model.name)
     return cal
 

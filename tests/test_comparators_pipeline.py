@@ -194,6 +194,17 @@ def test_a_winning_comparator_is_registered_as_a_spec_and_refitted(tmp_path):
         want = CLASSES[best](season_length=24).forecast(y=hist[-120:], h=24)["mean"]
         rows = cols["unique_id"] == arrays.ids[s]
         np.testing.assert_array_equal(cols["y_hat"][rows], want.astype(np.float32))
+    # the champion's intervals: the widths its run calibrated (stored with the run, read back
+    # by a batch that ran no backtest), around the refitted forecast
+    assert "backtest" not in fc.results
+    conf = cal.fitted[best]
+    for k, (lo, hi) in enumerate([("q_0.1", "q_0.9"), ("q_0.025", "q_0.975")]):
+        width = conf.widths(1)[0, conf.levels.index((0.8, 0.95)[k])]             # [H]
+        np.testing.assert_allclose((cols[hi] - cols["y_hat"]).reshape(-1, 24),
+                                   np.broadcast_to(width, (len(arrays), 24)), atol=2e-5)  # float32
+        np.testing.assert_allclose((cols["y_hat"] - cols[lo]).reshape(-1, 24),
+                                   np.broadcast_to(width, (len(arrays), 24)), atol=2e-5)  # float32
+    assert (conf.width > 0).all()
 
 
 # ------------------------------------------------------------------------ conformal intervals

@@ -144,3 +144,33 @@ def test_min_series_below_what_a_level_needs_is_flagged():
     assert c.group_own[0, 0] and c.group_capped[0, 0, 0]       # ceil(6·0.9) = 6 > 5
     assert c.group_width[0, 0, 0] == 5                         # the largest of 1..5
     assert not c.capped.any()
+
+
+def test_widths_saved_as_json_load_back_exactly():
+    """What a run logs (`Calibration.to_json`) and `forecast --from-registry` reads back: the
+    same widths, flags and groups, with and without groups, NaN where a step had no residual."""
+    import json
+
+    from pipeline.calibration import Calibration
+    groups, res = grouped(3)
+    res[:, -1] = np.nan                                       # a step never observed
+    fitted = {"gru": intervals.fit(res, (0.8, 0.95), groups),
+              "naive": intervals.fit(res[:, :2], (0.8, 0.95))}
+    cal = Calibration((0.8, 0.95), fitted, {"gru": {"coverage_80": 0.81}})
+    back = Calibration.from_json(json.loads(json.dumps(cal.to_json())))
+    assert back.levels == cal.levels and back.coverage == cal.coverage
+    for name, conf in fitted.items():
+        got = back.fitted[name]
+        for field in conf.__dataclass_fields__:
+            a, b = getattr(conf, field), getattr(got, field)
+            if isinstance(a, np.ndarray):
+                assert a.shape == b.shape, (name, field)
+                np.testing.assert_array_equal(a, b, err_msg=f"{name}.{field}")
+            else:
+                assert a == b, (name, field)
+    assert np.isnan(back.fitted["gru"].width[:, -1]).all()
+    y_hat = np.ones((5, res.shape[1]))
+    g = groups[[0, 3000, 6000, 1, 6001]]                      # a, b, c (pooled), a, c
+    for a, b in zip(back.fitted["gru"].apply(y_hat, g).values(),
+                    fitted["gru"].apply(y_hat, g).values(), strict=True):
+        np.testing.assert_array_equal(a, b)

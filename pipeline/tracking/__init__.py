@@ -25,6 +25,7 @@ from pipeline.errors import InfraError
 from pipeline.secrets import redact
 from pipeline.tracking.models import MODEL_URI_TAG
 from pipeline.tracking.runs import (
+    CALIBRATION_ARTIFACT,
     CONFIG_ARTIFACT,
     GROUP_TABLE,
     GROUP_TABLE_TAG,
@@ -37,9 +38,10 @@ from pipeline.tracking.runs import (
 )
 from pipeline.tracking.trials import TrialRuns
 
-__all__ = ["CONFIG_ARTIFACT", "GROUP_TABLE", "GROUP_TABLE_TAG", "MODEL_URI_TAG", "ROLE",
-           "SUPERSEDED_TAG", "EpochLogger", "Tracker", "TrialRuns", "artifact_root", "check_server",
-           "client", "metric_prefix", "quiet_logs", "redact", "tracking_uri"]
+__all__ = ["CALIBRATION_ARTIFACT", "CONFIG_ARTIFACT", "GROUP_TABLE", "GROUP_TABLE_TAG",
+           "MODEL_URI_TAG", "ROLE", "SUPERSEDED_TAG", "EpochLogger", "Tracker", "TrialRuns",
+           "artifact_root", "check_server", "client", "metric_prefix", "quiet_logs", "redact",
+           "tracking_uri"]
 
 
 def tracking_uri(cfg) -> str:

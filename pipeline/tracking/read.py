@@ -22,6 +22,7 @@ from pipeline.names import safe_key
 from pipeline.statistical import KIND, Statistical
 from pipeline.tracking.models import KIND_TAG, MODEL_URI_TAG, SPEC, WEIGHTS
 from pipeline.tracking.runs import (
+    CALIBRATION_ARTIFACT,
     CONFIG_ARTIFACT,
     GROUP_TABLE_TAG,
     ROLE,
@@ -279,9 +280,21 @@ def comparator_settings(run_id: str, uri: str | None = None) -> dict:
 def run_config(run_id: str, uri: str | None = None) -> dict:
     """The resolved config (config.yaml artifact of the parent run) a job run was trained
     with, as a dict."""
+    return yaml.safe_load(_parent_artifact(run_id, CONFIG_ARTIFACT, uri))
+
+
+def run_calibration(run_id: str, uri: str | None = None) -> str | None:
+    """The conformal widths (JSON, `calibration.Calibration.to_json`) the run's backtest
+    logged with `evaluate.intervals: conformal`; None when it logged none."""
+    try:
+        return _parent_artifact(run_id, CALIBRATION_ARTIFACT, uri)
+    except (MlflowException, OSError):
+        return None
+
+
+def _parent_artifact(run_id: str, name: str, uri: str | None) -> str:
+    """The text of artifact `name` of the run's parent (the run itself when it has none)."""
     client = _client(uri)
-    run = client.get_run(run_id)
-    parent = run.data.tags.get("mlflow.parentRunId", run_id)
+    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId", run_id)
     with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(parent, CONFIG_ARTIFACT, tmp)
-        return yaml.safe_load(Path(path).read_text())
+        return Path(client.download_artifacts(parent, name, tmp)).read_text()

@@ -35,6 +35,7 @@ ROLE = "pipeline.role"      # tag: "parent" | "job"
 GROUP_TABLE = "metrics/per_group.parquet"   # per-group rows of a "global" or "all" job run
 GROUP_TABLE_TAG = "pipeline.group_table"
 CONFIG_ARTIFACT = "config.yaml"             # the resolved config, on the parent run
+CALIBRATION_ARTIFACT = "conformal.json"     # evaluate.intervals conformal widths, parent run
 SUPERSEDED_TAG = "pipeline.superseded"      # a finished batch redone with --force
 # a history row's key -> its per-epoch metric (step = epoch); samples_per_s alone is the job's
 EPOCH_METRICS = {"train_loss": "train_loss", "val_loss": "val_loss", "lr": "lr",
