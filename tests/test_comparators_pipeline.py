@@ -292,3 +292,66 @@ def test_chunks_keep_the_order_and_number_the_fallbacks_over_every_history(monke
     assert capsys.readouterr().err == ("warning: comparator forecasts replaced by seasonal "
                                        "naive (the model could not fit the series): "
                                        "auto_ets 1 of 5\n")
+
+
+@pytest.mark.slow
+def test_per_group_champions_mix_a_comparator_and_a_network(tmp_path):
+    """Per group, a comparator may win one group while a network keeps another: a per-group
+    GRU run on stores A and B, then a run with AutoETS on store A's data only; `compare`
+    registers AutoETS for A (a spec) and keeps the GRU for B, and `forecast --from-registry`
+    refits AutoETS on A's series and forecasts B's with the GRU, as that run did."""
+    import yaml
+    from conftest import hourly, write_long
+
+    from pipeline.cli import execute, main
+    rng, n = np.random.default_rng(4), 24 * 16
+    t = np.arange(n)
+    ys = {f"{g}{i}": 20 + 15 * i + 8 * np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.05, n)
+          for g in "ab" for i in range(2)}
+    paths = {}
+    for name, keys in {"all": list(ys), "a": ["a0", "a1"]}.items():
+        paths[name] = write_long(str(tmp_path / name / "panel.parquet"), np.repeat(keys, n),
+                                 np.tile(hourly(n), len(keys)),
+                                 np.concatenate([ys[k] for k in keys]),
+                                 store=np.repeat([k[0].upper() for k in keys], n))
+    cfg = {"name": "mixed", "data": {"path": paths["all"], "freq": "1h", "calendar": [],
+                                     "group_col": "store"},
+           "windows": {"lookback": 48, "horizon": 24, "n_windows": 2},
+           "model": {"encoder": {"type": "gru", "hidden_size": 4},
+                     "decoder": {"type": "direct", "hidden_size": 8}},
+           "train": {"mode": "per_group", "epochs": 1, "steps_per_epoch": 1, "batch_size": 8},
+           "evaluate": {"comparators": [], "comparator_history": 120, "plots": 0},
+           "ray": {"enabled": False},
+           "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "mixed"},
+           "output": {"path": str(tmp_path / "out")}}
+    config = tmp_path / "mixed.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    first = execute(["run", "--config", str(config)])
+    assert first.exit_code == 0
+    mine = first.results["forecast"].rows()
+    second = execute(["run", "--config", str(config), "--set", "name=mixed_a", "--set",
+                      f"data.path={paths['a']}", "--set", "evaluate.comparators=[auto_ets]",
+                      "--set", f"output.path={tmp_path / 'out_a'}"])
+    assert second.exit_code == 0
+    summary = second.results["backtest"].summary
+    assert summary["auto_ets"]["mase"] < 0.2 * summary["gru_direct"]["mase"]
+    assert main(["compare", "--config", str(config)]) == 0
+    fc = execute(["forecast", "--config", str(config), "--from-registry", "--set",
+                  f"output.path={tmp_path / 'registry'}"])
+    assert fc.exit_code == 0 and "backtest" not in fc.results
+    cols, arrays = fc.results["forecast"].rows(), fc.results["data"].arrays
+    groups = dict(zip(cols["unique_id"], cols["group"], strict=False))
+    models = dict(zip(cols["unique_id"], cols["model"], strict=False))
+    assert {s: (groups[s], models[s]) for s in ys} == {
+        "a0": ("A", "auto_ets"), "a1": ("A", "auto_ets"),
+        "b0": ("B", "gru_direct"), "b1": ("B", "gru_direct")}
+    for s in range(len(arrays)):
+        sid = str(arrays.ids[s])
+        rows = cols["unique_id"] == sid
+        if sid.startswith("a"):         # refitted on today's data, as statsforecast does
+            hist = arrays.values[arrays.indptr[s]:arrays.indptr[s + 1]].astype(np.float64)
+            want = AutoETS(season_length=24).forecast(y=hist[-120:], h=24)["mean"]
+            np.testing.assert_array_equal(cols["y_hat"][rows], want.astype(np.float32))
+        else:                           # the GRU the first run trained, its forecast again
+            np.testing.assert_array_equal(cols["y_hat"][rows],
+                                          mine["y_hat"][mine["unique_id"] == sid])
