@@ -69,8 +69,8 @@ def score(names: list[str], train, test, forecasts: dict[str, np.ndarray]) -> tu
 
 def run_config(path: str, data: str, out: str, sets=()) -> tuple[dict[str, np.ndarray], float,
                                                                  dict]:
-    from pipeline.backtest import final_forecast
     from pipeline.data.prepare import prepare
+    from pipeline.final import final_forecast
     from pipeline.jobs import plan_jobs, run_jobs_locally
     cfg = C.load(path, [f"data.path={data}", f"output.path={out}", "ray.enabled=false", *sets])
     t0 = time.process_time()

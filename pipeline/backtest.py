@@ -1,4 +1,5 @@
-"""Rolling-origin backtest against baselines, and the final forecast with fallbacks.
+"""Rolling-origin backtest against baselines and the statistical comparators (the final
+forecast is `pipeline.final`'s).
 
 `backtest` scores every trained job's model on the job's series at each cutoff (latest first):
 the model's forecasts, naive and seasonal naive on the same cutoffs, per-series metrics and the
@@ -8,10 +9,8 @@ refitted at each cutoff from data before it.
 The statistical comparators (`evaluate.comparators`, `pipeline.comparators`) forecast the same
 series at the same cutoffs, fitted on at most `evaluate.comparator_history` steps before the
 cutoff, mapped over chunks of series through the runner (Ray tasks when Ray is on), and are
-scored as the baselines are.
-`final_forecast` predicts H steps past each series' end; series that were skipped (too short,
-no finite value, …) or whose job failed get the `evaluate.fallback` forecast (seasonal naive
-or AutoETS) marked `model = "fallback:<name>"`, so every input series has a forecast.
+scored as the baselines are. With `evaluate.combine` the mean of the model's forecast and
+those comparators' is scored too, as the model `combination`.
 """
 from __future__ import annotations
 
@@ -24,11 +23,12 @@ import numpy as np
 
 from pipeline import evaluate as E
 from pipeline.config import Config
-from pipeline.data.loader import WindowLoader, loader_at
+from pipeline.data.loader import loader_at
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import backtest_windows, cutoff_positions
 from pipeline.forecast import history, long_frame, predict_job, quantile_column
 
+COMBINATION = "combination"   # the model of `evaluate.combine`'s forecasts
 BASELINES = {"naive": E.naive, "seasonal_naive": E.seasonal_naive}
 FALLBACK = "fallback:seasonal_naive"
 CHUNK = 32          # series per comparator task
@@ -205,7 +205,7 @@ def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
                 continue
             hist = history(arrays, idx.series, cut[idx.series])
             scale = E.mase_scale(hist, m)
-            p = None
+            p, net = None, None
             if job.name in models_k:
                 within = np.zeros(len(arrays), bool)
                 within[idx.series] = True         # the baselines' series, no other
@@ -214,12 +214,14 @@ def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
                 _score(out, cfg.model.name, arrays, p.series, p.y, p.y_hat, p.mask,
                        scale[np.searchsorted(idx.series, p.series)], extra, cut,
                        quantiles, p.q_hat, k=k)
+                net = np.full((len(idx.series), cfg.windows.horizon), np.nan, np.float32)
+                net[np.searchsorted(idx.series, p.series)] = p.y_hat     # NaN: none there
             y, mask = (p.y, p.mask) if p is not None and np.array_equal(p.series, idx.series) \
                 else _actuals(arrays, idx, cfg)
             for name, fn in BASELINES.items():
                 _score(out, name, arrays, idx.series, y, fn(hist, cfg.windows.horizon, m), mask,
                        scale, extra, cut, k=k)
-            pending.append((k, idx.series, y, mask, scale, cut, hist))
+            pending.append((k, idx.series, y, mask, scale, cut, hist, net))
     if cfg.evaluate.comparators and pending:
         _score_comparators(out, arrays, cfg, pending, m, extra, runner)
     return out
@@ -232,11 +234,16 @@ def _score_comparators(out: Backtest, arrays, cfg: Config, pending: list, m: int
     fc = comparator_forecasts([h for b in pending for h in b[6]], cfg.windows.horizon, m,
                               names, cfg.evaluate.history_cap(m), runner)
     start = 0
-    for k, series, y, mask, scale, cut, _ in pending:
+    for k, series, y, mask, scale, cut, _, net in pending:
         end = start + len(series)
         for name in names:
             _score(out, name, arrays, series, y, fc.columns[name][start:end], mask, scale,
                    extra, cut, k=k)
+        if cfg.evaluate.combine and net is not None:    # where the network forecast
+            rows = np.isfinite(net).all(axis=1)
+            comb = combined(net, [fc.columns[c][start:end] for c in cfg.evaluate.combine])
+            _score(out, COMBINATION, arrays, series[rows], y[rows], comb[rows], mask[rows],
+                   scale[rows], extra, cut, k=k)
         start = end
     for name in names:
         out.forecasts[name] = out.forecasts.get(name, 0) + start
@@ -298,78 +305,10 @@ def _score(out: Backtest, model, arrays, series, y, y_hat, mask, scale, extra, c
                         **{k: v.astype(np.float64) for k, v in table.items()}})
 
 
-def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
-                   extra: dict | None = None, device="cpu",
-                   within: np.ndarray | None = None, failed: list | None = None,
-                   runner: Callable | None = None, loader: WindowLoader | None = None
-                   ) -> dict:
-    """H steps past every series' end: the job's model ({job name: model}) where there is one,
-    else the fallback (`fallback_forecast`). A job whose forecasts are not all finite gets the
-    fallback too, and its name is appended to `failed`. `within` ([S] bool) limits the
-    forecast to those series (default: every series). `loader`: `loader_at(arrays, cfg,
-    arrays.lengths)` when the caller has one (it forecasts in chunks)."""
-    ok = arrays.status == 0
-    covered = np.zeros(len(arrays), bool)
-    frames = []
-    for job in jobs:
-        if job.name not in models or not len(job.series):
-            continue
-        if loader is None:
-            loader = loader_at(arrays, cfg, arrays.lengths, device)
-        p = predict_job(models[job.name], arrays, cfg, arrays.lengths,
-                        ok & job.member(len(arrays)), quantiles=cfg.model.quantiles,
-                        with_target=False, loader=loader)
-        if not np.isfinite(p.y_hat).all() or (p.q_hat is not None and
-                                             not np.isfinite(p.q_hat).all()):
-            if failed is not None:
-                failed.append(job.name)
-            continue
-        frames.append(long_frame(arrays, p.series, p.origin.astype(np.int64), p.y_hat,
-                                 cfg.model.name, quantiles=cfg.model.quantiles, q_hat=p.q_hat,
-                                 extra=extra))
-        covered[p.series] = True
-    rest = np.flatnonzero(~covered & (within if within is not None else True))
-    if len(rest):
-        y_hat = fallback_forecast(arrays, rest, cfg, runner)
-        q_hat = np.repeat(y_hat[..., None], len(cfg.model.quantiles), -1) \
-            if cfg.model.quantiles else None
-        frames.append(long_frame(arrays, rest, arrays.lengths[rest].astype(np.int64), y_hat,
-                                 fallback_name(cfg), quantiles=cfg.model.quantiles,
-                                 q_hat=q_hat, extra=extra))
-    return concat_columns(frames)
-
-
-def refit_forecast(arrays: SeriesArrays, series: np.ndarray, name: str, season: int,
-                   cap: int, horizon: int, runner: Callable | None = None,
-                   extra: dict | None = None) -> tuple[dict, np.ndarray]:
-    """A statistical champion's forecast: comparator `name` refitted on the last `cap` steps
-    of each of `series` (those with a finite value), H steps past its end. Returns the long
-    columns and the series it could not serve (no finite value: the caller's fallback)."""
-    hist = history(arrays, series, arrays.lengths[series])
-    some = np.array([np.isfinite(h).any() for h in hist], bool)
-    fc = comparator_forecasts([h for h, s in zip(hist, some, strict=True) if s], horizon,
-                              season, [name], cap, runner)
-    served = series[some]
-    cols = long_frame(arrays, served, arrays.lengths[served].astype(np.int64),
-                      fc.columns[name], name, extra=extra) if len(served) else {}
-    return cols, series[~some]
-
-
-def fallback_forecast(arrays: SeriesArrays, rest: np.ndarray, cfg: Config,
-                      runner: Callable | None = None) -> np.ndarray:
-    """[N, H] the `evaluate.fallback` forecast past the end of series `rest`: seasonal naive,
-    or AutoETS on the last `evaluate.comparator_history` steps (itself seasonal naive where
-    AutoETS cannot fit); NaN for series without a finite value."""
-    H, m = cfg.windows.horizon, season_of(cfg, arrays)
-    hist = history(arrays, rest, arrays.lengths[rest])
-    some = np.array([np.isfinite(h).any() for h in hist], bool)  # else nothing to fit
-    y_hat = E.seasonal_naive(hist, H, m)
-    if cfg.evaluate.fallback == "auto_ets" and some.any():
-        fc = comparator_forecasts([h for h, s in zip(hist, some, strict=True) if s], H, m,
-                                  ["auto_ets"], cfg.evaluate.history_cap(m), runner)
-        y_hat[some] = fc.columns["auto_ets"]
-    y_hat[~some] = np.nan
-    return y_hat
+def combined(net: np.ndarray, others: list[np.ndarray]) -> np.ndarray:
+    """[N, H] the mean of the network's point forecasts and the comparators' (the
+    `evaluate.combine` forecast)."""
+    return np.mean(np.stack([np.asarray(f, np.float32) for f in (net, *others)]), 0)
 
 
 def concat_columns(frames: list[dict]) -> dict:

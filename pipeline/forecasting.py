@@ -24,8 +24,6 @@ from pipeline.backtest import (
     concat_columns,
     drawn_series,
     fallback_name,
-    final_forecast,
-    refit_forecast,
 )
 from pipeline.batch import Batch
 from pipeline.calibration import with_intervals
@@ -34,6 +32,7 @@ from pipeline.data.io import filesystem_for
 from pipeline.data.loader import loader_at
 from pipeline.data.prepare import Prepared
 from pipeline.errors import PipelineError
+from pipeline.final import final_forecast, refit_forecast
 from pipeline.forecast import quantile_column
 from pipeline.intervals import interval_columns
 from pipeline.jobs import Job, n_groups, plan_jobs
@@ -111,9 +110,20 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Foreca
         if champs.missing:
             report.missing_champions([j.name for j, _ in champs.missing])
             rest = Job("rest", np.concatenate([j.series for j, _ in champs.missing]))
+    used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
+    columns = _columns([cfg] + [e[0].config for e, *_ in served], [mine] + [s[3] for s in served])
+    return b.keep("forecast", Forecast(_champions_maker(b, arrays, served, rest, mine), columns,
+                                       note=f"champions {', '.join(used)}",
+                                       fallback=fallback_name(cfg)))
+
+
+def _champions_maker(b: Batch, arrays, served: list, rest: Job | None, mine) -> Callable:
+    """`Forecast.make` of the champions `served` ((entries, models or None for a statistical
+    champion, loader, calibration) per run) and of the series without one (`rest`)."""
+    cfg, n = b.cfg, len(arrays)
 
     def make(lo: int, hi: int) -> tuple[dict, list[str]]:
-        frames, bad, n = [], [], len(arrays)
+        frames, bad = [], []
         for entries, models, loader, cal in served:
             jobs = chunk_jobs([c.job for c in entries], lo, hi)
             if not any(len(j.series) for j in jobs):
@@ -135,10 +145,7 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Foreca
                                                         within=part.member(n),
                                                         runner=b.runner), mine, cfg))
         return concat_columns(frames), bad
-    used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
-    columns = _columns([cfg] + [e[0].config for e, *_ in served], [mine] + [s[3] for s in served])
-    return b.keep("forecast", Forecast(make, columns, note=f"champions {', '.join(used)}",
-                                       fallback=fallback_name(cfg)))
+    return make
 
 
 def _calibration(b: Batch):

@@ -19,6 +19,10 @@ is what the run logs.
     training        balanced sampling (series drawn uniformly), batch 256 (1,024 from 10,000
                     series), steps per epoch = series / 8 clipped to [20, 100], 20 epochs,
                     early stopping after 5, Adam 1e-3 with a cosine schedule
+    combination     short series (a median history under 10 horizons before the oldest
+                    cutoff): the forecast is the mean of the ensemble and the comparators
+                    AutoETS and AutoTheta among `evaluate.comparators` (statistical models
+                    are strong where a network sees few windows)
 
 A user-set `model.encoder.type` keeps the recipe off the encoder (and `model.decoder.type` off
 the decoder); a user-set lookback keeps it off the ensemble's lookbacks, a user-set loss off its
@@ -36,6 +40,8 @@ from pipeline.config.model import PACKED_DECODERS, PACKED_ENCODERS, layers_to_co
 
 LOSSES = ("mase", "smape", "mae")
 MAX_HORIZONS, MIN_HORIZONS = 7, 3
+SHORT_HORIZONS = 10                 # a median history under this many horizons is short
+COMBINED = ("auto_ets", "auto_theta")
 # a user-set key on the left keeps the recipe off the keys that start with those on the right
 TIED = {"windows.lookback": ("windows.lookback", "model.ensemble.lookbacks"),
         "windows.lookback_horizons": ("windows.lookback", "model.ensemble.lookbacks"),
@@ -101,6 +107,8 @@ def choose(cfg: Config, lengths: np.ndarray, season: int) -> dict[str, Any]:
         "train.sampling": "series", "train.batch_size": 256 if n < 10_000 else 1024,
         "train.steps_per_epoch": int(np.clip(n // 8, 20, 100)), "train.epochs": 20,
         "train.patience": 5, "train.lr": 1e-3, "train.scheduler": "cosine",
+        "evaluate.combine": [c for c in COMBINED if c in cfg.evaluate.comparators]
+        if history < SHORT_HORIZONS * h and not cfg.model.quantiles else [],
     }
     return {k: v for k, v in values.items() if not any(k.startswith(p) for p in keep)}
 

@@ -12,9 +12,10 @@ import pytest
 from statsforecast.models import AutoETS, AutoTheta
 
 from pipeline import config as C
-from pipeline.backtest import backtest, final_forecast
+from pipeline.backtest import backtest
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import cutoff_positions
+from pipeline.final import final_forecast
 from pipeline.jobs import Job
 
 H, SEASON, CAP = 6, 12, 60
@@ -83,6 +84,7 @@ def test_comparators_off_and_capped_history():
     ("evaluate.levels=[80, 100]", "evaluate.levels"),
     ("evaluate.intervals=conformal", "needs windows.n_windows >= 2"),
     ("model.name=auto_ets", "model.name = 'auto_ets'"),
+    ("evaluate.combine=[auto_arima]", "evaluate.combine names 'auto_arima', which is not in"),
 ])
 def test_bad_settings_are_one_line_errors_naming_the_key(override, message):
     with pytest.raises(C.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -115,6 +117,43 @@ def test_auto_ets_fallback_forecasts_the_series_the_model_cannot():
     default = final_forecast(arrays, [], {}, small_cfg())
     assert set(default["model"]) == {"fallback:seasonal_naive"}
     np.testing.assert_array_equal(default["y_hat"][:H], arrays.values[90 - SEASON:90 - SEASON + H])
+
+
+def test_combination_is_the_mean_of_the_network_and_the_comparators():
+    """evaluate.combine: scored in the backtest as `combination` (the mean of the network's
+    and AutoTheta's forecasts at every cutoff), and the final forecast where the network
+    forecasts (AutoTheta refitted on the whole history)."""
+    import dataclasses
+
+    from pipeline.jobs import plan_jobs, run_jobs_locally
+    arrays = monthly_like(4)
+    cfg = small_cfg("evaluate.comparators=[auto_theta]", "evaluate.combine=[auto_theta]",
+                    "train.epochs=1", "train.steps_per_epoch=2",
+                    "model.encoder.hidden_size=4", "model.decoder.hidden_size=4")
+    jobs = plan_jobs(arrays, cfg)
+    models = {r.name: r.model() for r in run_jobs_locally(arrays, jobs, cfg)}
+    bt = backtest(arrays, jobs, models, cfg)
+    by = {(b.model, b.k): b for b in bt.blocks}
+    for k in (0, 1):
+        net, theta, comb = (by[(m, k)] for m in (cfg.model.name, "auto_theta", "combination"))
+        np.testing.assert_array_equal(comb.series, net.series)
+        rows = np.searchsorted(theta.series, net.series)
+        np.testing.assert_allclose(comb.y_hat, (net.y_hat + theta.y_hat[rows]) / 2, rtol=1e-6)
+        np.testing.assert_array_equal(comb.y, net.y)
+    assert {"combination", cfg.model.name, "auto_theta"} <= set(bt.summary())
+    with pytest.raises(C.ConfigError, match="evaluate.combine averages point forecasts"):
+        small_cfg("evaluate.combine=[auto_ets]", "model.loss=quantile",
+                  "model.quantiles=[0.1, 0.5, 0.9]")
+    plain = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, combine=[]))
+    mine, theirs = final_forecast(arrays, jobs, models, plain), \
+        final_forecast(arrays, jobs, models, cfg)
+    assert set(theirs["model"]) == {"combination"} and set(mine["model"]) == {cfg.model.name}
+    for s in range(len(arrays)):
+        hist = arrays.values[arrays.indptr[s]:arrays.indptr[s + 1]].astype(np.float64)
+        theta = AutoTheta(season_length=SEASON).forecast(y=hist[-CAP:], h=H)["mean"]
+        rows = slice(s * H, (s + 1) * H)
+        np.testing.assert_allclose(theirs["y_hat"][rows], (mine["y_hat"][rows] + theta) / 2,
+                                   rtol=1e-5)
 
 
 # ------------------------------------------------------------ statistical champions, end to end

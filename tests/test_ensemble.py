@@ -13,11 +13,12 @@ from test_train import SMALL, sines
 import pipeline.jobs as J
 import pipeline.train as T
 from pipeline import config as C
-from pipeline.backtest import backtest, final_forecast
+from pipeline.backtest import backtest
 from pipeline.data.loader import loader_at
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import cutoff_positions
 from pipeline.device import seed_everything
+from pipeline.final import final_forecast
 from pipeline.forecast import predict_job
 from pipeline.jobs import new_model, plan_jobs, run_job, state_bytes
 from pipeline.models import EncoderDecoder, Ensemble, load_model, save_model

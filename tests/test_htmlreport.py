@@ -17,9 +17,10 @@ from flows._common import parser, run_flow
 from flows.run import run
 from pipeline import config as C
 from pipeline import htmlreport, plots
-from pipeline.backtest import backtest, concat_columns, final_forecast
+from pipeline.backtest import backtest, concat_columns
 from pipeline.data.prepare import REPORT_SCHEMA, Prepared
 from pipeline.data.series import SeriesArrays
+from pipeline.final import final_forecast
 from pipeline.forecasting import Forecast
 from pipeline.jobs import Job
 from pipeline.stages import Scored

@@ -22,7 +22,6 @@ from test_train import SMALL, sines
 
 from pipeline import config as C
 from pipeline import output, paths, tracking
-from pipeline.backtest import final_forecast
 from pipeline.cli import execute, main
 from pipeline.data.io import filesystem_for
 from pipeline.data.series import SeriesArrays
@@ -34,6 +33,7 @@ from pipeline.errors import (
     EXIT_PARTIAL,
     PipelineError,
 )
+from pipeline.final import final_forecast
 from pipeline.jobs import plan_jobs, run_job
 from pipeline.plots import plot_sample
 from pipeline.secrets import redact

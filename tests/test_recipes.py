@@ -50,6 +50,24 @@ def test_hourly_recipe_from_the_table():
     assert got["train.sampling"] == "series"
 
 
+def test_short_series_combine_the_network_with_the_comparators_long_ones_do_not():
+    """Under 10 horizons of history (median): the forecast averages the ensemble with
+    AutoETS and AutoTheta, those of them the comparators run; the user's key wins."""
+    short, long = np.full(100, 9 * 18 + 18), np.full(100, 10 * 18 + 18)
+    assert choose(auto("windows.horizon=18", "windows.n_windows=1"), short, 12)[
+        "evaluate.combine"] == ["auto_ets", "auto_theta"]
+    assert choose(auto("windows.horizon=18", "windows.n_windows=1"), long, 12)[
+        "evaluate.combine"] == []
+    theta = auto("windows.horizon=18", "windows.n_windows=1", "evaluate.comparators=[auto_theta]")
+    assert choose(theta, short, 12)["evaluate.combine"] == ["auto_theta"]
+    assert choose(auto("windows.horizon=18", "evaluate.comparators=[]"), short, 12)[
+        "evaluate.combine"] == []
+    mine = auto("windows.horizon=18", "windows.n_windows=1", "evaluate.combine=[auto_ets]")
+    assert "evaluate.combine" not in choose(mine, short, 12)
+    cfg, _ = after_load(mine, short, 12)
+    assert cfg.evaluate.combine == ["auto_ets"]
+
+
 def test_short_monthly_series_get_short_lookbacks_that_still_see_two_seasons():
     cfg = auto("windows.horizon=18", "windows.n_windows=1")
     got = choose(cfg, np.full(1428, 50 + 18), 12)     # M3 monthly-like: ~50 points of history

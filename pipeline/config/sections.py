@@ -10,6 +10,7 @@ from typing import Any
 from pipeline.config.checks import NAME, ConfigError
 from pipeline.config.checks import choice as _choice
 from pipeline.config.checks import positive as _positive
+from pipeline.config.evaluate import STATISTICAL, EvaluateConfig  # noqa: F401 - re-exported
 from pipeline.config.model import (  # noqa: F401 - the model sections, re-exported
     PACKED_DECODERS,
     PACKED_ENCODERS,
@@ -22,7 +23,6 @@ from pipeline.config.tune import TuneConfig
 
 MAX_HORIZON = 32767     # the outputs' `step` column is an int16
 CALENDAR_FEATURES = ("hour", "dayofweek", "dayofmonth", "month")
-STATISTICAL = ("auto_ets", "auto_theta", "auto_arima")  # pipeline.comparators.COMPARATORS
 
 
 @dataclass
@@ -201,59 +201,6 @@ class TrainConfig:
 
 
 @dataclass
-class EvaluateConfig:
-    """Backtest and final forecast. The backtest cutoffs are `windows.n_windows` / `step`."""
-
-    season: int | None = None      # m of MASE and seasonal naive; None = from the frequency
-    final_model: str = "refit"     # refit: train again on all data for the forecast | reuse
-    refit: bool = False            # backtest: train before every cutoff (else once, before the
-                                   # oldest, and predict every cutoff with that model)
-    plots: int = 6                 # PNGs of this many series (history, backtest, forecast)
-    comparators: list[str] = field(default_factory=lambda: ["auto_ets", "auto_theta"])
-                                   # statsforecast models scored beside the baselines
-                                   # (STATISTICAL items; [] turns them off)
-    comparator_history: int | str | None = "auto"  # fit a comparator on at most the last N
-                                   # steps before the cutoff; auto/null: max(10 × season, 100)
-    fallback: str = "seasonal_naive"  # forecast of series the model cannot serve:
-                                   # seasonal_naive | auto_ets
-    intervals: str = "none"        # none | conformal (split-conformal from the backtest's
-                                   # residuals; needs windows.n_windows >= 2)
-    levels: list[int] = field(default_factory=lambda: [80, 95])  # conformal coverage, in %
-    chunk_series: int | None = 100_000  # the backtest and the forecast take this many
-                                   # series at a time, each chunk's rows streamed into the
-                                   # partition file (memory bounded by a chunk); null: all
-
-    def __post_init__(self) -> None:
-        _choice("evaluate.final_model", self.final_model, ("refit", "reuse"))
-        if self.chunk_series is not None:
-            _positive("evaluate.chunk_series", self.chunk_series)
-        if self.season is not None:
-            _positive("evaluate.season", self.season)
-        _positive("evaluate.plots", self.plots, allow_zero=True)
-        for name in self.comparators:
-            _choice("evaluate.comparators[]", name, STATISTICAL)
-        if len(set(self.comparators)) != len(self.comparators):
-            raise ConfigError(f"evaluate.comparators = {self.comparators}: a name repeats")
-        if isinstance(self.comparator_history, str):
-            _choice("evaluate.comparator_history", self.comparator_history, ("auto",))
-        elif self.comparator_history is not None:
-            _positive("evaluate.comparator_history", self.comparator_history)
-        _choice("evaluate.fallback", self.fallback, ("seasonal_naive", "auto_ets"))
-        _choice("evaluate.intervals", self.intervals, ("none", "conformal"))
-        if not self.levels or any(not 0 < v < 100 for v in self.levels) or \
-                len(set(self.levels)) != len(self.levels):
-            raise ConfigError(f"evaluate.levels = {self.levels}: distinct whole percentages "
-                              "in (0, 100), e.g. [80, 95]")
-
-    def history_cap(self, season: int) -> int:
-        """Steps of history a comparator is fitted on (`comparator_history`; auto: the
-        larger of 10 seasons and 100 steps)."""
-        if isinstance(self.comparator_history, int):
-            return self.comparator_history
-        return max(10 * season, 100)
-
-
-@dataclass
 class RayConfig:
     enabled: bool = True           # false: everything runs in this process (tests, debugging)
     address: str | None = None     # None: start a local instance; "auto" or "ray://…" joins
@@ -335,6 +282,10 @@ class Config:
         self._check_receptive_field()
 
     def _check_intervals(self) -> None:
+        if self.evaluate.combine and self.model.quantiles:
+            raise ConfigError("evaluate.combine averages point forecasts; leave "
+                              "model.quantiles empty (evaluate.intervals: conformal gives the "
+                              "combination its intervals)")
         if self.evaluate.intervals != "conformal":
             return
         if self.windows.n_windows < 2:
