@@ -58,10 +58,14 @@ class Forecast:
     n_series: int = 0
     n_fallback: int = 0
     plots: list[str] = field(default_factory=list)
+    delta: bool = False                     # written to a Delta table (output.format delta)
 
     def rows(self) -> dict[str, np.ndarray]:
         """Every row written, read back from the Parquet partition (`ds` and `cutoff` as the
         output holds them): for callers that need the whole forecast."""
+        if self.delta:
+            raise PipelineError(f"the forecast went to a Delta table ({self.path}); read it "
+                                "with deltalake")
         fs, path = filesystem_for(self.path)
         table = pq.read_table(path, filesystem=fs)
         return {k: table[k].to_numpy(zero_copy_only=False) for k in table.column_names}
@@ -206,6 +210,7 @@ def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored=None) -> Forec
         end = paths.data_end(arrays)
         chunks = _Chunks(b, data, fc)
         fc.path = output.write_stream(cfg, "forecasts", end, iter(chunks))
+        fc.delta = cfg.output.format == "delta"
         fc.cols = concat_columns(chunks.drawn)
         drawn = scored.predictions if scored else None
         if cfg.evaluate.plots and not paths.is_remote(cfg.output.path):

@@ -22,10 +22,12 @@ def recipe_line(cfg) -> str:
     enc = m.encoder
     members = (f", {ens.members} members (lookbacks {ens.lookbacks or '-'} horizons, losses "
                f"{', '.join(ens.losses or [m.loss])}, {ens.combine})" if ens.members > 1 else "")
+    combined = (f"; forecast: the mean of it and {', '.join(cfg.evaluate.combine)}"
+                if cfg.evaluate.combine else "")
     return (f"{enc.type} {enc.num_layers}×{enc.hidden_size} → {m.decoder.type} "
             f"{m.decoder.hidden_size}, lookback {cfg.windows.lookback}{members}; "
             f"{t.epochs} epochs × {t.steps_per_epoch} steps of {t.batch_size}, {t.sampling} "
-            f"sampling")
+            f"sampling{combined}")
 
 
 def data(prep, cfg, report_path: str | None) -> None:
