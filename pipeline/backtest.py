@@ -214,8 +214,9 @@ def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
                 _score(out, cfg.model.name, arrays, p.series, p.y, p.y_hat, p.mask,
                        scale[np.searchsorted(idx.series, p.series)], extra, cut,
                        quantiles, p.q_hat, k=k)
-                net = np.full((len(idx.series), cfg.windows.horizon), np.nan, np.float32)
-                net[np.searchsorted(idx.series, p.series)] = p.y_hat     # NaN: none there
+                if cfg.evaluate.combine:      # for the combination, NaN where none
+                    net = np.full((len(idx.series), cfg.windows.horizon), np.nan, np.float32)
+                    net[np.searchsorted(idx.series, p.series)] = p.y_hat
             y, mask = (p.y, p.mask) if p is not None and np.array_equal(p.series, idx.series) \
                 else _actuals(arrays, idx, cfg)
             for name, fn in BASELINES.items():

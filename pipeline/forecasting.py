@@ -105,11 +105,13 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Foreca
                 f"no champion registered under {', '.join(names[:3])}"
                 f"{' …' if len(names) > 3 else ''} at {redact(champs.uri)}; "
                 "run `python -m pipeline compare --config ...` first")
-        served = [(entries, None if entries[0].statistical else checked_models(arrays, entries),
-                   None if entries[0].statistical else
-                   loader_at(arrays, entries[0].config, arrays.lengths),
-                   entries[0].calibration or mine)
-                  for entries in champs.by_run().values()]
+        served = []
+        for entries in champs.by_run().values():
+            loader = None if entries[0].statistical else \
+                loader_at(arrays, entries[0].config, arrays.lengths)    # one fit per run
+            served.append((entries, None if loader is None else
+                           checked_models(arrays, entries, loader),
+                           loader, entries[0].calibration or mine))
         rest = None
         if champs.missing:
             report.missing_champions([j.name for j, _ in champs.missing])
@@ -191,9 +193,11 @@ def champion_jobs(cfg: Config, arrays, by: str) -> list[Job]:
     return plan_jobs(arrays, compare.champion_config(cfg, cfg.to_dict(), by))
 
 
-def checked_models(arrays, entries: list[compare.Champion]) -> dict:
-    """{job name: champion model}, each checked to fit today's inputs."""
-    loader = loader_at(arrays, entries[0].config, arrays.lengths)
+def checked_models(arrays, entries: list[compare.Champion], loader=None) -> dict:
+    """{job name: champion model}, each checked to fit today's inputs (`loader`: the
+    champions' `loader_at` at the series' ends, when the caller has it)."""
+    if loader is None:
+        loader = loader_at(arrays, entries[0].config, arrays.lengths)
     sizes = (loader.past_size, loader.future_size, loader.static_size)
     rows = {"series": len(arrays), "group": n_groups(arrays)}
     for c in entries:
