@@ -10,7 +10,7 @@ the shape of ../shared/reference/gpu_ceiling.py: in fp32 (TF32 allowed on CUDA f
 as the ceiling does), and on CUDA also under bf16 autocast, both loops alike. Part 2 trains G
 small per-group CNNs one after another (with --ray also as Ray tasks) and packed as one grouped
 module. Part 3 trains an ensemble of 8 members packed as one module (`model.ensemble.members:
-8`, one lookback) against one member alone, the same steps (the goal on a GPU: 8 packed within
+8`, one lookback; the MLP, the CNN and the GRU) against one member alone, the same steps (the goal on a GPU: 8 packed within
 1.5× one). Prints tables, then one JSON line with every figure.
 """
 from __future__ import annotations
@@ -57,6 +57,8 @@ def model_cfg(kind: str, quick: bool) -> C.ModelConfig:
     hid = 32 if quick else 128
     if kind == "gru":
         enc = C.EncoderConfig(type="gru", hidden_size=hid, num_layers=2)
+    elif kind == "ffn":                 # the recipe's MLP for long series: 3 layers of 512
+        enc = C.EncoderConfig(type="ffn", hidden_size=4 * hid, num_layers=3)
     else:
         enc = C.EncoderConfig(type="cnn", hidden_size=hid // 2, num_layers=6, residual=False)
     return C.ModelConfig(encoder=enc, decoder=C.DecoderConfig(hidden_size=256, num_layers=1))
@@ -182,7 +184,7 @@ def part_ensemble(args, device) -> list[dict]:
     arrays = make_arrays(64 if args.quick else 512, L + H + 200, 0, seed=2)
     arrays.past, arrays.past_names = None, []
     rows = []
-    for kind in ("cnn", "gru"):
+    for kind in ("ffn", "cnn", "gru"):
         mcfg = model_cfg(kind, args.quick)
         enc = [f"model.encoder.{k}={json.dumps(v)}" for k, v in vars(mcfg.encoder).items()
                if k in ("type", "hidden_size", "num_layers", "residual")]

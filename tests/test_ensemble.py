@@ -39,14 +39,19 @@ def alone(member: dict, extra=()) -> C.Config:
                          f"model.loss={member['loss']}", f"train.seed={member['seed']}"])
 
 
-@pytest.mark.parametrize("ensemble", [
-    ["model.ensemble.members=4", "model.ensemble.lookbacks=[1, 2]",
-     "model.ensemble.losses=[mae, mase]"],                     # two packs, each of two losses
-    ["model.ensemble.members=3", "model.ensemble.losses=[smape]"],   # one pack, one loss
-])
-def test_a_packed_ensemble_equals_its_members_trained_alone(ensemble, monkeypatch):
+FFN = ["model.encoder.type=ffn", "model.encoder.hidden_size=16"]
+
+
+@pytest.mark.parametrize("ensemble,arch", [
+    (["model.ensemble.members=4", "model.ensemble.lookbacks=[1, 2]",
+      "model.ensemble.losses=[mae, mase]"], []),               # two packs, each of two losses
+    (["model.ensemble.members=3", "model.ensemble.losses=[smape]"], []),  # one pack, one loss
+    (["model.ensemble.members=4", "model.ensemble.lookbacks=[1, 4]",
+      "model.ensemble.losses=[mase, smape]"], FFN),            # the recipe's MLP for long series
+], ids=["cnn-two-packs", "cnn-one-pack", "ffn-two-packs"])
+def test_a_packed_ensemble_equals_its_members_trained_alone(ensemble, arch, monkeypatch):
     arrays = sines(6, length=260)
-    cfg = C.load(None, [*BASE, *ensemble])
+    cfg = C.load(None, [*BASE, *arch, *ensemble])
     packs, real_fit = [], T.fit
 
     def spy(model, data, *a, **k):
@@ -61,7 +66,7 @@ def test_a_packed_ensemble_equals_its_members_trained_alone(ensemble, monkeypatc
     assert packs == want and all(g > 1 for g, _ in packs)
     ens_state = weights(res.state)
     for row in res.members:
-        solo = run_job(arrays, job, alone(row))
+        solo = run_job(arrays, job, alone(row, arch))
         assert row["ok"] and row["best_epoch"] == solo.best_epoch
         assert row["best_val"] == pytest.approx(solo.best_val, rel=1e-4)
         prefix = f"members.{row['index']}."

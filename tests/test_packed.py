@@ -23,7 +23,9 @@ G, B, L, H = 3, 6, 12, 4
 QUANTILES = [0.9, 0.1, 0.5]  # unsorted on purpose, as in test_models
 TOL = dict(atol=1e-5, rtol=1e-5)
 
-ENCODERS = {  # every option the packed CNN and GRU reproduce
+ENCODERS = {  # every option the packed FFN, CNN and GRU reproduce
+    "ffn": dict(type="ffn", hidden_size=6, num_layers=2),
+    "ffn-1layer-nobias": dict(type="ffn", hidden_size=5, num_layers=1, bias=False),
     "cnn": dict(type="cnn", hidden_size=6, num_layers=2, kernel_size=2),
     "cnn-stride2-replicate": dict(type="cnn", hidden_size=6, num_layers=3, kernel_size=3,
                                   stride=2, padding_mode="replicate"),
@@ -85,7 +87,7 @@ def test_each_group_predicts_what_its_own_model_predicts(enc, full):
         assert_close(out[g], model(**slice_group(batch, g)), **TOL)
 
 
-@pytest.mark.parametrize("enc", ["cnn-stride2-replicate", "gru"])
+@pytest.mark.parametrize("enc", ["ffn", "cnn-stride2-replicate", "gru"])
 def test_a_group_does_not_see_other_groups_inputs(enc):
     packed = PackedModel.from_models(group_models(enc, full=True))
     batch = group_batch(full=True)
@@ -109,7 +111,7 @@ def test_quantiles_of_every_group_never_cross():
 
 # ---------------------------------------------------------------- build and extract
 
-@pytest.mark.parametrize("enc", ["cnn", "gru"])
+@pytest.mark.parametrize("enc", ["ffn", "cnn", "gru"])
 def test_extract_gives_the_ordinary_model_back(enc):
     models = group_models(enc, full=True)
     packed = PackedModel.from_models(models).eval()
@@ -172,7 +174,7 @@ def group_grads(packed: PackedModel, g: int) -> dict[str, torch.Tensor]:
     return {src: params[name].grad[g] for name, src in packed.sources.items()}
 
 
-@pytest.mark.parametrize("enc", ["cnn", "gru"])
+@pytest.mark.parametrize("enc", ["ffn", "cnn", "gru"])
 def test_per_group_clipping_equals_clipping_each_model_alone(enc):
     models = group_models(enc, full=True)
     packed = PackedModel.from_models(models)
@@ -217,7 +219,7 @@ def train_packed(packed, batches, loss_fn, clip, lr) -> torch.Tensor:
     return torch.stack(norms)
 
 
-@pytest.mark.parametrize("enc", ["cnn", "gru"])
+@pytest.mark.parametrize("enc", ["ffn", "cnn", "gru"])
 def test_packed_training_equals_separate_training(enc):
     models = group_models(enc, full=True, seed=3)
     packed = PackedModel.from_models(models)             # copies: the models train on their own
@@ -242,13 +244,13 @@ def test_packed_training_equals_separate_training(enc):
 # ---------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize("enc,dec,extra", [
-    ("ffn", "direct", {}), ("rnn", "direct", {}), ("lstm", "direct", {}),
+    ("rnn", "direct", {}), ("lstm", "direct", {}),
     ("gru", "direct", {"bidirectional": True}), ("cnn", "gru", {}), ("gru", "lstm", {}),
     ("cnn", "rnn", {})])
 def test_unsupported_architectures_are_refused_by_name(enc, dec, extra):
     cfg = ModelConfig(encoder=EncoderConfig(type=enc, hidden_size=4, **extra),
                       decoder=DecoderConfig(type=dec, hidden_size=4))
-    match = "bidirectional" if extra else ("encoder cnn | gru" if enc not in ("cnn", "gru")
+    match = "bidirectional" if extra else ("encoder ffn | cnn | gru" if enc not in ("cnn", "gru")
                                            else "decoder direct")
     with pytest.raises(ValueError, match=match):
         PackedModel.build(cfg, groups=2, **sizes(False))
@@ -283,7 +285,7 @@ def test_inputs_without_the_group_dimension_are_named():
         packed(**{**batch, "idx": batch["idx"][0]})
 
 
-@pytest.mark.parametrize("enc", ["cnn", "gru"])
+@pytest.mark.parametrize("enc", ["ffn", "cnn", "gru"])
 def test_encoder_dropout_acts_in_training_only(enc):
     cfg = packable_config(enc, full=False)
     cfg.encoder.dropout = 0.5                            # between GRU layers, after each conv

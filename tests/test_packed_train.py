@@ -47,7 +47,8 @@ def test_packed_reports_groups_without_windows():
 def test_packed_config_is_checked():
     with pytest.raises(C.ConfigError, match="needs train.mode = 'per_group'"):
         C.load(None, ["train.per_group.packed=true"])
-    with pytest.raises(C.ConfigError, match="packed models support encoder cnn | gru"):
+    with pytest.raises(C.ConfigError, match=r"packed models support encoder ffn \| cnn \| gru; "
+                       "got model.encoder.type = 'lstm'"):
         C.load(None, ["train.per_group.packed=true", "train.mode=per_group",
                       "data.group_col=g", "model.encoder.type=lstm"])
 

@@ -90,7 +90,7 @@ class DecoderConfig:
                               "must be in [0, 1]")
 
 
-PACKED_ENCODERS = ("cnn", "gru")   # what pipeline.models.packed can pack
+PACKED_ENCODERS = ("ffn", "cnn", "gru")   # what pipeline.models.packed can pack
 PACKED_DECODERS = ("direct",)
 LOSSES = ("mae", "mse", "huber", "quantile", "mase", "smape")
 COMBINE = ("median", "mean")

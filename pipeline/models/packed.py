@@ -14,13 +14,14 @@ and an elementwise optimizer (Adam, AdamW, SGD), training the pack equals traini
 separately on the same batches, up to float rounding.
 
 Supported (the zoo's single models support every encoder x decoder pair):
+- encoder `ffn`: every option (hidden layers, dropout, bias);
 - encoder `cnn`: every option (kernel_size, dilations, stride, padding_mode zeros | replicate,
   residual with identity or 1x1 projection, dropout, bias);
 - encoder `gru`: unidirectional, any num_layers, dropout between layers, bias or not;
 - decoder `direct`, any hidden layers and dropout, point or quantile outputs (non-crossing);
 - past / known-future / static features, and a learned embedding (idx [G, B] indexes each
   group's own table).
-Refused with ValueError: encoders ffn | rnn | lstm, a bidirectional gru, decoders rnn | lstm |
+Refused with ValueError: encoders rnn | lstm, a bidirectional gru, decoders rnn | lstm |
 gru (autoregressive), and models built with different specs (but for the loss: an ensemble's
 members may learn different losses; `extract(g)` gives member g its own spec).
 """
@@ -35,7 +36,13 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.models.decoders import DirectDecoder
-from pipeline.models.encoders import CausalConvLayer, CNNEncoder, RNNEncoder, causal_conv
+from pipeline.models.encoders import (
+    CausalConvLayer,
+    CNNEncoder,
+    FFNEncoder,
+    RNNEncoder,
+    causal_conv,
+)
 from pipeline.models.seq2seq import EncoderDecoder, build_model, model_config_from_dict
 
 
@@ -128,6 +135,23 @@ class PackedDirectDecoder(nn.Module):
             parts.append(context)
         raw = self.net(torch.cat(parts, -1))              # [G, B, H*Q]
         return self.head(raw.reshape(groups, batch, self.horizon, -1))  # -> [G, B, H, Q]
+
+
+# ---------------------------------------------------------------- FFN
+
+class PackedFFNEncoder(nn.Module):
+    """G FFNEncoders: x [G, B, L, C] -> the MLP over each flattened window [G, B, hidden]."""
+
+    def __init__(self, encoders: Sequence[FFNEncoder], source: str = "encoder"):
+        super().__init__()
+        self.input_size, self.lookback = encoders[0].input_size, encoders[0].lookback
+        self.net = packed_mlp([e.net for e in encoders], f"{source}.net")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] != self.lookback:
+            raise ValueError(f"the ffn encoder was built for lookback {self.lookback}, "
+                             f"got a window of {x.shape[2]} steps")
+        return self.net(x.reshape(x.shape[0], x.shape[1], -1))  # [G, B, L*C] -> [G, B, hidden]
 
 
 # ---------------------------------------------------------------- causal CNN
@@ -278,6 +302,8 @@ class PackedModel(nn.Module):
         self.specs = [m.spec for m in models]   # each member's own (its loss may differ)
         if isinstance(first.encoder, CNNEncoder):
             self.encoder = PackedCNNEncoder([m.encoder for m in models])
+        elif isinstance(first.encoder, FFNEncoder):
+            self.encoder = PackedFFNEncoder([m.encoder for m in models])
         else:
             self.encoder = PackedGRUEncoder([m.encoder for m in models])
         self.decoder = PackedDirectDecoder([m.decoder for m in models])
