@@ -1,15 +1,18 @@
-"""M4 Hourly: the pipeline's GRU and CNN against the competition's published results.
+"""M4 Hourly: the pipeline's networks and recipe against the competition's published results.
 
     python benchmarks/m4.py [--data ../shared/data/m4] [--configs configs/m4_gru.yaml ...]
 
-With `configs/m4_auto.yaml` the recipe (`recipe: auto`) sizes the model; statsforecast's
-AutoETS and AutoTheta (fit on the last 240 points) are scored beside it.
+By default: each network alone (GRU, causal CNN, MLP: `configs/m4_{gru,cnn,mlp}.yaml`) and the
+recipe's ensemble (`configs/m4_auto.yaml`, `recipe: auto` sizes the model); statsforecast's
+AutoETS and AutoTheta (fit on the last 240 points) are scored beside them.
 
 Converts the wide CSVs to the pipeline's long Parquet (a regular hourly index ending at the same
 hour for every series: M4 gives no timestamps), runs the pipeline's data stage and final
 training (early stopping on the last `windows.val_size` steps of the training part only: the
 test part is never seen), forecasts h = 48, and scores with the competition's sMAPE, MASE
-(m = 24) and OWA against Naive2. Prints the rows next to the published ones, then one JSON line.
+(m = 24) and OWA against Naive2. `--validation` scores on the last 48 hours of each training part
+instead (the test CSV is not read): the split on which the recipe's choices were compared.
+Prints the rows next to the published ones (test part only), then one JSON line.
 """
 from __future__ import annotations
 
@@ -103,7 +106,9 @@ def main() -> None:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--data", default=os.path.join(here, "..", "shared", "data", "m4"))
     ap.add_argument("--configs", nargs="+", default=["configs/m4_gru.yaml",
-                                                     "configs/m4_cnn.yaml"])
+                                                     "configs/m4_cnn.yaml",
+                                                     "configs/m4_mlp.yaml",
+                                                     "configs/m4_auto.yaml"])
     ap.add_argument("--work", default="/tmp/m4-bench")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU time = wall)")
     ap.add_argument("--comparators", nargs="*", default=["auto_ets", "auto_theta"],
@@ -112,11 +117,18 @@ def main() -> None:
                     help="fit each comparator on at most the last N points (10 seasons)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every config (e.g. train.epochs=2)")
+    ap.add_argument("--validation", action="store_true",
+                    help="score on each training part's last 48 hours (the test part unread): "
+                         "how recipe choices are made without the test part")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(args.threads)
     train = read_wide(os.path.join(args.data, "Hourly-train.csv"))
-    test = read_wide(os.path.join(args.data, "Hourly-test.csv"))
+    if args.validation:                # the training part's last 48 hours play the test part
+        test = {k: v[-H:] for k, v in train.items()}
+        train = {k: v[:-H] for k, v in train.items()}
+    else:
+        test = read_wide(os.path.join(args.data, "Hourly-test.csv"))
     names = sorted(train)
     long_path = os.path.join(args.work, "hourly", "train.parquet")
     write_long(train, long_path)
@@ -148,11 +160,11 @@ def main() -> None:
         infos.append(info)
     print(f"\n{'method':<44} {'sMAPE':>8} {'MASE':>7} {'OWA':>7}   published")
     for name, (s, m) in rows.items():
-        pub = PUBLISHED.get(name)
+        pub = None if args.validation else PUBLISHED.get(name)
         pub_text = f"{pub[0]:.3f} / {pub[1]:.3f} / {pub[2]:.3f}" if pub else ""
         print(f"{name:<44} {s:>8.3f} {m:>7.3f} {E.owa(s, m, s2, m2):>7.3f}   {pub_text}")
     for name, pub in PUBLISHED.items():
-        if name not in rows:
+        if name not in rows and not args.validation:
             print(f"{name + ' (published)':<44} {pub[0]:>8.3f} {pub[1]:>7.3f} {pub[2]:>7.3f}")
     for info in infos:
         if "cpu_s" not in info:
@@ -161,7 +173,8 @@ def main() -> None:
         print(f"  {info['model']}: {info['cpu_s']} s CPU, {info['wall_s']} s wall, "
               f"{info['epochs']} epochs (best {info['best_epoch'] + 1}), "
               f"{info['samples_per_s']:,} samples/s")
-    print(json.dumps({"benchmark": "m4_hourly", "machine": platform.node(),
+    print(json.dumps({"benchmark": "m4_hourly_validation" if args.validation else "m4_hourly",
+                      "machine": platform.node(),
                       "cpus": os.cpu_count(),
                       "rows": {k: {"smape": s, "mase": m, "owa": E.owa(s, m, s2, m2)}
                                for k, (s, m) in rows.items()}, "runs": infos}))

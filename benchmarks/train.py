@@ -10,8 +10,8 @@ the shape of ../shared/reference/gpu_ceiling.py: in fp32 (TF32 allowed on CUDA f
 as the ceiling does), and on CUDA also under bf16 autocast, both loops alike. Part 2 trains G
 small per-group CNNs one after another (with --ray also as Ray tasks) and packed as one grouped
 module. Part 3 trains an ensemble of 8 members packed as one module (`model.ensemble.members:
-8`, one lookback; the MLP, the CNN and the GRU) against one member alone, the same steps (the goal on a GPU: 8 packed within
-1.5× one). Prints tables, then one JSON line with every figure.
+8`, one lookback; the MLP, the CNN and the GRU) against one member alone, the same steps (the
+goal on a GPU: 8 packed within 1.5× one). Prints tables, then one JSON line with every figure.
 """
 from __future__ import annotations
 

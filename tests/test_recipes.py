@@ -42,12 +42,28 @@ def test_hourly_recipe_from_the_table():
     got = choose(cfg, lengths, 24)
     assert got["model.ensemble.lookbacks"] == [2, 5, 7]
     assert got["windows.lookback"] == 7 * 48
-    assert got["model.encoder.num_layers"] == 8      # field 511 >= 336 > 255
-    assert got["model.encoder.hidden_size"] == 32 and got["model.decoder.hidden_size"] == 128
+    # 14.6 horizons of history: long series, an MLP over the window
+    assert (got["model.encoder.type"], got["model.encoder.hidden_size"],
+            got["model.encoder.num_layers"]) == ("ffn", 512, 3)
+    assert (got["model.decoder.type"], got["model.decoder.hidden_size"]) == ("direct", 128)
     assert got["model.ensemble.losses"] == ["mase", "smape", "mae"]
     assert got["model.ensemble.members"] == 9
     assert got["train.steps_per_epoch"] == 51 and got["train.batch_size"] == 256
+    assert (got["train.epochs"], got["train.patience"]) == (60, 10)
     assert got["train.sampling"] == "series"
+
+
+def test_short_series_get_a_causal_cnn_that_covers_the_longest_lookback():
+    got = choose(auto("windows.horizon=48", "windows.n_windows=1"), np.full(414, 9 * 48 + 48),
+                 24)                                 # 9 horizons of history: short
+    assert got["model.encoder.type"] == "cnn" and got["windows.lookback"] == 7 * 48
+    assert got["model.encoder.num_layers"] == 8      # field 511 >= 336 > 255
+    assert got["model.encoder.hidden_size"] == 32 and got["model.decoder.hidden_size"] == 128
+    assert (got["train.epochs"], got["train.patience"]) == (20, 5)
+    # the user's CNN on long series keeps the CNN's epochs
+    mine = choose(auto("windows.horizon=48", "windows.n_windows=1", "model.encoder.type=cnn"),
+                  np.full(414, 700 + 48), 24)
+    assert "model.encoder.type" not in mine and mine["train.epochs"] == 20
 
 
 def test_short_series_combine_the_network_with_the_comparators_long_ones_do_not():
@@ -83,11 +99,13 @@ def test_short_monthly_series_get_short_lookbacks_that_still_see_two_seasons():
 
 def test_sizes_grow_with_the_series_count():
     cfg = auto("windows.horizon=12")
-    small, mid, big = (choose(cfg, np.full(n, 200), 12) for n in (500, 5_000, 200_000))
+    small, mid, big = (choose(cfg, np.full(n, 100), 12) for n in (500, 5_000, 200_000))
     assert [g["model.encoder.hidden_size"] for g in (small, mid, big)] == [32, 64, 128]
     assert [g["train.batch_size"] for g in (small, mid, big)] == [256, 256, 1024]
     assert [g["train.steps_per_epoch"] for g in (small, mid, big)] == [62, 100, 100]
     assert big["model.ensemble.losses"] == ["mase"]
+    long = choose(cfg, np.full(200_000, 200), 12)      # the MLP keeps its size
+    assert (long["model.encoder.hidden_size"], long["train.batch_size"]) == (512, 1024)
 
 
 def test_user_keys_win_over_the_recipe():
@@ -116,9 +134,11 @@ def test_recipe_none_changes_nothing():
     assert chosen == {} and resolved.to_dict() == cfg.to_dict()
 
 
-def test_prepare_resolves_the_config_for_the_data_and_the_cnn_covers_its_lookback(tmp_path):
+@pytest.mark.parametrize("days,encoder", [(9, "cnn"), (20, "ffn")])
+def test_prepare_resolves_the_config_for_the_data_and_the_network_sees_its_lookback(
+        tmp_path, days, encoder):
     from pipeline.data.prepare import prepare
-    n, t = 12, 24 * 20
+    n, t = 12, 24 * days
     rng = np.random.default_rng(0)
     ids = np.repeat([f"s{i}" for i in range(n)], t)
     ds = np.tile(hourly(t), n)
@@ -132,6 +152,8 @@ def test_prepare_resolves_the_config_for_the_data_and_the_cnn_covers_its_lookbac
     assert r.train.epochs == 2                        # the user's
     assert r.model.ensemble.members == 9 and r.model.ensemble.lookbacks == [2, 5, 7]
     enc = r.model.encoder
-    assert receptive_field(enc.kernel_size, [2 ** i for i in range(enc.num_layers)]) \
-        >= r.windows.lookback
+    assert enc.type == encoder
+    if encoder == "cnn":
+        assert receptive_field(enc.kernel_size, [2 ** i for i in range(enc.num_layers)]) \
+            >= r.windows.lookback
     assert prep.plan is not None
