@@ -11,6 +11,7 @@ exposes `latent_size` (D) and `state_spec` (the state's shape, or None).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -189,6 +190,25 @@ class CausalConvLayer(nn.Module):
         (k,), (d,), (s,) = self.conv.kernel_size, self.conv.dilation, self.conv.stride
         return causal_conv(h, self.conv, k, d, s, self.pad_mode, self.drop, self.skip)
 
+    def sparse(self, h: torch.Tensor, dilation: int, stride: int, n_out: int) -> torch.Tensor:
+        """The layer on a progression of steps (`newest_features`)."""
+        conv = lambda padded: F.conv1d(padded, self.conv.weight, self.conv.bias,  # noqa: E731
+                                       stride=stride, dilation=dilation)
+        return sparse_conv(h, conv, self.conv.kernel_size[0], dilation, stride, n_out,
+                           self.drop, self.skip)
+
+    @property
+    def sparse_ok(self) -> bool:
+        return sparse_ok(self.conv.stride[0], self.pad_mode, self.drop)
+
+    @property
+    def kernel_size(self) -> int:
+        return self.conv.kernel_size[0]
+
+    @property
+    def dilation(self) -> int:
+        return self.conv.dilation[0]
+
 
 def causal_conv(h: torch.Tensor, conv: Callable[[torch.Tensor], torch.Tensor], k: int, d: int,
                 s: int, pad_mode: str, drop: nn.Module,
@@ -203,6 +223,68 @@ def causal_conv(h: torch.Tensor, conv: Callable[[torch.Tensor], torch.Tensor], k
     if skip is not None:
         out = out + skip(padded[..., d * (k - 1)::s])   # newest tap of each kernel position
     return out
+
+
+def sparse_ok(stride: int, pad_mode: str, drop: nn.Module) -> bool:
+    """Whether a layer may be evaluated on a progression of steps: stride 1, zero padding (the
+    steps before the window are zeros at every layer) and no dropout drawing random numbers."""
+    return stride == 1 and pad_mode == "constant" and (drop.p == 0 or not drop.training)
+
+
+def sparse_plan(length: int, kernels: Sequence[int], dilations: Sequence[int]
+                ) -> list[tuple[int, int, int]]:
+    """(dilation, stride, outputs) per layer, in units of the layer's input progression, for
+    the stack's output at the newest step alone.
+
+    That output reads layer j's outputs only at steps newest − Σ_{i>j} t_i·d_i (t_i < k_i),
+    all on the progression of step g_j = gcd(d_{j+1}, …) and within the reach
+    Σ_{i>j} (k_i − 1)·d_i; layer j computes just those (dilations 1, 2, 4, …: g_j = 2·d_j,
+    so each layer evaluates half the steps of the one below, about L·(1 + 1/2 + …)/L_layers
+    of the full stack's work). Steps before the window stay zeros, as in the full stack."""
+    plan, step = [], 1                       # `step`: the input progression's, in window steps
+    for j, d in enumerate(dilations):
+        above = dilations[j + 1:]
+        if not above:                        # the last layer: the newest step alone
+            plan.append((d // step, 1, 1))
+            break
+        out_step = math.gcd(*above)
+        reach = sum((k - 1) * a for k, a in zip(kernels[j + 1:], above, strict=True))
+        n_out = min(reach, length - 1) // out_step + 1
+        plan.append((d // step, out_step // step, n_out))
+        step = out_step
+    return plan
+
+
+def sparse_conv(h: torch.Tensor, conv: Callable[[torch.Tensor], torch.Tensor], k: int,
+                dilation: int, stride: int, n_out: int, drop: nn.Module,
+                skip: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """causal_conv on h [B, C, n], a progression of steps (newest last): n_out outputs at
+    `stride` entries apart (newest last), taps `dilation` entries apart; entries before h's
+    oldest are zeros. -> [B, C_out, n_out]."""
+    need = (n_out - 1) * stride + (k - 1) * dilation + 1
+    n = h.shape[-1]
+    # [B, C, n] -> [B, C, need]: zeros before the oldest entry, or crop what no output reads
+    padded = F.pad(h, (need - n, 0)) if need > n else h[..., n - need:]
+    out = drop(torch.relu(conv(padded)))
+    if skip is not None:
+        out = out + skip(padded[..., dilation * (k - 1)::stride])  # each output's newest tap
+    return out
+
+
+def newest_features(h: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
+    """A causal conv stack's output at the newest step, h [B, C, L] -> [B, C_out].
+
+    Computes only the steps that output reads (`sparse_plan`) when every layer allows it
+    (`sparse_ok`), else the whole stack; the same values either way up to float rounding."""
+    if not all(layer.sparse_ok for layer in layers):
+        for layer in layers:
+            h = layer(h)
+        return h[..., -1]
+    plan = sparse_plan(h.shape[-1], [layer.kernel_size for layer in layers],
+                       [layer.dilation for layer in layers])
+    for layer, (dilation, stride, n_out) in zip(layers, plan, strict=True):
+        h = layer.sparse(h, dilation, stride, n_out)
+    return h[..., -1]
 
 
 @register_encoder("cnn")
@@ -245,4 +327,5 @@ class CNNEncoder(nn.Module):
         return h
 
     def forward(self, x: torch.Tensor) -> Latent:
-        return Latent(self.features(x)[..., -1])  # [B, hidden, T] -> [B, hidden]
+        # [B, L, C] -> [B, C, L] -> the features at the newest step [B, hidden]
+        return Latent(newest_features(x.transpose(1, 2), self.layers))

@@ -28,7 +28,7 @@ members may learn different losses; `extract(g)` gives member g its own spec).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,9 @@ from pipeline.models.encoders import (
     FFNEncoder,
     RNNEncoder,
     causal_conv,
+    newest_features,
+    sparse_conv,
+    sparse_ok,
 )
 from pipeline.models.seq2seq import EncoderDecoder, build_model, model_config_from_dict
 
@@ -188,14 +191,31 @@ class PackedConvLayer(_Packed):
         def conv(padded: torch.Tensor) -> torch.Tensor:
             return F.conv1d(padded, weight, bias, stride=s, dilation=d, groups=groups)
 
-        skip = None
+        return causal_conv(h, conv, k, d, s, self.pad_mode, self.drop, self._skip())
+
+    def sparse(self, h: torch.Tensor, dilation: int, stride: int, n_out: int) -> torch.Tensor:
+        """The layer on a progression of steps (`encoders.newest_features`)."""
+        groups, c_out = self.weight.shape[:2]
+        weight = self.weight.reshape(groups * c_out, -1, self.kernel_size)
+        bias = None if self.bias is None else self.bias.reshape(-1)
+        conv = lambda padded: F.conv1d(padded, weight, bias, stride=stride,  # noqa: E731
+                                       dilation=dilation, groups=groups)
+        return sparse_conv(h, conv, self.kernel_size, dilation, stride, n_out, self.drop,
+                           self._skip())
+
+    @property
+    def sparse_ok(self) -> bool:
+        return sparse_ok(self.stride, self.pad_mode, self.drop)
+
+    def _skip(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The residual: the newest input under each kernel position, 1x1-projected per group
+        when the channel count changes."""
         if self.skip_weight is not None:
+            groups, c_out = self.skip_weight.shape[:2]
             # [G, C_out, C_in, 1] -> [G*C_out, C_in, 1]
             proj = self.skip_weight.reshape(groups * c_out, -1, 1)
-            skip = lambda newest: F.conv1d(newest, proj, groups=groups)  # noqa: E731
-        elif self.residual:
-            skip = nn.Identity()
-        return causal_conv(h, conv, k, d, s, self.pad_mode, self.drop, skip)
+            return lambda newest: F.conv1d(newest, proj, groups=groups)
+        return nn.Identity() if self.residual else None
 
 
 class PackedCNNEncoder(nn.Module):
@@ -212,9 +232,7 @@ class PackedCNNEncoder(nn.Module):
         groups, batch, length, channels = x.shape
         # [G, B, L, C] -> [B, G, C, L] -> [B, G*C, L]: channel g*C + c is group g's channel c
         h = x.permute(1, 0, 3, 2).reshape(batch, groups * channels, length)
-        for layer in self.layers:
-            h = layer(h)
-        newest = h[..., -1].reshape(batch, groups, -1)  # [B, G*hidden] -> [B, G, hidden]
+        newest = newest_features(h, self.layers).reshape(batch, groups, -1)  # -> [B, G, hidden]
         return newest.transpose(0, 1)                    # [B, G, hidden] -> [G, B, hidden]
 
 
