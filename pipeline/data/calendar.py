@@ -15,8 +15,9 @@ are computed on the calendar, never by nanosecond arithmetic across calendar uni
 
 Daily and longer frequencies are civil dates in the input's time zone: a daily series stamped at
 local midnight in Europe/Berlin crosses DST without a gap; sub-daily ones are instants (UTC).
-Calendar features are computed from ordinals per batch (NumPy or torch alike, on the GPU too),
-never stored: hour, dayofweek, dayofmonth, weekofyear, month, quarter.
+Calendar features are computed from ordinals (NumPy or torch alike, on the GPU too), once per
+grid step a loader's windows reach (`pipeline.data.calendar_table`): hour, dayofweek,
+dayofmonth, weekofyear, month, quarter.
 """
 from __future__ import annotations
 

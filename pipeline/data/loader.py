@@ -2,8 +2,8 @@
 
 `WindowLoader` moves the arrays to a device once; a batch of windows (series, start) is then
 `values[indptr[series] + start + arange(L + H)]`, scaled by the per-series statistics of the
-cutoff in use. Calendar features are computed from timestamps per batch, never stored. The
-batch follows the models' tensor contract:
+cutoff in use. Calendar features are computed once per grid ordinal the windows can reach
+(`CalendarTable`) and gathered like the values. The batch follows the models' tensor contract:
   x      [B, L, 1 + C_past]  scaled target, past covariates, future covariates and calendar
                              over the lookback
   xf     [B, H, C_fut]       future covariates and calendar over the horizon (None if none)
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.data.calendar import PERIODS, resolve_features
+from pipeline.data.calendar import resolve_features
+from pipeline.data.calendar_table import CalendarTable, cyclic
 from pipeline.data.scaling import covariate_scaling, fit_scaling, mase_scale
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowIndex
@@ -113,13 +114,22 @@ class WindowLoader:
         self.steps = torch.arange(lookback + horizon, device=self.device)
         self.mase_scale = None if season is None else t(mase_scale(
             arrays, arrays.lengths if cutoff is None else cutoff, season).astype(np.float32))
+        self.cal = self._calendar_table(arrays.start, lookback)
 
     def with_lookback(self, lookback: int) -> WindowLoader:
         """The same loader (arrays, scaling, features: shared, not copied) reading `lookback`
         steps of history."""
         out = copy.copy(self)
         out.L, out.steps = lookback, torch.arange(lookback + self.H, device=self.device)
+        if self.cal is not None and lookback > self.cal.pad:   # reaches further back
+            out.cal = self._calendar_table(self.cal.start, lookback)
         return out
+
+    def _calendar_table(self, start: np.ndarray, pad: int) -> CalendarTable | None:
+        if not self.calendar:
+            return None
+        return CalendarTable(self.freq, self.calendar, start, self.lengths, pad, self.H,
+                             self.device)
 
     def _to(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -144,10 +154,14 @@ class WindowLoader:
     def static_size(self) -> int:
         return 0 if self.static is None else self.static.shape[1]
 
-    def gather(self, series: torch.Tensor, start: torch.Tensor, with_target: bool = True
-               ) -> Batch:
+    def gather(self, series: torch.Tensor, start: torch.Tensor, with_target: bool = True,
+               *, in_table: bool | None = None) -> Batch:
         """Windows (series[b], start[b]); with_target=False reads the lookback only (forecast
-        windows whose horizon lies beyond the data)."""
+        windows whose horizon lies beyond the data). `in_table`: whether the windows' calendar
+        positions are known to lie in the table (None: check)."""
+        if in_table is None and self.cal is not None:
+            in_table = self.cal.covers(series.cpu().numpy(), start.cpu().numpy(),
+                                       self.L + self.H)
         series = series.to(self.device, torch.long)
         start = start.to(self.device, torch.long)
         L, H = self.L, self.H
@@ -169,8 +183,9 @@ class WindowLoader:
             feats.append(f[:, :L])
             fut.append(f[:, L:])
         if self.calendar:
-            t = self.start[series, None] + (start[:, None] + self.steps[None, :]) * self.freq.step
-            cal = self._cyclic(t)                                             # [B, L+H, 2K]
+            at = start[:, None] + self.steps[None, :]                         # [B, L+H]
+            cal = self.cal.gather(series, at) if in_table else cyclic(        # [B, L+H, 2K]
+                self.freq, self.calendar, self.start[series, None] + at * self.freq.step)
             feats.append(cal[:, :L])
             fut.append(cal[:, L:])
         return Batch(
@@ -200,14 +215,6 @@ class WindowLoader:
         ok = std > 1e-6 * loc.abs().clamp(min=1)
         return loc, torch.where(ok, std, torch.ones_like(std))
 
-    def _cyclic(self, ordinals: torch.Tensor) -> torch.Tensor:
-        cols = []
-        values = self.freq.calendar_values(ordinals, self.calendar)
-        for name, val in zip(self.calendar, values, strict=True):
-            angle = val.float() * (2 * np.pi / PERIODS[name])
-            cols += [torch.sin(angle), torch.cos(angle)]
-        return torch.stack(cols, -1)  # K × 2 × [B, T] -> [B, T, 2K]
-
     def batches(self, index: WindowIndex, batch_size: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None, steps: int | None = None,
                 with_target: bool = True, sampler: SeriesSampler | None = None
@@ -218,13 +225,14 @@ class WindowLoader:
         from an endless stream of fresh permutations (so groups of different sizes can take
         the same number of steps). `sampler` (of this index): series-balanced draws instead,
         as many batches of the same sizes."""
+        in_table = self.cal is None or self.cal.covers(index.series, index.start, self.L + self.H)
         series = torch.from_numpy(index.series).to(self.device)
         start = torch.from_numpy(index.start).to(self.device)
         order = window_order(len(index), batch_size, shuffle, generator, steps) \
             if sampler is None else sampler.order(batch_size, generator, steps)
         for rows in order:
             rows = rows.to(self.device)
-            yield self.gather(series[rows], start[rows], with_target)
+            yield self.gather(series[rows], start[rows], with_target, in_table=in_table)
 
 
 def window_order(n: int, batch_size: int, shuffle: bool = False,
