@@ -1,13 +1,16 @@
 """Where and how the training loop computes: the device a config names, the autocast dtype,
-and seeding every generator a run draws from. No Ray, no MLflow."""
+the torch threads, whether a pack trains packed, and seeding every generator a run draws from.
+No Ray, no MLflow."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import random
 
 import numpy as np
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config import Config, TrainConfig
 
 
 def seed_everything(seed: int) -> None:
@@ -27,3 +30,37 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
+
+
+def resolve_threads(cfg: Config) -> Config:
+    """`train.threads: auto` as a number, for the run to log: a Ray task's CPUs
+    (`ray.task_num_cpus`, at least 1) when Ray trains, else this process's torch setting (its
+    cores unless the process chose otherwise). The number is part of a result's identity:
+    float sums split over other thread counts round differently."""
+    if cfg.train.threads != "auto":
+        return cfg
+    n = max(1, int(cfg.ray.task_num_cpus)) if cfg.ray.enabled else torch.get_num_threads()
+    out = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=n))
+    out.explicit = cfg.explicit
+    return out
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | str):
+    """torch's intra-op threads set to `threads` inside the block ("auto": left as they are),
+    restored after it."""
+    before = torch.get_num_threads()
+    if threads != "auto" and threads != before:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def packs(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether members that may train as one pack do (`train.pack`): always, never, or (auto)
+    on a GPU, where one packed kernel fills the device; on a CPU the members' kernels are
+    already large enough, and one after another they skip the members that stopped early."""
+    return cfg.pack == "always" or (cfg.pack == "auto" and device.type == "cuda")

@@ -3,7 +3,8 @@
 `RayRunner(cfg)` is the runner the data stage maps its per-part function with: one Ray task per
 argument tuple, results in submission order, the NumPy buffers coming back through the object
 store without copies. `train` runs a plan of packs (`pipeline.jobs.plan_packs`): one Ray task
-per pack, or Ray Train's TorchTrainer (DDP) for a global model over several workers. Ray joins
+per pack, one per member of an ensemble whose members do not pack on the device (a CPU:
+`train.pack`), or Ray Train's TorchTrainer (DDP) for a global model over several workers. Ray joins
 the cluster at `ray.address` (or RAY_ADDRESS) or starts a local instance, and shuts down only
 what it started.
 """
@@ -15,13 +16,18 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import ray
+import torch
 from ray.util.queue import Queue
 
 from pipeline.config import Config, RayConfig
+from pipeline.device import packs as packs_on
+from pipeline.device import resolve_device
 from pipeline.errors import InfraError, PipelineError
-from pipeline.jobs import Job, JobResult, failed, run_pack
+from pipeline.jobs import Job, JobResult, ensemble_result, failed, run_pack, train_members
+from pipeline.models.ensemble import ensemble_members
 from pipeline.progress import Display
 
 
@@ -135,11 +141,27 @@ def _pack_task(arrays, jobs, cfg, final=False, logs=None, inits=None, plan=None
     return results
 
 
+def _members_task(arrays, job, cfg, indices, final=False, log=None, init=None, plan=None
+                  ) -> tuple[dict, list[str], str]:
+    done = train_members(arrays, job, cfg, indices, final=final, log=log, init=init, plan=plan)
+    return done, list(getattr(log, "errors", [])), ray.get_runtime_context().get_node_id()
+
+
+def spreads_members(cfg: Config, packs: list[list[Job]]) -> bool:
+    """Whether an ensemble's members train as Ray tasks of their own: more than one member,
+    one job per pack, and members that do not pack where the tasks run (`train.pack`; `auto`
+    packs on GPUs: a task with `ray.task_num_gpus`, or `train.device` cuda)."""
+    gpu = cfg.ray.task_num_gpus > 0 or resolve_device(cfg.train.device).type == "cuda"
+    return (cfg.model.ensemble.members > 1 and all(len(p) == 1 for p in packs)
+            and not packs_on(cfg.train, torch.device("cuda" if gpu else "cpu")))
+
+
 def train(arrays, packs: list[list[Job]], cfg: Config, final: bool = False,
           loggers: dict | None = None, inits: dict | None = None, plan=None
           ) -> list[JobResult]:
     """Train every pack on Ray: one task per pack (the arrays go to the object store once and
-    every task maps them without a copy), or the global job under Ray Train DDP when
+    every task maps them without a copy), one task per member of an ensemble that does not
+    pack (`spreads_members`), or the global job under Ray Train DDP when
     `ray.num_workers > 1`. A pack that raises is retried `ray.max_retries` times; if it still
     fails its jobs come back as failed JobResults and every other pack completes. `loggers`
     (job name -> the tracking layer's EpochLogger) travel with the tasks, which log each epoch
@@ -149,6 +171,9 @@ def train(arrays, packs: list[list[Job]], cfg: Config, final: bool = False,
         (job,) = [j for pack in packs for j in pack]
         return [train_global_ddp(arrays, job, cfg, final, (loggers or {}).get(job.name),
                                  (inits or {}).get(job.name), plan)]
+    if spreads_members(cfg, packs):
+        return _train_members(arrays, [p[0] for p in packs], cfg, final, loggers or {},
+                              inits or {}, plan)
     ref, plan_ref = ray.put(arrays), ray.put(plan)
     remote = task(_pack_task, cfg.ray, retry_exceptions=True)
     epochs = Queue()                        # each job's epochs, for the progress display
@@ -160,17 +185,59 @@ def train(arrays, packs: list[list[Job]], cfg: Config, final: bool = False,
     out, deadline = [], Deadline(cfg.ray)
     _watch(refs, deadline, epochs, sum(len(p) for p in packs), cfg.train.epochs)
     for pack, r in zip(packs, refs, strict=True):
-        try:
-            out += ray.get(r, timeout=deadline.left())
-        except ray.exceptions.GetTimeoutError:
-            ray.cancel(r, force=True)
-            out += [failed(j, deadline.error("its training task")) for j in pack]
-        except ray.exceptions.RayTaskError as e:
-            cause = e.cause if isinstance(e.cause, BaseException) else e.as_instanceof_cause()
-            out += [failed(j, cause, cfg.ray.max_retries + 1) for j in pack]
-        except ray.exceptions.RayError as e:    # the worker or its node died, every retry
-            out += [failed(j, e, cfg.ray.max_retries + 1) for j in pack]
+        value, errors = _get(r, pack, cfg, deadline)
+        out += errors or value
     return out
+
+
+def _train_members(arrays, jobs: list[Job], cfg: Config, final: bool, loggers: dict,
+                   inits: dict, plan) -> list[JobResult]:
+    """Every job's ensemble members as Ray tasks of their own (member 0's logs the job's
+    epochs), assembled into one result per job as `run_pack` makes it: a job fails when one
+    of its member tasks does."""
+    ref, plan_ref = ray.put(arrays), ray.put(plan)
+    remote = task(_members_task, cfg.ray, retry_exceptions=True)
+    epochs, t0 = Queue(), time.perf_counter()
+    members = [m.index for m in ensemble_members(cfg)]
+    refs = {(j.name, i): remote.remote(
+                ref, j, cfg, [i], final,
+                Reported(j.name, epochs, loggers.get(j.name)) if i == members[0] else None,
+                inits.get(j.name), plan_ref)
+            for j in jobs for i in members}
+    deadline = Deadline(cfg.ray)
+    _watch(list(refs.values()), deadline, epochs, len(refs), cfg.train.epochs, "members")
+    out = []
+    for job in jobs:
+        done, log_errors, node, fails = {}, [], "", []
+        for i in members:
+            value, fails = _get(refs[(job.name, i)], [job], cfg, deadline)
+            if fails:
+                break
+            done.update(value[0])
+            log_errors += value[1]
+            node = node or value[2]
+        if fails:
+            out += fails
+            continue
+        log = SimpleNamespace(errors=log_errors) if loggers.get(job.name) else None
+        result = ensemble_result(job, cfg, done, t0, log)
+        result.node = node
+        out.append(result)
+    return out
+
+
+def _get(ref, jobs: list[Job], cfg: Config, deadline: Deadline) -> tuple:
+    """A training task's value, or (None, its jobs as failed results)."""
+    try:
+        return ray.get(ref, timeout=deadline.left()), []
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        return None, [failed(j, deadline.error("its training task")) for j in jobs]
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(e.cause, BaseException) else e.as_instanceof_cause()
+        return None, [failed(j, cause, cfg.ray.max_retries + 1) for j in jobs]
+    except ray.exceptions.RayError as e:    # the worker or its node died, every retry
+        return None, [failed(j, e, cfg.ray.max_retries + 1) for j in jobs]
 
 
 class Reported:
@@ -203,9 +270,11 @@ class Reported:
             self.log(row)
 
 
-def _watch(refs: list, deadline: Deadline, epochs: Queue, jobs: int, total: int) -> None:
-    """The driver's display while the packs train: jobs done, and each job's latest epoch."""
-    display = Display("training", jobs, "jobs")
+def _watch(refs: list, deadline: Deadline, epochs: Queue, jobs: int, total: int,
+           unit: str = "jobs") -> None:
+    """The driver's display while the packs train: jobs (or members) done, and each job's
+    latest epoch."""
+    display = Display("training", jobs, unit)
     pending = list(refs)
     try:
         while pending and deadline.left() != 0:

@@ -16,32 +16,25 @@ nothing after that cutoff leaks into the model.
 from __future__ import annotations
 
 import dataclasses
-import io
-import math
-import re
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline import checkpoint
 from pipeline.config import Config
-from pipeline.data.io import write_bytes_atomic
 from pipeline.data.loader import WindowLoader, loader_at
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowPlan, plan_windows
-from pipeline.device import resolve_device, seed_everything
+from pipeline.device import packs, resolve_device, seed_everything, torch_threads
 from pipeline.distributed import dist_info
 from pipeline.models import (
     PackedModel,
     build_model,
     make_loss,
     make_val_loss,
-    model_from_spec,
-    save_model,
 )
 from pipeline.models.ensemble import (
     Ensemble,
@@ -52,7 +45,19 @@ from pipeline.models.ensemble import (
 )
 from pipeline.models.seq2seq import EncoderDecoder
 from pipeline.names import model_file
-from pipeline.train import FitResult, TrainData, fit
+from pipeline.results import (  # noqa: F401 (the job layer's results, imported from here)
+    NO_WINDOWS,
+    JobResult,
+    diverged,
+    ensemble_result,
+    failed,
+    job_result,
+    save_result,
+    state_bytes,
+    state_dict,
+    trained_result,
+)
+from pipeline.train import TrainData, epoch_steps, fit
 
 
 @dataclass
@@ -66,48 +71,6 @@ class Job:
         out = np.zeros(n_series, bool)
         out[self.series] = True
         return out
-
-
-@dataclass
-class JobResult:
-    name: str
-    group: str | None
-    ok: bool
-    error: str | None = None
-    spec: dict | None = None          # build_model's arguments: rebuild with load_state
-    state: bytes | None = None        # torch.save(state_dict), CPU tensors
-    history: list[dict] = field(default_factory=list)
-    best_val: float = float("nan")
-    best_epoch: int = -1
-    samples_per_s: float = 0.0
-    seconds: float = 0.0
-    n_series: int = 0
-    n_windows: int = 0
-    attempts: int = 1
-    resumed_epoch: int = 0            # > 0: this attempt resumed from a checkpoint
-    logged: bool = False              # the per-epoch history went to tracking from the worker
-    node: str = ""                    # the Ray node that trained it ("" in this process)
-    log_errors: list[str] = field(default_factory=list)
-    members: list[dict] = field(default_factory=list)  # an ensemble's: one dict per member
-                                      # (index, lookback, loss, seed, ok, best_val, best_epoch,
-                                      # epochs, n_windows, history; error when it had none)
-
-    def model(self) -> torch.nn.Module:
-        """The trained model (an EncoderDecoder, or an Ensemble), rebuilt from spec + weights,
-        in eval mode."""
-        return model_from_spec(self.spec, state_dict(self.state))
-
-
-def state_bytes(model: torch.nn.Module) -> bytes:
-    """The model's weights on the CPU as bytes (what JobResult.state and warm starts carry)."""
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    return buf.getvalue()
-
-
-def state_dict(data: bytes) -> dict:
-    """Inverse of `state_bytes`."""
-    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def plan_jobs(arrays: SeriesArrays, cfg: Config) -> list[Job]:
@@ -158,10 +121,6 @@ def n_groups(arrays: SeriesArrays) -> int:
     return 0 if arrays.groups is None else len(np.unique(arrays.groups.astype(str)))
 
 
-NO_WINDOWS = ("no training windows: the series are too short for lookback + horizon + "
-              "validation, or every series was skipped")
-
-
 def run_pack(arrays: SeriesArrays, jobs: list[Job], cfg: Config, *, final: bool = False,
              logs: dict | None = None, inits: dict | None = None, progress: bool = False,
              wrap: Callable | None = None, plan: WindowPlan | None = None) -> list[JobResult]:
@@ -179,23 +138,50 @@ def run_pack(arrays: SeriesArrays, jobs: list[Job], cfg: Config, *, final: bool 
         raise ValueError(f"model.ensemble.members = {len(members)} trains packed, not under DDP "
                          "(ray.num_workers > 1); use one worker")
     done: dict[str, dict[int, tuple]] = {job.name: {} for job in jobs}
-    ckpts = [_train_part(arrays, jobs, cfg, part, done, final=final, logs=logs or {},
-                         inits=inits or {}, progress=progress, wrap=wrap, plan=plan)
-             for part in lookback_packs(members)]
-    out = [_job_result(job, cfg, members, done[job.name], t0, (logs or {}).get(job.name))
+    with torch_threads(cfg.train.threads):
+        ckpts = [c for part in lookback_packs(members)
+                 for c in _train_part(arrays, jobs, cfg, part, done, final=final,
+                                      logs=logs or {}, inits=inits or {}, progress=progress,
+                                      wrap=wrap, plan=plan)]
+    out = [job_result(job, cfg, members, done[job.name], t0, (logs or {}).get(job.name))
            for job in jobs]
+    _clear(ckpts)
+    return out
+
+
+def train_members(arrays: SeriesArrays, job: Job, cfg: Config, indices: list[int], *,
+                  final: bool = False, log=None, init: bytes | None = None,
+                  plan: WindowPlan | None = None) -> dict[int, tuple]:
+    """Members `indices` of the ensemble job `job`, each alone with its pack's steps per
+    epoch, as `run_pack` trains them one after another (the execution layer's share of an
+    ensemble for one task): member index -> (model, FitResult, windows), for those with
+    windows. `ensemble_result` makes the job's result of every member's."""
+    done: dict[str, dict[int, tuple]] = {job.name: {}}
+    ckpts = []
+    with torch_threads(cfg.train.threads):
+        for part in lookback_packs(ensemble_members(cfg)):
+            if mine := [m for m in part if m.index in set(indices)]:
+                ckpts += _train_part(arrays, [job], cfg, mine, done, final=final,
+                                     logs={job.name: log}, inits={job.name: init},
+                                     progress=False, wrap=None, plan=plan, alone=len(part) > 1)
+    _clear(ckpts)
+    return done[job.name]
+
+
+def _clear(ckpts: list) -> None:
     for ckpt in ckpts:
         if ckpt is not None and dist_info()[0] == 0:
             ckpt.clear()
-    return out
 
 
 def _train_part(arrays: SeriesArrays, jobs: list[Job], cfg: Config, part: list[Member],
                 done: dict, *, final: bool, logs: dict, inits: dict, progress: bool,
-                wrap: Callable | None, plan: WindowPlan | None):
-    """Train the members `part` (one lookback) of every job with windows as one pack; each
-    trained (model, FitResult, windows) goes to done[job name][member index]. Returns the
-    pack's checkpoint (cleared once every part has trained), or None."""
+                wrap: Callable | None, plan: WindowPlan | None, alone: bool = False) -> list:
+    """Train the members `part` (one lookback) of every job with windows: as one pack, or
+    (`train.pack`, `device.packs`) each alone with the pack's steps per epoch, so the weights
+    are the same up to float rounding. Each trained (model, FitResult, windows) goes to
+    done[job name][member index]. Returns the checkpoints (cleared once every part has
+    trained). `alone`: each member alone, whatever `train.pack` says."""
     device = resolve_device(cfg.train.device)
     data_cfg = member_config(cfg, Member(0, part[0].lookback, cfg.model.loss, cfg.train.seed))
     same = data_cfg.windows.lookback == cfg.windows.lookback
@@ -204,25 +190,41 @@ def _train_part(arrays: SeriesArrays, jobs: list[Job], cfg: Config, part: list[M
         data = job_data(arrays, job, data_cfg, device, final, plan if same else None)
         keep += [(job, m, data) for m in part] if len(data.train) else []
     if not keep:
-        return None
+        return []
+    if not alone and (len(keep) == 1 or packs(cfg.train, device)):
+        return [_fit_pack(arrays, keep, cfg, done, final, logs, inits, progress, wrap)]
+    steps = epoch_steps([d for *_, d in keep], cfg.train)      # the pack's: same batches
+    return [_fit_pack(arrays, [one], cfg, done, final, logs, inits, progress, wrap, steps)
+            for one in keep]
+
+
+def _fit_pack(arrays: SeriesArrays, keep: list, cfg: Config, done: dict, final: bool,
+              logs: dict, inits: dict, progress: bool, wrap: Callable | None,
+              steps: int | None = None):
+    """Fit the (job, member, data) of `keep` as one module (a PackedModel when more than
+    one); `steps`: per epoch, when a member trains alone as in its pack. Returns the
+    checkpoint, or None."""
+    device = keep[0][2].loader.device
     ensemble = cfg.model.ensemble.members > 1
     models = [_initial_model(arrays, keep[0][2].loader, member_config(cfg, m),
                              _member_init(inits.get(job.name), m, ensemble))
               for job, m, _ in keep]      # each initialised as the member trained alone would be
-    core = (models[0] if len(models) == 1 else PackedModel.from_models(models)).to(device)
-    packed = [Job(f"{j.name}/{m.index}", j.series, j.group) if ensemble else j
-              for j, m, _ in keep]
-    ckpt = checkpoint.for_pack(arrays, packed, cfg, final,
-                               _pack_name(cfg, packed, part[0].lookback if ensemble else None),
-                               state_bytes(core), dist_info()[1])
+    packed = len(models) > 1
+    core = (PackedModel.from_models(models) if packed else models[0]).to(device)
+    members = [Job(f"{j.name}/{m.index}", j.series, j.group) if ensemble else j
+               for j, m, _ in keep]
+    name = _pack_name(cfg, members, keep[0][1].lookback if ensemble else None)
+    if steps is not None and ensemble:                        # a member alone
+        name += f"-m{keep[0][1].index}"
+    ckpt = checkpoint.for_pack(arrays, members, cfg, final, name, state_bytes(core),
+                               dist_info()[1])
     fits = fit(wrap(core) if wrap else core, [d for *_, d in keep], cfg.train,
                _losses(cfg, [m for _, m, _ in keep]), progress=progress, checkpoint=ckpt,
                log=[logs.get(j.name) if m.index == 0 else None for j, m, _ in keep],
-               seeds=[m.seed for _, m, _ in keep],
+               seeds=[m.seed for _, m, _ in keep], steps=steps,
                val_loss=make_val_loss(cfg.model, cfg.train.val_metric))
     for g, ((job, m, data), res) in enumerate(zip(keep, fits, strict=True)):
-        done[job.name][m.index] = (core if len(keep) == 1 else core.extract(g), res,
-                                   len(data.train))
+        done[job.name][m.index] = (core.extract(g) if packed else core, res, len(data.train))
     return ckpt
 
 
@@ -249,37 +251,6 @@ def _member_init(init: bytes | None, member: Member, ensemble: bool) -> dict | N
     return weights if member.index == 0 else None
 
 
-def _job_result(job: Job, cfg: Config, members: list[Member], done: dict[int, tuple],
-                t0: float, log) -> JobResult:
-    """A job's result: its model (an Ensemble of the members that had windows, when the config
-    has an ensemble), failed when none trained or one diverged."""
-    if not done:
-        return failed(job, ValueError(NO_WINDOWS))
-    for model, res, _ in done.values():
-        if why := diverged(model, res):
-            return failed(job, FloatingPointError(why), res.attempt)
-    if cfg.model.ensemble.members == 1:
-        return trained_result(job, *done[0], t0, log)
-    order = sorted(done)
-    ens = Ensemble([done[i][0] for i in order], cfg.model.ensemble.combine)
-    _, res, n_windows = done[order[0]]
-    out = trained_result(job, ens, res, n_windows, t0, log)
-    out.attempts = max(r.attempt for _, r, _ in done.values())
-    out.resumed_epoch = max(r.resumed_epoch for _, r, _ in done.values())
-    out.members = [_member_row(m, done.get(m.index)) for m in members]
-    return out
-
-
-def _member_row(m: Member, trained: tuple | None) -> dict:
-    row = {"index": m.index, "lookback": m.lookback, "loss": m.loss, "seed": m.seed,
-           "ok": trained is not None}
-    if trained is None:
-        return {**row, "error": NO_WINDOWS}
-    _, res, n_windows = trained
-    return {**row, "best_val": res.best_val, "best_epoch": res.best_epoch,
-            "epochs": len(res.history), "n_windows": n_windows, "history": res.history}
-
-
 def run_job(arrays: SeriesArrays, job: Job, cfg: Config, *, log=None, init: bytes | None = None,
             **kwargs) -> JobResult:
     """One job trained alone: `run_pack` with a pack of one."""
@@ -303,52 +274,6 @@ def _pack_name(cfg: Config, members: list[Job], lookback: int | None = None) -> 
     name = model_file(cfg.model.name, jobs[0]).removesuffix(".pt") if len(jobs) == 1 else \
         f"{cfg.model.name}-packed"
     return name if lookback is None else f"{name}-L{lookback}"
-
-
-def diverged(model: torch.nn.Module, res: FitResult) -> str | None:
-    """Why a trained model is not usable (a loss or weight that is not finite), or None."""
-    if not math.isfinite(res.best_val):
-        return (f"training diverged: best validation loss {res.best_val} (the loss was never "
-                "finite; check the inputs' ranges and train.lr)")
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and
-           not torch.isfinite(v).all()]
-    if bad:
-        return f"training diverged: weights {bad[:3]} are not finite"
-    return None
-
-
-def trained_result(job: Job, model: torch.nn.Module, res: FitResult, n_windows: int,
-                   t0: float, log=None) -> JobResult:
-    """A finished job: its weights on the CPU as bytes, its history and figures."""
-    out = JobResult(job.name, job.group, True, spec=model.spec, state=state_bytes(model),
-                    history=res.history, best_val=res.best_val, best_epoch=res.best_epoch,
-                    samples_per_s=res.samples_per_s, seconds=time.perf_counter() - t0,
-                    n_series=len(job.series), n_windows=n_windows, attempts=res.attempt,
-                    resumed_epoch=res.resumed_epoch)
-    if log is not None:
-        out.log_errors = list(getattr(log, "errors", []))
-        out.logged = not out.log_errors
-    return out
-
-
-def save_result(result: JobResult, path: str) -> None:
-    """The trained model as a file `pipeline.models.load_model` rebuilds (written atomically)."""
-    buf = io.BytesIO()
-    save_model(result.model(), buf)
-    write_bytes_atomic(buf.getvalue(), path)
-
-
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
-    """A job that raised: its error, one line (no terminal colours) plus the innermost frame."""
-    tb = traceback.extract_tb(exc.__traceback__)
-    where = f" ({tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
-    text = ANSI.sub("", str(exc)).strip().splitlines()
-    return JobResult(job.name, job.group, False,
-                     error=f"{type(exc).__name__}: {text[0] if text else ''}{where}",
-                     n_series=len(job.series), attempts=attempts)
 
 
 def run_jobs_locally(arrays: SeriesArrays, jobs: list[Job], cfg: Config, final: bool = False,

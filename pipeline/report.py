@@ -11,6 +11,7 @@ import polars as pl
 
 from pipeline.data import windows as W
 from pipeline.data.grid import describe
+from pipeline.device import packs
 from pipeline.secrets import redact
 
 METRICS = ["mae", "rmse", "smape", "mase", "wape", "skill_mase"]
@@ -64,8 +65,16 @@ def data(prep, cfg, report_path: str | None) -> None:
 
 def training_start(cfg, n_jobs: int, device, final: bool) -> None:
     what = "final model (all data)" if final else "before the backtest cutoffs"
+    threads = cfg.train.threads
+    how = f"{threads} thread{'s' * (threads != 1)}" if isinstance(threads, int) else ""
+    members, per_group = cfg.model.ensemble.members, cfg.train.mode == "per_group"
+    if members > 1 or (per_group and cfg.train.per_group.packed):
+        who = f"{members} members" if members > 1 else "groups"
+        alone = "a Ray task each" if cfg.ray.enabled and members > 1 and not (
+            per_group and cfg.train.per_group.packed) else "one after another"
+        how += f", {who} {'packed' if packs(cfg.train, device) else alone}"
     print(f"training     {cfg.model.name}: {n_jobs} job(s), mode {cfg.train.mode}, "
-          f"device {device}, {what}", flush=True)
+          f"device {device}{', ' + how.lstrip(', ') if how else ''}, {what}", flush=True)
 
 
 def training(trained) -> None:

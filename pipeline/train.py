@@ -42,6 +42,7 @@ from pipeline.device import autocast_dtype
 from pipeline.distributed import dist_info, mean_over_ranks, shard
 from pipeline.models.losses import member_losses
 from pipeline.progress import Progress
+from pipeline.valset import ValBatches, val_sample
 
 Log = Callable[[dict], None]
 
@@ -61,6 +62,8 @@ class FitResult:
     seconds: float = 0.0
     samples: int = 0
     resumed_epoch: int = 0      # the first epoch this call trained (> 0: from a checkpoint)
+    train_seconds: float = 0.0  # of `seconds`: the training steps (the pack's, this call's)
+    val_seconds: float = 0.0    # and validation
     attempt: int = 1            # 1 + the attempts before it that left a checkpoint
 
     @property
@@ -73,22 +76,6 @@ def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + rank)
 
 
-def val_sample(index: WindowIndex | None, cfg: TrainConfig, per_epoch: int,
-               seed: int | None = None) -> WindowIndex | None:
-    """At most `cfg.val_max_windows` validation windows ("auto": `per_epoch`, the windows an
-    epoch trains on, at least 1,024), drawn once with the seed (`seed`, else cfg.seed) — the
-    same every epoch, so early stopping compares like with like — in index order. Thousands of
-    series hold far more validation windows than a sampled epoch trains on."""
-    limit = cfg.val_max_windows
-    if limit == "auto":
-        limit = max(1024, per_epoch)
-    if index is None or limit is None or len(index) <= limit:
-        return index
-    g = torch.Generator().manual_seed((cfg.seed if seed is None else seed) * 1_000_003 + 7)
-    rows = torch.randperm(len(index), generator=g)[:limit].sort().values
-    return index.take(rows.numpy())
-
-
 def epoch_steps(data: Sequence[TrainData], cfg: TrainConfig) -> int:
     """Optimizer steps per epoch: `steps_per_epoch`, else one pass over the largest member's
     windows (smaller members then cycle through fresh permutations)."""
@@ -97,7 +84,8 @@ def epoch_steps(data: Sequence[TrainData], cfg: TrainConfig) -> int:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    opt = cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # foreach: one kernel per step for all parameters, bit-identical to the per-parameter loop
+    opt = cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     if cfg.scheduler == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
     elif cfg.scheduler == "onecycle":
@@ -135,9 +123,15 @@ def pack_losses(model: nn.Module, batches: Sequence[Batch], loss_fn, amp, train:
                 ) -> torch.Tensor:
     """Forward one batch per member (stacked [G, B, ...] when G > 1); [G] losses."""
     b = batches[0] if len(batches) == 1 else stack_batches(batches)
+    return batch_losses(model, b, loss_fn, amp, train, len(batches))
+
+
+def batch_losses(model: nn.Module, b: Batch, loss_fn, amp, train: bool, members: int
+                 ) -> torch.Tensor:
+    """[G] losses of a batch ready for the model (stacked [G, B, ...] when G > 1)."""
     with torch.autocast(b.x.device.type, dtype=amp, enabled=amp is not None):
         pred = model(b.x, b.xf, b.static, b.idx, target=b.y if train else None).float()
-    return member_losses(loss_fn, pred, b.y, b.y_mask, len(batches), b.loc, b.scale, b.weight)
+    return member_losses(loss_fn, pred, b.y, b.y_mask, members, b.loc, b.scale, b.weight)
 
 
 def train_epoch(model, data: Sequence[TrainData], steps: int | None, opt, sched, loss_fn,
@@ -174,32 +168,16 @@ def train_epoch(model, data: Sequence[TrainData], steps: int | None, opt, sched,
 
 
 @torch.no_grad()
-def validate(model, data: Sequence[TrainData], val: Sequence[WindowIndex | None], loss_fn,
-             batch_size: int, amp) -> list[float]:
-    """Each member's mean validation loss over its own windows (NaN where it has none), in
-    chunks of `batch_size`. Members with fewer windows than the longest are padded with
-    masked-out windows, so every member's batch has one size."""
+def validate(model, val: ValBatches, loss_fn, amp) -> list[float]:
+    """Each member's mean validation loss over its own windows (NaN where it has none)."""
     model.eval()
-    n_val = [0 if v is None else len(v) for v in val]
-    if not any(n_val):
-        return [math.nan] * len(data)
-    sums = torch.zeros(len(data))
-    for i in range(0, max(n_val), batch_size):
-        rows = torch.arange(i, min(i + batch_size, max(n_val)))
-        batches = []
-        for d, v, n in zip(data, val, n_val, strict=True):
-            ok = rows < n
-            idx = v if n else d.train          # pad from any window; masked out below
-            take = torch.where(ok, rows, 0)
-            b = d.loader.gather(torch.from_numpy(idx.series)[take],
-                                torch.from_numpy(idx.start)[take])
-            if not ok.all():
-                b.y_mask = b.y_mask * ok.to(b.y_mask)[:, None]
-            batches.append(b)
-        losses = pack_losses(model, batches, loss_fn, amp, train=False)
-        real = torch.tensor([int(((rows < n)).sum()) for n in n_val], dtype=torch.float32)
+    if not any(val.n_val):
+        return [math.nan] * len(val.n_val)
+    sums = torch.zeros(len(val.n_val))
+    for batch, real in val:
+        losses = batch_losses(model, batch, loss_fn, amp, False, len(real))
         sums += losses.cpu() * real
-    return [float(s) / n if n else math.nan for s, n in zip(sums, n_val, strict=True)]
+    return [float(s) / n if n else math.nan for s, n in zip(sums, val.n_val, strict=True)]
 
 
 # ------------------------------------------------------------------ the loop
@@ -221,8 +199,8 @@ def _save_if_due(checkpoint, epoch: int, core, opt, sched, device, s, t0: float)
 def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
         loss_fn: nn.Module | Sequence[nn.Module], *,
         log: Log | Sequence[Log | None] | None = None, progress: bool = True,
-        checkpoint=None, seeds: Sequence[int] | None = None, val_loss: nn.Module | None = None
-        ) -> list[FitResult]:
+        checkpoint=None, seeds: Sequence[int] | None = None, val_loss: nn.Module | None = None,
+        steps: int | None = None) -> list[FitResult]:
     """Train the pack (`model` and one TrainData per member) in place; each member's weights
     of its best validation epoch are restored at the end (its last epoch's when it never
     improved). `loss_fn`: one for every member, or one per member. `log`: one callback, or one
@@ -231,7 +209,8 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
     (`train.val_metric`; default: `loss_fn`). `checkpoint` (a
     `pipeline.checkpoint.Checkpoint`): resume from its state when it holds one, save the whole
     state when due; a resumed run ends with the same weights, bit for bit on the CPU, as one
-    that was never interrupted."""
+    that was never interrupted. `steps`: full batches per epoch for a pack of one too (a
+    member trained alone as in the pack it left: `epoch_steps` of that pack)."""
     G = len(data)
     logs = list(log) if isinstance(log, Sequence) else [log] * G
     seeds = [cfg.seed] * G if seeds is None else list(seeds)
@@ -239,7 +218,9 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
     amp = autocast_dtype(cfg, device)
     rank, world = dist_info()
     val, data, samplers = _prepare(data, cfg, seeds, rank, world)
-    steps = epoch_steps(data, cfg)
+    val = ValBatches(data, val, cfg.batch_size * 4)
+    fixed = steps is not None or G > 1         # full batches, else steps_per_epoch / a pass
+    steps = steps or epoch_steps(data, cfg)
     opt, sched = make_optimizer(model, cfg, steps * cfg.epochs)
     core = getattr(model, "module", model)   # the model inside a DDP wrapper
     s = _State(G)
@@ -249,10 +230,12 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
     for epoch in range(first, cfg.epochs if not all(s.stopped) else 0):
         te = time.perf_counter()
         gens = [epoch_generator(seed, epoch, rank) for seed in seeds]  # as if alone
-        train_loss, n = train_epoch(model, data, steps if G > 1 else cfg.steps_per_epoch,
+        train_loss, n = train_epoch(model, data, steps if fixed else cfg.steps_per_epoch,
                                     opt, sched, loss_fn, cfg, amp, gens, samplers,
                                     display.step)
-        scores = validate(model, data, val, val_loss or loss_fn, cfg.batch_size * 4, amp)
+        tv = time.perf_counter()
+        scores = validate(model, val, val_loss or loss_fn, amp)
+        s.add_seconds(tv - te, time.perf_counter() - tv)
         train_loss = [mean_over_ranks(v, device) for v in train_loss]
         scores = [mean_over_ranks(v, device) for v in scores]
         rate = n * world / (time.perf_counter() - te)            # samples/s per member
@@ -333,6 +316,11 @@ class _State:
     def set_seconds(self, seconds: float) -> None:
         for res in self.results:
             res.seconds = seconds
+
+    def add_seconds(self, train: float, val: float) -> None:
+        for res in self.results:
+            res.train_seconds += train
+            res.val_seconds += val
 
 
 def _end_epoch(s: _State, core, epoch: int, train_loss, val_loss, samples: int, rate: float,

@@ -49,9 +49,12 @@ FFN = ["model.encoder.type=ffn", "model.encoder.hidden_size=16"]
     (["model.ensemble.members=4", "model.ensemble.lookbacks=[1, 4]",
       "model.ensemble.losses=[mase, smape]"], FFN),            # the recipe's MLP for long series
 ], ids=["cnn-two-packs", "cnn-one-pack", "ffn-two-packs"])
-def test_a_packed_ensemble_equals_its_members_trained_alone(ensemble, arch, monkeypatch):
+@pytest.mark.parametrize("pack", ["always", "never"])
+def test_a_packed_ensemble_equals_its_members_trained_alone(ensemble, arch, pack, monkeypatch):
+    """train.pack: always trains a lookback's members as one pack, never one after another
+    (with the pack's steps); either way each member equals the member trained alone."""
     arrays = sines(6, length=260)
-    cfg = C.load(None, [*BASE, *arch, *ensemble])
+    cfg = C.load(None, [*BASE, *arch, *ensemble, f"train.pack={pack}"])
     packs, real_fit = [], T.fit
 
     def spy(model, data, *a, **k):
@@ -63,7 +66,9 @@ def test_a_packed_ensemble_equals_its_members_trained_alone(ensemble, arch, monk
     monkeypatch.setattr(J, "fit", real_fit)
     assert res.ok and isinstance(res.model(), Ensemble)
     want = [(len(p), {m.lookback for m in p}) for p in lookback_packs(ensemble_members(cfg))]
-    assert packs == want and all(g > 1 for g, _ in packs)
+    if pack == "never":
+        want = [(1, lb) for g, lb in want for _ in range(g)]
+    assert packs == want and all(g > 1 for g, _ in packs) == (pack == "always")
     ens_state = weights(res.state)
     for row in res.members:
         solo = run_job(arrays, job, alone(row, arch))
@@ -227,7 +232,7 @@ def test_an_ensemble_resumes_from_its_checkpoints_bit_identical(tmp_path, monkey
     checkpoint and the second from its own; every member ends as in a run that never stopped."""
     arrays = sines(4, length=260)
     base = [*BASE, "train.epochs=4", "model.ensemble.members=4",
-            "model.ensemble.lookbacks=[1, 2]", "train.scheduler=cosine"]
+            "model.ensemble.lookbacks=[1, 2]", "train.scheduler=cosine", "train.pack=always"]
     cfg = C.load(None, [*base, "train.checkpoint_minutes=0", f"train.checkpoint_dir={tmp_path}"])
     (job,) = plan_jobs(arrays, cfg)
     clean = run_job(arrays, job, C.load(None, [*base, "train.checkpoint_minutes=null"]))

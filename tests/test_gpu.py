@@ -40,7 +40,8 @@ def test_packed_equals_separate_on_cuda():
             "train.mode=per_group", "data.group_col=g", "train.epochs=2",
             "train.steps_per_epoch=4"]
     jobs = plan_jobs(arrays, C.load(None, base))
-    packed = run_jobs_locally(arrays, jobs, C.load(None, [*base, "train.per_group.packed=true"]))
+    packed = run_jobs_locally(arrays, jobs, C.load(None, [*base, "train.per_group.packed=true",
+                                                          "train.pack=always"]))
     for job, p in zip(jobs, packed, strict=True):
         alone = run_job(arrays, job, C.load(None, base))
         assert p.best_val == pytest.approx(alone.best_val, rel=1e-3)

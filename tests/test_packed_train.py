@@ -13,14 +13,16 @@ def weights(result):
     return torch.load(io.BytesIO(result.state), weights_only=True)
 
 
-@pytest.mark.parametrize("encoder", ["cnn", "gru"])
-def test_packed_equals_separate_training(encoder):
+@pytest.mark.parametrize("encoder,pack", [("cnn", "always"), ("gru", "always"), ("cnn", "never")])
+def test_packed_equals_separate_training(encoder, pack):
+    """Groups packed (train.pack: always) or one after another with the pack's steps (never)
+    equal each group trained on its own."""
     arrays = sines(9, length=260, groups=["a", "b", "c"])
     arrays.status[0] = 1  # groups of different sizes
     base = [*SMALL, f"model.encoder.type={encoder}", "model.encoder.num_layers=2",
             "train.mode=per_group", "data.group_col=g", "train.epochs=4",
             "train.steps_per_epoch=5", "train.grad_clip=0.5", "train.patience=2"]
-    packed_cfg = C.load(None, [*base, "train.per_group.packed=true"])
+    packed_cfg = C.load(None, [*base, "train.per_group.packed=true", f"train.pack={pack}"])
     separate_cfg = C.load(None, base)
     jobs = plan_jobs(arrays, separate_cfg)
     packed = {r.name: r for r in run_jobs_locally(arrays, jobs, packed_cfg)}
@@ -46,7 +48,7 @@ def test_packed_reports_groups_without_windows():
 
 def test_packed_config_is_checked():
     with pytest.raises(C.ConfigError, match="needs train.mode = 'per_group'"):
-        C.load(None, ["train.per_group.packed=true"])
+        C.load(None, ["train.per_group.packed=true", "train.pack=always"])
     with pytest.raises(C.ConfigError, match=r"packed models support encoder ffn \| cnn \| gru; "
                        "got model.encoder.type = 'lstm'"):
         C.load(None, ["train.per_group.packed=true", "train.mode=per_group",
@@ -60,7 +62,7 @@ def test_a_packed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     arrays = sines(9, length=260, groups=["a", "b", "c"])
     base = [*SMALL, "model.encoder.type=cnn", "train.mode=per_group", "data.group_col=g",
             "train.epochs=4", "train.steps_per_epoch=3", "train.per_group.packed=true",
-            "train.scheduler=cosine"]
+            "train.pack=always", "train.scheduler=cosine"]
     cfg = C.load(None, [*base, "train.checkpoint_minutes=0", f"train.checkpoint_dir={tmp_path}"])
     jobs = plan_jobs(arrays, cfg)
     clean = run_jobs_locally(arrays, jobs, C.load(None, [*base, "train.checkpoint_minutes=null"]))
@@ -94,7 +96,7 @@ def test_packed_equals_separate_training_with_scaled_losses(loss):
     separate_cfg = C.load(None, base)
     jobs = plan_jobs(arrays, separate_cfg)
     packed = {r.name: r for r in run_jobs_locally(
-        arrays, jobs, C.load(None, [*base, "train.per_group.packed=true"]))}
+        arrays, jobs, C.load(None, [*base, "train.per_group.packed=true", "train.pack=always"]))}
     for job in jobs:
         alone = run_job(arrays, job, separate_cfg)
         assert packed[job.name].best_val == pytest.approx(alone.best_val, rel=1e-4)

@@ -132,3 +132,37 @@ def test_a_failed_ddp_run_resumes_every_rank_from_rank_0s_checkpoint(ray_session
     assert ddp.ok, ddp.error
     assert ddp.resumed_epoch == 1 and [h["epoch"] for h in ddp.history] == [0, 1, 2]
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_an_ensembles_members_train_as_tasks_of_their_own_equal_to_local(ray_session,
+                                                                          tmp_path):
+    """On a CPU (`train.pack: auto`) each member is a Ray task; the job's Ensemble, figures
+    and member rows equal training it in this process, bit for bit (threads pinned), and
+    member 0 logs the job's epochs into its run."""
+    from pipeline.execution import spreads_members
+    arrays = sines(6, length=260)
+    cfg = C.load(None, [*SMALL, "model.encoder.type=cnn", "windows.lookback=24",
+                        "train.epochs=2", "train.steps_per_epoch=3", "train.threads=1",
+                        "model.ensemble.members=4", "model.ensemble.lookbacks=[1, 2]",
+                        "model.ensemble.losses=[mae, mase]"])
+    jobs = plan_jobs(arrays, cfg)
+    assert spreads_members(cfg, plan_packs(jobs, cfg))
+    assert not spreads_members(C.load(None, ["model.ensemble.members=4", "train.pack=always"]),
+                               [jobs])
+    mlflow = pytest.importorskip("mlflow")
+    from pipeline.tracking import EpochLogger
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("members")).info.run_id
+    (remote,) = train(arrays, plan_packs(jobs, cfg), cfg,
+                      loggers={"global": EpochLogger(uri, run_id)})
+    (local,) = run_jobs_locally(arrays, jobs, cfg)
+    assert remote.ok and remote.logged and remote.node
+    a, b = weights(remote), weights(local)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["best_epoch"] for m in remote.members] == [m["best_epoch"] for m in local.members]
+    timeless = [[{k: v for k, v in row.items() if k != "samples_per_s"} for row in r.history]
+                for r in (remote, local)]
+    assert timeless[0] == timeless[1] and remote.spec == local.spec
+    steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
+    assert sorted(steps) == list(range(len(local.history)))      # member 0's epochs, once

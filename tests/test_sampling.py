@@ -155,7 +155,8 @@ def test_series_sampling_in_a_pack_equals_each_member_alone():
             "train.recency_halflife=20"]
     separate = C.load(None, base)
     packed = {r.name: r for r in run_jobs_locally(
-        arrays, plan_jobs(arrays, separate), C.load(None, [*base, "train.per_group.packed=true"]))}
+        arrays, plan_jobs(arrays, separate),
+        C.load(None, [*base, "train.per_group.packed=true", "train.pack=always"]))}
     for job in plan_jobs(arrays, separate):
         a, b = weights(packed[job.name]), weights(run_job(arrays, job, separate))
         for k in a:

@@ -231,10 +231,12 @@ def test_validation_uses_a_fixed_sample_of_at_most_val_max_windows():
     assert val_sample(index, C.load(None, ["train.val_max_windows=null"]).train, 64) is index
     cfg2 = C.load(None, ["train.val_max_windows=300", "train.seed=1"]).train
     assert not np.array_equal(val_sample(index, cfg2, 64).start, a.start)
-    auto = C.load(None, []).train                        # auto: an epoch's windows, >= 1,024
+    auto = C.load(None, []).train                # auto: a quarter of an epoch's, >= 3,000
     assert auto.val_max_windows == "auto"
-    assert len(val_sample(index, auto, 64)) == 1024 and len(val_sample(index, auto, 1500)) == 1500
-    assert val_sample(index, auto, 5000) is index
+    big = WindowIndex(np.repeat(np.arange(200), 40).astype(np.int32),
+                      np.tile(np.arange(40), 200).astype(np.int32))      # 8,000 windows
+    assert len(val_sample(big, auto, 64)) == 3000 and len(val_sample(big, auto, 20_000)) == 5000
+    assert val_sample(big, auto, 32_000) is big and val_sample(index, auto, 64) is index
     with pytest.raises(C.ConfigError, match="train.val_max_windows = 'some'"):
         C.load(None, ["train.val_max_windows=some"])
 

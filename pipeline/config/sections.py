@@ -161,8 +161,8 @@ class TrainConfig:
                                    # `val_loss` logged): loss (the training loss) | mase |
                                    # smape (in original units; a quantile model's median)
     val_max_windows: int | str | None = "auto"  # validate on a fixed seeded sample of at
-                                   # most this many windows per job; auto: as many as an
-                                   # epoch trains on (at least 1,024); null: all
+                                   # most this many windows per job; auto: a quarter of what
+                                   # an epoch trains on (at least 3,000); null: all
     steps_per_epoch: int | None = None  # None = one pass over the training windows
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda | cuda:N
@@ -177,12 +177,23 @@ class TrainConfig:
                                    # series: B series uniformly per batch, one window of each
     recency_halflife: float | None = None  # series sampling: a window's weight halves every
                                    # this many windows back from the series' latest
+    pack: str = "auto"             # an ensemble's members (and per_group.packed groups) train
+                                   # as one packed module (always), one after another (never),
+                                   # or packed on GPUs only (auto; on a CPU a pack is slower)
+    threads: int | str = "auto"    # torch threads of a training process, part of a result's
+                                   # identity (float sums); auto: resolved per run and logged:
+                                   # a Ray task's CPUs, in-process torch's own setting
 
     def __post_init__(self) -> None:
         _choice("train.mode", self.mode, ("global", "per_group"))
         _positive("train.warm_start_epochs", self.warm_start_epochs)
         _choice("train.sampling", self.sampling, ("windows", "series"))
         _choice("train.val_metric", self.val_metric, ("loss", "mase", "smape"))
+        _choice("train.pack", self.pack, ("auto", "always", "never"))
+        if isinstance(self.threads, str):
+            _choice("train.threads", self.threads, ("auto",))
+        else:
+            _positive("train.threads", self.threads)
         if self.recency_halflife is not None:
             _positive("train.recency_halflife", self.recency_halflife)
             if self.sampling != "series":

@@ -22,6 +22,7 @@ from pipeline.data.io import Part, file_schema, list_parts, read_columns
 from pipeline.data.series import STATUS, SeriesArrays
 from pipeline.data.validate import check_columns, load_part, timestamps_ns
 from pipeline.data.windows import WindowPlan, plan_windows
+from pipeline.device import resolve_threads
 from pipeline.errors import DataError
 from pipeline.names import check_groups
 from pipeline.progress import Display
@@ -111,7 +112,8 @@ def resolve_freq(cfg: Config, parts: list[Part], sample_rows: int = 1_000_000) -
 
 def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
     """Read, validate and regularize the input into SeriesArrays (DESIGN.md §3–4). With
-    `recipe: auto` the config is resolved for the data (`pipeline.recipes`): `Prepared.cfg`."""
+    `recipe: auto` the config is resolved for the data (`pipeline.recipes`), and always
+    `train.threads: auto` for where training runs: `Prepared.cfg`, the config the run logs."""
     t0 = time.perf_counter()
     cfg = before_load(cfg)
     parts = list_parts(cfg.data.path, cfg.data.rows_per_task)
@@ -129,6 +131,7 @@ def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
         check_groups(arrays.groups, cfg.data.group_col)
     cfg, chosen = after_load(cfg, arrays.lengths[arrays.status == 0],
                              cfg.evaluate.season or freq.default_season(arrays.lengths))
+    cfg = resolve_threads(cfg)
     if chosen:
         rows = padded_rows(rows, arrays, cfg.windows)
     report = pl.DataFrame(rows or None, schema=REPORT_SCHEMA)
