@@ -70,12 +70,16 @@ def score(names: list[str], train, test, forecasts: dict[str, np.ndarray]) -> tu
     return float(np.mean(E.smape(y, yhat))), float(np.nanmean(E.mase(y, yhat, scale)))
 
 
-def run_config(path: str, data: str, out: str, sets=()) -> tuple[dict[str, np.ndarray], float,
-                                                                 dict]:
+def run_config(path: str, data: str, out: str, sets=(), use_ray: bool = False
+               ) -> tuple[dict[str, np.ndarray], float, dict]:
+    """Prepare, train the final model and forecast, in this process or (`use_ray`) with the
+    training on a local Ray instance (an ensemble's members as tasks of their own on a CPU);
+    CPU seconds of this process and, with Ray, of every process it started."""
     from pipeline.data.prepare import prepare
     from pipeline.final import final_forecast
-    from pipeline.jobs import plan_jobs, run_jobs_locally
-    cfg = C.load(path, [f"data.path={data}", f"output.path={out}", "ray.enabled=false", *sets])
+    from pipeline.jobs import plan_jobs, plan_packs, run_jobs_locally
+    cfg = C.load(path, [f"data.path={data}", f"output.path={out}",
+                        f"ray.enabled={str(use_ray).lower()}", *sets])
     t0 = time.process_time()
     w0 = time.perf_counter()
     prep = prepare(cfg)
@@ -85,9 +89,17 @@ def run_config(path: str, data: str, out: str, sets=()) -> tuple[dict[str, np.nd
     print(f"{path}: training {cfg.model.name} on {len(arrays)} series"
           + (f", {cfg.model.ensemble.members} members" if cfg.model.ensemble.members > 1 else ""),
           file=sys.stderr, flush=True)
-    results = run_jobs_locally(arrays, jobs, cfg, final=True, progress=True)
+    if use_ray:
+        import ray
+
+        from pipeline.execution import train
+        results = train(arrays, plan_packs(jobs, cfg), cfg, final=True)
+        workers = children_cpu()                   # before Ray ends its processes
+        ray.shutdown()
+    else:
+        results, workers = run_jobs_locally(arrays, jobs, cfg, final=True, progress=True), 0.0
     cols = final_forecast(arrays, jobs, {r.name: r.model() for r in results if r.ok}, cfg)
-    cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+    cpu, wall = time.process_time() - t0 + workers, time.perf_counter() - w0
     fc = {}
     for sid in np.unique(cols["unique_id"]):
         rows = cols["unique_id"] == sid
@@ -97,8 +109,21 @@ def run_config(path: str, data: str, out: str, sets=()) -> tuple[dict[str, np.nd
             "wall_s": round(wall, 1), "epochs": len(r.history), "best_epoch": r.best_epoch,
             "best_val": r.best_val, "samples_per_s": round(r.samples_per_s),
             "skipped": int((arrays.status != 0).sum()), "members": cfg.model.ensemble.members,
-            "recipe": prep.recipe or None}
+            "recipe": prep.recipe or None, "ray": use_ray, "threads": cfg.train.threads}
     return fc, cpu, info
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's living descendants (Ray's processes)."""
+    import psutil
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def main() -> None:
@@ -117,6 +142,8 @@ def main() -> None:
                     help="fit each comparator on at most the last N points (10 seasons)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every config (e.g. train.epochs=2)")
+    ap.add_argument("--ray", action="store_true",
+                    help="train on a local Ray instance (members as tasks, a thread each)")
     ap.add_argument("--validation", action="store_true",
                     help="score on each training part's last 48 hours (the test part unread): "
                          "how recipe choices are made without the test part")
@@ -154,7 +181,8 @@ def main() -> None:
         print(f"comparators {args.comparators}: {seconds:.1f} s, {len(got.fallbacks)} "
               "fallbacks", file=sys.stderr, flush=True)
     for path in args.configs:
-        fc, cpu, info = run_config(path, os.path.dirname(long_path), args.work, args.set)
+        fc, cpu, info = run_config(path, os.path.dirname(long_path), args.work, args.set,
+                                   args.ray)
         rows[f"pipeline {info['model']} ({os.path.basename(path)})"] = score(names, train,
                                                                              test, fc)
         infos.append(info)

@@ -7,11 +7,14 @@ Part 1 runs the same model (build_model, same initial weights) on the same data 
 `pipeline.train.fit` (batches gathered from the flat series arrays, masked loss, gradient
 clipping, logging) and a bare loop (windows gathered from a dense [S, T] tensor, Adam, L1 loss),
 the shape of ../shared/reference/gpu_ceiling.py: in fp32 (TF32 allowed on CUDA for both loops,
-as the ceiling does), and on CUDA also under bf16 autocast, both loops alike. Part 2 trains G
+as the ceiling does), and on CUDA also under bf16 autocast, both loops alike; then the trainer's
+epoch split into its training steps and its validation (the recipe's smallest epoch, 20 steps,
+and `val_max_windows: auto`; the budget: validation at most 25 % of the steps). Part 2 trains G
 small per-group CNNs one after another (with --ray also as Ray tasks) and packed as one grouped
 module. Part 3 trains an ensemble of 8 members packed as one module (`model.ensemble.members:
-8`, one lookback; the MLP, the CNN and the GRU) against one member alone, the same steps (the
-goal on a GPU: 8 packed within 1.5× one). Prints tables, then one JSON line with every figure.
+8`, one lookback, `train.pack: always`; the MLP, the CNN and the GRU) and one after another
+(`train.pack: never`) against one member alone, the same steps (the goal on a GPU: 8 packed
+within 1.5× one). Prints tables, then one JSON line with every figure.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from pipeline.data.series import SeriesArrays  # noqa: E402
 from pipeline.data.windows import starts_between  # noqa: E402
 from pipeline.device import seed_everything  # noqa: E402
 from pipeline.models import build_model, make_loss  # noqa: E402
-from pipeline.train import TrainData, fit  # noqa: E402
+from pipeline.train import TrainData, fit, val_sample  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -112,6 +115,25 @@ def trainer_loop(model, arrays, L, H, batch, steps, device, mcfg, bf16=False) ->
     return batch * steps / (time.perf_counter() - t0)
 
 
+def validation_cost(model, arrays, L, H, batch, steps, device, mcfg) -> dict:
+    """One epoch of `steps` steps with validation (the last H windows of each series held
+    out, `val_max_windows: auto`), after one to warm up: its training and validation
+    seconds."""
+    lens = arrays.lengths
+    train = starts_between(np.zeros(len(lens)), lens - L - 2 * H)
+    val = starts_between(lens - L - 2 * H + 1, lens - L - H)
+    loader = WindowLoader(arrays, L, H, np.zeros(len(lens)), np.ones(len(lens)), device=device)
+    cfg = C.TrainConfig(epochs=1, steps_per_epoch=steps, batch_size=batch, device=str(device),
+                        checkpoint_minutes=None)
+    for _ in range(2):                      # the first warms up
+        (res,) = fit(model, [TrainData(loader, train, val)], cfg, make_loss(mcfg),
+                     progress=False)
+    n_val = len(val_sample(val, cfg, steps * batch))
+    return {"val_windows": n_val, "train_windows": steps * batch,
+            "s_train_steps": res.train_seconds, "s_validation": res.val_seconds,
+            "val_over_train": res.val_seconds / res.train_seconds}
+
+
 def part_trainer(args, device) -> list[dict]:
     L, H, C_ = (48, 12, 3) if args.quick else (168, 48, 3)
     batch = 64 if args.quick else (256 if device.type == "cpu" else 4096)
@@ -130,9 +152,13 @@ def part_trainer(args, device) -> list[dict]:
             seed_everything(0)
             ours = max(ours, trainer_loop(build_model(mcfg, **build).to(device), arrays, L, H,
                                           batch, steps, device, mcfg, bf16))
+        seed_everything(0)
+        cost = validation_cost(build_model(mcfg, **build).to(device), arrays, L, H, batch,
+                               5 if args.quick else 20 if device.type == "cpu" else 50,
+                               device, mcfg)
         rows.append({"model": f"{kind}_direct", "batch": batch, "bf16": bf16,
                      "bare_samples_per_s": bare, "trainer_samples_per_s": ours,
-                     "ratio": ours / bare})
+                     "ratio": ours / bare, **cost})
     return rows
 
 
@@ -156,7 +182,8 @@ def part_packed(args, device) -> dict:
         run_job(arrays, job, cfg)
     sync(device)
     t_seq = time.perf_counter() - t0
-    packed_cfg = C.load(None, [*_overrides(cfg), "train.per_group.packed=true"])
+    packed_cfg = C.load(None, [*_overrides(cfg), "train.per_group.packed=true",
+                               "train.pack=always"])
     run_pack(arrays, jobs[:2], packed_cfg)  # warm-up
     t0 = time.perf_counter()
     res = run_pack(arrays, jobs, packed_cfg)
@@ -193,8 +220,8 @@ def part_ensemble(args, device) -> list[dict]:
                 f"train.steps_per_epoch={steps}", "train.epochs=1", f"train.batch_size={batch}",
                 f"train.device={device}", "train.checkpoint_minutes=null"]
         seconds = {}
-        for n in (1, members):
-            cfg = C.load(None, [*base, f"model.ensemble.members={n}"])
+        for n, pack in ((1, "auto"), (members, "always"), (-members, "never")):
+            cfg = C.load(None, [*base, f"model.ensemble.members={abs(n)}", f"train.pack={pack}"])
             (job,) = plan_jobs(arrays, cfg)
             best = float("inf")
             for _ in range(1 + args.repeats):       # the first is a warm-up
@@ -208,7 +235,9 @@ def part_ensemble(args, device) -> list[dict]:
         rows.append({"model": f"{kind}_direct", "members": members, "steps": steps,
                      "batch": batch, "s_one_member": seconds[1],
                      "s_packed_ensemble": seconds[members],
-                     "ratio": seconds[members] / seconds[1]})
+                     "s_one_after_another": seconds[-members],
+                     "ratio": seconds[members] / seconds[1],
+                     "ratio_one_after_another": seconds[-members] / seconds[1]})
     return rows
 
 
@@ -237,11 +266,13 @@ def main() -> None:
     rows = [] if args.only_ensemble else part_trainer(args, device)
     if rows:
         print(f"\n{'model':<12} {'batch':>6} {'precision':>9} {'bare samples/s':>15} "
-              f"{'trainer samples/s':>18} {'ratio':>6}")
+              f"{'trainer samples/s':>18} {'ratio':>6} {'steps s':>8} {'val s':>6} "
+              f"{'val windows':>11} {'val/steps':>9}")
     for r in rows:
         print(f"{r['model']:<12} {r['batch']:>6} {'bf16' if r['bf16'] else 'fp32':>9} "
               f"{r['bare_samples_per_s']:>15,.0f} {r['trainer_samples_per_s']:>18,.0f} "
-              f"{r['ratio']:>6.2f}")
+              f"{r['ratio']:>6.2f} {r['s_train_steps']:>8.2f} {r['s_validation']:>6.2f} "
+              f"{r['val_windows']:>11,} {r['val_over_train']:>9.0%}")
     packed = None if args.skip_packed or args.only_ensemble else part_packed(args, device)
     if packed:
         print(f"\nper-group CNNs: {packed['groups']} groups × {packed['steps']} steps × batch "
@@ -254,12 +285,14 @@ def main() -> None:
     ensemble = None if args.skip_ensemble else part_ensemble(args, device)
     if ensemble:
         e = ensemble[0]
-        print(f"\nensemble of {e['members']} packed against one member: {e['steps']} steps × "
-              f"batch {e['batch']}")
-        print(f"  {'model':<12} {'one member s':>13} {'8 packed s':>11} {'ratio':>6}")
+        print(f"\nensemble of {e['members']} (packed, one after another) against one member: "
+              f"{e['steps']} steps × batch {e['batch']}")
+        print(f"  {'model':<12} {'one member s':>13} {'8 packed s':>11} {'ratio':>6} "
+              f"{'8 one after another s':>22} {'ratio':>6}")
         for e in ensemble:
             print(f"  {e['model']:<12} {e['s_one_member']:>13.2f} {e['s_packed_ensemble']:>11.2f}"
-                  f" {e['ratio']:>6.2f}")
+                  f" {e['ratio']:>6.2f} {e['s_one_after_another']:>22.2f}"
+                  f" {e['ratio_one_after_another']:>6.2f}")
     print(json.dumps({"benchmark": "train", "device": str(device), "device_name": name,
                       "machine": platform.node(), "torch": torch.__version__,
                       "trainer": rows, "packed": packed, "ensemble": ensemble}))
