@@ -206,11 +206,10 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
     improved). `loss_fn`: one for every member, or one per member. `log`: one callback, or one
     per member, gets each epoch's row. `seeds`: each member's seed for its window order and
     validation sample (default: cfg.seed for all). `val_loss`: what validation scores
-    (`train.val_metric`; default: `loss_fn`). `checkpoint` (a
-    `pipeline.checkpoint.Checkpoint`): resume from its state when it holds one, save the whole
-    state when due; a resumed run ends with the same weights, bit for bit on the CPU, as one
-    that was never interrupted. `steps`: full batches per epoch for a pack of one too (a
-    member trained alone as in the pack it left: `epoch_steps` of that pack)."""
+    (`train.val_metric`; default: `loss_fn`). `checkpoint` (a `pipeline.checkpoint.Checkpoint`):
+    resume from its state when it holds one, save the whole state when due; a resumed run ends
+    with the same weights, bit for bit on the CPU, as one that was never interrupted. `steps`:
+    full batches per epoch for a pack of one too (a member alone, as in its pack)."""
     G = len(data)
     logs = list(log) if isinstance(log, Sequence) else [log] * G
     seeds = [cfg.seed] * G if seeds is None else list(seeds)
@@ -218,9 +217,8 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
     amp = autocast_dtype(cfg, device)
     rank, world = dist_info()
     val, data, samplers = _prepare(data, cfg, seeds, rank, world)
-    val = ValBatches(data, val, cfg.batch_size * 4)
-    fixed = steps is not None or G > 1         # full batches, else steps_per_epoch / a pass
-    steps = steps or epoch_steps(data, cfg)
+    # full batches (a pack, or a member alone as in its pack), else steps_per_epoch / a pass
+    steps, fixed = steps or epoch_steps(data, cfg), steps is not None or G > 1
     opt, sched = make_optimizer(model, cfg, steps * cfg.epochs)
     core = getattr(model, "module", model)   # the model inside a DDP wrapper
     s = _State(G)
@@ -233,11 +231,8 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
         train_loss, n = train_epoch(model, data, steps if fixed else cfg.steps_per_epoch,
                                     opt, sched, loss_fn, cfg, amp, gens, samplers,
                                     display.step)
-        tv = time.perf_counter()
-        scores = validate(model, val, val_loss or loss_fn, amp)
-        s.add_seconds(tv - te, time.perf_counter() - tv)
-        train_loss = [mean_over_ranks(v, device) for v in train_loss]
-        scores = [mean_over_ranks(v, device) for v in scores]
+        scores = _timed_validation(s, te, model, val, val_loss or loss_fn, amp)
+        train_loss, scores = ([mean_over_ranks(v, device) for v in x] for x in (train_loss, scores))
         rate = n * world / (time.perf_counter() - te)            # samples/s per member
         _end_epoch(s, core, epoch, train_loss, scores, n * world, rate, opt, cfg, logs)
         display.update({"epoch": epoch, "train_loss": float(np.mean(train_loss)),
@@ -253,10 +248,19 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
     return s.results
 
 
+def _timed_validation(s: _State, te: float, model, val: ValBatches, loss_fn, amp
+                      ) -> list[float]:
+    """`validate`, its seconds and the epoch's training seconds (since `te`) added up."""
+    tv = time.perf_counter()
+    scores = validate(model, val, loss_fn, amp)
+    s.add_seconds(tv - te, time.perf_counter() - tv)
+    return scores
+
+
 def _prepare(data: Sequence[TrainData], cfg: TrainConfig, seeds: Sequence[int], rank: int,
-             world: int) -> tuple[list, list[TrainData], list | None]:
-    """Each member's validation sample and training shard (this rank's), and its
-    series-balanced sampler with `train.sampling: series` (else None)."""
+             world: int) -> tuple[ValBatches, list[TrainData], list | None]:
+    """The members' validation batches (each one's sample, this rank's shard), training
+    shards, and series-balanced samplers with `train.sampling: series` (else None)."""
     val = [_val_windows(d, cfg, rank, world, seed) for d, seed in zip(data, seeds, strict=True)]
     data = [TrainData(d.loader, shard(d.train, rank, world), d.val) for d in data]
     if any(len(d.train) == 0 for d in data):
@@ -265,7 +269,7 @@ def _prepare(data: Sequence[TrainData], cfg: TrainConfig, seeds: Sequence[int], 
     samplers = None
     if cfg.sampling == "series":
         samplers = [SeriesSampler(d.train, cfg.recency_halflife) for d in data]
-    return val, data, samplers
+    return ValBatches(data, val, cfg.batch_size * 4), data, samplers
 
 
 def _val_windows(data: TrainData, cfg: TrainConfig, rank: int, world: int, seed: int

@@ -165,7 +165,21 @@ def causal_left_padding(length: int, kernel_size: int, stride: int = 1, dilation
     return dilation * (kernel_size - 1) - (length - 1) % stride
 
 
-class CausalConvLayer(nn.Module):
+class SparseLayer:
+    """What `newest_features` asks of a causal conv layer (the single's and the packed one's):
+    `sparse`, the layer on a progression of steps, and whether it may (`sparse_ok`). The layer
+    gives `_conv(stride, dilation)`, `_skip()`, kernel_size, stride, pad_mode and drop."""
+
+    def sparse(self, h: torch.Tensor, dilation: int, stride: int, n_out: int) -> torch.Tensor:
+        return sparse_conv(h, self._conv(stride, dilation), self.kernel_size, dilation, stride,
+                           n_out, self.drop, self._skip())
+
+    @property
+    def sparse_ok(self) -> bool:
+        return sparse_ok(self.stride, self.pad_mode, self.drop)
+
+
+class CausalConvLayer(SparseLayer, nn.Module):
     """F.pad on the left, dilated Conv1d, ReLU, dropout, and an optional residual connection.
 
     Output j sits on the input step under the kernel's newest tap, so no output sees a step
@@ -190,16 +204,12 @@ class CausalConvLayer(nn.Module):
         (k,), (d,), (s,) = self.conv.kernel_size, self.conv.dilation, self.conv.stride
         return causal_conv(h, self.conv, k, d, s, self.pad_mode, self.drop, self.skip)
 
-    def sparse(self, h: torch.Tensor, dilation: int, stride: int, n_out: int) -> torch.Tensor:
-        """The layer on a progression of steps (`newest_features`)."""
-        conv = lambda padded: F.conv1d(padded, self.conv.weight, self.conv.bias,  # noqa: E731
-                                       stride=stride, dilation=dilation)
-        return sparse_conv(h, conv, self.conv.kernel_size[0], dilation, stride, n_out,
-                           self.drop, self.skip)
+    def _conv(self, stride: int, dilation: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda padded: F.conv1d(padded, self.conv.weight, self.conv.bias, stride=stride,
+                                       dilation=dilation)
 
-    @property
-    def sparse_ok(self) -> bool:
-        return sparse_ok(self.conv.stride[0], self.pad_mode, self.drop)
+    def _skip(self) -> nn.Module | None:
+        return self.skip
 
     @property
     def kernel_size(self) -> int:
@@ -208,6 +218,10 @@ class CausalConvLayer(nn.Module):
     @property
     def dilation(self) -> int:
         return self.conv.dilation[0]
+
+    @property
+    def stride(self) -> int:
+        return self.conv.stride[0]
 
 
 def causal_conv(h: torch.Tensor, conv: Callable[[torch.Tensor], torch.Tensor], k: int, d: int,

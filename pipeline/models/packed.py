@@ -41,10 +41,9 @@ from pipeline.models.encoders import (
     CNNEncoder,
     FFNEncoder,
     RNNEncoder,
+    SparseLayer,
     causal_conv,
     newest_features,
-    sparse_conv,
-    sparse_ok,
 )
 from pipeline.models.seq2seq import EncoderDecoder, build_model, model_config_from_dict
 
@@ -159,7 +158,7 @@ class PackedFFNEncoder(nn.Module):
 
 # ---------------------------------------------------------------- causal CNN
 
-class PackedConvLayer(_Packed):
+class PackedConvLayer(SparseLayer, _Packed):
     """G CausalConvLayers as one grouped Conv1d over G·C channels (group-major channels).
 
     Same steps as CausalConvLayer: pad (or crop) the oldest side, dilated strided conv, ReLU,
@@ -182,30 +181,16 @@ class PackedConvLayer(_Packed):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """[B, G*C_in, T] -> [B, G*C_out, ceil(T / stride)]."""
-        groups, c_out = self.weight.shape[:2]
         k, d, s = self.kernel_size, self.dilation, self.stride
-        # [G, C_out, C_in, k] -> [G*C_out, C_in, k]: Conv1d's layout for groups=G
-        weight = self.weight.reshape(groups * c_out, -1, k)
-        bias = None if self.bias is None else self.bias.reshape(-1)  # [G, C_out] -> [G*C_out]
+        return causal_conv(h, self._conv(s, d), k, d, s, self.pad_mode, self.drop, self._skip())
 
-        def conv(padded: torch.Tensor) -> torch.Tensor:
-            return F.conv1d(padded, weight, bias, stride=s, dilation=d, groups=groups)
-
-        return causal_conv(h, conv, k, d, s, self.pad_mode, self.drop, self._skip())
-
-    def sparse(self, h: torch.Tensor, dilation: int, stride: int, n_out: int) -> torch.Tensor:
-        """The layer on a progression of steps (`encoders.newest_features`)."""
+    def _conv(self, stride: int, dilation: int) -> Callable[[torch.Tensor], torch.Tensor]:
         groups, c_out = self.weight.shape[:2]
+        # [G, C_out, C_in, k] -> [G*C_out, C_in, k]: Conv1d's layout for groups=G
         weight = self.weight.reshape(groups * c_out, -1, self.kernel_size)
-        bias = None if self.bias is None else self.bias.reshape(-1)
-        conv = lambda padded: F.conv1d(padded, weight, bias, stride=stride,  # noqa: E731
-                                       dilation=dilation, groups=groups)
-        return sparse_conv(h, conv, self.kernel_size, dilation, stride, n_out, self.drop,
-                           self._skip())
-
-    @property
-    def sparse_ok(self) -> bool:
-        return sparse_ok(self.stride, self.pad_mode, self.drop)
+        bias = None if self.bias is None else self.bias.reshape(-1)  # [G, C_out] -> [G*C_out]
+        return lambda padded: F.conv1d(padded, weight, bias, stride=stride, dilation=dilation,
+                                       groups=groups)
 
     def _skip(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The residual: the newest input under each kernel position, 1x1-projected per group
