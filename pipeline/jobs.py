@@ -6,7 +6,9 @@ worker). A pack of one job trains its ordinary model; a pack of several (the gro
 
 An ensemble (`model.ensemble.members > 1`) trains inside the same call: for each lookback of
 its members (`pipeline.models.ensemble.lookback_packs`), the pack's jobs × those members train
-as one `PackedModel`, each member with its own windows, seed and loss; every job's members then
+as one `PackedModel` (`train.pack`: on a GPU), or one after another, each alone with the
+pack's steps (on a CPU; the execution layer may hand each member to a task of its own:
+`train_members`), each member with its own windows, seed and loss; every job's members then
 come back as one `Ensemble` in its JobResult (`members` lists each one's figures).
 
 A job's windows come from `pipeline.data.windows.plan_windows`: training and validation end
