@@ -19,6 +19,7 @@ from pipeline.config import Config, WindowsConfig
 from pipeline.data.loader import WindowLoader, loader_at
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowIndex, backtest_windows, forecast_windows
+from pipeline.device import torch_threads
 from pipeline.models.ensemble import Ensemble, combine
 
 
@@ -68,8 +69,15 @@ def predict_job(model: nn.Module, arrays: SeriesArrays, cfg: Config, cutoff: np.
     `loader_at(arrays, cfg, cutoff, device)` when the caller has one. An Ensemble predicts with
     each member on its own windows (its lookback, ending at the same origin) and combines the
     forecasts in original units over the members that can forecast each series; series none
-    can forecast are left out."""
-    loader = loader or loader_at(arrays, cfg, cutoff, device)
+    can forecast are left out. Runs under `train.threads`, as the training did: the float sums
+    of a forward pass may depend on the number of threads."""
+    with torch_threads(cfg.train.threads):
+        return _predict_job(model, arrays, cfg, cutoff, eligible, quantiles, with_target,
+                            loader or loader_at(arrays, cfg, cutoff, device), batch_size)
+
+
+def _predict_job(model, arrays, cfg, cutoff, eligible, quantiles, with_target, loader,
+                 batch_size) -> Predictions:
     if not isinstance(model, Ensemble):
         idx = _windows(arrays, cfg.windows, cutoff, eligible, with_target)
         return predict(model, loader, idx, quantiles=quantiles, with_target=with_target,

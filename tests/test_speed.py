@@ -117,3 +117,23 @@ def test_the_training_line_says_threads_and_packing(capsys):
                            "train.threads=1"])
     report.training_start(on_ray, 1, torch.device("cpu"), final=False)
     assert "device cpu, 1 thread, 3 members a Ray task each" in capsys.readouterr().out
+
+
+def test_forecasts_are_made_under_the_configured_threads(monkeypatch):
+    """Inference too runs under train.threads (a Ray run's driver forecasts with the threads
+    its tasks trained with; tests/test_cluster.py's two-node run equals the local one)."""
+    import pipeline.forecast as F
+    from pipeline.forecast import predict_job
+    arrays = sines(4)
+    cfg = C.load(None, [*BASE, "train.epochs=1", "train.threads=2"])
+    res = run_job(arrays, plan_jobs(arrays, cfg)[0], cfg)
+    seen, real = [], F.predict
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+    monkeypatch.setattr(F, "predict", spy)
+    before = torch.get_num_threads()
+    eligible = arrays.status == 0
+    predict_job(res.model(), arrays, cfg, arrays.lengths, eligible, with_target=False)
+    assert seen == [2] and torch.get_num_threads() == before
