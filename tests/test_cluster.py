@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import polars as pl
+import psutil
 import pytest
 
 from pipeline.cli import main
@@ -61,15 +62,19 @@ def test_the_job_on_two_nodes_with_s3_input_and_outputs_writes_the_local_forecas
 
 
 def _kill_first_job_task(killed: list, stop: threading.Event) -> None:
-    """SIGKILL the first Ray worker seen running a training task (`ray::_pack_task`)."""
+    """SIGKILL the first worker of this session's Ray instance (started by this process, so
+    its workers descend from it; never another job's) seen running a training task
+    (`ray::_pack_task`), by its id."""
+    me = psutil.Process()
     while not stop.is_set() and not killed:
-        ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-        for line in ps.splitlines():
-            pid, _, cmd = line.strip().partition(" ")
-            if cmd.startswith("ray::_pack_task"):
-                os.kill(int(pid), signal.SIGKILL)
-                killed.append(int(pid))
-                return
+        for proc in me.children(recursive=True):
+            try:
+                if " ".join(proc.cmdline()).startswith("ray::_pack_task"):
+                    proc.send_signal(signal.SIGKILL)
+                    killed.append(proc.pid)
+                    return
+            except psutil.Error:     # it ended meanwhile
+                continue
         time.sleep(0.05)
 
 
