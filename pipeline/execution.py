@@ -19,14 +19,19 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import ray
-import torch
 from ray.util.queue import Queue
 
 from pipeline.config import Config, RayConfig
-from pipeline.device import packs as packs_on
-from pipeline.device import resolve_device
 from pipeline.errors import InfraError, PipelineError
-from pipeline.jobs import Job, JobResult, ensemble_result, failed, run_pack, train_members
+from pipeline.jobs import (
+    Job,
+    JobResult,
+    ensemble_result,
+    failed,
+    run_pack,
+    spreads_members,
+    train_members,
+)
 from pipeline.models.ensemble import ensemble_members
 from pipeline.progress import Display
 
@@ -145,15 +150,6 @@ def _members_task(arrays, job, cfg, indices, final=False, log=None, init=None, p
                   ) -> tuple[dict, list[str], str]:
     done = train_members(arrays, job, cfg, indices, final=final, log=log, init=init, plan=plan)
     return done, list(getattr(log, "errors", [])), ray.get_runtime_context().get_node_id()
-
-
-def spreads_members(cfg: Config, packs: list[list[Job]]) -> bool:
-    """Whether an ensemble's members train as Ray tasks of their own: more than one member,
-    one job per pack, and members that do not pack where the tasks run (`train.pack`; `auto`
-    packs on GPUs: a task with `ray.task_num_gpus`, or `train.device` cuda)."""
-    gpu = cfg.ray.task_num_gpus > 0 or resolve_device(cfg.train.device).type == "cuda"
-    return (cfg.model.ensemble.members > 1 and all(len(p) == 1 for p in packs)
-            and not packs_on(cfg.train, torch.device("cuda" if gpu else "cpu")))
 
 
 def train(arrays, packs: list[list[Job]], cfg: Config, final: bool = False,

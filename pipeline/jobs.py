@@ -89,6 +89,17 @@ def plan_packs(jobs: list[Job], cfg: Config) -> list[list[Job]]:
     return [jobs] if cfg.train.per_group.packed and jobs else [[job] for job in jobs]
 
 
+def spreads_members(cfg: Config, job_packs: list[list[Job]]) -> bool:
+    """Whether Ray trains an ensemble's members as tasks of their own
+    (`pipeline.execution.train`): Ray on, more than one member, one job per pack, and members
+    that do not pack where the tasks run (`train.pack`; `auto` packs on GPUs: tasks with
+    `ray.task_num_gpus`, or `train.device` cuda)."""
+    gpu = cfg.ray.task_num_gpus > 0 or resolve_device(cfg.train.device).type == "cuda"
+    return (cfg.ray.enabled and cfg.model.ensemble.members > 1
+            and all(len(p) == 1 for p in job_packs)
+            and not packs(cfg.train, torch.device("cuda" if gpu else "cpu")))
+
+
 def job_data(arrays: SeriesArrays, job: Job, cfg: Config, device: torch.device,
              final: bool = False, plan: WindowPlan | None = None) -> TrainData:
     """The job's windows, scaling and loader (the loader holds all series; the index only the

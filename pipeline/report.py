@@ -12,6 +12,7 @@ import polars as pl
 from pipeline.data import windows as W
 from pipeline.data.grid import describe
 from pipeline.device import packs
+from pipeline.jobs import spreads_members
 from pipeline.secrets import redact
 
 METRICS = ["mae", "rmse", "smape", "mase", "wape", "skill_mase"]
@@ -63,16 +64,17 @@ def data(prep, cfg, report_path: str | None) -> None:
         print(f"report       {redact(report_path)} ({len(prep.report)} rows)")
 
 
-def training_start(cfg, n_jobs: int, device, final: bool) -> None:
+def training_start(cfg, job_packs: list, device, final: bool) -> None:
+    """The training line: jobs, mode, device, threads, and how members or groups train."""
     what = "final model (all data)" if final else "before the backtest cutoffs"
     threads = cfg.train.threads
     how = f"{threads} thread{'s' * (threads != 1)}" if isinstance(threads, int) else ""
-    members, per_group = cfg.model.ensemble.members, cfg.train.mode == "per_group"
-    if members > 1 or (per_group and cfg.train.per_group.packed):
+    members = cfg.model.ensemble.members
+    if members > 1 or (cfg.train.mode == "per_group" and cfg.train.per_group.packed):
         who = f"{members} members" if members > 1 else "groups"
-        alone = "a Ray task each" if cfg.ray.enabled and members > 1 and not (
-            per_group and cfg.train.per_group.packed) else "one after another"
-        how += f", {who} {'packed' if packs(cfg.train, device) else alone}"
+        how += f", {who} " + ("packed" if packs(cfg.train, device) else "a Ray task each"
+                              if spreads_members(cfg, job_packs) else "one after another")
+    n_jobs = sum(len(p) for p in job_packs)
     print(f"training     {cfg.model.name}: {n_jobs} job(s), mode {cfg.train.mode}, "
           f"device {device}{', ' + how.lstrip(', ') if how else ''}, {what}", flush=True)
 

@@ -124,7 +124,7 @@ def train(b: Batch, data: Prepared, jobs: list[Job], inits: dict | None = None, 
     cfg = cfg or b.cfg
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(   # for every worker
         cfg.train, checkpoint_dir=paths.checkpoint_root(cfg)))
-    report.training_start(cfg, len(jobs), resolve_device(cfg.train.device), final)
+    report.training_start(cfg, plan_packs(jobs, cfg), resolve_device(cfg.train.device), final)
     with b.stage("final" if final else "train"):
         prefix = "final_" if final else ""
         loggers = b.log.loggers(jobs, prefix) if b.log is not None and tracked else None

@@ -2,6 +2,7 @@
 the torch threads a pinned and logged setting, members packed only where packing pays."""
 import io
 
+import numpy as np
 import pytest
 import torch
 from test_train import SMALL, sines
@@ -12,7 +13,7 @@ from pipeline import config as C
 from pipeline import report
 from pipeline.data.loader import WindowLoader
 from pipeline.device import packs, resolve_threads, torch_threads
-from pipeline.jobs import plan_jobs, run_job
+from pipeline.jobs import Job, plan_jobs, run_job
 
 BASE = [*SMALL, "train.epochs=3", "train.steps_per_epoch=3", "train.patience=5"]
 
@@ -72,15 +73,21 @@ def test_threads_auto_resolves_to_what_training_will_use():
     assert resolved.explicit == local.explicit and resolved.to_dict()["train"]["threads"] >= 1
 
 
-def test_training_runs_under_the_configured_threads(monkeypatch):
-    arrays = sines(4)
-    seen, real = [], T.fit
+def threads_seen(monkeypatch, module, name: str) -> list[int]:
+    """`module.name` patched to record torch's threads at each call; the record."""
+    seen, real = [], getattr(module, name)
 
     def spy(*a, **k):
         seen.append(torch.get_num_threads())
         return real(*a, **k)
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def test_training_runs_under_the_configured_threads(monkeypatch):
     import pipeline.jobs as J
-    monkeypatch.setattr(J, "fit", spy)
+    arrays = sines(4)
+    seen = threads_seen(monkeypatch, J, "fit")
     before = torch.get_num_threads()
     for threads in (2, "auto"):
         cfg = C.load(None, [*BASE, f"train.threads={threads}", "train.epochs=1"])
@@ -109,13 +116,16 @@ def test_pack_auto_packs_on_gpus_only():
 def test_the_training_line_says_threads_and_packing(capsys):
     cfg = C.load(None, ["model.ensemble.members=3", "model.ensemble.losses=[mae]",
                         "train.threads=2", "model.encoder.type=cnn", "ray.enabled=false"])
-    report.training_start(cfg, 1, torch.device("cpu"), final=False)
+    report.training_start(cfg, [[Job("global", np.arange(4))]], torch.device("cpu"),
+                          final=False)
     assert "device cpu, 2 threads, 3 members one after another" in capsys.readouterr().out
-    report.training_start(cfg, 1, torch.device("cuda"), final=True)
+    report.training_start(cfg, [[Job("global", np.arange(4))]], torch.device("cuda"),
+                          final=True)
     assert "device cuda, 2 threads, 3 members packed, final" in capsys.readouterr().out
     on_ray = C.load(None, ["model.ensemble.members=3", "model.encoder.type=cnn",
                            "train.threads=1"])
-    report.training_start(on_ray, 1, torch.device("cpu"), final=False)
+    report.training_start(on_ray, [[Job("global", np.arange(4))]], torch.device("cpu"),
+                          final=False)
     assert "device cpu, 1 thread, 3 members a Ray task each" in capsys.readouterr().out
 
 
@@ -127,12 +137,7 @@ def test_forecasts_are_made_under_the_configured_threads(monkeypatch):
     arrays = sines(4)
     cfg = C.load(None, [*BASE, "train.epochs=1", "train.threads=2"])
     res = run_job(arrays, plan_jobs(arrays, cfg)[0], cfg)
-    seen, real = [], F.predict
-
-    def spy(*a, **k):
-        seen.append(torch.get_num_threads())
-        return real(*a, **k)
-    monkeypatch.setattr(F, "predict", spy)
+    seen = threads_seen(monkeypatch, F, "predict")
     before = torch.get_num_threads()
     eligible = arrays.status == 0
     predict_job(res.model(), arrays, cfg, arrays.lengths, eligible, with_target=False)

@@ -32,8 +32,7 @@ class CalendarTable:
                  pad: int, horizon: int, device: torch.device) -> None:
         self.freq, self.names, self.pad, self.horizon = freq, list(names), pad, horizon
         self.start, self.lengths = np.asarray(start, np.int64), np.asarray(lengths, np.int64)
-        ordinals, offset = _rows(self.start, self.lengths, pad, horizon,
-                                 freq.step)
+        ordinals, offset = _rows(self.start, self.lengths, pad, horizon, freq.step)
         self.table = cyclic(freq, self.names, torch.from_numpy(ordinals)).to(device)
         self.offset = torch.from_numpy(offset).to(device)
 
