@@ -7,9 +7,10 @@ worker). A pack of one job trains its ordinary model; a pack of several (the gro
 An ensemble (`model.ensemble.members > 1`) trains inside the same call: for each lookback of
 its members (`pipeline.models.ensemble.lookback_packs`), the pack's jobs × those members train
 as one `PackedModel` (`train.pack`: on a GPU), or one after another, each alone with the
-pack's steps (on a CPU; the execution layer may hand each member to a task of its own:
-`train_members`), each member with its own windows, seed and loss; every job's members then
-come back as one `Ensemble` in its JobResult (`members` lists each one's figures).
+pack's steps and gradient clipping (on a CPU; the execution layer may hand each member to a
+task of its own: `train_members`), each member with its own windows, seed and loss; every
+job's members then come back as one `Ensemble` in its JobResult (`members` lists each one's
+figures).
 
 A job's windows come from `pipeline.data.windows.plan_windows`: training and validation end
 before the oldest backtest cutoff, and the scaling statistics are fitted on the same prefix, so
@@ -173,10 +174,10 @@ def train_members(arrays: SeriesArrays, job: Job, cfg: Config, indices: list[int
     ckpts = []
     with torch_threads(cfg.train.threads):
         for part in lookback_packs(ensemble_members(cfg)):
-            if mine := [m for m in part if m.index in set(indices)]:
-                ckpts += _train_part(arrays, [job], cfg, mine, done, final=final,
+            if any(m.index in indices for m in part):
+                ckpts += _train_part(arrays, [job], cfg, part, done, final=final,
                                      logs={job.name: log}, inits={job.name: init},
-                                     progress=False, wrap=None, plan=plan, alone=len(part) > 1)
+                                     progress=False, wrap=None, plan=plan, only=set(indices))
     _clear(ckpts)
     return done[job.name]
 
@@ -189,12 +190,15 @@ def _clear(ckpts: list) -> None:
 
 def _train_part(arrays: SeriesArrays, jobs: list[Job], cfg: Config, part: list[Member],
                 done: dict, *, final: bool, logs: dict, inits: dict, progress: bool,
-                wrap: Callable | None, plan: WindowPlan | None, alone: bool = False) -> list:
+                wrap: Callable | None, plan: WindowPlan | None, only: set[int] | None = None
+                ) -> list:
     """Train the members `part` (one lookback) of every job with windows: as one pack, or
-    (`train.pack`, `device.packs`) each alone with the pack's steps per epoch, so the weights
-    are the same up to float rounding. Each trained (model, FitResult, windows) goes to
-    done[job name][member index]. Returns the checkpoints (cleared once every part has
-    trained). `alone`: each member alone, whatever `train.pack` says."""
+    (`train.pack`, `device.packs`) each alone with the pack's steps per epoch and its
+    clipping arithmetic, so the weights are the pack's (bit for bit for MLPs on the CPU, to
+    float rounding for convolutions and GRUs). Each trained (model, FitResult, windows) goes
+    to done[job name][member index]. Returns the checkpoints (cleared once every part has
+    trained). `only`: train just these member indices, each alone, whatever `train.pack`
+    says (a Ray task's share of the pack)."""
     device = resolve_device(cfg.train.device)
     data_cfg = member_config(cfg, Member(0, part[0].lookback, cfg.model.loss, cfg.train.seed))
     same = data_cfg.windows.lookback == cfg.windows.lookback
@@ -204,19 +208,19 @@ def _train_part(arrays: SeriesArrays, jobs: list[Job], cfg: Config, part: list[M
         keep += [(job, m, data) for m in part] if len(data.train) else []
     if not keep:
         return []
-    if not alone and (len(keep) == 1 or packs(cfg.train, device)):
+    if len(keep) == 1 or (only is None and packs(cfg.train, device)):
         return [_fit_pack(arrays, keep, cfg, done, final, logs, inits, progress, wrap)]
-    steps = epoch_steps([d for *_, d in keep], cfg.train)      # the pack's: same batches
-    return [_fit_pack(arrays, [one], cfg, done, final, logs, inits, progress, wrap, steps)
-            for one in keep]
+    alone = (epoch_steps([d for *_, d in keep], cfg.train), len(keep))  # the pack's
+    return [_fit_pack(arrays, [one], cfg, done, final, logs, inits, progress, wrap, alone)
+            for one in keep if only is None or one[1].index in only]
 
 
 def _fit_pack(arrays: SeriesArrays, keep: list, cfg: Config, done: dict, final: bool,
               logs: dict, inits: dict, progress: bool, wrap: Callable | None,
-              steps: int | None = None):
+              alone: tuple[int, int] | None = None):
     """Fit the (job, member, data) of `keep` as one module (a PackedModel when more than
-    one); `steps`: per epoch, when a member trains alone as in its pack. Returns the
-    checkpoint, or None."""
+    one); `alone`: (steps per epoch, the pack's size) when a member trains alone as in its
+    pack. Returns the checkpoint, or None."""
     device = keep[0][2].loader.device
     ensemble = cfg.model.ensemble.members > 1
     models = [_initial_model(arrays, keep[0][2].loader, member_config(cfg, m),
@@ -227,14 +231,15 @@ def _fit_pack(arrays: SeriesArrays, keep: list, cfg: Config, done: dict, final: 
     members = [Job(f"{j.name}/{m.index}", j.series, j.group) if ensemble else j
                for j, m, _ in keep]
     name = _pack_name(cfg, members, keep[0][1].lookback if ensemble else None)
-    if steps is not None and ensemble:                        # a member alone
+    steps, width = alone or (None, None)
+    if alone and ensemble:                                    # a member alone
         name += f"-m{keep[0][1].index}"
     ckpt = checkpoint.for_pack(arrays, members, cfg, final, name, state_bytes(core),
                                dist_info()[1])
     fits = fit(wrap(core) if wrap else core, [d for *_, d in keep], cfg.train,
                _losses(cfg, [m for _, m, _ in keep]), progress=progress, checkpoint=ckpt,
                log=[logs.get(j.name) if m.index == 0 else None for j, m, _ in keep],
-               seeds=[m.seed for _, m, _ in keep], steps=steps,
+               seeds=[m.seed for _, m, _ in keep], steps=steps, width=width,
                val_loss=make_val_loss(cfg.model, cfg.train.val_metric))
     for g, ((job, m, data), res) in enumerate(zip(keep, fits, strict=True)):
         done[job.name][m.index] = (core.extract(g) if packed else core, res, len(data.train))

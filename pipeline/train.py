@@ -99,23 +99,30 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
 # ------------------------------------------------------------------ the pack
 
 @torch.no_grad()
-def clip_grad_norm_per_member(module: nn.Module, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_per_member(module: nn.Module, max_norm: float, width: int | None = None
+                              ) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (L2) for each member on its own: member g's slice of
     every gradient is scaled by min(1, max_norm / (norm_g + 1e-6)), norm_g being the L2 norm
     over member g's slices only. Every parameter carries the member in dim 0 (a PackedModel's
-    do). Returns the norms before clipping, [G]."""
+    do), or `width` is given: an ordinary model, a member taken out of a pack of `width`,
+    whose norm is summed over its parameters as that pack sums it (torch's reduction order
+    over [parameters, G] depends on G), so the member alone gets its pack's gradients bit for
+    bit. Returns the norms before clipping, [G]."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(0)
-    members = grads[0].shape[0]
-    if any(g.shape[0] != members for g in grads):
+    members = 1 if width else grads[0].shape[0]
+    if any(g.shape[0] != members for g in grads) and not width:
         raise ValueError("every parameter must have the member in dim 0")
     # [G, *shape] -> [G, n] -> [G]: each member's squared norm, summed over parameters
-    norms = torch.stack([g.reshape(members, -1).float().square().sum(1) for g in grads]).sum(0)
-    norms = norms.sqrt()
+    squares = torch.stack([g.reshape(members, -1).float().square().sum(1) for g in grads])
+    if width:                                          # [P, 1] laid out as its pack's [P, G]
+        squares = squares.expand(-1, width).contiguous()
+    norms = squares.sum(0)[:members].sqrt()
     scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
-        g.mul_(scale.to(g.dtype).reshape(members, *[1] * (g.dim() - 1)))  # [G] -> [G, 1, …]
+        g.mul_(scale.to(g.dtype).reshape(members, *[1] * (g.dim() - 1)) if not width
+               else scale.to(g.dtype))
     return norms
 
 
@@ -136,13 +143,14 @@ def batch_losses(model: nn.Module, b: Batch, loss_fn, amp, train: bool, members:
 
 def train_epoch(model, data: Sequence[TrainData], steps: int | None, opt, sched, loss_fn,
                 cfg: TrainConfig, amp, gens: Sequence[torch.Generator],
-                samplers: Sequence[SeriesSampler | None] | None = None, tick=None
-                ) -> tuple[list, int]:
+                samplers: Sequence[SeriesSampler | None] | None = None, tick=None,
+                width: int | None = None) -> tuple[list, int]:
     """One epoch of `steps` steps (None: one pass, the last batch smaller; packs of one only);
     returns (each member's mean train loss, samples per member). `samplers`: each member's
     series-balanced sampler (`train.sampling: series`), or None: window permutations.
     `tick(step, loss)` after each step, `loss()` the running mean train loss (it syncs the
-    device: a progress display calls it only when it prints)."""
+    device: a progress display calls it only when it prints). `width`: a member alone,
+    clipped as a member of its pack of `width` is (`clip_grad_norm_per_member`)."""
     model.train()
     samplers = samplers or [None] * len(data)
     streams = [d.loader.batches(d.train, cfg.batch_size, shuffle=True, generator=g,
@@ -153,8 +161,8 @@ def train_epoch(model, data: Sequence[TrainData], steps: int | None, opt, sched,
         losses = pack_losses(model, batches, loss_fn, amp, train=True)
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()        # member g's gradient is that of its own loss
-        if cfg.grad_clip and len(data) > 1:
-            clip_grad_norm_per_member(getattr(model, "module", model), cfg.grad_clip)
+        if cfg.grad_clip and (len(data) > 1 or width):
+            clip_grad_norm_per_member(getattr(model, "module", model), cfg.grad_clip, width)
         elif cfg.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -200,7 +208,7 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
         loss_fn: nn.Module | Sequence[nn.Module], *,
         log: Log | Sequence[Log | None] | None = None, progress: bool = True,
         checkpoint=None, seeds: Sequence[int] | None = None, val_loss: nn.Module | None = None,
-        steps: int | None = None) -> list[FitResult]:
+        steps: int | None = None, width: int | None = None) -> list[FitResult]:
     """Train the pack (`model` and one TrainData per member) in place; each member's weights
     of its best validation epoch are restored at the end (its last epoch's when it never
     improved). `loss_fn`: one for every member, or one per member. `log`: one callback, or one
@@ -209,7 +217,9 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
     (`train.val_metric`; default: `loss_fn`). `checkpoint` (a `pipeline.checkpoint.Checkpoint`):
     resume from its state when it holds one, save the whole state when due; a resumed run ends
     with the same weights, bit for bit on the CPU, as one that was never interrupted. `steps`:
-    full batches per epoch for a pack of one too (a member alone, as in its pack)."""
+    full batches per epoch for a pack of one too (a member alone, as in its pack); `width`:
+    the size of that pack, whose arithmetic the member's gradient clipping reproduces (an MLP
+    member's weights then equal its pack's bit for bit on the CPU)."""
     G = len(data)
     logs = list(log) if isinstance(log, Sequence) else [log] * G
     seeds = [cfg.seed] * G if seeds is None else list(seeds)
@@ -230,7 +240,7 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
         gens = [epoch_generator(seed, epoch, rank) for seed in seeds]  # as if alone
         train_loss, n = train_epoch(model, data, steps if fixed else cfg.steps_per_epoch,
                                     opt, sched, loss_fn, cfg, amp, gens, samplers,
-                                    display.step)
+                                    display.step, width)
         scores = _timed_validation(s, te, model, val, val_loss or loss_fn, amp)
         train_loss, scores = ([mean_over_ranks(v, device) for v in x] for x in (train_loss, scores))
         rate = n * world / (time.perf_counter() - te)            # samples/s per member
