@@ -151,3 +151,25 @@ def test_backtest_and_forecast_commands_run_their_parts(demo_dir, tmp_path):
     assert main(["forecast", *base]) == 0
     files, fc = read(tmp_path, "forecasts")
     assert len(files) == 1 and fc["unique_id"].n_unique() == 40
+
+
+@pytest.mark.slow
+def test_make_runs_printed_metrics_equal_the_golden_file(tmp_path, capsys):
+    """`make run` on the demo (its data, configs/demo.yaml) prints the metrics frozen in
+    tests/golden/make_run_metrics.txt, digit for digit: here in this process with one torch
+    thread, as each of make run's Ray tasks trains (Ray = local is tested bit for bit)."""
+    from pipeline.data.demo import make_demo_data
+    make_demo_data(str(tmp_path / "demo"))
+    b = execute(["run", "--config", "configs/demo.yaml", "--set", f"data.path={tmp_path}/demo",
+                 "--set", f"output.path={tmp_path}/out", "--set", "ray.enabled=false",
+                 "--set", "train.threads=1", "--set", "tracking.enabled=false"])
+    assert b.exit_code == 0
+    lines = capsys.readouterr().out.splitlines()
+    with open(os.path.join(os.path.dirname(__file__), "golden", "make_run_metrics.txt")) as f:
+        golden = [line.rstrip("\n") for line in f if not line.startswith("#")]
+    table = [g for g in golden if not g.startswith("best val")]
+    start = lines.index(table[0])
+    assert lines[start:start + len(table)] == table
+    best = [line.split()[4] for line in lines if line.startswith("  global ")]
+    assert [f"best val {k} {v}" for k, v in zip(("backtest", "final"), best, strict=True)] \
+        == [g for g in golden if g.startswith("best val")]
