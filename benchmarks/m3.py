@@ -84,7 +84,7 @@ def run_pipeline(kind: str, data: str, out: str, config: str, extra: list[str]) 
                  f"name=m3_{kind}", *sum((["--set", x] for x in extra), [])])
     if b.exit_code not in (0, 4):
         raise SystemExit(f"run on {kind} exited {b.exit_code}")
-    cols = b.results["forecast"].rows()
+    cols = b.outcome.forecast.rows()
     order = np.lexsort((cols["step"], cols["unique_id"]))
     ids, y_hat = cols["unique_id"][order], cols["y_hat"][order]
     fc = {str(i): y_hat[ids == i] for i in np.unique(ids)}

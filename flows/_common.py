@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Callable
 
 from pipeline.batch import Batch
+from pipeline.stages import Outcome
 
 
 def parser(flow: str, doc: str) -> argparse.ArgumentParser:
@@ -24,19 +25,19 @@ def add_arguments(p: argparse.ArgumentParser, batch: bool = True) -> None:
         p.add_argument("--force", action="store_true", help="redo a batch that already finished")
 
 
-def run_flow(flow: Callable[[Batch], object], args: argparse.Namespace, *, record: bool = True,
-             tracked: bool = True, registry: bool = False) -> Batch:
+def run_flow(flow: Callable[[Batch], Outcome], args: argparse.Namespace, *,
+             record: bool = True, tracked: bool = True, registry: bool = False) -> Batch:
     """Run `flow(batch)` as one batch named after it; returns the finished Batch (its
-    `exit_code`, each stage's result in `results`). `record`: a scheduled run (a finished batch
-    is skipped; the CLI's commands pass False)."""
+    `exit_code`, and in `outcome` what the flow returned: None when it stopped early).
+    `record`: a scheduled run (a finished batch is skipped; the CLI's commands pass False)."""
     with Batch(flow.__name__, args.config, args.set, getattr(args, "batch_id", None),
                getattr(args, "force", False), record=record, tracked=tracked,
                registry=registry) as b:
-        flow(b)
+        b.outcome = flow(b)
     return b
 
 
-def main(flow: Callable[[Batch], object], argv: list[str] | None = None, **kwargs) -> int:
+def main(flow: Callable[[Batch], Outcome], argv: list[str] | None = None, **kwargs) -> int:
     """`python -m flows.<name>`: parse the command line, run the flow as a scheduled batch,
     return its exit code."""
     name = flow.__name__

@@ -8,15 +8,15 @@ from pipeline import stages as S
 from pipeline.batch import Batch
 
 
-def backtest(b: Batch) -> None:
+def backtest(b: Batch) -> S.Outcome:
     """Train before the backtest cutoffs and score the models against the baselines."""
     data = S.prepare(b)
     jobs = S.plan(b, data)
     inits = S.warm_start(b, data, jobs)
     trained = S.train(b, data, jobs, inits)
-    S.backtest(b, data, jobs, trained, inits)
+    scored = S.backtest(b, data, jobs, trained, inits)
     S.log_models(b, trained)
-    S.html_report(b)                             # the batch's page, next to the outputs
+    return S.html_report(b, S.Outcome(data, jobs, inits, trained, scored))   # next to the outputs
 
 
 if __name__ == "__main__":

@@ -9,15 +9,15 @@ from pipeline import stages as S
 from pipeline.batch import Batch
 
 
-def forecast(b: Batch) -> None:
+def forecast(b: Batch) -> S.Outcome:
     """Train the forecast model on all the data and write its forecasts."""
     data = S.prepare(b)
     jobs = S.plan(b, data)
     inits = S.warm_start(b, data, jobs)
     final = S.final_model(b, data, jobs, None, inits)
     S.log_models(b, final)
-    F.write_forecast(b, data, F.forecast(b, data, jobs, final))
-    S.html_report(b)                             # the batch's page, next to the outputs
+    written = F.write_forecast(b, data, F.forecast(b, data, jobs, final))
+    return S.html_report(b, S.Outcome(data, jobs, inits, final=final, forecast=written))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ from pipeline.batch import Batch
 REGISTRY = True
 
 
-def forecast_only(b: Batch, by: str | None = None) -> None:
+def forecast_only(b: Batch, by: str | None = None) -> S.Outcome:
     """Forecast with the registered champions (per group, or one global with by="global")."""
     data = S.prepare(b)
-    forecast = F.registry_forecast(b, data, by)
-    F.write_forecast(b, data, forecast)
-    S.html_report(b)                             # the batch's page, next to the outputs
+    forecast = F.write_forecast(b, data, F.registry_forecast(b, data, by))
+    return S.html_report(b, S.Outcome(data, forecast=forecast))   # the page, next to the outputs
 
 
 if __name__ == "__main__":

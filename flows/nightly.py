@@ -11,7 +11,7 @@ from pipeline.batch import Batch
 REGISTRY = True     # needs the Model Registry
 
 
-def nightly(b: Batch) -> None:
+def nightly(b: Batch) -> S.Outcome:
     """Train a challenger, promote it where it beats the champion, forecast with the
     champions."""
     data = S.prepare(b)                          # read, validate; lock and open the batch
@@ -21,10 +21,11 @@ def nightly(b: Batch) -> None:
     scored = S.backtest(b, data, jobs, trained, inits)   # against the baselines; written
     final = S.final_model(b, data, jobs, trained, inits)  # on all the data
     S.log_models(b, final)
-    S.promote(b, data, scored, final)            # challenger vs champion, same windows
-    forecast = F.registry_forecast(b, data)      # with the champions, new or kept
+    decisions = S.promote(b, data, scored, final)         # challenger vs champion
+    forecast = F.registry_forecast(b, data, calibration=scored.calibration)  # the champions
     F.write_forecast(b, data, forecast, scored)
-    S.html_report(b)                             # the batch's page, next to the outputs
+    return S.html_report(b, S.Outcome(data, jobs, inits, trained, scored, final, decisions,
+                                    forecast))   # the batch's page, next to the outputs
 
 
 if __name__ == "__main__":

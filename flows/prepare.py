@@ -9,10 +9,9 @@ from pipeline.batch import Batch
 TRACKED = False
 
 
-def prepare(b: Batch) -> None:
+def prepare(b: Batch) -> S.Outcome:
     """Read and validate the input; report what was repaired or skipped."""
-    S.prepare(b)
-    S.html_report(b)                             # the batch's page, next to the outputs
+    return S.html_report(b, S.Outcome(S.prepare(b)))   # the batch's page, next to the outputs
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pipeline import stages as S
 from pipeline.batch import Batch
 
 
-def run(b: Batch) -> None:
+def run(b: Batch) -> S.Outcome:
     """Backtest the models, then forecast with the final model."""
     data = S.prepare(b)                          # read, validate; lock and open the batch
     jobs = S.plan(b, data)                       # one global job, or one per group
@@ -18,9 +18,10 @@ def run(b: Batch) -> None:
     scored = S.backtest(b, data, jobs, trained, inits)   # against the baselines; written
     final = S.final_model(b, data, jobs, trained, inits)  # on all the data (or reused)
     S.log_models(b, final)
-    forecast = F.forecast(b, data, jobs, final)
+    forecast = F.forecast(b, data, jobs, final, scored.calibration)   # conformal widths
     F.write_forecast(b, data, forecast, scored)
-    S.html_report(b)                             # the batch's page, next to the outputs
+    return S.html_report(b, S.Outcome(data, jobs, inits, trained, scored, final,
+                                    forecast=forecast))   # the page, next to the outputs
 
 
 if __name__ == "__main__":

@@ -7,14 +7,14 @@ from pipeline import stages as S
 from pipeline.batch import Batch
 
 
-def train(b: Batch) -> None:
+def train(b: Batch) -> S.Outcome:
     """Train the models (before the backtest cutoffs, as `backtest` would score them)."""
     data = S.prepare(b)
     jobs = S.plan(b, data)
     inits = S.warm_start(b, data, jobs)
     trained = S.train(b, data, jobs, inits)
     S.log_models(b, trained)
-    S.html_report(b)                             # the batch's page, next to the outputs
+    return S.html_report(b, S.Outcome(data, jobs, inits, trained))   # next to the outputs
 
 
 if __name__ == "__main__":

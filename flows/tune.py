@@ -10,10 +10,10 @@ from pipeline.batch import Batch
 
 
 def tune(b: Batch, trials: int | None = None, minutes: float | None = None,
-         out: str | None = None) -> None:
+         out: str | None = None) -> S.Outcome:
     """Search the config's `tune.space`; write the tuned config."""
     data = S.prepare(b)
-    tuning.tune(b, data, trials, minutes, out)
+    return S.Outcome(data, tuned=tuning.tune(b, data, trials, minutes, out))
 
 
 if __name__ == "__main__":

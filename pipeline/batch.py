@@ -111,7 +111,7 @@ class Batch:
         self.log = None                      # the RunLog, once opened (None: untracked)
         self.seconds: dict[str, float] = {}  # wall seconds per stage
         self.failed_jobs: list[str] = []
-        self.results: dict[str, object] = {}  # each stage's result, by stage name
+        self.outcome = None      # what the flow returned (a `stages.Outcome`, `flows._common`)
         self.exit_code = EXIT_OK
         self._stack = contextlib.ExitStack()
         self._runner = None
@@ -142,11 +142,6 @@ class Batch:
             else:
                 self._runner = local_runner
         return self._runner
-
-    def keep(self, name: str, result):
-        """Keep a stage's result (what tests and callers read), and return it."""
-        self.results[name] = result
-        return result
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:

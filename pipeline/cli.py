@@ -135,8 +135,8 @@ def tune(args: argparse.Namespace | list[str]) -> list[Batch]:
         functools.partial(tune_flow.tune, trials=args.trials, minutes=args.time_budget,
                           out=args.out), tune_flow.tune)
     searched = run_flow(flow, args, record=False)
-    tuned = searched.results.get("tune")
-    if searched.exit_code != EXIT_OK or args.no_backtest or None not in tuned.files:
+    tuned = searched.outcome.tuned if searched.exit_code == EXIT_OK else None
+    if tuned is None or args.no_backtest or None not in tuned.files:
         return [searched]
     print(f"backtest of the tuned config {tuned.files[None]}")
     again = argparse.Namespace(config=tuned.files[None], set=[], batch_id=args.batch_id)
@@ -148,7 +148,7 @@ def tune(args: argparse.Namespace | list[str]) -> list[Batch]:
 
 def execute(args: argparse.Namespace | list[str]) -> Batch:
     """Run a flow command (prepare, train, backtest, forecast, run); the finished Batch, with
-    each stage's result (`Batch.results`) and the exit code."""
+    what the flow returned (`Batch.outcome`) and the exit code."""
     if isinstance(args, list):
         args = _parser().parse_args(args)
     if args.command == "forecast" and args.from_registry:

@@ -71,10 +71,12 @@ class Forecast:
         return {k: table[k].to_numpy(zero_copy_only=False) for k in table.column_names}
 
 
-def forecast(b: Batch, data: Prepared, jobs: list[Job], trained) -> Forecast:
+def forecast(b: Batch, data: Prepared, jobs: list[Job], trained, calibration=None
+             ) -> Forecast:
     """H steps past every series' end with its job's model (`trained`: a `stages.Trained`);
-    the fallback where there is none. Made chunk by chunk when written."""
-    arrays, cfg, models, cal = data.arrays, b.cfg, trained.models(), _calibration(b)
+    the fallback where there is none; with `calibration` (the backtest's conformal widths,
+    `Scored.calibration`) the intervals around it. Made chunk by chunk when written."""
+    arrays, cfg, models, cal = data.arrays, b.cfg, trained.models(), calibration
     with b.stage("forecast"):     # the scaling at the series' ends, fitted once for all chunks
         loader = loader_at(arrays, cfg, arrays.lengths) if models else None
 
@@ -84,16 +86,16 @@ def forecast(b: Batch, data: Prepared, jobs: list[Job], trained) -> Forecast:
                               within=_range(len(arrays), lo, hi), failed=bad, runner=b.runner,
                               loader=loader)
         return _intervals(cols, cal, cfg), bad
-    return b.keep("forecast", Forecast(make, _columns([cfg], [cal]),
-                                       fallback=fallback_name(cfg)))
+    return Forecast(make, _columns([cfg], [cal]), fallback=fallback_name(cfg))
 
 
-def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Forecast:
+def registry_forecast(b: Batch, data: Prepared, by: str | None = None, calibration=None
+                      ) -> Forecast:
     """Forecasts from the registered champions, no training: each with the windows, scaling
     and model of the run that trained it, and with `evaluate.intervals: conformal` the widths
-    that run calibrated (this batch's backtest's where it logged none). Groups without a
-    champion get the fallback."""
-    cfg, arrays, mine = b.cfg, data.arrays, _calibration(b)
+    that run calibrated (`calibration`, this batch's backtest's, where it logged none).
+    Groups without a champion get the fallback."""
+    cfg, arrays, mine = b.cfg, data.arrays, calibration
     with b.stage("forecast"):
         by = compare.resolve(cfg, by)[2]
         if by == "group" and arrays.groups is None:
@@ -118,9 +120,8 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None) -> Foreca
             rest = Job("rest", np.concatenate([j.series for j, _ in champs.missing]))
     used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
     columns = _columns([cfg] + [e[0].config for e, *_ in served], [mine] + [s[3] for s in served])
-    return b.keep("forecast", Forecast(_champions_maker(b, arrays, served, rest, mine), columns,
-                                       note=f"champions {', '.join(used)}",
-                                       fallback=fallback_name(cfg)))
+    return Forecast(_champions_maker(b, arrays, served, rest, mine), columns,
+                    note=f"champions {', '.join(used)}", fallback=fallback_name(cfg))
 
 
 def _champions_maker(b: Batch, arrays, served: list, rest: Job | None, mine) -> Callable:
@@ -152,11 +153,6 @@ def _champions_maker(b: Batch, arrays, served: list, rest: Job | None, mine) -> 
                                                         runner=b.runner), mine, cfg))
         return concat_columns(frames), bad
     return make
-
-
-def _calibration(b: Batch):
-    """This batch's conformal widths, when its backtest made them."""
-    return getattr(b.results.get("backtest"), "calibration", None)
 
 
 def _intervals(cols: dict, cal, cfg: Config) -> dict:

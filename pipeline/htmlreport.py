@@ -1,11 +1,11 @@
 """One batch as a self-contained HTML page: one file, inline CSS, images inlined as base64 PNG
 `data:` URIs, no JavaScript, nothing fetched (a Content-Security-Policy forbids it).
 
-    html = render(b)             # b: a finished (or finishing) pipeline.batch.Batch
-    write(b, "outputs/report.html")
+    html = render(b, outcome)    # b: the pipeline.batch.Batch, outcome: its flow's results
+    write(b, outcome, "outputs/report.html")
 
-The page holds what the batch's stages left in `b.results` (the sections whose stage did not
-run are left out): the header (config, flow, batch, data end, run, stage timings, failed
+The page holds what the flow's `pipeline.stages.Outcome` holds (the sections whose stage did
+not run are left out): the header (config, flow, batch, data end, run, stage timings, failed
 jobs), the training jobs, the backtest leaderboard against the baselines, the per-group
 decisions or champions, the distribution of per-series MASE and skill, the validation summary
 and a sample of series drawn by `pipeline.plots`. Every text that comes from the data or the
@@ -51,21 +51,21 @@ def esc(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def write(b, path: str) -> str:
+def write(b, outcome, path: str) -> str:
     """Render the batch's page and write it atomically to `path` (a local path or a pyarrow
     URI); returns the path."""
     path = str(path)
-    write_bytes_atomic(render(b).encode("utf-8"), path)
+    write_bytes_atomic(render(b, outcome).encode("utf-8"), path)
     return path
 
 
-def render(b) -> str:
-    """The whole page of batch `b` as one HTML string."""
-    r = b.results
-    sections = [_header(b), _training(r), _leaderboard(r.get("backtest"), b.cfg.model.name),
-                _groups(r.get("backtest"), r.get("promote"), b.cfg.model.name),
-                _errors(r.get("backtest"), b.cfg.model.name), _validation(r.get("data")),
-                _series(b)]
+def render(b, outcome) -> str:
+    """The whole page of batch `b` (its config, timings, failed jobs) and of its flow's
+    results `outcome`, as one HTML string."""
+    o, model = outcome, b.cfg.model.name
+    sections = [_header(b, o.data), _training(o), _leaderboard(o.scored, model),
+                _groups(o.scored, o.decisions, model), _errors(o.scored, model),
+                _validation(o.data), _series(b.cfg, o)]
     title = f"{esc(b.cfg.name)} — {esc(b.flow)} batch {esc(b.batch_id or '–')}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">"
@@ -91,9 +91,8 @@ def _table(table_id: str, head: list[str], rows: list[str]) -> str:
             + "".join(rows) + "</tbody></table>")
 
 
-def _header(b) -> str:
+def _header(b, data) -> str:
     """Config, flow, batch, data end, run, wall time per stage, failed jobs."""
-    data = b.results.get("data")
     stages = ", ".join(f"{esc(k)} {v:.1f} s" for k, v in b.seconds.items())
     failed = (f"<span class=\"bad\">{esc(', '.join(b.failed_jobs))}</span>"
               if b.failed_jobs else "none")
@@ -107,11 +106,11 @@ def _header(b) -> str:
     return f"<header><h1>Forecast report: {esc(b.cfg.name)}</h1><dl>{dl}</dl></header>"
 
 
-def _training(results: dict) -> str:
+def _training(outcome) -> str:
     """One row per training job of the backtest model and the final model."""
     rows = []
-    for stage in ("train", "final"):
-        for j in getattr(results.get(stage), "results", []):
+    for stage, trained in (("train", outcome.trained), ("final", outcome.final)):
+        for j in getattr(trained, "results", []):
             status = "ok" if j.ok else f"<span class=\"bad\">FAILED: {esc(j.error)}</span>"
             rows.append(f"<tr><td>{stage}</td><td>{esc(j.name)}</td>"
                         f"<td class=\"num\">{j.n_series:,}</td>"
@@ -263,10 +262,9 @@ def _validation(data) -> str:
             + "</section>")
 
 
-def _series(b) -> str:
+def _series(cfg, outcome) -> str:
     """A sample of series (`evaluate.plots`, chosen as the plots on disk are)."""
-    r, cfg = b.results, b.cfg
-    data, fc, scored = r.get("data"), r.get("forecast"), r.get("backtest")
+    data, fc, scored = outcome.data, outcome.forecast, outcome.scored
     cols = fc.cols if fc is not None else None
     bt = scored.predictions if scored is not None else None
     if data is None or not (cols or bt):

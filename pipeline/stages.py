@@ -5,13 +5,16 @@
 
 (the forecast stages are `pipeline.forecasting`'s)
 
-Each takes the `Batch` (config, runner, tracking run, timings), does one step, logs it to the
-tracking run, has `pipeline.report` print it, and returns its result (what tests read)."""
+Each takes the `Batch` (config, runner, tracking run, timings) and the results it needs as
+arguments, does one step, logs it to the tracking run, has `pipeline.report` print it, and
+returns its result; the flow passes results on and returns them as a
+`pipeline.outcome.Outcome`."""
 from __future__ import annotations
 
 import dataclasses
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pipeline import compare, htmlreport, output, paths, report
 from pipeline.backtest import (
@@ -47,6 +50,10 @@ from pipeline.jobs import (
 from pipeline.names import model_file
 from pipeline.statistical import Statistical
 
+if TYPE_CHECKING:
+    from pipeline.forecasting import Forecast
+    from pipeline.tuning import Tuned
+
 
 @dataclass
 class Trained:
@@ -70,6 +77,24 @@ class Scored:
     calibration: Calibration | None = None     # evaluate.intervals: conformal
 
 
+@dataclass
+class Outcome:
+    """What a flow returns: the result of each stage it ran, typed, None (or empty) where the
+    flow has no such stage. The flow builds it from the values it passed from stage to stage,
+    hands it to `html_report`, and returns it; `flows._common.run_flow` leaves it on the
+    finished batch (`Batch.outcome`, None when the flow stopped early)."""
+    data: Prepared | None = None                  # the input, validated, and the window plan
+    jobs: list[Job] = field(default_factory=list)
+    inits: dict[str, bytes] = field(default_factory=dict)  # warm-start weights, by job
+    trained: Trained | None = None                # before the backtest cutoffs
+    scored: Scored | None = None                  # the backtest
+    final: Trained | None = None                  # the forecast model
+    decisions: list[compare.Decision] | None = None   # challenger vs champion, when promoted
+    forecast: Forecast | None = None
+    tuned: Tuned | None = None
+    report: str | None = None                     # the batch's HTML page
+
+
 def prepare(b: Batch) -> Prepared:
     """Read and validate the input into arrays and the window plan, then open the batch on
     the data cutoff (lock, skip-if-done, tracking run, validation report)."""
@@ -78,7 +103,7 @@ def prepare(b: Batch) -> Prepared:
         data = read_input(b.cfg, b.runner)
     b.begin(data)
     report.data(data, b.cfg, paths.validation_report(b.cfg) if b.cfg.output.report else None)
-    return b.keep("data", data)
+    return data
 
 
 def plan(b: Batch, data: Prepared) -> list[Job]:
@@ -87,7 +112,7 @@ def plan(b: Batch, data: Prepared) -> list[Job]:
     if b.cfg.model.season is None:
         b.cfg.check_season(data.arrays.freq.default_season(data.arrays.lengths),
                            f"the {data.arrays.freq.name} data's season")
-    return b.keep("plan", plan_jobs(data.arrays, b.cfg))
+    return plan_jobs(data.arrays, b.cfg)
 
 
 def warm_start(b: Batch, data: Prepared, jobs: list[Job]) -> dict[str, bytes]:
@@ -110,7 +135,7 @@ def warm_start(b: Batch, data: Prepared, jobs: list[Job]) -> dict[str, bytes]:
                          n_groups(arrays)).spec
         inits, fresh = compare.warm_states(champs, want, state_bytes)
     report.warm_start(len(inits), fresh)
-    return b.keep("warm_start", inits)
+    return inits
 
 
 def train(b: Batch, data: Prepared, jobs: list[Job], inits: dict | None = None, *,
@@ -143,7 +168,7 @@ def train(b: Batch, data: Prepared, jobs: list[Job], inits: dict | None = None, 
         for r in results:
             if r.ok:
                 save_result(r, f"{folder}/{model_file(cfg.model.name, r.name)}")
-    trained = b.keep(label or ("final" if final else "train"), Trained(results, folder, final))
+    trained = Trained(results, folder, final)
     report.training(trained)
     b.failed_jobs = sorted(set(b.failed_jobs) | {r.name for r in results if not r.ok})
     if all(not r.ok for r in results):
@@ -189,7 +214,7 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
         written.append(output.write(cfg, "metrics", end, metrics, b.flow))
         if b.log is not None:
             b.log.backtest(bt, metrics)
-    scored = b.keep("backtest", Scored(bt, bt.summary(), written, preds))
+    scored = Scored(bt, bt.summary(), written, preds)
     report.backtest(scored, cfg)
     report.comparator_fallbacks(bt.fallbacks, bt.forecasts)
     if cfg.evaluate.intervals == "conformal":
@@ -251,17 +276,18 @@ def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = No
                                     theirs, arrays.freq, final.results if final else None,
                                     statistical=mine)
     report.promotion(cfg.model.name, decisions)
-    return b.keep("promote", decisions)
+    return decisions
 
 
-def html_report(b: Batch) -> str:
+def html_report(b: Batch, outcome: Outcome) -> Outcome:
     """One self-contained HTML page for the batch (leaderboard against the baselines, groups,
-    per-series errors, validation, series drawn): next to the outputs and in the run."""
-    data = b.results["data"]
-    path = paths.partition(b.cfg, "reports", paths.data_end(data.arrays), b.flow)
+    per-series errors, validation, series drawn) from the flow's `outcome`: next to the
+    outputs and in the run. Returns the outcome with the page's path (`report`)."""
+    path = paths.partition(b.cfg, "reports", paths.data_end(outcome.data.arrays), b.flow)
     with b.stage("report"):
-        where = htmlreport.write(b, join(path, "report.html"))
+        where = htmlreport.write(b, outcome, join(path, "report.html"))
         if b.log is not None:
             b.log.report(where)
     report.html(where)
-    return b.keep("report", where)
+    outcome.report = where
+    return outcome

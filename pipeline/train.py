@@ -216,10 +216,8 @@ def fit(model: nn.Module, data: Sequence[TrainData], cfg: TrainConfig,
     validation sample (default: cfg.seed for all). `val_loss`: what validation scores
     (`train.val_metric`; default: `loss_fn`). `checkpoint` (a `pipeline.checkpoint.Checkpoint`):
     resume from its state when it holds one, save the whole state when due; a resumed run ends
-    with the same weights, bit for bit on the CPU, as one that was never interrupted. `steps`:
-    full batches per epoch for a pack of one too (a member alone, as in its pack); `width`:
-    the size of that pack, whose arithmetic the member's gradient clipping reproduces (an MLP
-    member's weights then equal its pack's bit for bit on the CPU)."""
+    with the same weights, bit for bit on the CPU, as one that was never interrupted. `steps`,
+    `width`: a member alone steps and clips as its pack of `width` (an MLP: bit for bit)."""
     G = len(data)
     logs = list(log) if isinstance(log, Sequence) else [log] * G
     seeds = [cfg.seed] * G if seeds is None else list(seeds)

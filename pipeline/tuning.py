@@ -102,7 +102,7 @@ def tune(b: Batch, data: Prepared, trials: int | None = None, minutes: float | N
         tuned.files[res.group], tuned.texts[res.group] = _write(b, cfg, raw, res, best, out)
     _log(b, cfg, raw, tuned)
     _print(cfg, tuned)
-    return b.keep("tune", tuned)
+    return tuned
 
 
 def _write(b: Batch, cfg: C.Config, raw: dict, res, best, out: str | None

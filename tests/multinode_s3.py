@@ -74,7 +74,7 @@ def main(data: str, out: str) -> None:
             "train.per_group.packed=false", *FAST])])
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         readers = load_part_nodes(len(nodes))
-        trained = sorted({r.node for r in remote.results["final"].results})
+        trained = sorted({r.node for r in remote.outcome.final.results})
         ray.shutdown()
         torch.set_num_threads(1)     # as the 1-CPU Ray workers: the same float reductions
         local = execute(["run", "--config", "configs/per_group.yaml", *sets([

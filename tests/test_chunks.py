@@ -90,7 +90,7 @@ def test_a_backtest_in_chunks_of_series_writes_what_one_chunk_writes(tmp_path):
                       f"evaluate.chunk_series={chunk}", "evaluate.comparators=[auto_theta]")
         files = {kind: next((tmp_path / chunk / kind).rglob("*.parquet"))
                  for kind in ("backtest", "metrics")}
-        out[chunk] = (b.results["backtest"], {
+        out[chunk] = (b.outcome.scored, {
             k: pl.read_parquet(f).drop("run_id", "created_at", strict=False)
                  .sort("unique_id", "model", "cutoff", *(["step"] if k == "backtest" else []))
             for k, f in files.items()})
@@ -150,7 +150,7 @@ def test_a_forecast_in_chunks_of_series_writes_what_one_chunk_writes(tmp_path):
         (part,) = (tmp_path / chunk / "forecasts").rglob("*.parquet")
         if chunk == "3":
             assert pq_row_groups(part) == 5                  # 14 series in chunks of 3
-        out[chunk] = (b.results["forecast"], pl.read_parquet(part).drop("run_id", "created_at")
+        out[chunk] = (b.outcome.forecast, pl.read_parquet(part).drop("run_id", "created_at")
                       .sort("unique_id", "step"))
     (a, x), (w, y) = out["3"], out["null"]
     assert x.columns == y.columns == ["unique_id", "ds", "cutoff", "step", "y_hat", "q_0.025",

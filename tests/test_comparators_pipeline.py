@@ -200,16 +200,16 @@ def test_a_winning_comparator_is_registered_as_a_spec_and_refitted(tmp_path):
     config = statistical_config(tmp_path)
     run = execute(["run", "--config", config])
     assert run.exit_code == 0
-    summary = run.results["backtest"].summary
+    summary = run.outcome.scored.summary
     best = min(CLASSES, key=lambda m: summary[m]["mase"])
     assert summary[best]["mase"] < 0.2 * summary[run.cfg.model.name]["mase"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # conformal intervals: coverage logged per model, quantile columns in the forecast
     parent = mlflow.MlflowClient(tracking_uri=uri).get_run(run.log.parent_id).data
-    cal = run.results["backtest"].calibration
+    cal = run.outcome.scored.calibration
     assert parent.metrics["coverage_80"] == cal.coverage[run.cfg.model.name]["coverage_80"]
     assert parent.metrics["auto_ets_coverage_95"] == cal.coverage["auto_ets"]["coverage_95"]
-    cols = run.results["forecast"].rows()
+    cols = run.outcome.forecast.rows()
     assert [k for k in cols if k.startswith("q_")] == ["q_0.025", "q_0.1", "q_0.9", "q_0.975"]
     assert (cols["q_0.025"] <= cols["q_0.1"]).all() and (cols["q_0.1"] <= cols["y_hat"]).all()
     assert main(["compare", "--config", config]) == 0
@@ -225,9 +225,9 @@ def test_a_winning_comparator_is_registered_as_a_spec_and_refitted(tmp_path):
     fc = execute(["forecast", "--config", config, "--from-registry", "--set",
                   "evaluate.chunk_series=3"])             # refitted chunk by chunk
     assert fc.exit_code == 0
-    cols = fc.results["forecast"].rows()
+    cols = fc.outcome.forecast.rows()
     assert set(cols["model"]) == {best}
-    arrays = fc.results["data"].arrays
+    arrays = fc.outcome.data.arrays
     for s in range(len(arrays)):
         hist = arrays.values[arrays.indptr[s]:arrays.indptr[s + 1]].astype(np.float64)
         want = CLASSES[best](season_length=24).forecast(y=hist[-120:], h=24)["mean"]
@@ -235,7 +235,7 @@ def test_a_winning_comparator_is_registered_as_a_spec_and_refitted(tmp_path):
         np.testing.assert_array_equal(cols["y_hat"][rows], want.astype(np.float32))
     # the champion's intervals: the widths its run calibrated (stored with the run, read back
     # by a batch that ran no backtest), around the refitted forecast
-    assert "backtest" not in fc.results
+    assert fc.outcome.scored is None                          # it ran no backtest
     conf = cal.fitted[best]
     for k, (lo, hi) in enumerate([("q_0.1", "q_0.9"), ("q_0.025", "q_0.975")]):
         width = conf.widths(1)[0, conf.levels.index((0.8, 0.95)[k])]             # [H]
@@ -296,8 +296,8 @@ def test_nightly_promotes_a_winning_comparator_and_forecasts_with_it(tmp_path):
         ["--config", config, "--set", "evaluate.intervals=none"])
     b = run_flow(nightly.nightly, args, registry=True)
     assert b.exit_code == 0
-    (d,) = b.results["promote"]
-    summary = b.results["backtest"].summary
+    (d,) = b.outcome.decisions
+    summary = b.outcome.scored.summary
     best = min([*CLASSES, b.cfg.model.name], key=lambda m: summary[m]["mase"])
     assert best in CLASSES and (d.promoted, d.challenger_model) == (True, best)
     assert d.challenger == pytest.approx(summary[best]["mase"])
@@ -305,11 +305,11 @@ def test_nightly_promotes_a_winning_comparator_and_forecasts_with_it(tmp_path):
     mv = mlflow.MlflowClient(tracking_uri=uri).get_model_version_by_alias("stat", "champion")
     assert (mv.tags["kind"], mv.tags["model"], str(mv.version)) == ("statistical", best,
                                                                  d.version)
-    assert set(b.results["forecast"].rows()["model"]) == {best}
+    assert set(b.outcome.forecast.rows()["model"]) == {best}
     # the next night scores the registered comparator as the champion, on the same windows
     again = run_flow(nightly.nightly, parser("nightly", "").parse_args(
         ["--config", config, "--set", "evaluate.intervals=none", "--force"]), registry=True)
-    (d2,) = again.results["promote"]
+    (d2,) = again.outcome.decisions
     assert d2.champion == pytest.approx(d2.challenger) and not d2.promoted
 
 
@@ -367,18 +367,18 @@ def test_per_group_champions_mix_a_comparator_and_a_network(tmp_path):
     config.write_text(yaml.safe_dump(cfg))
     first = execute(["run", "--config", str(config)])
     assert first.exit_code == 0
-    mine = first.results["forecast"].rows()
+    mine = first.outcome.forecast.rows()
     second = execute(["run", "--config", str(config), "--set", "name=mixed_a", "--set",
                       f"data.path={paths['a']}", "--set", "evaluate.comparators=[auto_ets]",
                       "--set", f"output.path={tmp_path / 'out_a'}"])
     assert second.exit_code == 0
-    summary = second.results["backtest"].summary
+    summary = second.outcome.scored.summary
     assert summary["auto_ets"]["mase"] < 0.2 * summary["gru_direct"]["mase"]
     assert main(["compare", "--config", str(config)]) == 0
     fc = execute(["forecast", "--config", str(config), "--from-registry", "--set",
                   f"output.path={tmp_path / 'registry'}"])
-    assert fc.exit_code == 0 and "backtest" not in fc.results
-    cols, arrays = fc.results["forecast"].rows(), fc.results["data"].arrays
+    assert fc.exit_code == 0 and fc.outcome.scored is None
+    cols, arrays = fc.outcome.forecast.rows(), fc.outcome.data.arrays
     groups = dict(zip(cols["unique_id"], cols["group"], strict=False))
     models = dict(zip(cols["unique_id"], cols["model"], strict=False))
     assert {s: (groups[s], models[s]) for s in ys} == {

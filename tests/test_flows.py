@@ -209,9 +209,9 @@ def test_warm_start_is_promoted_only_when_it_beats_the_champion(demo_dir, tmp_pa
     # a warm start that wrecks the weights (lr 1.0) is worse on every store: kept
     b = batch(nightly, demo_dir, out, "--force", "--set", "train.warm_start=true",
               "--set", "train.lr=1.0")
-    assert b.exit_code == EXIT_OK and set(b.results["warm_start"]) == {"global"}
+    assert b.exit_code == EXIT_OK and set(b.outcome.inits) == {"global"}
     assert "warm start   1 job(s) from the champion" in capsys.readouterr().out   # golden line
-    kept = b.results["promote"]
+    kept = b.outcome.decisions
     assert [d.group for d in kept] == [f"store_{g}" for g in "ABCD"]
     assert not any(d.promoted for d in kept) and all(d.champion <= d.challenger for d in kept)
     assert all(d.note == "(every window is in the champion's training data)"  # same data
@@ -223,7 +223,7 @@ def test_warm_start_is_promoted_only_when_it_beats_the_champion(demo_dir, tmp_pa
               "--set", "train.lr=3e-3", "--set", "train.steps_per_epoch=20", "--set",
               "train.warm_start_epochs=3")
     assert b.exit_code == EXIT_OK
-    promoted = b.results["promote"]
+    promoted = b.outcome.decisions
     assert all(d.promoted and d.challenger < d.champion and d.version == "2"
                for d in promoted) and len(promoted) == 4
     mv = c.get_model_version_by_alias("demo.store_A", "champion")
@@ -248,7 +248,7 @@ def test_a_newer_cutoff_scores_both_on_windows_the_champion_never_saw(demo_dir, 
     capsys.readouterr()
     b = batch(nightly, demo_dir, out)
     assert b.exit_code == EXIT_OK
-    decisions = b.results["promote"]
+    decisions = b.outcome.decisions
     assert len(decisions) == 4 and all(d.champion is not None and d.note == ""
                                        for d in decisions)
     finished = parents(out, "FINISHED")

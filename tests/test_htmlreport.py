@@ -23,7 +23,7 @@ from pipeline.data.series import SeriesArrays
 from pipeline.final import final_forecast
 from pipeline.forecasting import Forecast
 from pipeline.jobs import Job
-from pipeline.stages import Scored
+from pipeline.stages import Outcome, Scored
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -89,7 +89,7 @@ def batch(demo_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(batch, tmp_path_factory):
-    path = htmlreport.write(batch, tmp_path_factory.mktemp("page") / "report.html")
+    path = htmlreport.write(batch, batch.outcome, tmp_path_factory.mktemp("page") / "report.html")
     with open(path, encoding="utf-8") as f:
         return path, f.read()
 
@@ -107,10 +107,10 @@ def hostile_batch() -> SimpleNamespace:
     bt = backtest(arrays, [job], {}, cfg)
     report = pl.DataFrame([{"series": HOSTILE[0], "file": "<f>", "issue": "too_short",
                             "action": "skipped", "detail": "1 < 2"}], schema=REPORT_SCHEMA)
-    results = {"data": Prepared(arrays, report, 1, 800, 0.0, None),
-               "backtest": Scored(bt, bt.summary(), [], concat_columns(bt.frames)),
-               "forecast": Forecast(None, cols=final_forecast(arrays, [], {}, cfg))}
-    return SimpleNamespace(cfg=cfg, results=results, seconds={"data": 0.1}, failed_jobs=[],
+    outcome = Outcome(Prepared(arrays, report, 1, 800, 0.0, None),
+                      scored=Scored(bt, bt.summary(), [], concat_columns(bt.frames)),
+                      forecast=Forecast(None, cols=final_forecast(arrays, [], {}, cfg)))
+    return SimpleNamespace(cfg=cfg, outcome=outcome, seconds={"data": 0.1}, failed_jobs=[],
                            run_id="r1", batch_id="b1", flow="<flow>")
 
 
@@ -122,7 +122,7 @@ def test_leaderboard_has_the_model_first_then_the_baselines_with_the_summary(bat
     head, body = rows[0], rows[1:]
     assert head[:7] == ["model", "mae", "rmse", "smape", "mase", "wape", "skill_mase"]
     assert [r[0] for r in body] == ["gru_direct", "auto_theta", "naive", "seasonal_naive"]
-    summary = batch.results["backtest"].summary
+    summary = batch.outcome.scored.summary
     for r in body:
         for name, cell in zip(head[1:], r[1:], strict=True):
             want = summary[r[0]].get(name)
@@ -149,8 +149,8 @@ def test_page_is_one_file_with_every_section_and_inlined_pngs(batch, page):
 
 @pytest.mark.slow
 def test_series_figure_has_labels_baselines_and_the_interval(batch, monkeypatch, tmp_path):
-    r, cfg = batch.results, batch.cfg
-    cols, preds, arrays = r["forecast"].cols, r["backtest"].predictions, r["data"].arrays
+    o, cfg = batch.outcome, batch.cfg
+    cols, preds, arrays = o.forecast.cols, o.scored.predictions, o.data.arrays
     sid = plots.choose(cols, 1)[0]
     figs = []
     real = plots._png
@@ -181,7 +181,8 @@ def test_escaping_function():
 
 
 def test_hostile_ids_and_groups_are_text_not_markup(tmp_path):
-    text = htmlreport.render(hostile_batch())
+    b = hostile_batch()
+    text = htmlreport.render(b, b.outcome)
     p = Page(text)
     assert set(p.tags) <= TAGS and "script" not in p.tags
     assert all(set(i) == {"src", "alt"} and i["src"].startswith("data:image/png;base64,")
@@ -196,8 +197,7 @@ def test_hostile_ids_and_groups_are_text_not_markup(tmp_path):
 
 def test_a_prepare_batch_renders_its_sections_only(tmp_path):
     b = hostile_batch()
-    b.results = {"data": b.results["data"]}
-    path = htmlreport.write(b, str(tmp_path / "prepare.html"))
+    path = htmlreport.write(b, Outcome(b.outcome.data), str(tmp_path / "prepare.html"))
     p = Page(pathlib.Path(path).read_text(encoding="utf-8"))
     assert set(p.tables) == {"validation"} and p.images == []
 
@@ -247,7 +247,8 @@ def test_the_page_renders_in_headless_chromium(batch, page, tmp_path):
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == []
         hostile = tmp_path / "hostile.html"
-        htmlreport.write(hostile_batch(), str(hostile))
+        b = hostile_batch()
+        htmlreport.write(b, b.outcome, str(hostile))
         driver.get("file://" + str(hostile))
         assert driver.find_elements(By.TAG_NAME, "script") == []
         assert HOSTILE[0] in driver.find_element(By.ID, "series").text

@@ -233,8 +233,8 @@ def test_a_huge_covariate_is_scaled_and_the_forecasts_are_finite(demo_dir, tmp_p
     df.with_columns(pl.col("temperature") * 1e36).write_parquet(data)
     b = execute(run_args("run", data, tmp_path / "out", "--set", "tracking.enabled=false"))
     assert b.exit_code == EXIT_OK
-    assert all(np.isfinite(r.best_val) for r in b.results["train"].results)
-    fc = b.results["forecast"].rows()
+    assert all(np.isfinite(r.best_val) for r in b.outcome.trained.results)
+    fc = b.outcome.forecast.rows()
     assert np.isfinite(fc["y_hat"]).all() and set(fc["model"]) >= {"gru_direct"}
 
 

@@ -60,7 +60,7 @@ def test_each_output_folder_opens_in_every_reader_with_its_keys(outputs, kind):
         assert set(df["data_end"].astype(str)) <= {"20240630T230000", "2024-06-30 23:00:00"}
         assert "cutoff" in df.columns and "unique_id" in df.columns
     if kind == "forecasts":
-        assert sizes["pandas"] == len(b.results["forecast"].rows()["unique_id"])
+        assert sizes["pandas"] == len(b.outcome.forecast.rows()["unique_id"])
 
 
 @pytest.mark.slow

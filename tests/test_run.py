@@ -10,6 +10,7 @@ import pytest
 from pipeline import config as C
 from pipeline.cli import execute, main
 from pipeline.data.calendar import Freq
+from pipeline.stages import Outcome
 
 FAST = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
         "tracking.enabled=false", "--set",
@@ -24,7 +25,17 @@ def run(config, data, out, *extra):
     b = execute(["run", "--config", config, "--set", f"data.path={data}", "--set",
                  f"output.path={out}", *FAST, *extra])
     assert b.exit_code == 0
+    no_results_store(b)
     return b
+
+
+def no_results_store(b) -> None:
+    """What the flow made comes back typed (`Batch.outcome`); the batch keeps no store of
+    results by name (its only mapping is the seconds per stage)."""
+    assert isinstance(b.outcome, Outcome) and not hasattr(b, "results")
+    stores = [k for k, v in vars(b).items() if isinstance(v, dict)
+              and any(not isinstance(x, int | float) for x in v.values())]
+    assert stores == []
 
 
 def read(out, kind):
@@ -43,10 +54,10 @@ def test_run_writes_one_forecast_per_series_and_step(demo_dir, tmp_path, config,
     report = pl.read_parquet(tmp_path / name / "validation_report.parquet")
     skipped = sorted(report.filter(pl.col("action") == "skipped")["series"])
     assert skipped and set(skipped) <= {"S0001", "S0002", "S0003"}
-    assert b.results["data"].report.equals(report)
-    assert set(b.results["backtest"].summary) == {b.results["train"].results[0].spec["model"][
+    assert b.outcome.data.report.equals(report)
+    assert set(b.outcome.scored.summary) == {b.outcome.trained.results[0].spec["model"][
         "name"], "naive", "seasonal_naive", *comparators}
-    fc_result = b.results["forecast"]
+    fc_result = b.outcome.forecast
     assert (fc_result.n_series, fc_result.n_fallback) == (40, len(skipped))
     files, fc = read(tmp_path, "forecasts")
     assert fc_result.path == os.path.dirname(files[0])

@@ -195,7 +195,7 @@ def test_tune_on_ray_logs_each_trial_as_a_child_run_and_writes_a_config_run_acce
     assert len(trials) == 4
     assert {r.data.tags["pipeline.role"] for r in trials} == {"trial"}
     assert {r.info.status for r in trials} == {"FINISHED"}
-    record = searched.results["tune"]
+    record = searched.outcome.tuned
     best = record.best[None]
     for r in trials:
         assert set(r.data.params) == {"model.encoder.type", "windows.lookback_horizons",
@@ -254,7 +254,7 @@ def test_the_search_scores_are_the_same_when_the_backtest_windows_are_poisoned(
             f"data.path={path}", f"output.path={tmp_path / name}", *SMALL), *grid,
             "--trials", "1", "--no-backtest", "--out", str(tmp_path / f"{name}.yaml")])
         assert searched.exit_code == 0
-        records = searched.results["tune"].records
+        records = searched.outcome.tuned.records
         assert len(records) == 4 and {r.status for r in records} == {"finished"}
         scores[name] = {tuple(sorted(r.point.items())): r.score for r in records}
     assert scores["poisoned"] == scores["clean"]
@@ -288,7 +288,7 @@ def test_a_killed_search_resumes_keeping_its_finished_trials(demo_dir, tmp_path,
     (searched,) = tune_cmd(argv)
     assert searched.exit_code == 0
     assert "resuming the unfinished search" in capsys.readouterr().out
-    tuned = searched.results["tune"]
+    tuned = searched.outcome.tuned
     assert tuned.results[0].resumed and len(tuned.records) == 3
     assert {r.status for r in tuned.records} == {"finished"}
     mlflow = pytest.importorskip("mlflow")   # every trial a child run of the new run
@@ -312,7 +312,7 @@ def test_per_group_searches_run_at_once_one_tuned_config_per_group(demo_dir, tmp
         "tune.scheduler=none", "tune.space.model.encoder.type=[cnn]"),
         "--trials", "1", "--out", str(tmp_path / "tuned")])
     assert searched.exit_code == 0
-    tuned = searched.results["tune"]
+    tuned = searched.outcome.tuned
     groups = ["store_A", "store_B", "store_C", "store_D"]
     assert sorted(g for g in tuned.files) == groups
     assert len({round(r.score, 9) for r in tuned.records}) == 4   # each on its own series
