@@ -30,7 +30,7 @@ import polars as pl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import evaluate as E  # noqa: E402
+from pipeline.evaluation import metrics as E  # noqa: E402
 
 FREQS = {  # M3 type -> (data.freq, season m, first stamp or None for integer steps)
     "yearly": ("1y", 1, date(1960, 1, 1)),
@@ -128,7 +128,7 @@ def main() -> None:
                "fallback_series": fallback,
                "pipeline": score(series, fc, m), "seasonal_naive": score(series, naive, m)}
         if args.comparators:
-            from pipeline import comparators
+            from pipeline.evaluation import comparators
             t0 = time.perf_counter()
             got = comparators.forecast([np.asarray(s.x, float) for s in series],
                                        len(series[0].xx), m, args.comparators)

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline import config as C  # noqa: E402
-from pipeline import evaluate as E  # noqa: E402
+from pipeline.evaluation import metrics as E  # noqa: E402
 
 PUBLISHED = {"Naive2": (18.383, 2.395, 1.000), "Seasonal naive": (13.912, 1.193, 0.627),
              "Theta": (18.138, 2.455, 1.006), "M4 MLP benchmark": (13.842, 2.607, 0.921),
@@ -76,8 +76,8 @@ def run_config(path: str, data: str, out: str, sets=(), use_ray: bool = False
     training on a local Ray instance (an ensemble's members as tasks of their own on a CPU);
     CPU seconds of this process and, with Ray, of every process it started."""
     from pipeline.data.prepare import prepare
-    from pipeline.final import final_forecast
-    from pipeline.jobs import plan_jobs, plan_packs, run_jobs_locally
+    from pipeline.forecasting.final import final_forecast
+    from pipeline.training.jobs import plan_jobs, plan_packs, run_jobs_locally
     cfg = C.load(path, [f"data.path={data}", f"output.path={out}",
                         f"ray.enabled={str(use_ray).lower()}", *sets])
     t0 = time.process_time()
@@ -92,7 +92,7 @@ def run_config(path: str, data: str, out: str, sets=(), use_ray: bool = False
     if use_ray:
         import ray
 
-        from pipeline.execution import train
+        from pipeline.execution.ray_train import train
         results = train(arrays, plan_packs(jobs, cfg), cfg, final=True)
         workers = children_cpu()                   # before Ray ends its processes
         ray.shutdown()
@@ -166,7 +166,7 @@ def main() -> None:
     s2, m2 = rows["Naive2"]
     infos = []
     if args.comparators:
-        from pipeline import comparators
+        from pipeline.evaluation import comparators
         w0 = time.perf_counter()
         got = comparators.forecast([h[-args.comparator_history:] for h in hist], H, M,
                                    args.comparators)

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from pipeline import evaluate as E  # noqa: E402
+from pipeline.evaluation import metrics as E  # noqa: E402
 
 DATASETS = {"m4_hourly": dict(h=48, m=24), "m3_monthly": dict(h=18, m=12)}
 METHODS = ["pipeline", "auto_ets", "auto_theta", "nhits", "mlp"]

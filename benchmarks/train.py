@@ -4,7 +4,7 @@ per-group models against separate ones.
     python benchmarks/train.py [--quick] [--device cpu|cuda] [--ray] [--only-ensemble]
 
 Part 1 runs the same model (build_model, same initial weights) on the same data both ways:
-`pipeline.train.fit` (batches gathered from the flat series arrays, masked loss, gradient
+`pipeline.training.loop.fit` (batches gathered from the flat series arrays, masked loss, gradient
 clipping, logging) and a bare loop (windows gathered from a dense [S, T] tensor, Adam, L1 loss),
 the shape of ../shared/reference/gpu_ceiling.py: in fp32 (TF32 allowed on CUDA for both loops,
 as the ceiling does), and on CUDA also under bf16 autocast, both loops alike; then the trainer's
@@ -35,9 +35,9 @@ from pipeline import config as C  # noqa: E402
 from pipeline.data.loader import WindowLoader  # noqa: E402
 from pipeline.data.series import SeriesArrays  # noqa: E402
 from pipeline.data.windows import starts_between  # noqa: E402
-from pipeline.device import seed_everything  # noqa: E402
 from pipeline.models import build_model, make_loss  # noqa: E402
-from pipeline.train import TrainData, fit, val_sample  # noqa: E402
+from pipeline.training.device import seed_everything  # noqa: E402
+from pipeline.training.loop import TrainData, fit, val_sample  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -163,7 +163,7 @@ def part_trainer(args, device) -> list[dict]:
 
 
 def part_packed(args, device) -> dict:
-    from pipeline.jobs import plan_jobs, run_job, run_pack
+    from pipeline.training.jobs import plan_jobs, run_job, run_pack
     G = 8 if args.quick else 64
     arrays = make_arrays(G * 2, 300, 0, seed=1)
     arrays.past, arrays.past_names = None, []
@@ -193,7 +193,9 @@ def part_packed(args, device) -> dict:
     out = {"groups": G, "steps": steps, "batch": 64, "s_separate_sequential": t_seq,
            "s_packed": t_packed, "speedup_vs_sequential": t_seq / t_packed}
     if args.ray:
-        from pipeline.execution import train as on_ray  # Ray only here: the GPU check has none
+        from pipeline.execution.ray_train import (
+            train as on_ray,  # Ray only here: the GPU check has none
+        )
         t0 = time.perf_counter()
         on_ray(arrays, [[j] for j in jobs], cfg)
         out["s_separate_ray_tasks"] = time.perf_counter() - t0  # includes Ray start
@@ -203,7 +205,7 @@ def part_packed(args, device) -> dict:
 
 def part_ensemble(args, device) -> list[dict]:
     """One member alone against 8 packed (one lookback): the same data, steps and batch."""
-    from pipeline.jobs import plan_jobs, run_job
+    from pipeline.training.jobs import plan_jobs, run_job
     members = 8
     steps = 3 if args.quick else (10 if device.type == "cpu" else 50)
     batch = 64 if args.quick else (256 if device.type == "cpu" else 4096)

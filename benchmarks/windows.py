@@ -118,7 +118,7 @@ def run(args, data: str, manifest: dict) -> dict:
         if args.no_ray:
             runner, started = local_runner, 0.0
         else:
-            from pipeline.execution import RayRunner, connect
+            from pipeline.execution.ray_train import RayRunner, connect
             runner = RayRunner(cfg.ray)
             runner.started = connect(cfg.ray)
             started = time.perf_counter() - t

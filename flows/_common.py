@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from pipeline.batch import Batch
-from pipeline.stages import Outcome
+from pipeline.stages.batch import Batch
+from pipeline.stages.steps import Outcome
 
 
 def parser(flow: str, doc: str) -> argparse.ArgumentParser:

@@ -4,8 +4,8 @@ write predictions and metrics, log the run (for `python -m pipeline compare`). N
 import sys
 
 from flows._common import main
-from pipeline import stages as S
-from pipeline.batch import Batch
+from pipeline.stages import steps as S
+from pipeline.stages.batch import Batch
 
 
 def backtest(b: Batch) -> S.Outcome:

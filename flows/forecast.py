@@ -4,9 +4,9 @@ instead of training, `flows.forecast_only`."""
 import sys
 
 from flows._common import main
-from pipeline import forecasting as F
-from pipeline import stages as S
-from pipeline.batch import Batch
+from pipeline.stages import forecast as F
+from pipeline.stages import steps as S
+from pipeline.stages.batch import Batch
 
 
 def forecast(b: Batch) -> S.Outcome:

@@ -3,9 +3,9 @@ forecast, write. No training. `python -m flows.forecast_only --config configs/de
 import sys
 
 from flows._common import main
-from pipeline import forecasting as F
-from pipeline import stages as S
-from pipeline.batch import Batch
+from pipeline.stages import forecast as F
+from pipeline.stages import steps as S
+from pipeline.stages.batch import Batch
 
 REGISTRY = True
 

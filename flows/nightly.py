@@ -4,9 +4,9 @@ champions -> write. `python -m flows.nightly --config configs/demo.yaml [--force
 import sys
 
 from flows._common import main
-from pipeline import forecasting as F
-from pipeline import stages as S
-from pipeline.batch import Batch
+from pipeline.stages import forecast as F
+from pipeline.stages import steps as S
+from pipeline.stages.batch import Batch
 
 REGISTRY = True     # needs the Model Registry
 

@@ -3,8 +3,8 @@ Untracked. `python -m flows.prepare --config configs/demo.yaml`"""
 import sys
 
 from flows._common import main
-from pipeline import stages as S
-from pipeline.batch import Batch
+from pipeline.stages import steps as S
+from pipeline.stages.batch import Batch
 
 TRACKED = False
 

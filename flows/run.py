@@ -4,9 +4,9 @@ configs/demo.yaml` (`python -m pipeline run` is this flow, run again whenever as
 import sys
 
 from flows._common import main
-from pipeline import forecasting as F
-from pipeline import stages as S
-from pipeline.batch import Batch
+from pipeline.stages import forecast as F
+from pipeline.stages import steps as S
+from pipeline.stages.batch import Batch
 
 
 def run(b: Batch) -> S.Outcome:

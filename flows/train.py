@@ -3,8 +3,8 @@
 import sys
 
 from flows._common import main
-from pipeline import stages as S
-from pipeline.batch import Batch
+from pipeline.stages import steps as S
+from pipeline.stages.batch import Batch
 
 
 def train(b: Batch) -> S.Outcome:

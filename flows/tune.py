@@ -4,9 +4,9 @@ of this run), write the best config as YAML. `python -m pipeline tune` then back
 import sys
 
 from flows._common import main
-from pipeline import stages as S
-from pipeline import tuning
-from pipeline.batch import Batch
+from pipeline.stages import steps as S
+from pipeline.stages import tune as tuning
+from pipeline.stages.batch import Batch
 
 
 def tune(b: Batch, trials: int | None = None, minutes: float | None = None,

@@ -17,12 +17,12 @@ import warnings
 from flows import backtest, forecast, forecast_only, prepare, run, train
 from flows import tune as tune_flow
 from flows._common import add_arguments, run_flow
-from pipeline import compare as ranking
 from pipeline import config as C
-from pipeline import report
-from pipeline.batch import Batch, format_warning
 from pipeline.data import demo
 from pipeline.errors import EXIT_OK, exit_code, one_line
+from pipeline.outputs import console as report
+from pipeline.stages.batch import Batch, format_warning
+from pipeline.tracking import champions as ranking
 
 FLOWS = {"prepare": (prepare.prepare, "the data stage alone: read, validate, arrays, windows"),
          "train": (train.train, "read, validate, then train (global or per group)"),

@@ -22,20 +22,23 @@ import tempfile
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.data.calendar import label
-from pipeline.data.io import join
+
+
+def join(root: str, *parts: str) -> str:
+    """`root`/parts…, for local paths and URIs alike; a URI's query (`?endpoint_override=…`,
+    the options of its filesystem) stays at the end."""
+    base, sep, query = root.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
+def parent(uri: str) -> str:
+    """The folder holding `uri` (its query kept)."""
+    base, sep, query = uri.partition("?")
+    return os.path.dirname(base.rstrip("/")) + sep + query
 
 
 def is_remote(uri: str) -> bool:
     return "://" in uri
-
-
-
-
-def data_end(arrays) -> str:
-    """The partition value of the data's end (its latest step): 2024-06-30 23:00 ->
-    '20240630T230000' (the local date for calendar frequencies; the step for integer ones)."""
-    return label(int(arrays.end.max()), arrays.freq) if len(arrays) else "none"
 
 
 EVALUATIONS = ("backtest", "metrics", "reports")   # per flow: a challenger never replaces

@@ -58,11 +58,11 @@ class Display:
 
 
 class Progress:
-    """A training job's progress (`pipeline.train.fit`): off a terminal a line per epoch and,
-    within an epoch, a line at most every `every` seconds with the step, the running train
-    loss and the time left (at the full number of epochs: an early stop ends sooner); on a
-    terminal one bar over every step with the same figures. `follow(step, loss)`: told of
-    every step too, displayed or not (a Ray task's reporter to the driver)."""
+    """A training job's progress (`pipeline.training.loop.fit`): off a terminal a line per epoch
+    and, within an epoch, a line at most every `every` seconds with the step, the running train loss
+    and the time left (at the full number of epochs: an early stop ends sooner); on a terminal one
+    bar over every step with the same figures. `follow(step, loss)`: told of every step too,
+    displayed or not (a Ray task's reporter to the driver)."""
 
     def __init__(self, epochs: int, enabled: bool = True, stream=None, steps: int = 0,
                  every: float = EVERY, follow=None) -> None:

@@ -14,9 +14,9 @@ import torch
 from ray.cluster_utils import Cluster
 
 from pipeline import config as C
-from pipeline import execution
 from pipeline.data.prepare import local_runner, prepare
-from pipeline.jobs import plan_jobs, plan_packs, run_jobs_locally
+from pipeline.execution import ray_train as execution
+from pipeline.training.jobs import plan_jobs, plan_packs, run_jobs_locally
 
 
 def weights(result) -> dict:

@@ -8,8 +8,8 @@ import pytest
 from statsforecast import StatsForecast
 from statsforecast.models import AutoARIMA, AutoETS, AutoTheta
 
-from pipeline import comparators
-from pipeline.comparators import COMPARATORS, Fallback, forecast
+from pipeline.evaluation import comparators
+from pipeline.evaluation.comparators import COMPARATORS, Fallback, forecast
 
 NAMES = ["auto_ets", "auto_theta", "auto_arima"]
 CLASSES = {"auto_ets": AutoETS, "auto_theta": AutoTheta, "auto_arima": AutoARIMA}

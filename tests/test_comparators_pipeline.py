@@ -12,11 +12,11 @@ import pytest
 from statsforecast.models import AutoETS, AutoTheta
 
 from pipeline import config as C
-from pipeline.backtest import backtest
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import cutoff_positions
-from pipeline.final import final_forecast
-from pipeline.jobs import Job
+from pipeline.forecasting.backtest import backtest
+from pipeline.forecasting.final import final_forecast
+from pipeline.training.jobs import Job
 
 H, SEASON, CAP = 6, 12, 60
 CLASSES = {"auto_ets": AutoETS, "auto_theta": AutoTheta}
@@ -92,7 +92,7 @@ def test_bad_settings_are_one_line_errors_naming_the_key(override, message):
 
 
 def test_backtest_on_ray_equals_the_local_one(ray_session):
-    from pipeline.execution import RayRunner
+    from pipeline.execution.ray_train import RayRunner
     arrays, cfg = monthly_like(), small_cfg()
     jobs = [Job("global", np.arange(len(arrays)))]
     local = comparator_blocks(backtest(arrays, jobs, {}, cfg))
@@ -125,7 +125,7 @@ def test_combination_is_the_mean_of_the_network_and_the_comparators():
     forecasts (AutoTheta refitted on the whole history)."""
     import dataclasses
 
-    from pipeline.jobs import plan_jobs, run_jobs_locally
+    from pipeline.training.jobs import plan_jobs, run_jobs_locally
     arrays = monthly_like(4)
     cfg = small_cfg("evaluate.comparators=[auto_theta]", "evaluate.combine=[auto_theta]",
                     "train.epochs=1", "train.steps_per_epoch=2",
@@ -257,7 +257,7 @@ def exchangeable(n_series: int = 400, n: int = 60, seed: int = 5) -> SeriesArray
 
 
 def test_conformal_intervals_reach_their_coverage_on_the_latest_window():
-    from pipeline.calibration import calibrate
+    from pipeline.forecasting.conformal import calibrate
     arrays = exchangeable()
     cfg = C.load(None, ["windows.lookback=12", f"windows.horizon={H}", "windows.n_windows=3",
                         "data.calendar=[]", "evaluate.season=1", "evaluate.comparators=[]",
@@ -271,7 +271,7 @@ def test_conformal_intervals_reach_their_coverage_on_the_latest_window():
 
 
 def test_conformal_widths_go_around_the_final_forecast_by_the_model_fallen_back_to():
-    from pipeline.calibration import calibrate, with_intervals
+    from pipeline.forecasting.conformal import calibrate, with_intervals
     arrays = exchangeable(60)
     cfg = C.load(None, ["windows.lookback=12", f"windows.horizon={H}", "windows.n_windows=2",
                         "data.calendar=[]", "evaluate.season=1", "evaluate.comparators=[]",
@@ -315,9 +315,9 @@ def test_nightly_promotes_a_winning_comparator_and_forecasts_with_it(tmp_path):
 
 def test_chunks_keep_the_order_and_number_the_fallbacks_over_every_history(monkeypatch,
                                                                            capsys):
-    import pipeline.backtest as B
-    from pipeline import report
-    from pipeline.comparators import forecast
+    import pipeline.forecasting.backtest as B
+    from pipeline.evaluation.comparators import forecast
+    from pipeline.outputs import console as report
     histories = [h.astype(np.float64) for h in
                  (monthly_like(5).series(s) for s in range(5))]
     histories[3] = np.array([1.0, 2.0, 4.0])          # too short for AutoETS: seasonal naive

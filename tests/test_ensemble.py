@@ -10,19 +10,19 @@ import pytest
 import torch
 from test_train import SMALL, sines
 
-import pipeline.jobs as J
-import pipeline.train as T
+import pipeline.training.jobs as J
+import pipeline.training.loop as T
 from pipeline import config as C
-from pipeline.backtest import backtest
 from pipeline.data.loader import loader_at
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import cutoff_positions
-from pipeline.device import seed_everything
-from pipeline.final import final_forecast
-from pipeline.forecast import predict_job
-from pipeline.jobs import new_model, plan_jobs, run_job, state_bytes
+from pipeline.forecasting.backtest import backtest
+from pipeline.forecasting.final import final_forecast
+from pipeline.forecasting.predict import predict_job
 from pipeline.models import EncoderDecoder, Ensemble, load_model, save_model
 from pipeline.models.ensemble import Member, ensemble_members, lookback_packs, member_config
+from pipeline.training.device import seed_everything
+from pipeline.training.jobs import new_model, plan_jobs, run_job, state_bytes
 
 # horizon 12: lookbacks [1, 2, 4] horizons are 12, 24 and 48 steps
 BASE = [*SMALL, "model.encoder.type=cnn", "windows.lookback=24", "train.epochs=2",

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline import evaluate as ev
+from pipeline.evaluation import metrics as ev
 
 M4_DIR = Path(__file__).parents[2] / "shared" / "data" / "m4"
 NAN = math.nan
@@ -315,7 +315,7 @@ def test_m4_hourly_baselines_reproduce_the_published_table():
 
 
 def test_ratios_are_never_inf(recwarn):
-    from pipeline.evaluate import _ratio
+    from pipeline.evaluation.metrics import _ratio
     got = _ratio(np.array([1e300, 0.0, 1.0, 2.0]), np.array([1e-300, 0.0, 0.0, 4.0]))
     np.testing.assert_array_equal(got, [np.nan, 0.0, np.nan, 0.5])
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -104,7 +104,7 @@ def test_nightly_rerun_is_skipped_force_redoes_and_forecast_only_agrees(
 @pytest.mark.slow
 def test_a_crash_is_recovered_cleanly(demo_dir, tmp_path, no_env, monkeypatch, capsys):
     out = tmp_path / "out"
-    import pipeline.forecasting as forecasting
+    import pipeline.stages.forecast as forecasting
 
     def boom(*a, **k):
         raise RuntimeError("object store timed out")
@@ -133,7 +133,7 @@ def test_a_crash_is_recovered_cleanly(demo_dir, tmp_path, no_env, monkeypatch, c
 
 HOLD = """
 import sys, time
-from pipeline.batch import lock
+from pipeline.stages.batch import lock
 with lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)

@@ -7,7 +7,7 @@ from test_train import SMALL, sines
 from pipeline import config as C
 from pipeline.data.loader import WindowLoader
 from pipeline.data.windows import starts_between
-from pipeline.jobs import plan_jobs, run_job, run_jobs_locally
+from pipeline.training.jobs import plan_jobs, run_job, run_jobs_locally
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -1,4 +1,4 @@
-"""The batch's HTML page (pipeline.htmlreport): built from a real small run, checked as HTML,
+"""The batch's HTML page (pipeline.outputs.html): built from a real small run, checked as HTML,
 against hostile series ids and group values, and rendered in a real headless Chromium."""
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ from services import missing
 from flows._common import parser, run_flow
 from flows.run import run
 from pipeline import config as C
-from pipeline import htmlreport, plots
-from pipeline.backtest import backtest, concat_columns
 from pipeline.data.prepare import REPORT_SCHEMA, Prepared
 from pipeline.data.series import SeriesArrays
-from pipeline.final import final_forecast
-from pipeline.forecasting import Forecast
-from pipeline.jobs import Job
-from pipeline.stages import Outcome, Scored
+from pipeline.forecasting.backtest import backtest, concat_columns
+from pipeline.forecasting.final import final_forecast
+from pipeline.outputs import html as htmlreport
+from pipeline.outputs import plots
+from pipeline.stages.forecast import Forecast
+from pipeline.stages.steps import Outcome, Scored
+from pipeline.training.jobs import Job
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -19,7 +19,7 @@ import pytest
 from test_train import SMALL, sines
 
 from pipeline import config as C
-from pipeline import output, paths
+from pipeline import paths
 from pipeline.cli import execute, main
 from pipeline.data.io import filesystem_for
 from pipeline.errors import (
@@ -29,7 +29,8 @@ from pipeline.errors import (
     EXIT_OK,
     EXIT_PARTIAL,
 )
-from pipeline.jobs import plan_jobs, run_job
+from pipeline.outputs import partitions as output
+from pipeline.training.jobs import plan_jobs, run_job
 
 mlflow = pytest.importorskip("mlflow")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,7 +50,8 @@ def run_args(cmd, data, out, *extra, config="configs/demo.yaml"):
 WRITER = """
 import os, sys
 import numpy as np, pyarrow as pa
-from pipeline import config as C, output
+from pipeline import config as C
+from pipeline.outputs import partitions as output
 cfg = C.load(None, [f"output.path={sys.argv[1]}", "name=demo", f"output.format={sys.argv[3]}"])
 n, version = 100_000, int(sys.argv[2])
 table = pa.table({"unique_id": pa.array(np.arange(n).astype(str)),
@@ -178,7 +180,7 @@ def test_a_full_disk_during_the_commit_leaves_the_previous_partition(tmp_path):
 
 HOLD = """
 import sys, time
-from pipeline.batch import lock
+from pipeline.stages.batch import lock
 with lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)
@@ -284,7 +286,7 @@ def test_a_hung_ray_task_times_out(ray_session):
     import ray.cloudpickle
 
     from pipeline.errors import InfraError
-    from pipeline.execution import RayRunner
+    from pipeline.execution.ray_train import RayRunner
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers lack tests/
     cfg = C.load(None, ["ray.task_timeout_minutes=0.02"]).ray      # 1.2 s
     t0 = time.perf_counter()
@@ -328,7 +330,7 @@ def test_sigterm_marks_the_run_and_its_job_runs_killed_and_releases_the_lock(dem
     assert runs and {r.info.status for r in runs} == {"KILLED"}
     assert {r.data.tags["pipeline.role"] for r in runs} == {"parent", "job"}
     cfg = C.load("configs/demo.yaml", [f"output.path={out}"])
-    from pipeline.batch import lock
+    from pipeline.stages.batch import lock
     with lock(paths.partition_lock(cfg, "20240630T230000")):    # released
         pass
 

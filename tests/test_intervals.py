@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import evaluate as E
-from pipeline import intervals
+from pipeline.evaluation import metrics as E
+from pipeline.forecasting import intervals
 
 NAN = math.nan
 Z80, Z95 = 1.2815515655446004, 1.959963984540054      # normal quantiles 0.9 and 0.975
@@ -151,7 +151,7 @@ def test_widths_saved_as_json_load_back_exactly():
     same widths, flags and groups, with and without groups, NaN where a step had no residual."""
     import json
 
-    from pipeline.calibration import Calibration
+    from pipeline.forecasting.conformal import Calibration
     groups, res = grouped(3)
     res[:, -1] = np.nan                                       # a step never observed
     fitted = {"gru": intervals.fit(res, (0.8, 0.95), groups),

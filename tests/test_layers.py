@@ -1,6 +1,7 @@
-"""Architecture invariants: Ray only in the execution layer, MLflow only in the tracking
-package, the models, windows and training loop importable without Ray, MLflow or Polars, the
-config importing nothing else of the project, and only the CLI importing the flows."""
+"""Architecture invariants: the rooms of pipeline/ and what each may import (`ROOMS`), Ray only
+in the execution room, MLflow and its clients only in the tracking room, the models, windows
+and training loop importable without Ray, MLflow or Polars, the config importing nothing else
+of the project, and only the CLI importing the flows."""
 import ast
 import pathlib
 import re
@@ -17,9 +18,9 @@ def guarded(name, *args, **kwargs):
         raise ImportError('blocked: ' + name)
     return real(name, *args, **kwargs)
 builtins.__import__ = guarded
-import pipeline.models, pipeline.models.packed, pipeline.train, pipeline.jobs
+import pipeline.models, pipeline.models.packed, pipeline.training.loop, pipeline.training.jobs
 import pipeline.data.windows, pipeline.data.loader, pipeline.data.scaling, pipeline.config
-import pipeline.checkpoint, pipeline.forecast, pipeline.evaluate
+import pipeline.training.checkpoint, pipeline.forecasting.predict, pipeline.evaluation.metrics
 print('ok')
 """
 
@@ -35,13 +36,70 @@ def imports_of(module: str, where: str = "pipeline") -> list[str]:
                   if pattern.search(p.read_text()))
 
 
-def test_ray_is_imported_only_by_the_execution_layer():
-    assert imports_of("ray") == ["pipeline/execution.py", "pipeline/search.py"]  # + Ray Tune
+def test_ray_is_imported_only_by_the_execution_room():
+    assert imports_of("ray") and all(p.startswith("pipeline/execution/")
+                                     for p in imports_of("ray"))
 
 
-def test_mlflow_is_imported_only_by_the_tracking_package():
+def test_mlflow_and_its_clients_are_used_only_by_the_tracking_room():
     assert imports_of("mlflow") and all(p.startswith("pipeline/tracking/")
                                         for p in imports_of("mlflow"))
+    client = re.compile(r"MlflowClient|tracking\.client\b|\bclient\(")
+    users = [str(p.relative_to(ROOT)) for where in ("pipeline", "flows")
+             for p in (ROOT / where).rglob("*.py") if client.search(p.read_text())]
+    assert users and all(p.startswith("pipeline/tracking/") for p in users)
+
+
+# Each room of pipeline/ (a package, or a module of the base) and what of the project it may
+# import besides itself: the layering, from the configuration up to the command line.
+BASE = {"errors", "names", "secrets", "progress", "provenance", "paths"}
+ROOMS = {
+    "config": set(),
+    "secrets": set(), "progress": set(), "provenance": set(),
+    "errors": {"config", "secrets"},
+    "names": {"errors"},
+    "models": {"config"},
+    "paths": {"config"},
+    "data": {"config", "errors", "names", "paths", "progress", "secrets"},
+    "evaluation": {"config", "errors"},
+    "training": {"config", "data", "models", *BASE},
+    "forecasting": {"config", "data", "evaluation", "models", "training"},
+    "tuning": {"config", "data", "errors", "training"},
+    "tracking": {"config", "data", "evaluation", "forecasting", "models", *BASE},
+    "outputs": {"config", "data", "evaluation", "forecasting", "training", *BASE},
+    "execution": {"config", "models", "training", "tuning", *BASE},
+    "stages": {"config", "data", "models", "training", "forecasting", "evaluation", "outputs",
+               "tracking", "tuning", "execution", *BASE},
+    "cli": {"config", "data", "stages", "outputs", "tracking", *BASE},
+    "__main__": {"cli"},
+}
+
+
+def _room(module: str) -> str:
+    return module.split(".")[1]
+
+
+def test_each_room_imports_only_the_rooms_below_it():
+    """Every `pipeline` import (module level and in functions) of every file, by room."""
+    bad = []
+    for p in sorted((ROOT / "pipeline").rglob("*.py")):
+        rel = p.relative_to(ROOT / "pipeline").parts
+        if rel == ("__init__.py",):
+            continue
+        mine = rel[0].removesuffix(".py")
+        assert mine in ROOMS, f"{p}: a room the layering does not name"
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+                mods = [f"pipeline.{a.name}" for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+                mods = [node.module]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names if a.name.startswith("pipeline.")]
+            else:
+                continue
+            bad += [f"{p.relative_to(ROOT)} imports {m}" for m in mods
+                    if _room(m) != mine and _room(m) not in ROOMS[mine]]
+    assert bad == []
 
 
 def test_config_imports_nothing_else_of_the_project():
@@ -58,13 +116,14 @@ def test_only_the_cli_imports_the_flows_and_the_flows_never_import_it():
 # function-level imports allowed, and why: Ray is needed only with ray.enabled (and absent on
 # the GPU check's machine), Ray Train only for DDP, matplotlib only when plots are drawn,
 # deltalake (an optional extra) only with output.format: delta, statsforecast (via
-# pipeline.comparators) only when the comparators or the AutoETS fallback run
-LAZY = {"pipeline.execution": "Ray only when enabled", "ray.train": "DDP only",
+# pipeline.evaluation.comparators) only when the comparators or the AutoETS fallback run
+LAZY = {"pipeline.execution.ray_train": "Ray only when enabled", "ray.train": "DDP only",
         "ray.train.torch": "DDP only", "matplotlib": "plots only",
         "matplotlib.pyplot": "plots only", "deltalake": "output.format delta only",
         "deltalake.exceptions": "output.format delta only",
-        "pipeline.comparators": "statsforecast (seconds to import) only when comparators run",
-        "pipeline.search": "Ray Tune only for the tune command",
+        "pipeline.evaluation.comparators": "statsforecast (seconds to import) only when "
+                                           "comparators run",
+        "pipeline.execution.ray_tune": "Ray Tune only for the tune command",
         "optuna": "tune.search optuna only", "ray.tune.search.optuna": "tune.search optuna only",
         "ray.tune.search": "tune.search random or grid only",
         "ray.tune.schedulers": "tune.scheduler asha only"}
@@ -96,6 +155,5 @@ def test_imports_are_at_the_top_but_for_optional_dependencies():
              for sub in ast.walk(node) if isinstance(sub, ast.Import | ast.ImportFrom)
              for name in ([sub.module] if isinstance(sub, ast.ImportFrom) else
                           [a.name for a in sub.names])
-             if not (name in LAZY or (name == "pipeline" and
-                                      [a.name for a in sub.names] == ["execution"]))]
+             if name not in LAZY]
     assert inner == []

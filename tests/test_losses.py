@@ -1,6 +1,7 @@
-"""Training losses: MASE and sMAPE against hand-computed values and `pipeline.evaluate`, masks,
-finite gradients, torch.func.vmap over pack members, and the older losses unchanged; the losses
-a ModelConfig makes (observed entries only, the pinball's weights, packed members' losses)."""
+"""Training losses: MASE and sMAPE against hand-computed values and `pipeline.evaluation.metrics`,
+masks, finite gradients, torch.func.vmap over pack members, and the older losses unchanged; the
+losses a ModelConfig makes (observed entries only, the pinball's weights, packed members'
+losses)."""
 from __future__ import annotations
 
 import math
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import evaluate as E
 from pipeline.config import EncoderConfig, ModelConfig
+from pipeline.evaluation import metrics as E
 from pipeline.models import build_model
 from pipeline.models.losses import (
     HuberLoss,
@@ -272,7 +273,7 @@ def test_a_spec_leaves_the_ensemble_out_and_packs_members_of_other_losses():
     together, and each comes back out with its own spec."""
     from pipeline.config.model import EnsembleConfig
     from pipeline.models import PackedModel
-    from pipeline.train import member_losses
+    from pipeline.training.loop import member_losses
     enc = EncoderConfig(type="cnn", hidden_size=4, num_layers=2)
     sizes = dict(lookback=L, horizon=H, past_size=0, future_size=0)
     plain = build_model(ModelConfig(encoder=enc), **sizes)

@@ -17,7 +17,7 @@ from pipeline.models import (
     make_loss,
     save_model,
 )
-from pipeline.train import clip_grad_norm_per_member, member_losses
+from pipeline.training.loop import clip_grad_norm_per_member, member_losses
 
 G, B, L, H = 3, 6, 12, 4
 QUANTILES = [0.9, 0.1, 0.5]  # unsorted on purpose, as in test_models

@@ -6,7 +6,7 @@ import torch
 from test_train import SMALL, sines
 
 from pipeline import config as C
-from pipeline.jobs import plan_jobs, run_job, run_jobs_locally
+from pipeline.training.jobs import plan_jobs, run_job, run_jobs_locally
 
 
 def weights(result):
@@ -58,7 +58,7 @@ def test_packed_config_is_checked():
 def test_a_packed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """The pack fails in epoch 3 after the checkpoint of epoch 2; run again, every group
     resumes at epoch 3 and ends bit-identical to a pack that never stopped."""
-    import pipeline.train as T
+    import pipeline.training.loop as T
     arrays = sines(9, length=260, groups=["a", "b", "c"])
     base = [*SMALL, "model.encoder.type=cnn", "train.mode=per_group", "data.group_col=g",
             "train.epochs=4", "train.steps_per_epoch=3", "train.per_group.packed=true",

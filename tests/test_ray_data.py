@@ -7,7 +7,7 @@ from conftest import hourly, write_long
 from pipeline import config as C
 from pipeline.data.prepare import local_runner, prepare
 from pipeline.errors import DataError
-from pipeline.execution import RayRunner
+from pipeline.execution.ray_train import RayRunner
 
 pytestmark = pytest.mark.ray
 

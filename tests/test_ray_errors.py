@@ -62,7 +62,7 @@ CASES = [duplicates, string_target, missing_column, off_grid, nan_fail, varying_
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
 def test_a_data_error_in_a_ray_task_is_the_pipelines_own_one_line_error(ray_session, tmp_path,
                                                                         case):
-    from pipeline.execution import RayRunner
+    from pipeline.execution.ray_train import RayRunner
     path, extra = case(tmp_path)
     cfg = cfg_for(path, *extra)
     with pytest.raises(DataError) as local:
@@ -95,8 +95,8 @@ def test_a_training_task_that_raises_under_ray_reports_one_clean_line(ray_sessio
     from test_train import SMALL, sines
 
     from pipeline import config as C
-    from pipeline.execution import train
-    from pipeline.jobs import Job
+    from pipeline.execution.ray_train import train
+    from pipeline.training.jobs import Job
     arrays = sines(4)
     cfg = C.load(None, [*SMALL, "train.epochs=1", "train.steps_per_epoch=2",
                         "ray.max_retries=0"])
@@ -112,8 +112,8 @@ def test_a_ddp_worker_that_raises_reports_its_own_error_in_one_line(ray_session)
     from test_train import SMALL, sines
 
     from pipeline import config as C
-    from pipeline.execution import train
-    from pipeline.jobs import Job
+    from pipeline.execution.ray_train import train
+    from pipeline.training.jobs import Job
     # every worker raises a ValueError as it starts: an ensemble trains packed, never under DDP
     cfg = C.load(None, [*SMALL, "train.epochs=1", "ray.num_workers=2",
                         "model.ensemble.members=2"])
@@ -129,7 +129,7 @@ def test_ray_trains_wrappers_give_up_the_workers_own_exception():
     from ray.train import ControllerError, WorkerGroupError
     from ray.train.base_trainer import TrainingFailedError as V1Failed
 
-    from pipeline.execution import worker_error
+    from pipeline.execution.ray_train import worker_error
     own, other = ValueError("bad input"), RuntimeError("peer closed")
     died = RayTaskError("f", "Traceback ...", OSError("gone"))
     # the lowest rank whose error is not Ray's own; inside a RayTaskError, its cause

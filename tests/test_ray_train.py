@@ -7,8 +7,8 @@ import torch
 from test_train import SMALL, sines
 
 from pipeline import config as C
-from pipeline.execution import train, train_global_ddp
-from pipeline.jobs import plan_jobs, plan_packs, run_job, run_jobs_locally
+from pipeline.execution.ray_train import train, train_global_ddp
+from pipeline.training.jobs import plan_jobs, plan_packs, run_job, run_jobs_locally
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -139,7 +139,7 @@ def test_an_ensembles_members_train_as_tasks_of_their_own_equal_to_local(ray_ses
     """On a CPU (`train.pack: auto`) each member is a Ray task; the job's Ensemble, figures
     and member rows equal training it in this process, bit for bit (threads pinned), and
     member 0 logs the job's epochs into its run."""
-    from pipeline.execution import spreads_members
+    from pipeline.execution.ray_train import spreads_members
     arrays = sines(6, length=260)
     cfg = C.load(None, [*SMALL, "model.encoder.type=cnn", "windows.lookback=24",
                         "train.epochs=2", "train.steps_per_epoch=3", "train.threads=1",

@@ -1,4 +1,4 @@
-"""`recipe: auto`: the table of pipeline/recipes.py, the user's keys winning over it, and the
+"""`recipe: auto`: the table of pipeline/config/recipes.py, the user's keys winning over it, and the
 resolved config reaching the run."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import hourly, write_long
 from pipeline import config as C
 from pipeline.config.model import layers_to_cover
 from pipeline.config.model import receptive_field as _field
-from pipeline.recipes import after_load, before_load, choose
+from pipeline.config.recipes import after_load, before_load, choose
 
 
 def receptive_field(kernel, dilations):

@@ -10,7 +10,7 @@ import pytest
 from pipeline import config as C
 from pipeline.cli import execute, main
 from pipeline.data.calendar import Freq
-from pipeline.stages import Outcome
+from pipeline.stages.steps import Outcome
 
 FAST = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
         "tracking.enabled=false", "--set",
@@ -94,7 +94,7 @@ def test_rerun_of_the_same_cutoff_leaves_one_copy(demo_dir, tmp_path):
 
 
 def test_forecast_schema_is_pinned(tmp_path):
-    from pipeline import output
+    from pipeline.outputs import partitions as output
     cols = {"unique_id": np.array(["a"]), "ds": np.array([0]), "cutoff": np.array([0]),
             "step": np.array([1], np.int16),
             "y_hat": np.array([1.0], np.float32), "q_0.1": np.array([0.5], np.float32),

@@ -14,9 +14,9 @@ from pipeline import config as C
 from pipeline.data.loader import SeriesSampler, WindowLoader, window_order
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowIndex, starts_between
-from pipeline.jobs import job_data, new_model, plan_jobs, run_job, run_jobs_locally
 from pipeline.models import make_loss
-from pipeline.train import fit
+from pipeline.training.jobs import job_data, new_model, plan_jobs, run_job, run_jobs_locally
+from pipeline.training.loop import fit
 
 COUNTS = [5, 5000, 50, 500]          # windows per series: very unequal
 

@@ -17,8 +17,8 @@ from pipeline import tracking
 from pipeline.cli import execute
 from pipeline.data.series import SeriesArrays
 from pipeline.errors import EXIT_OK, PipelineError
-from pipeline.final import final_forecast
-from pipeline.plots import plot_sample
+from pipeline.forecasting.final import final_forecast
+from pipeline.outputs.plots import plot_sample
 from pipeline.secrets import redact
 from pipeline.tracking import read
 

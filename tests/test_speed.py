@@ -7,13 +7,14 @@ import pytest
 import torch
 from test_train import SMALL, sines
 
-import pipeline.train as T
-import pipeline.valset as valset
+import pipeline.training.loop as T
+import pipeline.training.valset as valset
 from pipeline import config as C
-from pipeline import report
+from pipeline.config.recipes import resolve_threads
 from pipeline.data.loader import WindowLoader
-from pipeline.device import packs, resolve_threads, torch_threads
-from pipeline.jobs import Job, plan_jobs, run_job
+from pipeline.outputs import console as report
+from pipeline.training.device import packs, torch_threads
+from pipeline.training.jobs import Job, plan_jobs, run_job
 
 BASE = [*SMALL, "train.epochs=3", "train.steps_per_epoch=3", "train.patience=5"]
 
@@ -50,8 +51,8 @@ def test_validation_batches_are_gathered_once_per_fit(members, monkeypatch):
 
 
 def test_a_fit_reports_its_training_and_validation_seconds():
-    from pipeline.jobs import job_data, new_model
     from pipeline.models import make_loss
+    from pipeline.training.jobs import job_data, new_model
     arrays = sines(4)
     cfg = C.load(None, BASE)
     data = job_data(arrays, plan_jobs(arrays, cfg)[0], cfg, torch.device("cpu"))
@@ -85,7 +86,7 @@ def threads_seen(monkeypatch, module, name: str) -> list[int]:
 
 
 def test_training_runs_under_the_configured_threads(monkeypatch):
-    import pipeline.jobs as J
+    import pipeline.training.jobs as J
     arrays = sines(4)
     seen = threads_seen(monkeypatch, J, "fit")
     before = torch.get_num_threads()
@@ -96,7 +97,7 @@ def test_training_runs_under_the_configured_threads(monkeypatch):
 
 
 def test_threads_are_part_of_a_checkpoints_identity():
-    from pipeline.checkpoint import train_settings
+    from pipeline.training.checkpoint import train_settings
     one, two = (C.load(None, [f"train.threads={n}"]) for n in (1, 2))
     assert train_settings(one) != train_settings(two)
 
@@ -132,8 +133,8 @@ def test_the_training_line_says_threads_and_packing(capsys):
 def test_forecasts_are_made_under_the_configured_threads(monkeypatch):
     """Inference too runs under train.threads (a Ray run's driver forecasts with the threads
     its tasks trained with; tests/test_cluster.py's two-node run equals the local one)."""
-    import pipeline.forecast as F
-    from pipeline.forecast import predict_job
+    import pipeline.forecasting.predict as F
+    from pipeline.forecasting.predict import predict_job
     arrays = sines(4)
     cfg = C.load(None, [*BASE, "train.epochs=1", "train.threads=2"])
     res = run_job(arrays, plan_jobs(arrays, cfg)[0], cfg)

@@ -18,10 +18,10 @@ from pipeline.config import (
     TrackingConfig,
 )
 from pipeline.errors import InfraError
-from pipeline.jobs import JobResult
 from pipeline.models import build_model
 from pipeline.provenance import data_hash
-from pipeline.runlog import RunLog
+from pipeline.tracking.runlog import RunLog
+from pipeline.training.jobs import JobResult
 
 mlflow = pytest.importorskip("mlflow")
 tracking = pytest.importorskip("pipeline.tracking")

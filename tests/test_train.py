@@ -9,8 +9,8 @@ import torch
 
 from pipeline import config as C
 from pipeline.data.series import SeriesArrays
-from pipeline.jobs import Job, plan_jobs, run_job, run_jobs_locally
 from pipeline.progress import Progress
+from pipeline.training.jobs import Job, plan_jobs, run_job, run_jobs_locally
 
 SMALL = ["windows.lookback=48", "windows.horizon=12", "windows.val_size=24",
          "model.encoder.hidden_size=16", "model.encoder.num_layers=2",
@@ -218,7 +218,7 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(tmp_path):
 
 def test_validation_uses_a_fixed_sample_of_at_most_val_max_windows():
     from pipeline.data.windows import WindowIndex
-    from pipeline.train import val_sample
+    from pipeline.training.loop import val_sample
     index = WindowIndex(np.repeat(np.arange(50), 40).astype(np.int32),
                         np.tile(np.arange(40), 50).astype(np.int32))
     cfg = C.load(None, ["train.val_max_windows=300"]).train
@@ -283,8 +283,8 @@ def test_the_loaders_mase_scale_equals_evaluates_on_the_same_histories(m, monkey
     `evaluate.mase_scale` of each series' steps before its cutoff: lag 1 for histories of m
     steps or fewer, NaN for those too short or constant."""
     import pipeline.data.scaling as S
-    from pipeline.evaluate import mase_scale
-    from pipeline.forecast import history
+    from pipeline.evaluation.metrics import mase_scale
+    from pipeline.forecasting.predict import history
     arrays = ragged()
     rng = np.random.default_rng(m)
     cut = np.minimum(rng.integers(0, 230, len(arrays)), arrays.lengths + 5)
@@ -325,9 +325,9 @@ def test_the_loop_gives_mase_and_smape_the_windows_scaling():
     |ŷ − y| / m_s in original units, sMAPE is computed in original units."""
     from pipeline.data.loader import loader_at
     from pipeline.data.scaling import mase_scale
-    from pipeline.jobs import new_model
     from pipeline.models import make_loss
-    from pipeline.train import pack_losses
+    from pipeline.training.jobs import new_model
+    from pipeline.training.loop import pack_losses
     arrays = sines(4)
     for loss in ("mase", "smape"):
         cfg = C.load(None, [*SMALL, f"model.loss={loss}", "windows.scaling=window"])

@@ -23,8 +23,8 @@ from pipeline.config import ConfigError, Domain
 from pipeline.config.tune import parse_domain
 from pipeline.data.prepare import prepare
 from pipeline.models.losses import MASELoss, PointOf, make_val_loss
-from pipeline.space import check_space, point_raw, trial_config, tuned_yaml, with_values
-from pipeline.trial import run_trial
+from pipeline.tuning.space import check_space, point_raw, trial_config, tuned_yaml, with_values
+from pipeline.tuning.trial import run_trial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo_tune.yaml")
@@ -228,7 +228,7 @@ def test_tune_on_ray_logs_each_trial_as_a_child_run_and_writes_a_config_run_acce
 
 @pytest.mark.ray
 def test_a_trial_holds_its_cpus_and_a_fraction_of_a_gpu_where_there_are_gpus(ray_session):
-    from pipeline.search import trial_resources
+    from pipeline.execution.ray_tune import trial_resources
     cfg = C.from_dict({"tune": {"cpus_per_trial": 2, "gpus_per_trial": 0.25}})
     assert trial_resources(cfg) == {"cpu": 2.0, "gpu": 0.25}
     auto = C.from_dict({})                # this Ray instance has no GPU: auto asks for none

@@ -8,7 +8,8 @@ from pipeline.config.checks import ConfigError
 from pipeline.config.checks import choice as _choice
 from pipeline.config.checks import positive as _positive
 
-STATISTICAL = ("auto_ets", "auto_theta", "auto_arima")  # pipeline.comparators.COMPARATORS
+# the names of pipeline.evaluation.comparators.COMPARATORS
+STATISTICAL = ("auto_ets", "auto_theta", "auto_arima")
 
 
 @dataclass

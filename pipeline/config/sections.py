@@ -260,8 +260,8 @@ class Config:
     explicit = frozenset()          # dotted keys the YAML and --set gave (from_dict sets it)
 
     name: str = "demo"
-    recipe: str = "none"            # none | auto: sizes from the data (pipeline.recipes); keys
-                                    # set in the YAML or with --set win
+    recipe: str = "none"            # none | auto: sizes from the data (config/recipes.py);
+                                    # keys set in the YAML or with --set win
     data: DataConfig = field(default_factory=DataConfig)
     windows: WindowsConfig = field(default_factory=WindowsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

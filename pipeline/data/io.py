@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError, InfraError
+from pipeline.paths import join, parent
 from pipeline.secrets import redact
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
@@ -38,19 +39,6 @@ class Part:
         if self.n_chunks == 1:
             return self.path
         return f"{self.path} [chunk {self.chunk + 1}/{self.n_chunks}]"
-
-
-def join(root: str, *parts: str) -> str:
-    """`root`/parts…, for local paths and URIs alike; a URI's query (`?endpoint_override=…`,
-    the options of its filesystem) stays at the end."""
-    base, sep, query = root.partition("?")
-    return "/".join([base.rstrip("/"), *parts]) + sep + query
-
-
-def parent(uri: str) -> str:
-    """The folder holding `uri` (its query kept)."""
-    base, sep, query = uri.partition("?")
-    return os.path.dirname(base.rstrip("/")) + sep + query
 
 
 def storage_error(e: OSError, what: str) -> InfraError:

@@ -35,7 +35,7 @@ from pipeline.data.windows import WindowIndex
 
 
 @dataclass
-class Batch:
+class WindowBatch:
     x: torch.Tensor
     xf: torch.Tensor | None
     y: torch.Tensor | None
@@ -52,12 +52,12 @@ class Batch:
         return self.x.shape[0]
 
 
-def stack_batches(batches: Sequence[Batch]) -> Batch:
+def stack_batches(batches: Sequence[WindowBatch]) -> WindowBatch:
     """G batches of equal size -> one batch with a leading member dimension [G, B, ...]."""
     def st(name):
         first = getattr(batches[0], name)
         return None if first is None else torch.stack([getattr(b, name) for b in batches])
-    return Batch(**{name: st(name) for name in Batch.__dataclass_fields__})
+    return WindowBatch(**{name: st(name) for name in WindowBatch.__dataclass_fields__})
 
 
 def static_matrix(arrays: SeriesArrays) -> np.ndarray | None:
@@ -155,7 +155,7 @@ class WindowLoader:
         return 0 if self.static is None else self.static.shape[1]
 
     def gather(self, series: torch.Tensor, start: torch.Tensor, with_target: bool = True,
-               *, in_table: bool | None = None) -> Batch:
+               *, in_table: bool | None = None) -> WindowBatch:
         """Windows (series[b], start[b]); with_target=False reads the lookback only (forecast
         windows whose horizon lies beyond the data). `in_table`: whether the windows' calendar
         positions are known to lie in the table (None: check)."""
@@ -188,7 +188,7 @@ class WindowLoader:
                 self.freq, self.calendar, self.start[series, None] + at * self.freq.step)
             feats.append(cal[:, :L])
             fut.append(cal[:, L:])
-        return Batch(
+        return WindowBatch(
             x=torch.cat(feats, -1), xf=torch.cat(fut, -1) if fut else None,
             y=v[:, L:] if with_target else None,
             y_mask=self.mask[rows[:, L:]].float() if with_target else None,
@@ -218,7 +218,7 @@ class WindowLoader:
     def batches(self, index: WindowIndex, batch_size: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None, steps: int | None = None,
                 with_target: bool = True, sampler: SeriesSampler | None = None
-                ) -> Iterator[Batch]:
+                ) -> Iterator[WindowBatch]:
         """Batches over a window index, optionally in a seeded random order.
 
         steps=None: one pass, the last batch possibly smaller. steps=k: exactly k full batches

@@ -3,8 +3,8 @@ SeriesArrays, a report of every repaired or skipped series, and the window index
 here; each training job takes its series' windows from it).
 
 The runner maps a function over argument tuples and returns the results in order. The default
-runs in this process; `pipeline.execution.RayRunner` fans the parts out as Ray tasks. Both give
-identical arrays because the parts, and their order, are planned here.
+runs in this process; `pipeline.execution.ray_train.RayRunner` fans the parts out as Ray tasks. Both
+give identical arrays because the parts, and their order, are planned here.
 """
 from __future__ import annotations
 
@@ -16,17 +16,16 @@ from dataclasses import dataclass
 import polars as pl
 
 from pipeline.config import Config
+from pipeline.config.recipes import after_load, before_load, resolve_threads
 from pipeline.data import grid
 from pipeline.data.calendar import Freq, parse_freq
 from pipeline.data.io import Part, file_schema, list_parts, read_columns
 from pipeline.data.series import STATUS, SeriesArrays
 from pipeline.data.validate import check_columns, load_part, timestamps_ns
 from pipeline.data.windows import WindowPlan, plan_windows
-from pipeline.device import resolve_threads
 from pipeline.errors import DataError
 from pipeline.names import check_groups
 from pipeline.progress import Display
-from pipeline.recipes import after_load, before_load
 
 Runner = Callable[[Callable, list[tuple]], list]
 REPORT_SCHEMA = {"series": pl.String, "file": pl.String, "issue": pl.String,
@@ -112,7 +111,7 @@ def resolve_freq(cfg: Config, parts: list[Part], sample_rows: int = 1_000_000) -
 
 def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
     """Read, validate and regularize the input into SeriesArrays (DESIGN.md §3–4). With
-    `recipe: auto` the config is resolved for the data (`pipeline.recipes`), and always
+    `recipe: auto` the config is resolved for the data (`pipeline.config.recipes`), and always
     `train.threads: auto` for where training runs: `Prepared.cfg`, the config the run logs."""
     t0 = time.perf_counter()
     cfg = before_load(cfg)

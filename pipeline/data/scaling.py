@@ -112,7 +112,7 @@ def _prefix_reduce(ufunc, v, idx, cut):
 def mase_scale(arrays: SeriesArrays, cutoff: np.ndarray, m: int) -> np.ndarray:
     """[S] float64: MASE's scale of each series from its steps before `cutoff`, the mean of
     |x_t − x_{t−m}| over its history (lag 1 when it holds m + 1 steps or fewer; NaN when it
-    holds fewer than lag + 1 or the mean is 0): `pipeline.evaluate.mase_scale` on the same
+    holds fewer than lag + 1 or the mean is 0): `pipeline.evaluation.metrics.mase_scale` on the same
     histories, reduced over the flat arrays in chunks of series."""
     cut = np.clip(np.asarray(cutoff, np.int64), 0, arrays.lengths)
     lag = np.where(cut > m, m, 1).astype(np.int64)                 # [S]

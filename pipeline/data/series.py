@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.data.calendar import NS, Freq
+from pipeline.data.calendar import NS, Freq, label
 from pipeline.errors import DataError
 
 STATUS = {0: "ok", 1: "too_short", 2: "nan_target_dropped", 3: "no_finite_values",
@@ -49,6 +49,12 @@ class SeriesArrays:
     def end(self) -> np.ndarray:
         """Grid ordinal of each series' last step."""
         return self.start + (self.lengths - 1) * self.freq.step
+
+    def data_end(self) -> str:
+        """The partition value of the data's end (its latest step): 2024-06-30 23:00 ->
+        '20240630T230000' (the local date for calendar frequencies; the step for integer
+        ones); "none" without series."""
+        return label(int(self.end.max()), self.freq) if len(self) else "none"
 
     def series(self, s: int) -> np.ndarray:
         return self.values[self.indptr[s]:self.indptr[s + 1]]

@@ -8,10 +8,10 @@ together; and the model file (`save_model` / `load_model`) for single models and
 
 Member i reads `lookbacks[i % n_l]` horizons, learns loss `losses[(i // n_l) % n_loss]` and is
 initialised and sampled with seed train.seed + i, so member 0 is the plain model. Members with
-one lookback train as one `PackedModel` (`pipeline.jobs.run_pack`). An ensemble forecasts with
-each member on its own windows (its lookback, ending at the same origin) in original units and
+one lookback train as one `PackedModel` (`pipeline.training.jobs.run_pack`). An ensemble forecasts
+with each member on its own windows (its lookback, ending at the same origin) in original units and
 combines them per series, step and quantile: the median or the mean over the members that can
-forecast the series (`pipeline.forecast.predict_job`).
+forecast the series (`pipeline.forecasting.predict.predict_job`).
 
 The file is read with `torch.load(weights_only=True)`: format 1 is one model
 `{"format": 1, "spec", "state_dict"}`, format 2 an ensemble
@@ -102,9 +102,9 @@ def combine(stack: np.ndarray, how: str, covered: np.ndarray | None = None) -> n
 
 class Ensemble(nn.Module):
     """Members (EncoderDecoders built by build_model, each with its lookback in its spec) and
-    how their forecasts combine. Forecast with `pipeline.forecast.predict_job`, which gives each
-    member its own windows and scaling. `forward` is for batches of the longest lookback under
-    per-series scaling (what the MLflow flavor is called with): each member reads the newest
+    how their forecasts combine. Forecast with `pipeline.forecasting.predict.predict_job`, which
+    gives each member its own windows and scaling. `forward` is for batches of the longest lookback
+    under per-series scaling (what the MLflow flavor is called with): each member reads the newest
     steps of its lookback and the outputs are combined in the model's units."""
 
     def __init__(self, members: Sequence[EncoderDecoder], combine: str = "median"):

@@ -3,7 +3,7 @@
     packed = PackedModel.build(model_cfg, groups=G, lookback=L, horizon=H, past_size=C, ...)
     y_hat = packed(x, xf, static)          # [G, B, L, 1+C], [G, B, H, C_fut], [G, B, C_s]
                                            # -> [G, B, H, Q]
-    # training it: pipeline.train.fit (one loss per group, gradients clipped per group)
+    # training it: pipeline.training.loop.fit (one loss per group, gradients clipped per group)
     model_g = packed.extract(g)            # an ordinary EncoderDecoder (build_model, save_model)
 
 Every parameter is the stack of the G models' copies of one parameter: [G, *its single shape].

@@ -10,7 +10,7 @@ shapes that loses the optional inputs. Its signature and input example describe 
 `example_inputs`: a lone tensor `x` for models with no other inputs, else a dict of named
 tensors {x, xf, static, idx} (call the reloaded module with `**batch`).
 
-A statistical champion (a comparator that won, `pipeline.statistical`) is a LoggedModel
+A statistical champion (a comparator that won, `pipeline.evaluation.statistical`) is a LoggedModel
 holding only `spec.json` (its name and settings), its version tagged kind=statistical
 (`register_spec`); `read.load_champion` returns it as a `Statistical`, refitted at forecast
 time. Both kinds become versions through the same `_version`.
@@ -140,9 +140,9 @@ def register(c: mlflow.MlflowClient, run_id: str, name: str, alias: str,
 
 def register_spec(c: mlflow.MlflowClient, run_id: str, name: str, alias: str, spec: dict,
                   group: str | None = None, tags: dict | None = None) -> str:
-    """Register a statistical model (`pipeline.statistical`) as a new version of `name`: a
-    LoggedModel of `run_id` holding only its JSON spec (SPEC), tagged kind=statistical, no
-    weights and no pickle; `alias` points at it. Returns the version."""
+    """Register a statistical model (`pipeline.evaluation.statistical`) as a new version of `name`:
+    a LoggedModel of `run_id` holding only its JSON spec (SPEC), tagged kind=statistical, no weights
+    and no pickle; `alias` points at it. Returns the version."""
     experiment_id = c.get_run(run_id).info.experiment_id
     logged = c.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id,
                                    tags={"mlflow.source.run_id": run_id, KIND_TAG: spec["kind"]})

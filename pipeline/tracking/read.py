@@ -17,9 +17,9 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config import STATISTICAL
 from pipeline.errors import PipelineError
+from pipeline.evaluation.statistical import KIND, Statistical
 from pipeline.models import load_model
 from pipeline.names import safe_key
-from pipeline.statistical import KIND, Statistical
 from pipeline.tracking.models import KIND_TAG, MODEL_URI_TAG, SPEC, WEIGHTS
 from pipeline.tracking.runs import (
     CALIBRATION_ARTIFACT,

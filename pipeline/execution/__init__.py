@@ -1,0 +1,1 @@
+"""Every `import ray`: Ray tasks, Ray Train and Ray Tune."""

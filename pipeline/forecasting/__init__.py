@@ -1,0 +1,2 @@
+"""Forecasts from trained models: predict, the backtest, the final forecast, conformal
+intervals."""
