@@ -126,24 +126,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tune(args: argparse.Namespace | list[str]) -> list[Batch]:
-    """The search (a batch of its own, its trials child runs of its run), then, for a global
-    search, the tuned config's backtest as `backtest` runs it (an ordinary run `compare`
-    ranks), which the search's run names in its tag `tune.backtest_run_id`. The batches run."""
+    """`tune`: the search, then the tuned config's backtest (`flows.tune.search_then_backtest`);
+    the batches run."""
     if isinstance(args, list):
         args = _parser().parse_args(args)
-    flow = functools.update_wrapper(
-        functools.partial(tune_flow.tune, trials=args.trials, minutes=args.time_budget,
-                          out=args.out), tune_flow.tune)
-    searched = run_flow(flow, args, record=False)
-    tuned = searched.outcome.tuned if searched.exit_code == EXIT_OK else None
-    if tuned is None or args.no_backtest or None not in tuned.files:
-        return [searched]
-    print(f"backtest of the tuned config {tuned.files[None]}")
-    again = argparse.Namespace(config=tuned.files[None], set=[], batch_id=args.batch_id)
-    checked = run_flow(backtest.backtest, again, record=False)
-    if searched.log is not None and checked.log is not None and checked.log.parent_id:
-        searched.log.tag("tune.backtest_run_id", checked.log.parent_id)
-    return [searched, checked]
+    return tune_flow.search_then_backtest(args)
 
 
 def execute(args: argparse.Namespace | list[str]) -> Batch:

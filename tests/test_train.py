@@ -1,6 +1,7 @@
 """The training loop and the job layer, without Ray: learning, seeds, early stopping, logs."""
 import io
 import math
+import pickle
 import warnings
 
 import numpy as np
@@ -66,6 +67,13 @@ def test_early_stopping_restores_the_best_epoch():
     assert res.best_val == min(vals)
     model = res.model()  # the restored weights are the best epoch's
     assert sum(p.numel() for p in model.parameters()) > 0
+    # rebuilt from the bytes once: saving, logging, backtest and forecast share the module;
+    # a pickled result (what a Ray task returns) carries the bytes alone
+    assert res.model() is model
+    again = pickle.loads(pickle.dumps(res))
+    assert again._model is None and again.model() is not model
+    assert all(torch.equal(a, b) for a, b in zip(again.model().state_dict().values(),
+                                                  model.state_dict().values(), strict=True))
 
 
 def test_steps_per_epoch_and_schedulers_set_the_learning_rate():

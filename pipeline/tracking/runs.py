@@ -22,7 +22,7 @@ from typing import Any
 import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipeline.secrets import redact
@@ -273,9 +273,9 @@ class Tracker:
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(str(path) if "://" in str(path)
                                             else str(Path(path).resolve()))
-        ds = MetaDataset(source=source, name=name, digest=digest[:36])
+        entity = Dataset(**MetaDataset(source=source, name=name, digest=digest[:36]).to_dict())
         self.client.log_inputs(run_id, datasets=[DatasetInput(
-            ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+            entity, tags=[InputTag("mlflow.data.context", context)])])
         self.client.set_tag(run_id, "data_hash", digest)
 
     def log_model(self, run_id: str, model) -> str | None:

@@ -45,11 +45,18 @@ class JobResult:
     members: list[dict] = field(default_factory=list)  # an ensemble's: one dict per member
                                       # (index, lookback, loss, seed, ok, best_val, best_epoch,
                                       # epochs, n_windows, history; error when it had none)
+    _model: torch.nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     def model(self) -> torch.nn.Module:
-        """The trained model (an EncoderDecoder, or an Ensemble), rebuilt from spec + weights,
-        in eval mode."""
-        return model_from_spec(self.spec, state_dict(self.state))
+        """The trained model (an EncoderDecoder, or an Ensemble), rebuilt from spec + weights
+        in eval mode once, on the first call; later calls (saving it, logging it, the backtest,
+        the forecast) share that module."""
+        if self._model is None:
+            self._model = model_from_spec(self.spec, state_dict(self.state))
+        return self._model
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_model": None}     # what travels is the bytes, not the module
 
 
 def state_bytes(model: torch.nn.Module) -> bytes:
