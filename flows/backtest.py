@@ -10,7 +10,7 @@ from pipeline.stages.batch import Batch
 
 def backtest(b: Batch) -> S.Outcome:
     """Train before the backtest cutoffs and score the models against the baselines."""
-    data = S.prepare(b)
+    data = S.resolve(b, S.prepare(b))           # read, validate; the config for this data
     jobs = S.plan(b, data)
     inits = S.warm_start(b, data, jobs)
     trained = S.train(b, data, jobs, inits)

@@ -11,7 +11,7 @@ from pipeline.stages.batch import Batch
 
 def forecast(b: Batch) -> S.Outcome:
     """Train the forecast model on all the data and write its forecasts."""
-    data = S.prepare(b)
+    data = S.resolve(b, S.prepare(b))           # read, validate; the config for this data
     jobs = S.plan(b, data)
     inits = S.warm_start(b, data, jobs)
     final = S.final_model(b, data, jobs, None, inits)

@@ -12,7 +12,7 @@ REGISTRY = True
 
 def forecast_only(b: Batch, by: str | None = None) -> S.Outcome:
     """Forecast with the registered champions (per group, or one global with by="global")."""
-    data = S.prepare(b)
+    data = S.resolve(b, S.prepare(b))           # read, validate; the config for this data
     forecast = F.write_forecast(b, data, F.registry_forecast(b, data, by))
     return S.html_report(b, S.Outcome(data, forecast=forecast))   # the page, next to the outputs
 

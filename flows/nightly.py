@@ -14,7 +14,8 @@ REGISTRY = True     # needs the Model Registry
 def nightly(b: Batch) -> S.Outcome:
     """Train a challenger, promote it where it beats the champion, forecast with the
     champions."""
-    data = S.prepare(b)                          # read, validate; lock and open the batch
+    data = S.prepare(b)                          # read, validate
+    data = S.resolve(b, data)                    # the config for this data; open the batch
     jobs = S.plan(b, data)                       # one global job, or one per group
     inits = S.warm_start(b, data, jobs)          # champions' weights (train.warm_start)
     trained = S.train(b, data, jobs, inits)      # before the backtest cutoffs

@@ -11,7 +11,8 @@ TRACKED = False
 
 def prepare(b: Batch) -> S.Outcome:
     """Read and validate the input; report what was repaired or skipped."""
-    return S.html_report(b, S.Outcome(S.prepare(b)))   # the batch's page, next to the outputs
+    data = S.resolve(b, S.prepare(b))           # read, validate; the config for this data
+    return S.html_report(b, S.Outcome(data))    # the batch's page, next to the outputs
 
 
 if __name__ == "__main__":

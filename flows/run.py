@@ -11,7 +11,8 @@ from pipeline.stages.batch import Batch
 
 def run(b: Batch) -> S.Outcome:
     """Backtest the models, then forecast with the final model."""
-    data = S.prepare(b)                          # read, validate; lock and open the batch
+    data = S.prepare(b)                          # read, validate
+    data = S.resolve(b, data)                    # the config for this data; open the batch
     jobs = S.plan(b, data)                       # one global job, or one per group
     inits = S.warm_start(b, data, jobs)          # champions' weights (train.warm_start)
     trained = S.train(b, data, jobs, inits)      # before the backtest cutoffs

@@ -9,7 +9,7 @@ from pipeline.stages.batch import Batch
 
 def train(b: Batch) -> S.Outcome:
     """Train the models (before the backtest cutoffs, as `backtest` would score them)."""
-    data = S.prepare(b)
+    data = S.resolve(b, S.prepare(b))           # read, validate; the config for this data
     jobs = S.plan(b, data)
     inits = S.warm_start(b, data, jobs)
     trained = S.train(b, data, jobs, inits)

@@ -16,7 +16,7 @@ from pipeline.stages.batch import Batch
 def tune(b: Batch, trials: int | None = None, minutes: float | None = None,
          out: str | None = None) -> S.Outcome:
     """Search the config's `tune.space`; write the tuned config."""
-    data = S.prepare(b)
+    data = S.resolve(b, S.prepare(b))           # read, validate; the config for this data
     return S.Outcome(data, tuned=tuning.tune(b, data, trials, minutes, out))
 
 

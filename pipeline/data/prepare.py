@@ -8,6 +8,7 @@ give identical arrays because the parts, and their order, are planned here.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -50,7 +51,8 @@ class Prepared:
     parts: int
     rows: int
     seconds: float
-    plan: WindowPlan          # the windows of every usable series (train, validation, backtest)
+    plan: WindowPlan | None   # the windows of every usable series (train, validation,
+                              # backtest), once `resolve`d
     cfg: Config | None = None  # the config resolved for this data (`recipe: auto`)
     recipe: dict | None = None  # what the recipe chose (dotted key -> value)
 
@@ -110,9 +112,15 @@ def resolve_freq(cfg: Config, parts: list[Part], sample_rows: int = 1_000_000) -
 
 
 def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
-    """Read, validate and regularize the input into SeriesArrays (DESIGN.md §3–4). With
-    `recipe: auto` the config is resolved for the data (`pipeline.config.recipes`), and always
-    `train.threads: auto` for where training runs: `Prepared.cfg`, the config the run logs."""
+    """`read` then `resolve`: the input as arrays, the config resolved for them and the
+    window plan, in one call (the flows take the two steps apart)."""
+    return resolve(read(cfg, runner))
+
+
+def read(cfg: Config, runner: Runner = local_runner) -> Prepared:
+    """Read, validate and regularize the input into SeriesArrays (DESIGN.md §3–4), with the
+    bounds the recipe sets before any data is read (`config.recipes.before_load`); nothing
+    resolved for the data yet (`resolve`), no window plan."""
     t0 = time.perf_counter()
     cfg = before_load(cfg)
     parts = list_parts(cfg.data.path, cfg.data.rows_per_task)
@@ -128,14 +136,27 @@ def prepare(cfg: Config, runner: Runner = local_runner) -> Prepared:
     del results
     if arrays.groups is not None:
         check_groups(arrays.groups, cfg.data.group_col)
-    cfg, chosen = after_load(cfg, arrays.lengths[arrays.status == 0],
-                             cfg.evaluate.season or freq.default_season(arrays.lengths))
-    cfg = resolve_threads(cfg)
-    if chosen:
-        rows = padded_rows(rows, arrays, cfg.windows)
     report = pl.DataFrame(rows or None, schema=REPORT_SCHEMA)
     return Prepared(arrays, report, len(parts), sum(p.num_rows for p in parts if p.chunk == 0),
-                    time.perf_counter() - t0, plan_windows(arrays, cfg.windows), cfg, chosen)
+                    time.perf_counter() - t0, None, cfg)
+
+
+def resolve(data: Prepared) -> Prepared:
+    """The config for this data — `recipe: auto` sized from the trainable series' lengths and
+    season (`config.recipes.after_load`), `train.threads: auto` for where training runs — and
+    the window plan under it: `Prepared.cfg`, the config the run logs and its stages use."""
+    t0 = time.perf_counter()
+    arrays, cfg = data.arrays, data.cfg
+    cfg, chosen = after_load(cfg, arrays.lengths[arrays.status == 0],
+                             cfg.evaluate.season or arrays.freq.default_season(arrays.lengths))
+    cfg = resolve_threads(cfg)
+    report = data.report
+    if chosen:
+        report = pl.DataFrame(padded_rows(report.to_dicts(), arrays, cfg.windows) or None,
+                              schema=REPORT_SCHEMA)
+    return dataclasses.replace(data, report=report, plan=plan_windows(arrays, cfg.windows),
+                               cfg=cfg, recipe=chosen,
+                               seconds=data.seconds + time.perf_counter() - t0)
 
 
 def padded_rows(rows: list[dict], arrays: SeriesArrays, windows) -> list[dict]:

@@ -20,7 +20,8 @@ from pipeline import paths
 from pipeline.config import Config
 from pipeline.data.loader import loader_at
 from pipeline.data.prepare import Prepared
-from pipeline.data.prepare import prepare as read_input
+from pipeline.data.prepare import read as read_input
+from pipeline.data.prepare import resolve as resolve_for_data
 from pipeline.errors import InfraError, PipelineError
 from pipeline.evaluation.statistical import Statistical
 from pipeline.forecasting.backtest import (
@@ -100,11 +101,19 @@ class Outcome:
 
 
 def prepare(b: Batch) -> Prepared:
-    """Read and validate the input into arrays and the window plan, then open the batch on
-    the data cutoff (lock, skip-if-done, tracking run, validation report)."""
+    """Read and validate the input into arrays (the tracking server checked first); nothing
+    is written yet."""
     b.open()
     with b.stage("data"):
-        data = read_input(b.cfg, b.runner)
+        return read_input(b.cfg, b.runner)
+
+
+def resolve(b: Batch, data: Prepared) -> Prepared:
+    """The config for this data (`recipe: auto`, `train.threads: auto`) and the window plan
+    under it; the batch opens on the data cutoff with that config, which the stages use from
+    here (`b.cfg`; lock, skip-if-done, the tracking run logging it, the validation report)."""
+    with b.stage("data"):
+        data = resolve_for_data(data)
     b.begin(data)
     report.data(data, b.cfg, paths.validation_report(b.cfg) if b.cfg.output.report else None)
     return data
