@@ -8,6 +8,7 @@ import os
 import pathlib
 import re
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -433,6 +434,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def readme_deploy_commands() -> list[list[str]]:
+    """The argv of each docker command in README's "Deployment: Docker Compose" block (the
+    part after a pipe)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Deployment: Docker Compose"):]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)[:1]
+    out = []
+    for line in block.splitlines():
+        line = line.rsplit(" | ", 1)[-1]
+        if line.startswith(("docker build", "docker-compose")):
+            out.append(shlex.split(line))
+    return out
+
+
+def env_from_example() -> dict[str, str]:
+    """docker/.env.example's settings with a random secret for each one left empty, as the
+    command in docker/README.md fills them."""
+    out = {}
+    for line in (DOCKER / ".env.example").read_text().splitlines():
+        m = re.fullmatch(r"([A-Z_][A-Z0-9_]*)=(.*)", line.strip())
+        if m:
+            out[m[1]] = m[2] or secrets.token_urlsafe(32)
+    return out
+
+
 def write_env(path: pathlib.Path, values: dict[str, str]) -> None:
     path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     path.chmod(0o600)
@@ -464,9 +490,10 @@ def test_the_stack_runs_the_nightly_flow_in_containers(tmp_path, monkeypatch):
                 shutil.copyfile(f, target)
                 placed.append(target)
     try:
-        sh(["docker", "build", "--network", "host", "-f", "docker/Dockerfile",
-            "-t", PIPELINE_IMAGE, "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-            "--build-arg", "TORCH_VARIANT=cpu", "."], 2400)
+        build = ["docker", "build", "--network", "host", "-f", "docker/Dockerfile",
+                 "-t", PIPELINE_IMAGE, "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+                 "--build-arg", "TORCH_VARIANT=cpu", "."]
+        sh(build, 2400)
         sh(["docker", "build", "--network", "host", "-f", "docker/postgres.Dockerfile",
             "-t", POSTGRES_IMAGE, "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "docker"], 900)
     finally:
@@ -476,11 +503,12 @@ def test_the_stack_runs_the_nightly_flow_in_containers(tmp_path, monkeypatch):
 
     project = f"fptest{os.getpid()}"
     mlflow_port, ray_port = free_port(), free_port()
-    env = {"COMPOSE_PROJECT_NAME": project, "POSTGRES_IMAGE": POSTGRES_IMAGE,
-           "PIPELINE_IMAGE": PIPELINE_IMAGE,
-           "MLFLOW_PORT": str(mlflow_port), "RAY_DASHBOARD_PORT": str(ray_port),
-           "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_TRACKING_USERNAME": "pipeline",
-           **{name: secrets.token_urlsafe(32) for name in SECRETS}}
+    # docker/.env as docker/README.md makes it: .env.example with every empty value a random
+    # secret; then this test's own project name, free loopback ports and Postgres image.
+    env = env_from_example()
+    assert set(SECRETS) <= set(env) and env["MLFLOW_TRACKING_USERNAME"], env.keys()
+    env.update({"COMPOSE_PROJECT_NAME": project, "POSTGRES_IMAGE": POSTGRES_IMAGE,
+                "MLFLOW_PORT": str(mlflow_port), "RAY_DASHBOARD_PORT": str(ray_port)})
     env_file = tmp_path / ".env"
     compose_cmd = ["docker-compose", "--env-file", str(env_file), "-f", "docker/compose.yaml"]
 
@@ -499,7 +527,8 @@ def test_the_stack_runs_the_nightly_flow_in_containers(tmp_path, monkeypatch):
 
     write_env(env_file, env)
     try:
-        sh([*compose_cmd, "up", "-d"], 600)
+        up = [*compose_cmd, "up", "-d"]
+        sh(up, 600)
         deadline = time.monotonic() + 600
         while True:
             (cid,) = sh([*compose_cmd, "ps", "-q", "mlflow"], 60).stdout.split()
@@ -510,9 +539,11 @@ def test_the_stack_runs_the_nightly_flow_in_containers(tmp_path, monkeypatch):
                 sh([*compose_cmd, "logs", "--tail", "50", "mlflow"], 60).stdout
             time.sleep(3)
         user = f"{env['MLFLOW_TRACKING_USERNAME']}\n{env['MLFLOW_TRACKING_PASSWORD']}\n"
-        sh([*compose_cmd, "exec", "-T", "mlflow", "mlflow-create-user"], 300, input=user)
-        sh([*compose_cmd, "run", "--rm", "--no-deps", "--entrypoint", "python", "nightly",
-            "-m", "pipeline", "make-demo-data", "--out", "/data/input"], 600)
+        create_user = [*compose_cmd, "exec", "-T", "mlflow", "mlflow-create-user"]
+        sh(create_user, 300, input=user)
+        demo_data = [*compose_cmd, "run", "--rm", "--no-deps", "--entrypoint", "python",
+                     "nightly", "-m", "pipeline", "make-demo-data", "--out", "/data/input"]
+        sh(demo_data, 600)
         nightly = [*compose_cmd, "run", "--rm", "nightly",
                    "python", "-m", "flows.nightly", "--config", "docker/demo.yaml"]
         first = sh(nightly, 1500, check=False)
@@ -590,11 +621,17 @@ def test_the_stack_runs_the_nightly_flow_in_containers(tmp_path, monkeypatch):
                 assert env[name] not in layers + config, (image, name)
             assert not re.search(r"(PASSWORD|TOKEN|SECRET)[A-Z_]*=\S", config), image
     finally:
-        down = sh([*compose_cmd, "down", "-v", "--remove-orphans"], 600, check=False)
-    assert down.returncode == 0, down.stderr[-2000:]
+        down = [*compose_cmd, "down", "-v"]
+        downed = sh(down, 600, check=False)
+    assert downed.returncode == 0, downed.stderr[-2000:]
     assert not containers()
     assert not sh(["docker", "volume", "ls", "-q", "--filter",
                    f"label=com.docker.compose.project={project}"], 60).stdout.split()
+    # README's deployment block is these commands; only the base image and the env file differ
+    ran_here = [[a.replace(str(env_file), "docker/.env")
+                 .replace(f"BASE_IMAGE={BASE_IMAGE}", "BASE_IMAGE=python:3.11-slim-bookworm")
+                 for a in cmd] for cmd in (build, up, create_user, demo_data, nightly, down)]
+    assert ran_here == readme_deploy_commands()
     print(f"\ncontainer test: images {(built - started) / 60:.1f} min, "
           f"stack + first nightly {(ran - built) / 60:.1f} min, "
           f"total {(time.monotonic() - started) / 60:.1f} min")
