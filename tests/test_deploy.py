@@ -330,6 +330,32 @@ def test_schedules_run_existing_flows_and_configs():
         assert (ROOT / "flows" / f"{module}.py").is_file()
 
 
+def test_no_champion_yet_behind_mlflows_basic_auth(monkeypatch):
+    """The compose stack's MLflow (basic auth) answers 403, not 404, for the alias of a model
+    that does not exist: that reads as no champion; a 403 for a model that exists is raised."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+
+    from pipeline.tracking import read
+
+    class Client:
+        def __init__(self, models):
+            self.models = models
+
+        def get_model_version_by_alias(self, name, alias):
+            raise MlflowException("Permission denied", error_code=PERMISSION_DENIED)
+
+        def search_registered_models(self, filter_string):
+            name = re.fullmatch(r"name = '(.*)'", filter_string)[1]
+            return [type("M", (), {"name": m}) for m in self.models if m == name]
+
+    monkeypatch.setattr(read, "_client", lambda uri: Client([]))
+    assert read.champion_version("exp.store_A") is None
+    monkeypatch.setattr(read, "_client", lambda uri: Client(["exp.store_A"]))
+    with pytest.raises(MlflowException):
+        read.champion_version("exp.store_A")
+
+
 def test_every_shipped_config_loads():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = C.load(path)
