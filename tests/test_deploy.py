@@ -508,6 +508,9 @@ def test_the_stack_runs_the_nightly_flow_in_containers(tmp_path, monkeypatch):
     ensure_base_image(tmp_path)
     # The build: the only differences from docker/README.md are the base images and the CAs
     # (and torch's CPU wheel) this machine's proxy needs, put in the git-ignored folders.
+    def image_id(name: str) -> str:
+        return sh(["docker", "image", "inspect", "-f", "{{.Id}}", name], 60, check=False).stdout
+    before = {name: image_id(name) for name in (PIPELINE_IMAGE, POSTGRES_IMAGE)}
     placed = []
     for folder, files in host_extras().items():
         for f in files:
@@ -525,6 +528,9 @@ def test_the_stack_runs_the_nightly_flow_in_containers(tmp_path, monkeypatch):
     finally:
         for target in placed:
             target.unlink()
+    for name, old_id in before.items():     # the image a rebuild replaced: not kept (disk)
+        if old_id.strip() and image_id(name) != old_id:
+            sh(["docker", "rmi", old_id.strip()], 120, check=False)
     built = time.monotonic()
 
     project = f"fptest{os.getpid()}"
