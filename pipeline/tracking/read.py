@@ -214,12 +214,24 @@ def champion_version(name: str, alias: str = "champion", uri: str | None = None)
     """The ModelVersion `name@alias`, or None when there is no such model or alias. Any other
     error (server down, 5xx) is raised: it must not read as "no champion" and promote an
     untested challenger."""
+    client = _client(uri)
     try:
-        return _client(uri).get_model_version_by_alias(name, alias)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
+        # MLflow's basic-auth server (docker/compose.yaml) answers 403, not 404, for an alias
+        # of a model that does not exist; its search lists every model the user may read
+        if e.error_code == "PERMISSION_DENIED" and not _registered(client, name):
+            return None
         raise
+
+
+def _registered(client, name: str) -> bool:
+    """Whether a registered model `name` exists (that this user may see)."""
+    quoted = name.replace("\\", "\\\\").replace("'", "\\'")
+    found = client.search_registered_models(filter_string=f"name = '{quoted}'")
+    return any(m.name == name for m in found)
 
 
 def load_champion(name: str, alias: str = "champion", uri: str | None = None):
