@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import polars as pl
-import psutil
 import pytest
 
 from pipeline.cli import main
@@ -61,20 +60,28 @@ def test_the_job_on_two_nodes_with_s3_input_and_outputs_writes_the_local_forecas
     assert info["rows"] == 40 * 24 and info["same_keys"] and info["max_y_hat_diff"] == 0.0
 
 
-def _kill_first_job_task(killed: list, stop: threading.Event) -> None:
-    """SIGKILL the first worker of this session's Ray instance (started by this process, so
-    its workers descend from it; never another job's) seen running a training task
-    (`ray::_pack_task`), by its id."""
-    me = psutil.Process()
+def _reporting_pid(fn, path: pathlib.Path):
+    """`fn` as a task body that first appends its worker's pid to `path` (a file this test
+    owns). Only `__name__` is copied: with `functools.wraps` cloudpickle would send the
+    original function by reference instead of this wrapper."""
+    def reporting(*args, **kwargs):
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return fn(*args, **kwargs)
+    reporting.__name__ = fn.__name__
+    return reporting
+
+
+def _kill_first_job_task(pids: pathlib.Path, killed: list, stop: threading.Event) -> None:
+    """SIGKILL the worker that reported itself first in `pids` (a training task of this
+    test's own run, see `_reporting_pid`), by that pid: never a process found by its name
+    or by a look at the machine's processes."""
     while not stop.is_set() and not killed:
-        for proc in me.children(recursive=True):
-            try:
-                if " ".join(proc.cmdline()).startswith("ray::_pack_task"):
-                    proc.send_signal(signal.SIGKILL)
-                    killed.append(proc.pid)
-                    return
-            except psutil.Error:     # it ended meanwhile
-                continue
+        first = pids.read_text().split() if pids.exists() else []
+        if first:
+            os.kill(int(first[0]), signal.SIGKILL)
+            killed.append(int(first[0]))
+            return
         time.sleep(0.05)
 
 
@@ -86,15 +93,23 @@ def forecasts(out) -> pl.DataFrame:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_killed_worker_is_retried_and_nothing_is_lost(demo_dir, tmp_path, ray_session):
+def test_a_killed_worker_is_retried_and_nothing_is_lost(demo_dir, tmp_path, ray_session,
+                                                       monkeypatch):
+    from pipeline.execution import ray_train
+    pids = tmp_path / "task_pids"
+    monkeypatch.setattr(ray_train, "_pack_task", _reporting_pid(ray_train._pack_task, pids))
     base = ["run", "--config", "configs/per_group.yaml", "--set", f"data.path={demo_dir}",
             "--set", "train.per_group.packed=false", "--set", "train.epochs=2", "--set",
             "train.steps_per_epoch=3", "--set", "windows.lookback=72", "--set",
             "tracking.enabled=false", "--set", "evaluate.plots=0", "--set",
             "evaluate.final_model=reuse", "--set", "evaluate.comparators=[]"]
+    # A decoy under this very process, named as Ray names a training worker: a killer that
+    # chose its victim by name could take it; this one must leave it alive.
+    decoy = subprocess.Popen(["bash", "-c", 'exec -a "ray::_pack_task" sleep 600'])
     killed: list[int] = []
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_first_job_task, args=(killed, stop), daemon=True)
+    killer = threading.Thread(target=_kill_first_job_task, args=(pids, killed, stop),
+                              daemon=True)
     killer.start()
     try:
         assert main([*base, "--set", f"output.path={tmp_path / 'ray'}", "--set",
@@ -102,7 +117,12 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(demo_dir, tmp_path, ray_
     finally:
         stop.set()
         killer.join()
-    assert killed, "no training task was seen to kill"
+        survived = decoy.poll() is None
+        decoy.kill()                     # by its own handle
+        decoy.wait(timeout=30)
+    assert survived, "the decoy named ray::_pack_task was killed"
+    assert killed, f"no training task of this run was killed: {killed}"
+    assert len(pids.read_text().split()) == 4 + 1       # a task per store, and the retry
     assert main([*base, "--set", f"output.path={tmp_path / 'local'}", "--set",
                  "ray.enabled=false"]) == 0
     got, want = forecasts(tmp_path / "ray"), forecasts(tmp_path / "local")

@@ -257,7 +257,7 @@ def exchangeable(n_series: int = 400, n: int = 60, seed: int = 5) -> SeriesArray
 
 
 def test_conformal_intervals_reach_their_coverage_on_the_latest_window():
-    from pipeline.forecasting.conformal import calibrate
+    from pipeline.forecasting.intervals import calibrate
     arrays = exchangeable()
     cfg = C.load(None, ["windows.lookback=12", f"windows.horizon={H}", "windows.n_windows=3",
                         "data.calendar=[]", "evaluate.season=1", "evaluate.comparators=[]",
@@ -271,7 +271,7 @@ def test_conformal_intervals_reach_their_coverage_on_the_latest_window():
 
 
 def test_conformal_widths_go_around_the_final_forecast_by_the_model_fallen_back_to():
-    from pipeline.forecasting.conformal import calibrate, with_intervals
+    from pipeline.forecasting.intervals import calibrate, with_intervals
     arrays = exchangeable(60)
     cfg = C.load(None, ["windows.lookback=12", f"windows.horizon={H}", "windows.n_windows=2",
                         "data.calendar=[]", "evaluate.season=1", "evaluate.comparators=[]",

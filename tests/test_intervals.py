@@ -151,7 +151,7 @@ def test_widths_saved_as_json_load_back_exactly():
     same widths, flags and groups, with and without groups, NaN where a step had no residual."""
     import json
 
-    from pipeline.forecasting.conformal import Calibration
+    from pipeline.forecasting.intervals import Calibration
     groups, res = grouped(3)
     res[:, -1] = np.nan                                       # a step never observed
     fitted = {"gru": intervals.fit(res, (0.8, 0.95), groups),

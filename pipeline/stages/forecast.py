@@ -30,9 +30,8 @@ from pipeline.forecasting.backtest import (
     drawn_series,
     fallback_name,
 )
-from pipeline.forecasting.conformal import with_intervals
 from pipeline.forecasting.final import final_forecast, refit_forecast
-from pipeline.forecasting.intervals import interval_columns
+from pipeline.forecasting.intervals import interval_columns, with_intervals
 from pipeline.forecasting.predict import quantile_column
 from pipeline.outputs import console as report
 from pipeline.outputs import partitions as output

@@ -33,7 +33,7 @@ from pipeline.forecasting.backtest import (
     drawn_series,
 )
 from pipeline.forecasting.backtest import backtest as score
-from pipeline.forecasting.conformal import Calibration, calibrate
+from pipeline.forecasting.intervals import Calibration, calibrate
 from pipeline.names import model_file
 from pipeline.outputs import console as report
 from pipeline.outputs import html as htmlreport

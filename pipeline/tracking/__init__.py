@@ -1,9 +1,11 @@
 """The MLflow layer (DESIGN.md §7): the only package that imports mlflow, through its public API.
 
-    runs.py     writing runs: parent and child runs, params, metrics, artifacts, live epochs
-    models.py   models in MLflow: logged (weights file + PyTorch flavor), registered, loaded
-    read.py     reading runs back: leaderboards, champions, batch records, run configs
-    trials.py   a search's trials as child runs of the `tune` run
+    runs.py       the one writer of runs: parent and child runs (the child-run layout),
+                  params, metrics, artifacts, live epochs, a search's trial runs
+    read.py       the one reader: leaderboards, champions, batch records, run configs
+    models.py     models in MLflow: logged (weights file + PyTorch flavor), registered, loaded
+    runlog.py     what a pipeline run records, stage by stage, in its vocabulary (through runs.py)
+    champions.py  comparison, champions and promotion (through read.py and models.py)
 
 This module says where runs go. `tracking_uri(cfg)`: `tracking.uri`, else $MLFLOW_TRACKING_URI,
 else the embedded default `sqlite:///<output.path>/mlflow.db` with artifacts beside it
@@ -33,10 +35,10 @@ from pipeline.tracking.runs import (
     SUPERSEDED_TAG,
     EpochLogger,
     Tracker,
+    TrialRuns,
     client,
     metric_prefix,
 )
-from pipeline.tracking.trials import TrialRuns
 
 __all__ = ["CALIBRATION_ARTIFACT", "CONFIG_ARTIFACT", "GROUP_TABLE", "GROUP_TABLE_TAG",
            "MODEL_URI_TAG", "ROLE", "SUPERSEDED_TAG", "EpochLogger", "Tracker", "TrialRuns",

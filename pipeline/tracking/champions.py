@@ -22,7 +22,7 @@ from pipeline.data.calendar import Freq, to_datetime64
 from pipeline.errors import PipelineError
 from pipeline.evaluation import metrics as E
 from pipeline.evaluation.statistical import KIND, Statistical
-from pipeline.forecasting.conformal import Calibration
+from pipeline.forecasting.intervals import Calibration
 from pipeline.names import model_file
 from pipeline.tracking import models as tracked_models
 from pipeline.tracking import read
