@@ -77,7 +77,8 @@ def run_config(path: str, data: str, out: str, sets=(), use_ray: bool = False
     CPU seconds of this process and, with Ray, of every process it started."""
     from pipeline.data.prepare import prepare
     from pipeline.forecasting.final import final_forecast
-    from pipeline.training.jobs import plan_jobs, plan_packs, run_jobs_locally
+    from pipeline.training.jobs import run_jobs_locally
+    from pipeline.training.plan import plan_jobs, plan_packs
     cfg = C.load(path, [f"data.path={data}", f"output.path={out}",
                         f"ray.enabled={str(use_ray).lower()}", *sets])
     t0 = time.process_time()

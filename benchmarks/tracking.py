@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline import tracking  # noqa: E402
 from pipeline.config import Config, TrackingConfig  # noqa: E402
 from pipeline.tracking import read as registry  # noqa: E402
-from pipeline.training.jobs import JobResult  # noqa: E402
+from pipeline.training.results import JobResult  # noqa: E402
 
 
 def results(groups: int, rng) -> list[JobResult]:

@@ -163,7 +163,8 @@ def part_trainer(args, device) -> list[dict]:
 
 
 def part_packed(args, device) -> dict:
-    from pipeline.training.jobs import plan_jobs, run_job, run_pack
+    from pipeline.training.jobs import run_job, run_pack
+    from pipeline.training.plan import plan_jobs
     G = 8 if args.quick else 64
     arrays = make_arrays(G * 2, 300, 0, seed=1)
     arrays.past, arrays.past_names = None, []
@@ -205,7 +206,8 @@ def part_packed(args, device) -> dict:
 
 def part_ensemble(args, device) -> list[dict]:
     """One member alone against 8 packed (one lookback): the same data, steps and batch."""
-    from pipeline.training.jobs import plan_jobs, run_job
+    from pipeline.training.jobs import run_job
+    from pipeline.training.plan import plan_jobs
     members = 8
     steps = 3 if args.quick else (10 if device.type == "cpu" else 50)
     batch = 64 if args.quick else (256 if device.type == "cpu" else 4096)

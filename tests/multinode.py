@@ -16,7 +16,8 @@ from ray.cluster_utils import Cluster
 from pipeline import config as C
 from pipeline.data.prepare import local_runner, prepare
 from pipeline.execution import ray_train as execution
-from pipeline.training.jobs import plan_jobs, plan_packs, run_jobs_locally
+from pipeline.training.jobs import run_jobs_locally
+from pipeline.training.plan import plan_jobs, plan_packs
 
 
 def weights(result) -> dict:

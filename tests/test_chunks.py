@@ -10,13 +10,14 @@ import os
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
-from test_train import sines
+from conftest import sines
 
 from pipeline import config as C
 from pipeline.data.demo import make_demo_data
 from pipeline.forecasting.backtest import backtest, concat_columns, drawn_series
 from pipeline.outputs import partitions as output
-from pipeline.training.jobs import plan_jobs, run_jobs_locally
+from pipeline.training.jobs import run_jobs_locally
+from pipeline.training.plan import plan_jobs
 
 CFG = ["windows.lookback=48", "windows.horizon=12", "windows.n_windows=2", "train.epochs=1",
        "train.steps_per_epoch=2", "model.encoder.hidden_size=8", "model.season=24",

@@ -16,7 +16,7 @@ from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import cutoff_positions
 from pipeline.forecasting.backtest import backtest
 from pipeline.forecasting.final import final_forecast
-from pipeline.training.jobs import Job
+from pipeline.training.plan import Job
 
 H, SEASON, CAP = 6, 12, 60
 CLASSES = {"auto_ets": AutoETS, "auto_theta": AutoTheta}
@@ -125,7 +125,8 @@ def test_combination_is_the_mean_of_the_network_and_the_comparators():
     forecasts (AutoTheta refitted on the whole history)."""
     import dataclasses
 
-    from pipeline.training.jobs import plan_jobs, run_jobs_locally
+    from pipeline.training.jobs import run_jobs_locally
+    from pipeline.training.plan import plan_jobs
     arrays = monthly_like(4)
     cfg = small_cfg("evaluate.comparators=[auto_theta]", "evaluate.combine=[auto_theta]",
                     "train.epochs=1", "train.steps_per_epoch=2",

@@ -2,13 +2,12 @@
 member trained alone; forecasts combined per series, step and quantile over the members that
 can forecast; one weights-only model file."""
 import dataclasses
-import io
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from test_train import SMALL, sines
+from conftest import SMALL, sines, weights
 
 import pipeline.training.jobs as J
 import pipeline.training.loop as T
@@ -22,15 +21,13 @@ from pipeline.forecasting.predict import predict_job
 from pipeline.models import EncoderDecoder, Ensemble, load_model, save_model
 from pipeline.models.ensemble import Member, ensemble_members, lookback_packs, member_config
 from pipeline.training.device import seed_everything
-from pipeline.training.jobs import new_model, plan_jobs, run_job, state_bytes
+from pipeline.training.jobs import new_model, run_job
+from pipeline.training.plan import plan_jobs
+from pipeline.training.results import save_result, state_bytes
 
 # horizon 12: lookbacks [1, 2, 4] horizons are 12, 24 and 48 steps
 BASE = [*SMALL, "model.encoder.type=cnn", "windows.lookback=24", "train.epochs=2",
         "train.steps_per_epoch=3"]
-
-
-def weights(state: bytes) -> dict:
-    return torch.load(io.BytesIO(state), weights_only=True)
 
 
 def alone(member: dict, extra=()) -> C.Config:
@@ -242,7 +239,7 @@ def test_an_ensemble_job_backtests_and_forecasts(tmp_path):
     assert n_model == n_naive == 5 * 2 * 12              # every series, cutoff and step
     cols = final_forecast(arrays, plan_jobs(arrays, cfg), models, cfg)
     assert set(cols["model"]) == {cfg.model.name} and np.isfinite(cols["y_hat"]).all()
-    J.save_result(results[0], str(tmp_path / "ens.pt"))
+    save_result(results[0], str(tmp_path / "ens.pt"))
     assert isinstance(load_model(tmp_path / "ens.pt"), Ensemble)
 
 

@@ -94,9 +94,10 @@ def test_nightly_rerun_is_skipped_force_redoes_and_forecast_only_agrees(
     redone = forecasts(out)
 
     # forecast_only with the champions just promoted: the nightly's forecasts, no training
-    capsys.readouterr()
-    assert flow(forecast_only, demo_dir, out) == EXIT_OK
-    assert "training" not in capsys.readouterr().out
+    only = batch(forecast_only, demo_dir, out)
+    assert only.exit_code == EXIT_OK and "train" not in only.seconds
+    assert only.outcome.trained is None and only.outcome.final is None
+    assert only.outcome.forecast.note.startswith("champions ")
     np.testing.assert_array_equal(forecasts(out)["y_hat"].to_numpy(),
                                   redone["y_hat"].to_numpy())
 
@@ -186,10 +187,12 @@ def test_exit_codes_for_bad_input_and_failed_groups(demo_dir, tmp_path, capsys):
     short = one.slice(0, 60).set_column(0, "unique_id", [["E0001"] * 60])
     os.makedirs(data / "store=store_E")
     pq.write_table(short, data / "store=store_E" / "part-0.parquet")
-    code = flow(backtest_flow, data, tmp_path / "out", "--set", "tracking.enabled=false",
-                "--set", "train.mode=per_group")
-    assert code == EXIT_PARTIAL
-    assert "1 training job(s) failed (store_E)" in capsys.readouterr().err
+    b = batch(backtest_flow, data, tmp_path / "out", "--set", "tracking.enabled=false",
+              "--set", "train.mode=per_group")
+    assert b.exit_code == EXIT_PARTIAL and b.failed_jobs == ["store_E"]
+    (bad,) = [r for r in b.outcome.trained.results if not r.ok]
+    assert bad.name == "store_E" and bad.error
+    assert "1 training job(s) failed (store_E)" in capsys.readouterr().err   # said once, here
 
 
 @pytest.mark.slow
@@ -198,10 +201,10 @@ def test_warm_start_is_promoted_only_when_it_beats_the_champion(demo_dir, tmp_pa
     out = tmp_path / "out"
     # a weak champion: almost no training. warm_start is on but there is no champion yet, so
     # the job trains from scratch with the full budget (2 epochs, not warm_start_epochs=1)
-    assert flow(nightly, demo_dir, out, "--set", "train.lr=1e-5", "--set",
-                "train.warm_start=true", "--set", "train.warm_start_epochs=1") == EXIT_OK
-    text = capsys.readouterr().out
-    assert "warm start   0 job(s) from the champion; from scratch" in text
+    first = batch(nightly, demo_dir, out, "--set", "train.lr=1e-5", "--set",
+                  "train.warm_start=true", "--set", "train.warm_start_epochs=1")
+    assert first.exit_code == EXIT_OK and dict(first.outcome.inits) == {}
+    assert "warm start   0 job(s) from the champion; from scratch" in capsys.readouterr().out
     c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (job,) = [r for r in c.search_runs([c.get_experiment_by_name("demo").experiment_id])
               if r.data.tags.get("group") == "global"]
@@ -210,7 +213,7 @@ def test_warm_start_is_promoted_only_when_it_beats_the_champion(demo_dir, tmp_pa
     b = batch(nightly, demo_dir, out, "--force", "--set", "train.warm_start=true",
               "--set", "train.lr=1.0")
     assert b.exit_code == EXIT_OK and set(b.outcome.inits) == {"global"}
-    assert "warm start   1 job(s) from the champion" in capsys.readouterr().out   # golden line
+    assert b.outcome.inits.fresh == []
     kept = b.outcome.decisions
     assert [d.group for d in kept] == [f"store_{g}" for g in "ABCD"]
     assert not any(d.promoted for d in kept) and all(d.champion <= d.challenger for d in kept)

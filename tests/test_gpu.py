@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 import torch
-from test_train import SMALL, sines
+from conftest import SMALL, sines
 
 from pipeline import config as C
 from pipeline.data.loader import WindowLoader
 from pipeline.data.windows import starts_between
-from pipeline.training.jobs import plan_jobs, run_job, run_jobs_locally
+from pipeline.training.jobs import run_job, run_jobs_locally
+from pipeline.training.plan import plan_jobs
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -24,7 +24,7 @@ from pipeline.outputs import html as htmlreport
 from pipeline.outputs import plots
 from pipeline.stages.forecast import Forecast
 from pipeline.stages.steps import Outcome, Scored
-from pipeline.training.jobs import Job
+from pipeline.training.plan import Job
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from test_train import SMALL, sines
+from conftest import SMALL, sines
 
 from pipeline import config as C
 from pipeline import paths
@@ -30,7 +30,8 @@ from pipeline.errors import (
     EXIT_PARTIAL,
 )
 from pipeline.outputs import partitions as output
-from pipeline.training.jobs import plan_jobs, run_job
+from pipeline.training.jobs import run_job
+from pipeline.training.plan import plan_jobs
 
 mlflow = pytest.importorskip("mlflow")
 ROOT = pathlib.Path(__file__).resolve().parents[1]

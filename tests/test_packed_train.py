@@ -1,16 +1,12 @@
 """Packed per-group training (train.per_group.packed) equals training each group on its own."""
-import io
 
 import pytest
 import torch
-from test_train import SMALL, sines
+from conftest import SMALL, sines, weights
 
 from pipeline import config as C
-from pipeline.training.jobs import plan_jobs, run_job, run_jobs_locally
-
-
-def weights(result):
-    return torch.load(io.BytesIO(result.state), weights_only=True)
+from pipeline.training.jobs import run_job, run_jobs_locally
+from pipeline.training.plan import plan_jobs
 
 
 @pytest.mark.parametrize("encoder,pack", [("cnn", "always"), ("gru", "always"), ("cnn", "never")])

@@ -92,11 +92,11 @@ def test_the_cli_with_ray_on_prints_one_line_for_bad_data(tmp_path, case):
 
 
 def test_a_training_task_that_raises_under_ray_reports_one_clean_line(ray_session):
-    from test_train import SMALL, sines
+    from conftest import SMALL, sines
 
     from pipeline import config as C
     from pipeline.execution.ray_train import train
-    from pipeline.training.jobs import Job
+    from pipeline.training.plan import Job
     arrays = sines(4)
     cfg = C.load(None, [*SMALL, "train.epochs=1", "train.steps_per_epoch=2",
                         "ray.max_retries=0"])
@@ -109,11 +109,11 @@ def test_a_training_task_that_raises_under_ray_reports_one_clean_line(ray_sessio
 
 @pytest.mark.slow
 def test_a_ddp_worker_that_raises_reports_its_own_error_in_one_line(ray_session):
-    from test_train import SMALL, sines
+    from conftest import SMALL, sines
 
     from pipeline import config as C
     from pipeline.execution.ray_train import train
-    from pipeline.training.jobs import Job
+    from pipeline.training.plan import Job
     # every worker raises a ValueError as it starts: an ensemble trains packed, never under DDP
     cfg = C.load(None, [*SMALL, "train.epochs=1", "ray.num_workers=2",
                         "model.ensemble.members=2"])

@@ -1,20 +1,16 @@
 """Training on a real local Ray instance: per-group tasks and Ray Train DDP (gloo, 2 CPUs)."""
-import io
 
 import numpy as np
 import pytest
 import torch
-from test_train import SMALL, sines
+from conftest import SMALL, sines, weights
 
 from pipeline import config as C
 from pipeline.execution.ray_train import train, train_global_ddp
-from pipeline.training.jobs import plan_jobs, plan_packs, run_job, run_jobs_locally
+from pipeline.training.jobs import run_job, run_jobs_locally
+from pipeline.training.plan import plan_jobs, plan_packs
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def weights(result):
-    return torch.load(io.BytesIO(result.state), weights_only=True)
 
 
 def test_per_group_tasks_equal_local_and_report_a_failing_group(ray_session):

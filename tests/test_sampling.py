@@ -1,22 +1,22 @@
 """Series-balanced sampling (train.sampling: series) and recency weighting
 (train.recency_halflife): the draws' distributions, checked with fixed seeds; and `windows`
 sampling unchanged."""
-import io
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL, sines, weights
 from scipy import stats
-from test_train import SMALL, sines
 
 from pipeline import config as C
 from pipeline.data.loader import SeriesSampler, WindowLoader, window_order
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowIndex, starts_between
 from pipeline.models import make_loss
-from pipeline.training.jobs import job_data, new_model, plan_jobs, run_job, run_jobs_locally
+from pipeline.training.jobs import job_data, new_model, run_job, run_jobs_locally
 from pipeline.training.loop import fit
+from pipeline.training.plan import plan_jobs
 
 COUNTS = [5, 5000, 50, 500]          # windows per series: very unequal
 
@@ -112,10 +112,6 @@ def test_windows_sampling_is_the_seeded_permutation_it_always_was():
     want = torch.stack([torch.from_numpy(idx.series)[perm].long(),
                         torch.from_numpy(idx.start)[perm].long()], 1)
     assert torch.equal(got, want)
-
-
-def weights(res):
-    return torch.load(io.BytesIO(res.state), weights_only=True)
 
 
 def mixed_lengths():

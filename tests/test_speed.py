@@ -1,11 +1,10 @@
 """What makes training cheap without changing it: validation batches gathered once per fit,
 the torch threads a pinned and logged setting, members packed only where packing pays."""
-import io
 
 import numpy as np
 import pytest
 import torch
-from test_train import SMALL, sines
+from conftest import SMALL, sines, weights
 
 import pipeline.training.loop as T
 import pipeline.training.valset as valset
@@ -14,13 +13,10 @@ from pipeline.config.recipes import resolve_threads
 from pipeline.data.loader import WindowLoader
 from pipeline.outputs import console as report
 from pipeline.training.device import packs, torch_threads
-from pipeline.training.jobs import Job, plan_jobs, run_job
+from pipeline.training.jobs import run_job
+from pipeline.training.plan import Job, plan_jobs
 
 BASE = [*SMALL, "train.epochs=3", "train.steps_per_epoch=3", "train.patience=5"]
-
-
-def weights(result) -> dict:
-    return torch.load(io.BytesIO(result.state), weights_only=True)
 
 
 @pytest.mark.parametrize("members", [1, 3])

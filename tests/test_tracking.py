@@ -21,7 +21,7 @@ from pipeline.errors import InfraError
 from pipeline.models import build_model
 from pipeline.provenance import data_hash
 from pipeline.tracking.runlog import RunLog
-from pipeline.training.jobs import JobResult
+from pipeline.training.results import JobResult
 
 mlflow = pytest.importorskip("mlflow")
 tracking = pytest.importorskip("pipeline.tracking")

@@ -7,28 +7,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL, sines
 
 from pipeline import config as C
 from pipeline.data.series import SeriesArrays
 from pipeline.progress import Progress
-from pipeline.training.jobs import Job, plan_jobs, run_job, run_jobs_locally
-
-SMALL = ["windows.lookback=48", "windows.horizon=12", "windows.val_size=24",
-         "model.encoder.hidden_size=16", "model.encoder.num_layers=2",
-         "model.decoder.hidden_size=32", "train.batch_size=64", "train.device=cpu",
-         "train.lr=0.003", "data.calendar=[]", "evaluate.comparators=[]"]
-
-
-def sines(n_series=12, length=300, seed=0, groups=None):
-    """Learnable data: daily sines with random phase, amplitude and level, little noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(length)
-    vals = [rng.uniform(5, 50) + rng.uniform(1, 5) * np.sin(2 * np.pi * t / 24 + rng.uniform(0, 6))
-            + rng.normal(0, 0.05, length) for _ in range(n_series)]
-    arrays = SeriesArrays.from_list(vals)
-    if groups:
-        arrays.groups = np.array([groups[i % len(groups)] for i in range(n_series)], object)
-    return arrays
+from pipeline.training.jobs import run_job, run_jobs_locally
+from pipeline.training.plan import Job, plan_jobs
 
 
 @pytest.mark.parametrize("encoder", ["gru", "cnn"])

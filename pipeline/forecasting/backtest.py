@@ -4,7 +4,7 @@ forecast is `pipeline.forecasting.final`'s).
 `backtest` scores every trained job's model on the job's series at each cutoff (latest first):
 the model's forecasts, naive and seasonal naive on the same cutoffs, per-series metrics and the
 frames the pipeline writes. A job is anything with a `name` and `member(n_series)` (the series
-it covers, `pipeline.training.jobs.Job`); models come as {job name: model}. Scaling statistics are
+it covers, `pipeline.training.plan.Job`); models come as {job name: model}. Scaling statistics are
 refitted at each cutoff from data before it.
 The statistical comparators (`evaluate.comparators`, `pipeline.evaluation.comparators`) forecast the
 same series at the same cutoffs, fitted on at most `evaluate.comparator_history` steps before the

@@ -1,6 +1,7 @@
 """The console: every stage's result rendered as aligned lines on stdout. Stages return results
-(`pipeline.stages.steps`), this module alone prints them, so what a run says and what it did cannot
-drift apart, and tests assert on the results, not on this text."""
+(`pipeline.stages.steps`), `pipeline.stages.record` hands each here and this module alone
+prints them, so what a run says and what it did cannot drift apart; tests assert on the
+results, and on this text only in the console's golden test (tests/golden/console.txt)."""
 from __future__ import annotations
 
 import math

@@ -10,7 +10,6 @@ and the report (`Forecast.cols`); `Forecast.rows()` reads the whole forecast bac
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,13 +32,15 @@ from pipeline.forecasting.backtest import (
 from pipeline.forecasting.final import final_forecast, refit_forecast
 from pipeline.forecasting.intervals import interval_columns, with_intervals
 from pipeline.forecasting.predict import quantile_column
-from pipeline.outputs import console as report
 from pipeline.outputs import partitions as output
 from pipeline.outputs.plots import plot_sample, quantiles_of
 from pipeline.secrets import redact
+from pipeline.stages import record as R
 from pipeline.stages.batch import Batch
+from pipeline.stages.record import stage
 from pipeline.tracking import champions as compare
-from pipeline.training.jobs import Job, n_groups, plan_jobs
+from pipeline.training.jobs import n_groups
+from pipeline.training.plan import Job, plan_jobs
 
 KEYS = ["unique_id", "ds", "cutoff", "step", "y_hat", "model", "group"]
 
@@ -61,6 +62,8 @@ class Forecast:
     n_fallback: int = 0
     plots: list[str] = field(default_factory=list)
     delta: bool = False                     # written to a Delta table (output.format delta)
+    missing: list[str] = field(default_factory=list)    # groups without a champion
+    failed: list[str] = field(default_factory=list)     # jobs whose forecasts were not finite
 
     def rows(self) -> dict[str, np.ndarray]:
         """Every row written, read back from the Parquet partition (`ds` and `cutoff` as the
@@ -73,14 +76,15 @@ class Forecast:
         return {k: table[k].to_numpy(zero_copy_only=False) for k in table.column_names}
 
 
+@stage("forecast")
 def forecast(b: Batch, data: Prepared, jobs: list[Job], trained, calibration=None
              ) -> Forecast:
     """H steps past every series' end with its job's model (`trained`: a `stages.Trained`);
     the fallback where there is none; with `calibration` (the backtest's conformal widths,
     `Scored.calibration`) the intervals around it. Made chunk by chunk when written."""
     arrays, cfg, models, cal = data.arrays, b.cfg, trained.models(), calibration
-    with b.stage("forecast"):     # the scaling at the series' ends, fitted once for all chunks
-        loader = loader_at(arrays, cfg, arrays.lengths) if models else None
+    # the scaling at the series' ends, fitted once for all chunks
+    loader = loader_at(arrays, cfg, arrays.lengths) if models else None
 
     def make(lo: int, hi: int) -> tuple[dict, list[str]]:
         bad: list[str] = []
@@ -91,6 +95,7 @@ def forecast(b: Batch, data: Prepared, jobs: list[Job], trained, calibration=Non
     return Forecast(make, _columns([cfg], [cal]), fallback=fallback_name(cfg))
 
 
+@stage("forecast", R.forecast_made)
 def registry_forecast(b: Batch, data: Prepared, by: str | None = None, calibration=None
                       ) -> Forecast:
     """Forecasts from the registered champions, no training: each with the windows, scaling
@@ -98,32 +103,31 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None, calibrati
     that run calibrated (`calibration`, this batch's backtest's, where it logged none).
     Groups without a champion get the fallback."""
     cfg, arrays, mine = b.cfg, data.arrays, calibration
-    with b.stage("forecast"):
-        by = compare.resolve(cfg, by)[2]
-        if by == "group" and arrays.groups is None:
-            raise PipelineError("--by group needs data.group_col")
-        champs = compare.load_champions(cfg, champion_jobs(cfg, arrays, by), by)
-        if not champs.found:
-            names = [n for _, n in champs.missing]
-            raise PipelineError(
-                f"no champion registered under {', '.join(names[:3])}"
-                f"{' …' if len(names) > 3 else ''} at {redact(champs.uri)}; "
-                "run `python -m pipeline compare --config ...` first")
-        served = []
-        for entries in champs.by_run().values():
-            loader = None if entries[0].statistical else \
-                loader_at(arrays, entries[0].config, arrays.lengths)    # one fit per run
-            served.append((entries, None if loader is None else
-                           checked_models(arrays, entries, loader),
-                           loader, entries[0].calibration or mine))
-        rest = None
-        if champs.missing:
-            report.missing_champions([j.name for j, _ in champs.missing])
-            rest = Job("rest", np.concatenate([j.series for j, _ in champs.missing]))
+    by = compare.resolve(cfg, by)[2]
+    if by == "group" and arrays.groups is None:
+        raise PipelineError("--by group needs data.group_col")
+    champs = compare.load_champions(cfg, champion_jobs(cfg, arrays, by), by)
+    if not champs.found:
+        names = [n for _, n in champs.missing]
+        raise PipelineError(
+            f"no champion registered under {', '.join(names[:3])}"
+            f"{' …' if len(names) > 3 else ''} at {redact(champs.uri)}; "
+            "run `python -m pipeline compare --config ...` first")
+    served = []
+    for entries in champs.by_run().values():
+        loader = None if entries[0].statistical else \
+            loader_at(arrays, entries[0].config, arrays.lengths)    # one fit per run
+        served.append((entries, None if loader is None else
+                       checked_models(arrays, entries, loader),
+                       loader, entries[0].calibration or mine))
+    rest = None
+    if champs.missing:
+        rest = Job("rest", np.concatenate([j.series for j, _ in champs.missing]))
     used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
     columns = _columns([cfg] + [e[0].config for e, *_ in served], [mine] + [s[3] for s in served])
     return Forecast(_champions_maker(b, arrays, served, rest, mine), columns,
-                    note=f"champions {', '.join(used)}", fallback=fallback_name(cfg))
+                    note=f"champions {', '.join(used)}", fallback=fallback_name(cfg),
+                    missing=[j.name for j, _ in champs.missing])
 
 
 def _champions_maker(b: Batch, arrays, served: list, rest: Job | None, mine) -> Callable:
@@ -203,27 +207,24 @@ def checked_models(arrays, entries: list[compare.Champion], loader=None) -> dict
     return {c.job.name: c.model for c in entries}
 
 
+@stage("forecast", R.forecast_written)
 def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored=None) -> Forecast:
     """Make and write the forecast partition chunk by chunk (put in place once whole), then
-    the plots, then tell the tracking run. `scored`: the `stages.Scored` backtest, whose
-    drawn rows the plots show beside the forecast."""
+    the plots. `scored`: the `stages.Scored` backtest, whose drawn rows the plots show beside
+    the forecast."""
     cfg, arrays = b.cfg, data.arrays
-    with b.stage("forecast"):
-        end = arrays.data_end()
-        chunks = _Chunks(b, data, fc)
-        fc.path = output.write_stream(cfg, "forecasts", end, iter(chunks))
-        fc.delta = cfg.output.format == "delta"
-        fc.cols = concat_columns(chunks.drawn)
-        drawn = scored.predictions if scored else None
-        if cfg.evaluate.plots and not paths.is_remote(cfg.output.path):
-            fc.plots = plot_sample(paths.partition(cfg, "plots", end), arrays, fc.cols,
-                                   drawn, cfg.evaluate.plots, cfg.windows.horizon,
-                                   quantiles_of(fc.cols, drawn),
-                                   ylabel=cfg.data.target_col)
-        if b.log is not None:
-            b.log.forecast(fc.path, fc.n_series, fc.n_fallback, fc.plots)
-    _failed(b, chunks.failed, "its forecasts are not finite")
-    report.forecast(fc, cfg.windows.horizon)
+    end = arrays.data_end()
+    chunks = _Chunks(b, data, fc)
+    fc.path = output.write_stream(cfg, "forecasts", end, iter(chunks))
+    fc.delta = cfg.output.format == "delta"
+    fc.cols = concat_columns(chunks.drawn)
+    drawn = scored.predictions if scored else None
+    if cfg.evaluate.plots and not paths.is_remote(cfg.output.path):
+        fc.plots = plot_sample(paths.partition(cfg, "plots", end), arrays, fc.cols,
+                               drawn, cfg.evaluate.plots, cfg.windows.horizon,
+                               quantiles_of(fc.cols, drawn),
+                               ylabel=cfg.data.target_col)
+    fc.failed = chunks.failed
     return fc
 
 
@@ -263,11 +264,3 @@ def _range(n: int, lo: int, hi: int) -> np.ndarray:
     out = np.zeros(n, bool)
     out[lo:hi] = True
     return out
-
-
-def _failed(b: Batch, jobs: list[str], why: str) -> None:
-    """Jobs that fail after training (their series got the fallback): named, counted."""
-    if jobs:
-        print(f"warning: job(s) {', '.join(jobs[:5])} failed: {why}; their series get the "
-              "fallback forecast", file=sys.stderr)
-        b.failed_jobs = sorted(set(b.failed_jobs) | set(jobs))

@@ -5,10 +5,10 @@
 
 (the forecast stages are `pipeline.stages.forecast`'s)
 
-Each takes the `Batch` (config, runner, tracking run, timings) and the results it needs as
-arguments, does one step, logs it to the tracking run, has `pipeline.outputs.console` print it, and
-returns its result; the flow passes results on and returns them as a
-`pipeline.outcome.Outcome`."""
+Each takes the `Batch` (config, runner, tracking run) and the results it needs as arguments,
+does one step and returns its result; `@stage` (`pipeline.stages.record`) times it and records
+the result (the tracking run, the console, failed jobs). The flow passes results on and returns
+them as an `Outcome`."""
 from __future__ import annotations
 
 import dataclasses
@@ -39,21 +39,15 @@ from pipeline.outputs import console as report
 from pipeline.outputs import html as htmlreport
 from pipeline.outputs import partitions as output
 from pipeline.paths import join
+from pipeline.stages import record as R
 from pipeline.stages.batch import Batch
 from pipeline.stages.forecast import champion_jobs, checked_models
+from pipeline.stages.record import stage
 from pipeline.tracking import champions as compare
 from pipeline.training.device import resolve_device
-from pipeline.training.jobs import (
-    Job,
-    JobResult,
-    n_groups,
-    new_model,
-    plan_jobs,
-    plan_packs,
-    run_jobs_locally,
-    save_result,
-    state_bytes,
-)
+from pipeline.training.jobs import n_groups, new_model, run_jobs_locally
+from pipeline.training.plan import Job, plan_jobs, plan_packs
+from pipeline.training.results import JobResult, save_result, state_bytes
 
 if TYPE_CHECKING:
     from pipeline.stages.forecast import Forecast
@@ -62,10 +56,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class Trained:
-    """A training stage's jobs and where their model files went."""
+    """A training stage's jobs and where their model files went. `tracked`: trained into the
+    run's job runs (a refit cutoff's training is not); `recorded`: `record.trained` saw it."""
     results: list[JobResult]
     folder: str
     final: bool = False
+    tracked: bool = True
+    recorded: bool = False
 
     def models(self) -> dict:
         """{job name: the trained model} of the jobs that trained."""
@@ -79,7 +76,9 @@ class Scored:
     summary: dict[str, dict[str, float]]
     paths: list[str]
     predictions: dict
+    metrics: object = None                     # the per-series metrics table written
     calibration: Calibration | None = None     # evaluate.intervals: conformal
+    refits: list[Trained] = field(default_factory=list)   # evaluate.refit: the later cutoffs'
 
 
 @dataclass
@@ -90,7 +89,7 @@ class Outcome:
     finished batch (`Batch.outcome`, None when the flow stopped early)."""
     data: Prepared | None = None                  # the input, validated, and the window plan
     jobs: list[Job] = field(default_factory=list)
-    inits: dict[str, bytes] = field(default_factory=dict)  # warm-start weights, by job
+    inits: Inits = field(default_factory=lambda: Inits())  # warm-start weights, by job
     trained: Trained | None = None                # before the backtest cutoffs
     scored: Scored | None = None                  # the backtest
     final: Trained | None = None                  # the forecast model
@@ -100,23 +99,44 @@ class Outcome:
     report: str | None = None                     # the batch's HTML page
 
 
+class Inits(dict):
+    """{job name: warm-start weights}; `fresh`: the jobs whose champion did not fit this
+    config's architecture (they train from scratch)."""
+
+    def __init__(self, weights: dict | None = None, fresh: list[str] | None = None) -> None:
+        super().__init__(weights or {})
+        self.fresh = list(fresh or [])
+
+
 def prepare(b: Batch) -> Prepared:
     """Read and validate the input into arrays (the tracking server checked first); nothing
     is written yet."""
     b.open()
-    with b.stage("data"):
-        return read_input(b.cfg, b.runner)
+    return _read(b)
+
+
+@stage("data")
+def _read(b: Batch) -> Prepared:
+    return read_input(b.cfg, b.runner)
 
 
 def resolve(b: Batch, data: Prepared) -> Prepared:
-    """The config for this data (`recipe: auto`, `train.threads: auto`) and the window plan
-    under it; the batch opens on the data cutoff with that config, which the stages use from
-    here (`b.cfg`; lock, skip-if-done, the tracking run logging it, the validation report)."""
-    with b.stage("data"):
-        data = resolve_for_data(data)
+    """The config for this data (`recipe: auto`, `train.threads: auto`; `train.checkpoint_dir`
+    made absolute, by default under the outputs) and the window plan under it; the batch opens
+    on the data cutoff with that config, which the stages use from here (`b.cfg`; lock,
+    skip-if-done, the tracking run logging it, the validation report)."""
+    data = _resolve(b, data)
     b.begin(data)
-    report.data(data, b.cfg, paths.validation_report(b.cfg) if b.cfg.output.report else None)
+    R.data(b, data)
     return data
+
+
+@stage("data")
+def _resolve(b: Batch, data: Prepared) -> Prepared:
+    data = resolve_for_data(data)
+    cfg = data.cfg       # one checkpoint folder for every worker, wherever it runs
+    return dataclasses.replace(data, cfg=dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, checkpoint_dir=paths.checkpoint_root(cfg))))
 
 
 def plan(b: Batch, data: Prepared) -> list[Job]:
@@ -128,63 +148,60 @@ def plan(b: Batch, data: Prepared) -> list[Job]:
     return plan_jobs(data.arrays, b.cfg)
 
 
-def warm_start(b: Batch, data: Prepared, jobs: list[Job]) -> dict[str, bytes]:
+@stage("warm_start", R.warm_start)
+def warm_start(b: Batch, data: Prepared, jobs: list[Job]) -> Inits:
     """With `train.warm_start`: {job name: the registered champion's weights} for the jobs
     whose champion has this config's architecture. A global job whose data has groups starts
     from their champions when they are all one model (a global model promoted everywhere)."""
     cfg, arrays = b.cfg, data.arrays
     if not cfg.train.warm_start:
-        return {}
-    with b.stage("warm_start"):
-        by = "global" if cfg.train.mode == "global" else "group"
-        champs = compare.load_champions(cfg, jobs, by)
-        if by == "global" and not champs.found and arrays.groups is not None:
-            per_group = compare.load_champions(cfg, champion_jobs(cfg, arrays, "group"),
-                                               "group")
-            if len({(c.version.run_id, c.version.source) for c in per_group.found}) == 1:
-                champs.found = [dataclasses.replace(per_group.found[0], job=jobs[0])]
-                champs.missing = []
-        want = new_model(loader_at(arrays, cfg, arrays.lengths), cfg, len(arrays),
-                         n_groups(arrays)).spec
-        inits, fresh = compare.warm_states(champs, want, state_bytes)
-    report.warm_start(len(inits), fresh)
-    return inits
+        return Inits()
+    by = "global" if cfg.train.mode == "global" else "group"
+    champs = compare.load_champions(cfg, jobs, by)
+    if by == "global" and not champs.found and arrays.groups is not None:
+        per_group = compare.load_champions(cfg, champion_jobs(cfg, arrays, "group"), "group")
+        if len({(c.version.run_id, c.version.source) for c in per_group.found}) == 1:
+            champs.found = [dataclasses.replace(per_group.found[0], job=jobs[0])]
+            champs.missing = []
+    want = new_model(loader_at(arrays, cfg, arrays.lengths), cfg, len(arrays),
+                     n_groups(arrays)).spec
+    return Inits(*compare.warm_states(champs, want, state_bytes))
 
 
-def train(b: Batch, data: Prepared, jobs: list[Job], inits: dict | None = None, *,
-          final: bool = False, cfg: Config | None = None, label: str | None = None
-          ) -> Trained:
-    """Train the plan of jobs where the config says (Ray tasks, Ray Train, or this process),
-    save each model next to the outputs. final=True trains on all the data (the forecast
-    model); otherwise training stops before the oldest backtest cutoff. `cfg` (a refit
+@stage("train", R.trained)
+def train(b: Batch, data: Prepared, jobs: list[Job], inits: dict | None = None) -> Trained:
+    """Train the plan of jobs where the config says (Ray tasks, Ray Train, or this process)
+    on the data before the oldest backtest cutoff, into the run's job runs; save each model
+    next to the outputs."""
+    return _fit(b, data, jobs, inits)
+
+
+def _fit(b: Batch, data: Prepared, jobs: list[Job], inits: dict | None = None, *,
+         final: bool = False, cfg: Config | None = None, label: str | None = None
+         ) -> Trained:
+    """`train`'s work; final=True trains on all the data (the forecast model). `cfg` (a refit
     cutoff's config) trains untracked, on windows planned for it."""
     tracked, plan_ = cfg is None, data.plan if cfg is None and not final else None
     cfg = cfg or b.cfg
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(   # for every worker
-        cfg.train, checkpoint_dir=paths.checkpoint_root(cfg)))
     report.training_start(cfg, plan_packs(jobs, cfg), resolve_device(cfg.train.device), final)
-    with b.stage("final" if final else "train"):
-        prefix = "final_" if final else ""
-        loggers = b.log.loggers(jobs, prefix) if b.log is not None and tracked else None
-        warm = [j for j in jobs if j.name in (inits or {})]  # the fine-tuning budget
-        cold = [j for j in jobs if j.name not in (inits or {})]
-        done = {}
-        for part_cfg, part in [(_warm(cfg), warm), (cfg, cold)]:
-            if part:
-                done.update({r.name: r for r in _run(data, part, part_cfg, final, loggers,
-                                                     inits, plan_)})
-        results = [done[j.name] for j in jobs]
-        if b.log is not None and tracked:
-            b.log.trained(results, prefix)
-        folder = paths.models_dir(cfg, label or ("final" if final else "backtest"))
-        shutil.rmtree(folder, ignore_errors=True)   # no file of an earlier run is taken
-        for r in results:
-            if r.ok:
-                save_result(r, f"{folder}/{model_file(cfg.model.name, r.name)}")
-    trained = Trained(results, folder, final)
-    report.training(trained)
-    b.failed_jobs = sorted(set(b.failed_jobs) | {r.name for r in results if not r.ok})
+    prefix = "final_" if final else ""
+    loggers = b.log.loggers(jobs, prefix) if b.log is not None and tracked else None
+    warm = [j for j in jobs if j.name in (inits or {})]  # the fine-tuning budget
+    cold = [j for j in jobs if j.name not in (inits or {})]
+    done = {}
+    for part_cfg, part in [(_warm(cfg), warm), (cfg, cold)]:
+        if part:
+            done.update({r.name: r for r in _run(data, part, part_cfg, final, loggers,
+                                                 inits, plan_)})
+    results = [done[j.name] for j in jobs]
+    folder = paths.models_dir(cfg, label or ("final" if final else "backtest"))
+    shutil.rmtree(folder, ignore_errors=True)   # no file of an earlier run is taken
+    for r in results:
+        if r.ok:
+            save_result(r, f"{folder}/{model_file(cfg.model.name, r.name)}")
+    trained = Trained(results, folder, final, tracked)
     if all(not r.ok for r in results):
+        R.trained(b, trained)             # the failures are recorded before the run stops
         raise InfraError(f"every training job failed; first error: {results[0].error}")
     return trained
 
@@ -204,63 +221,50 @@ def _warm(cfg: Config) -> Config:
                                                               epochs=cfg.train.warm_start_epochs))
 
 
+@stage("backtest", R.scored)
 def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
              inits: dict | None = None) -> Scored:
     """Score the models and the baselines at every backtest cutoff (with `evaluate.refit`,
-    models trained again before each later cutoff), write predictions and per-series metrics,
-    log the comparison."""
+    models trained again before each later cutoff), write predictions and per-series metrics;
+    with `evaluate.intervals: conformal`, calibrate the intervals on the backtest."""
     cfg, arrays = b.cfg, data.arrays
-    models = trained.models()
+    models, refits = trained.models(), []
     if cfg.evaluate.refit:       # one more training per later cutoff
         models = {cfg.windows.n_windows - 1: models}
         for k in range(cfg.windows.n_windows - 1):
-            models[k] = train(b, data, jobs, inits, cfg=config_at(cfg, k),
-                              label=f"backtest-cutoff{k}").models()
-    with b.stage("backtest"):    # chunk by chunk of series, streamed into the partition
-        end, keys = arrays.data_end(), backtest_keys(cfg)
-        run = Chunked(arrays, jobs, models, cfg,
-                      lambda f: output.frames_table(f, b.run_id, arrays.freq, keys),
-                      drawn_series(arrays, cfg.evaluate.plots), cfg.evaluate.refit, b.runner)
-        written = [output.write_stream(cfg, "backtest", end, iter(run), b.flow)]
-        bt, preds = run.scores, concat_columns(run.drawn)      # preds: the drawn series'
-        metrics = output.metrics_table(concat_columns(bt.metrics), b.run_id, arrays.freq)
-        written.append(output.write(cfg, "metrics", end, metrics, b.flow))
-        if b.log is not None:
-            b.log.backtest(bt, metrics)
-    scored = Scored(bt, bt.summary(), written, preds)
-    report.backtest(scored, cfg)
-    report.comparator_fallbacks(bt.fallbacks, bt.forecasts)
-    if cfg.evaluate.intervals == "conformal":
-        scored.calibration = _calibrate(b, bt, arrays)
-    return scored
+            refits.append(_fit(b, data, jobs, inits, cfg=config_at(cfg, k),
+                               label=f"backtest-cutoff{k}"))
+            models[k] = refits[-1].models()
+    end, keys = arrays.data_end(), backtest_keys(cfg)    # chunk by chunk, streamed
+    run = Chunked(arrays, jobs, models, cfg,
+                  lambda f: output.frames_table(f, b.run_id, arrays.freq, keys),
+                  drawn_series(arrays, cfg.evaluate.plots), cfg.evaluate.refit, b.runner)
+    written = [output.write_stream(cfg, "backtest", end, iter(run), b.flow)]
+    bt, preds = run.scores, concat_columns(run.drawn)      # preds: the drawn series'
+    metrics = output.metrics_table(concat_columns(bt.metrics), b.run_id, arrays.freq)
+    written.append(output.write(cfg, "metrics", end, metrics, b.flow))
+    cal = calibrate(bt, arrays.groups, cfg.evaluate.levels) \
+        if cfg.evaluate.intervals == "conformal" else None
+    return Scored(bt, bt.summary(), written, preds, metrics, cal, refits)
 
 
-def _calibrate(b: Batch, bt: Backtest, arrays) -> Calibration:
-    """Conformal widths from the backtest; each level's coverage on the latest window
-    printed and logged (`coverage_80` for the run's model, `<model>_coverage_80` else)."""
-    cal = calibrate(bt, arrays.groups, b.cfg.evaluate.levels)
-    if b.log is not None:
-        b.log.calibration(cal)
-    report.coverage(cal, b.cfg.model.name)
-    return cal
-
-
+@stage("final", R.trained)
 def final_model(b: Batch, data: Prepared, jobs: list[Job], trained: Trained | None = None,
                 inits: dict | None = None) -> Trained:
     """The forecast model: trained again on all the data, or (`evaluate.final_model: reuse`)
     the backtest's own."""
     if trained is not None and b.cfg.evaluate.final_model == "reuse":
         return trained
-    return train(b, data, jobs, inits, final=True)
+    return _fit(b, data, jobs, inits, final=True)
 
 
-def log_models(b: Batch, trained: Trained) -> None:
-    """The models the forecasts come from, into their MLflow runs."""
-    if b.log is not None:
-        with b.stage("log_models"):
-            b.log.models(trained.results, trained.folder)
+@stage("log_models", R.models)
+def log_models(b: Batch, trained: Trained) -> Trained:
+    """The models the forecasts come from, into their MLflow runs (the record is the stage)."""
+    return trained
 
 
+@stage("promote", R.promotion)
 def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = None
             ) -> list[compare.Decision]:
     """Challenger (this run) against the registered champions, both scored now on the same
@@ -268,39 +272,33 @@ def promote(b: Batch, data: Prepared, scored: Scored, final: Trained | None = No
     cfg, arrays = b.cfg, data.arrays
     if b.log is None or not b.log.parent_id:
         raise PipelineError("promoting a champion needs MLflow tracking (tracking.enabled)")
-    with b.stage("promote"):
-        by = compare.resolve(cfg, None)[2]
-        champs = compare.load_champions(cfg, champion_jobs(cfg, arrays, by), by)
-        theirs = {}
-        for entries in champs.by_run().values():
-            ccfg = compare.scoring_config(cfg, entries[0])
-            if ccfg.windows.horizon != cfg.windows.horizon:
-                raise PipelineError(f"the champion of {entries[0].job.name!r} forecasts "
-                                    f"{ccfg.windows.horizon} steps, this config "
-                                    f"{cfg.windows.horizon}: they cannot be compared")
-            models = {} if entries[0].statistical else checked_models(arrays, entries)
-            cols = concat_columns(score(arrays, [c.job for c in entries], models, ccfg,
-                                        runner=b.runner).metrics)
-            theirs.update({c.job.name: cols for c in entries})
-        bt = scored.backtest
-        mine = {name: Statistical(name, bt.season, bt.history, cfg.windows.horizon)
-                for name in cfg.evaluate.comparators}
-        decisions = compare.promote(cfg, b.log, champs, concat_columns(bt.metrics),
-                                    theirs, arrays.freq, final.results if final else None,
-                                    statistical=mine)
-    report.promotion(cfg.model.name, decisions)
+    by = compare.resolve(cfg, None)[2]
+    champs = compare.load_champions(cfg, champion_jobs(cfg, arrays, by), by)
+    theirs = {}
+    for entries in champs.by_run().values():
+        ccfg = compare.scoring_config(cfg, entries[0])
+        if ccfg.windows.horizon != cfg.windows.horizon:
+            raise PipelineError(f"the champion of {entries[0].job.name!r} forecasts "
+                                f"{ccfg.windows.horizon} steps, this config "
+                                f"{cfg.windows.horizon}: they cannot be compared")
+        models = {} if entries[0].statistical else checked_models(arrays, entries)
+        cols = concat_columns(score(arrays, [c.job for c in entries], models, ccfg,
+                                    runner=b.runner).metrics)
+        theirs.update({c.job.name: cols for c in entries})
+    bt = scored.backtest
+    mine = {name: Statistical(name, bt.season, bt.history, cfg.windows.horizon)
+            for name in cfg.evaluate.comparators}
+    decisions = compare.promote(cfg, b.log, champs, concat_columns(bt.metrics),
+                                theirs, arrays.freq, final.results if final else None,
+                                statistical=mine)
     return decisions
 
 
+@stage("report", R.page)
 def html_report(b: Batch, outcome: Outcome) -> Outcome:
     """One self-contained HTML page for the batch (leaderboard against the baselines, groups,
     per-series errors, validation, series drawn) from the flow's `outcome`: next to the
     outputs and in the run. Returns the outcome with the page's path (`report`)."""
     path = paths.partition(b.cfg, "reports", outcome.data.arrays.data_end(), b.flow)
-    with b.stage("report"):
-        where = htmlreport.write(b, outcome, join(path, "report.html"))
-        if b.log is not None:
-            b.log.report(where)
-    report.html(where)
-    outcome.report = where
+    outcome.report = htmlreport.write(b, outcome, join(path, "report.html"))
     return outcome

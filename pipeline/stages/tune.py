@@ -11,7 +11,6 @@ per group: one tuned config per group (`<stem>.tuned.<group>.yaml`), no backtest
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,9 @@ from pipeline.data.io import write_bytes_atomic
 from pipeline.data.prepare import Prepared
 from pipeline.errors import PipelineError
 from pipeline.names import safe_key
+from pipeline.stages import record as R
 from pipeline.stages.batch import Batch
+from pipeline.stages.record import stage
 from pipeline.tuning.space import check_space, tuned_yaml
 
 
@@ -33,6 +34,7 @@ class Tuned:
     """A search's outcome: each search's result, the best record and tuned config per search
     (key: the group, or None), where the configs went."""
     results: list
+    raw: dict = field(default_factory=dict)         # the config as written (its tune: space)
     best: dict = field(default_factory=dict)        # group or None -> TrialRecord
     files: dict = field(default_factory=dict)       # group or None -> YAML path
     seconds: float = 0.0
@@ -69,6 +71,7 @@ def with_budget(cfg: C.Config, trials: int | None, minutes: float | None) -> C.C
         else cfg
 
 
+@stage("tune", R.tuned)
 def tune(b: Batch, data: Prepared, trials: int | None = None, minutes: float | None = None,
          out: str | None = None) -> Tuned:
     """Run the search(es) and write the tuned config(s); see the module docstring."""
@@ -84,14 +87,12 @@ def tune(b: Batch, data: Prepared, trials: int | None = None, minutes: float | N
           f"by {cfg.tune.search}, scheduler {cfg.tune.scheduler}, scored on validation "
           f"{cfg.tune.metric} before the oldest backtest cutoff")
     t0 = time.perf_counter()
-    with b.stage("tune"):
-        if cfg.tune.per_group:
-            groups = sorted(set(data.arrays.groups.astype(str).tolist()))
-            results = search_groups(data.arrays, raw, cfg, domains, storage, name,
-                                           groups, runs)
-        else:
-            results = [search(data.arrays, raw, cfg, domains, storage, name, runs)]
-    tuned = Tuned(results, seconds=time.perf_counter() - t0)
+    if cfg.tune.per_group:
+        groups = sorted(set(data.arrays.groups.astype(str).tolist()))
+        results = search_groups(data.arrays, raw, cfg, domains, storage, name, groups, runs)
+    else:
+        results = [search(data.arrays, raw, cfg, domains, storage, name, runs)]
+    tuned = Tuned(results, raw, seconds=time.perf_counter() - t0)
     for res in results:
         best = res.best()
         if best is None:
@@ -100,8 +101,6 @@ def tune(b: Batch, data: Prepared, trials: int | None = None, minutes: float | N
                                 f"({first})")
         tuned.best[res.group] = best
         tuned.files[res.group], tuned.texts[res.group] = _write(b, cfg, raw, res, best, out)
-    _log(b, cfg, raw, tuned)
-    _print(cfg, tuned)
     return tuned
 
 
@@ -119,35 +118,3 @@ def _write(b: Batch, cfg: C.Config, raw: dict, res, best, out: str | None
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_bytes_atomic(text.encode(), path)
     return path, text
-
-
-def _log(b: Batch, cfg: C.Config, raw: dict, tuned: Tuned) -> None:
-    if b.log is None:
-        return
-    files = {"space.yaml": yaml.safe_dump(raw.get("tune", {}), sort_keys=False)}
-    for group, path in tuned.files.items():
-        name = os.path.basename(path) if group is None else f"tuned.{safe_key(group)}.yaml"
-        files[name] = tuned.texts[group]
-    best = {}
-    for group, rec in tuned.best.items():
-        best.update({(f"{group}." if group is not None else "") + k: v
-                     for k, v in rec.point.items()})
-    scores = [r.score for r in tuned.best.values() if math.isfinite(r.score)]
-    counts = tuned.counts()
-    b.log.tuned(files, best, sum(scores) / len(scores) if scores else math.nan,
-                {"tune.trials": len(tuned.records), **{f"tune.{k}": v for k, v in counts.items()},
-                 "tune.best_trial": ",".join(r.trial_id for r in tuned.best.values()),
-                 "tune.config": ",".join(tuned.files.values())})
-    for res in tuned.results:
-        if res.resumed:
-            b.log.tag("tune.resumed", "true")
-
-
-def _print(cfg: C.Config, tuned: Tuned) -> None:
-    print(f"tune: {len(tuned.records)} trial(s) in {tuned.seconds:,.0f}s: "
-          + ", ".join(f"{v} {k}" for k, v in tuned.counts().items() if v))
-    for group, rec in tuned.best.items():
-        point = ", ".join(f"{k}={v}" for k, v in rec.point.items())
-        print(f"  best{f' of {group}' if group is not None else ''}: {point} (validation "
-              f"{cfg.tune.metric} {rec.score:.4f}, trial {rec.trial_id})")
-        print(f"  tuned config: {tuned.files[group]}")

@@ -48,18 +48,13 @@ from pipeline.training import checkpoint
 from pipeline.training.device import packs, resolve_device, seed_everything, torch_threads
 from pipeline.training.distributed import dist_info
 from pipeline.training.loop import TrainData, epoch_steps, fit
-from pipeline.training.plan import Job, plan_jobs, plan_packs  # noqa: F401 (imported from here too)
-from pipeline.training.results import (  # noqa: F401 (the job layer's results, imported from here)
-    NO_WINDOWS,
+from pipeline.training.plan import Job, plan_packs
+from pipeline.training.results import (
     JobResult,
-    diverged,
-    ensemble_result,
     failed,
     job_result,
-    save_result,
     state_bytes,
     state_dict,
-    trained_result,
 )
 
 

@@ -17,7 +17,9 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.data.series import SeriesArrays
 from pipeline.errors import PipelineError
-from pipeline.training.jobs import JobResult, plan_jobs, plan_packs, run_pack
+from pipeline.training.jobs import run_pack
+from pipeline.training.plan import plan_jobs, plan_packs
+from pipeline.training.results import JobResult
 
 
 @dataclass
