@@ -1,6 +1,8 @@
-"""Shared fixtures: one real local Ray instance per test session, small datasets on disk."""
+"""Shared fixtures (one real local Ray instance per test session, the real services, small
+datasets on disk) and the helpers several test files use (`from conftest import …`)."""
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -14,12 +16,40 @@ os.environ.setdefault("RAY_ACCEPT_USAGE_STATS_PROMPT", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+# ------------------------------------------------------------------ helpers
+
+SMALL = ["windows.lookback=48", "windows.horizon=12", "windows.val_size=24",
+         "model.encoder.hidden_size=16", "model.encoder.num_layers=2",
+         "model.decoder.hidden_size=32", "train.batch_size=64", "train.device=cpu",
+         "train.lr=0.003", "data.calendar=[]", "evaluate.comparators=[]"]   # a small model
+
+
+def sines(n_series=12, length=300, seed=0, groups=None):
+    """Learnable data: daily sines with random phase, amplitude and level, little noise."""
+    from pipeline.data.series import SeriesArrays
+    rng = np.random.default_rng(seed)
+    t = np.arange(length)
+    vals = [rng.uniform(5, 50) + rng.uniform(1, 5) * np.sin(2 * np.pi * t / 24 + rng.uniform(0, 6))
+            + rng.normal(0, 0.05, length) for _ in range(n_series)]
+    arrays = SeriesArrays.from_list(vals)
+    if groups:
+        arrays.groups = np.array([groups[i % len(groups)] for i in range(n_series)], object)
+    return arrays
+
+
+def weights(result) -> dict:
+    """A trained model's state dict, from a JobResult or its bytes (weights only)."""
+    return torch.load(io.BytesIO(getattr(result, "state", result)), weights_only=True)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance shared by every test that asks for it (starting one takes seconds)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": this session's own instance, never a cluster another job on the
+        # machine started
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -157,6 +157,26 @@ def test_off_grid_stamps_are_named(tmp_path):
         prepare(cfg_for(path, "data.freq=1w-mon"))
 
 
+@pytest.mark.parametrize("odd", ["weekly", "mid-month"])
+def test_the_mixed_frequency_error_names_the_odd_series_not_a_monthly_one(tmp_path, odd):
+    """Five monthly series and one odd one (weekly, or monthly with one mid-month stamp), no
+    data.freq: the error names the odd series and its stamp (a day-step grid inferred from
+    the mix used to reject a correct monthly series: 'off the 31d grid')."""
+    ids, ds = [], []
+    for k in range(5):
+        ids += [f"m{k}"] * 12
+        ds += dates("2023-01-01", 12, "1mo")
+    odd_ds = dates("2023-01-02", 12, "1w") if odd == "weekly" else dates("2023-01-01", 12, "1mo")
+    if odd == "mid-month":
+        odd_ds[4] = dt.date(2023, 5, 15)
+    ids, ds = ids + ["odd"] * 12, ds + odd_ds
+    path = write(tmp_path / "in.parquet", ids, ds, dtype=pa.date32())
+    first = "2023-01-02" if odd == "weekly" else "2023-05-15"
+    with pytest.raises(DataError, match=rf"series 'odd' has ds {first} off the monthly grid "
+                                        r"that 5 of the 6 series .* 1 series are off it"):
+        prepare(cfg_for(path))
+
+
 def test_business_days_skip_weekends_and_refuse_a_weekend_stamp(tmp_path):
     days = [d for d in dates("2024-06-03", 30, "1d") if d.weekday() < 5]   # Mon-Fri
     path = write(tmp_path / "in.parquet", ["a"] * len(days), days, dtype=pa.date32())

@@ -291,3 +291,42 @@ def test_an_ensemble_is_logged_registered_and_forecast_from_the_registry_as_one_
     b = read(out, "forecasts", "demo").sort("unique_id", "step")
     assert a["model"].to_list() == b["model"].to_list()
     np.testing.assert_array_equal(a["y_hat"].to_numpy(), b["y_hat"].to_numpy())
+
+
+@pytest.mark.parametrize("margin,promoted", [(0.02, ["store_B"]),
+                                             (0.0, ["store_A", "store_B"])])
+def test_a_challenger_replaces_a_champion_only_beyond_the_margin(monkeypatch, margin, promoted):
+    """promote.min_improvement: store_A's challenger is 1 % better than its champion (noise
+    between equally good runs: kept at the default 2 %), store_B's 5 % (promoted), store_C's
+    1 % worse (kept). Both scores and the note are in the decision."""
+    from types import SimpleNamespace as NS
+
+    from pipeline import config as C
+    from pipeline.data.calendar import Freq
+    from pipeline.tracking import champions
+    cfg = C.load("configs/demo.yaml", ["evaluate.comparators=[]",
+                                       f"promote.min_improvement={margin}"])
+    challenger = {"store_A": 0.99, "store_B": 0.95, "store_C": 1.01}
+
+    def cols(model: str, values: dict) -> dict:
+        groups = np.repeat(list(values), 4)
+        return {"unique_id": np.array([f"{g}_{i}" for g in values for i in range(4)]),
+                "group": groups, "model": np.full(len(groups), model),
+                "cutoff": np.zeros(len(groups), np.int64),
+                "mase": np.repeat(np.array(list(values.values())), 4)}
+    found = [champions.Champion(NS(name=g, group=g), NS(), NS(tags={"model": "gru_direct"},
+                                                              version="1"), cfg)
+             for g in challenger]
+    champs = champions.Champions("group", "sqlite://", found, [])
+    theirs = {g: cols("gru_direct", {g: 1.0}) for g in challenger}
+    registered = []
+    monkeypatch.setattr(champions, "_register",
+                        lambda cfg, log, uri, g, *a, **k: registered.append(g) or "2")
+    log = NS(metrics=lambda values: None)
+    decisions = champions.promote(cfg, log, champs, cols("gru_direct", challenger), theirs,
+                                  Freq("ns", 3600 * 10**9))
+    assert [d.group for d in decisions if d.promoted] == promoted == registered
+    a = decisions[0]
+    assert (a.challenger, a.champion) == pytest.approx((0.99, 1.0))
+    assert ("min_improvement" in a.note) == (margin > 0)
+    assert not decisions[2].promoted and "min_improvement" not in decisions[2].note

@@ -121,12 +121,32 @@ def test_bad_config_and_path_fail_before_training(tmp_path, capsys, monkeypatch)
     assert os.listdir(tmp_path) == []    # no outputs, no empty tracking database
 
 
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_an_output_path_that_cannot_be_written_fails_first_in_one_line(tmp_path, capfd, where):
+    """Checked before Ray starts or any data is read (ray.enabled stays on, the data path is
+    the demo's, never read): one `error:` line naming output.path, exit 2, nothing on stdout,
+    in seconds."""
+    import time
+    (tmp_path / "a_file").write_text("x")
+    out = {"file": tmp_path / "a_file", "under_a_file": tmp_path / "a_file" / "out"}[where]
+    t0 = time.perf_counter()
+    code = main(["run", "--config", "configs/demo.yaml", "--set", f"output.path={out}",
+                 "--set", f"data.path={tmp_path}/never_read"])
+    seconds = time.perf_counter() - t0
+    printed = capfd.readouterr()
+    lines = printed.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: output.path "), lines
+    assert printed.out == "" and seconds < 5
+    assert os.listdir(tmp_path) == ["a_file"]
+
+
 @pytest.mark.slow
-def test_refit_per_cutoff_trains_before_each_cutoff(demo_dir, tmp_path, capsys):
-    run("configs/demo.yaml", demo_dir, tmp_path, "--set", "ray.enabled=false", "--set",
-        "evaluate.refit=true", "--set", "windows.n_windows=2", "--set", "evaluate.plots=0")
-    text = capsys.readouterr().out
-    assert text.count("before the backtest cutoffs") == 2 and text.count("final model") == 1
+def test_refit_per_cutoff_trains_before_each_cutoff(demo_dir, tmp_path):
+    b = run("configs/demo.yaml", demo_dir, tmp_path, "--set", "ray.enabled=false", "--set",
+            "evaluate.refit=true", "--set", "windows.n_windows=2", "--set", "evaluate.plots=0")
+    (refit,) = b.outcome.scored.refits          # the later cutoff's own training
+    assert not refit.tracked and refit.folder.endswith("backtest-cutoff0")
+    assert not b.outcome.trained.final and b.outcome.final.final
     assert sorted(os.listdir(tmp_path / "demo" / "models")) == [
         "backtest", "backtest-cutoff0", "final"]
     _, metrics = read(tmp_path, "metrics")
@@ -184,3 +204,33 @@ def test_make_runs_printed_metrics_equal_the_golden_file(tmp_path, capsys):
     best = [line.split()[4] for line in lines if line.startswith("  global ")]
     assert [f"best val {k} {v}" for k, v in zip(("backtest", "final"), best, strict=True)] \
         == [g for g in golden if g.startswith("best val")]
+
+
+def test_the_console_renders_stage_results_as_the_golden_text(capsys):
+    """The console renderer itself, on fixed results (no run): training (a job that failed),
+    the backtest against the baselines, the promotion and the forecast, line for line as
+    tests/golden/console.txt. The other tests assert on results, not on this text."""
+    from types import SimpleNamespace as NS
+
+    from pipeline.outputs import console
+    from pipeline.tracking.champions import Decision
+    ok = NS(name="store_A", ok=True, n_series=10, n_windows=1234, history=[{}] * 3,
+            best_val=0.51234, samples_per_s=5321.4, resumed_epoch=None, attempts=1, error=None)
+    bad = NS(name="store_B", ok=False, n_series=0, n_windows=0, history=[], best_val=np.nan,
+             samples_per_s=0.0, resumed_epoch=None, attempts=3, error="ValueError: no windows")
+    console.training(NS(results=[ok, bad], folder="out/demo/models/backtest"))
+    cfg = C.load("configs/demo.yaml", [])
+    summary = {"gru_direct": {"mae": 1.5, "rmse": 2.25, "smape": 10.125, "mase": 0.75,
+                              "wape": 0.0625, "skill_mase": 0.25},
+               "seasonal_naive": {"mae": 2.0, "rmse": 3.0, "smape": 13.5, "mase": 1.0,
+                                  "wape": 0.083, "skill_mase": 0.0}}
+    console.backtest(NS(summary=summary, paths=["out/backtest/x", "out/metrics/x"]), cfg)
+    console.promotion("gru_direct", [
+        Decision("store_A", 0.75, 0.8, "run 1a2b3c4d", True, version="2"),
+        Decision("store_B", 0.9, 0.85, "run 1a2b3c4d", False),
+        Decision("store_C", None, None, "", False, note="no backtest score")])
+    console.forecast(NS(n_series=40, n_fallback=3, fallback="seasonal_naive",
+                        note="champions demo.store_A v2", path="out/forecasts/x", plots=[]), 24)
+    with open(os.path.join(os.path.dirname(__file__), "golden", "console.txt")) as f:
+        golden = f.read().splitlines()
+    assert capsys.readouterr().out.splitlines() == golden

@@ -1,5 +1,5 @@
 """The `evaluate:` section: the backtest, the comparators, the final forecast's fallback,
-combination and intervals."""
+combination and intervals; the `promote:` section: when a challenger replaces a champion."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -70,3 +70,18 @@ class EvaluateConfig:
         if isinstance(self.comparator_history, int):
             return self.comparator_history
         return max(10 * season, 100)
+
+
+@dataclass
+class PromoteConfig:
+    """Challenger against champion (`nightly`, `compare`'s promotion): scored on the same
+    backtest windows, the challenger replaces the champion only when its metric is lower by
+    more than `min_improvement` of the champion's (0.02: at least 2 % better), so noise
+    between equally good runs does not promote."""
+    min_improvement: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_improvement, int | float) or \
+                not 0 <= self.min_improvement < 1:
+            raise ConfigError(f"promote.min_improvement = {self.min_improvement!r}: a fraction "
+                              "of the champion's metric in [0, 1), e.g. 0.02")

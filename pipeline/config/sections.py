@@ -10,7 +10,11 @@ from typing import Any
 from pipeline.config.checks import NAME, ConfigError
 from pipeline.config.checks import choice as _choice
 from pipeline.config.checks import positive as _positive
-from pipeline.config.evaluate import STATISTICAL, EvaluateConfig  # noqa: F401 - re-exported
+from pipeline.config.evaluate import (  # noqa: F401 - re-exported
+    STATISTICAL,
+    EvaluateConfig,
+    PromoteConfig,
+)
 from pipeline.config.model import (  # noqa: F401 - the model sections, re-exported
     PACKED_DECODERS,
     PACKED_ENCODERS,
@@ -271,6 +275,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)   # `python -m pipeline tune` only
+    promote: PromoteConfig = field(default_factory=PromoteConfig)  # challenger vs champion
 
     def __post_init__(self) -> None:
         _choice("recipe", self.recipe, ("none", "auto"))

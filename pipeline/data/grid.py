@@ -146,6 +146,7 @@ def infer(df: pl.DataFrame, id_col: str, col: str, sample_rows: int = 1_000_000)
     tod = int((local.cast(pl.Int64).to_numpy() - days * DAY_NS)[0])
     base = dict(time_ns=tod, tz=tz, kind=kind)
     day, month_day = local.dt.day().to_numpy(), local.dt.month_end().dt.day().to_numpy()
+    _check_monthly_majority(df, id_col, col, day == 1, day == month_day)
     if (day == 1).all() or (day == month_day).all():
         months = _mode_step((local.dt.year().to_numpy().astype(np.int64) - 1970) * 12
                             + local.dt.month().to_numpy(), df[id_col])
@@ -158,6 +159,31 @@ def infer(df: pl.DataFrame, id_col: str, col: str, sample_rows: int = 1_000_000)
     if dstep % 7 == 0 and (weekday == weekday[0]).all():
         return Freq("D", dstep, weekday=int(weekday[0]), **base)
     return Freq("D", dstep, **base)
+
+
+class MixedFrequency(ValueError):
+    """Most series of the sample are on one grid and these are not (named in the message)."""
+
+
+def _check_monthly_majority(df: pl.DataFrame, id_col: str, col: str, first: np.ndarray,
+                            last: np.ndarray) -> None:
+    """When most series have every stamp on a month's first (or last) day and some do not,
+    the odd ones are the error — a weekly series among monthly ones, or one mid-month stamp —
+    not the monthly series a day-step grid would then reject: name the first of them, its
+    first off stamp, and how many series are off."""
+    for on, anchor in ((first, "first"), (last, "last")):
+        per = pl.DataFrame({"id": df[id_col], "on": on, "t": df[col]}).group_by(
+            "id", maintain_order=True).agg(pl.col("on").all().alias("all"),
+                                           pl.col("t").filter(~pl.col("on")).first().alias("off"))
+        good = int(per["all"].sum())
+        if good == len(per) or 2 * good <= len(per):
+            continue
+        bad = per.filter(~pl.col("all"))
+        raise MixedFrequency(
+            f"series {bad['id'][0]!r} has {col} {bad['off'][0]} off the monthly grid that "
+            f"{good} of the {len(per)} series in the sample follow (every stamp on a month's "
+            f"{anchor} day); {len(bad)} series are off it. Forecast series of one frequency "
+            "per run: aggregate or drop the others, or fix the stamps")
 
 
 def _same_series(ids: pl.Series) -> np.ndarray:

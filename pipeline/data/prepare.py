@@ -97,6 +97,8 @@ def resolve_freq(cfg: Config, parts: list[Part], sample_rows: int = 1_000_000) -
         df = df.with_columns(timestamps_ns(df, parts[0], id_col, time_col).alias("_ns"))
     try:
         found = grid.infer(df.drop("_ns", strict=False), id_col, time_col)
+    except grid.MixedFrequency as e:
+        raise DataError(f"{parts[0].path}: {e}") from None
     except ValueError:
         found = None
     if not cfg.data.freq:

@@ -2,7 +2,7 @@
 
 `RayRunner(cfg)` is the runner the data stage maps its per-part function with: one Ray task per
 argument tuple, results in submission order, the NumPy buffers coming back through the object
-store without copies. `train` runs a plan of packs (`pipeline.training.jobs.plan_packs`): one Ray
+store without copies. `train` runs a plan of packs (`pipeline.training.plan.plan_packs`): one Ray
 task per pack, one per member of an ensemble whose members do not pack on the device (a CPU:
 `train.pack`), or Ray Train's TorchTrainer (DDP) for a global model over several workers. Ray joins
 the cluster at `ray.address` (or RAY_ADDRESS) or starts a local instance, and shuts down only
@@ -25,15 +25,9 @@ from pipeline.config import Config, RayConfig
 from pipeline.errors import InfraError, PipelineError
 from pipeline.models.ensemble import ensemble_members
 from pipeline.progress import Display
-from pipeline.training.jobs import (
-    Job,
-    JobResult,
-    ensemble_result,
-    failed,
-    run_pack,
-    spreads_members,
-    train_members,
-)
+from pipeline.training.jobs import run_pack, spreads_members, train_members
+from pipeline.training.plan import Job
+from pipeline.training.results import JobResult, ensemble_result, failed
 
 
 def connect(cfg: RayConfig) -> bool:
@@ -47,7 +41,9 @@ def connect(cfg: RayConfig) -> bool:
         if address:
             ray.init(address=address, **quiet)
         else:
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **quiet)
+            # "local": a new instance of this job's own, never another job's `ray start`
+            # cluster found on the machine
+            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         raise InfraError(f"cannot start or join {where}: {e}") from None

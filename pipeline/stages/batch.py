@@ -98,6 +98,33 @@ def lock(path: str) -> Iterator[None]:
         os.close(fd)      # releases the lock
 
 
+def check_output(cfg: C.Config) -> None:
+    """A local `output.path` this process can write: a folder (or none yet, under a folder it
+    can write), checked before Ray starts or any data is read; nothing is created here. Else a
+    PipelineError naming the setting. Object stores are checked by their first write."""
+    root = cfg.output.path
+    if paths.is_remote(root):
+        return
+    path = os.path.abspath(root)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PipelineError(f"output.path {root!r} is a file, not a folder")
+    probe = path
+    while not os.path.exists(probe):        # the nearest folder that exists holds it
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise PipelineError(f"output.path {root!r}: {probe!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(probe) else "permission denied"
+        raise PipelineError(f"output.path {root!r}: cannot write in {probe!r} ({why})")
+
+
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 class Batch:
     """See the module docstring. `record`: a scheduled flow (skip-if-done, marker, `flow`
     tag); `tracked`: log to MLflow when the config says so; `registry`: the flow needs the
@@ -146,7 +173,8 @@ class Batch:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a stage (its seconds add up per name). With $PIPELINE_STAGE_LOG set, each
+        """Time a stage (its seconds add up per name; `pipeline.stages.record.stage` wraps
+        every stage in it). With $PIPELINE_STAGE_LOG set, each
         stage's wall-clock start and end are appended to that file (benchmarks/scale.py
         attributes its memory samples to stages with them)."""
         t, wall = time.perf_counter(), time.time()
@@ -170,6 +198,7 @@ class Batch:
             raise PipelineError(f"--batch-id {self.batch_id!r}: use 1-100 letters, digits and "
                                 "_ . : + - (it names runs, files and search filters)")
         cfg = self.cfg
+        check_output(cfg)                # before Ray starts or any data is read
         needs = self.registry or (cfg.train.warm_start and self.tracked)
         if needs and not cfg.tracking.enabled:
             raise PipelineError(f"{'train.warm_start' if cfg.train.warm_start else self.flow}"

@@ -117,7 +117,7 @@ def champion_config(cfg: Config, raw: dict, by: str) -> Config:
 
 @dataclass
 class Champion:
-    job: object               # the pipeline.training.jobs.Job it serves
+    job: object               # the pipeline.training.plan.Job it serves
     model: object             # the EncoderDecoder, loaded from weights only, or a Statistical
     version: object           # its ModelVersion
     config: Config            # the config that trained it, with today's data settings
@@ -231,7 +231,8 @@ def promote(cfg: Config, log, champs: Champions, mine: dict, theirs: dict, freq:
             statistical: dict | None = None) -> list[Decision]:
     """Challenger (this run: per-series metric columns `mine`) against the champions (their
     re-scored columns `theirs`, {champion's job name: columns}): register the challenger
-    where its backtest `metric` is strictly lower, or where there is no valid champion. The
+    where its backtest `metric` is lower than the champion's by more than
+    `promote.min_improvement` of it, or where there is no valid champion. The
     challenger of a group is the best of the run's model and its comparators
     (`evaluate.comparators`); a comparator is registered as its `Statistical` spec
     (`statistical`: {comparator name: Statistical}), the model as its weights. Both
@@ -264,11 +265,7 @@ def promote(cfg: Config, log, champs: Champions, mine: dict, theirs: dict, freq:
         if value is None or not np.isfinite(value):
             continue
         held_value = _score(cols, champ.name, metric, g, by, since) if champ else None
-        valid = held_value is not None and np.isfinite(held_value)
-        label = (f"{champ.version.tags.get('model', '?')} v{champ.version.version}"
-                 if valid else "none")
-        d = Decision(g, value, held_value if valid else None, label, not valid or
-                     value < held_value, note, challenger_model=winner)
+        d = _decide(g, value, winner, held_value, champ, note, cfg.promote.min_improvement)
         if d.promoted:
             d.version = _register(cfg, log, champs.uri, g, by, value, metric,
                                   (statistical or {}).get(winner))
@@ -276,6 +273,20 @@ def promote(cfg: Config, log, champs: Champions, mine: dict, theirs: dict, freq:
     log.metrics({"promoted_groups": sum(d.promoted for d in out),
                  "champion_groups": len(champs.found)})
     return out
+
+
+def _decide(group: str, value: float, winner: str, held: float | None, champ, note: str,
+            margin: float) -> Decision:
+    """Promote where there is no valid champion score, or where the challenger's `value` is
+    below the champion's `held` by more than `margin` of it (noted when it is better by less)."""
+    valid = held is not None and np.isfinite(held)
+    label = f"{champ.version.tags.get('model', '?')} v{champ.version.version}" if valid else \
+        "none"
+    better = not valid or value < held * (1 - margin)
+    if valid and not better and value < held:
+        note = f"{note} better by less than promote.min_improvement {margin:g}".strip()
+    return Decision(group, value, held if valid else None, label, better, note,
+                    challenger_model=winner)
 
 
 def _best(mine: dict, candidates: list[str], metric: str, key: str, by: str, since

@@ -18,6 +18,8 @@ failure-tolerant (`Tracker.safe`): logging problems are listed in `failures`, ou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -268,6 +270,14 @@ class RunLog:
         """The batch's HTML page as an artifact of the parent run (from a local file)."""
         if self.parent_id and "://" not in path:
             self.tr.log_artifacts(self.parent_id, [path])
+
+    def promotion(self, decisions: list) -> None:
+        """Each group's challenger-against-champion decision, both scores and the note, as
+        `promotion.json` on the parent run."""
+        if self.parent_id:
+            rows = [dataclasses.asdict(d) for d in decisions]
+            self.tr.safe(self.tr.client.log_text, self.parent_id,
+                         json.dumps(rows, indent=1, default=str), "promotion.json")
 
     def metrics(self, values: dict[str, float]) -> None:
         """Run-level figures on the parent run (wall seconds per stage, promotions, …)."""
