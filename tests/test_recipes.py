@@ -157,3 +157,81 @@ def test_prepare_resolves_the_config_for_the_data_and_the_network_sees_its_lookb
         assert receptive_field(enc.kernel_size, [2 ** i for i in range(enc.num_layers)]) \
             >= r.windows.lookback
     assert prep.plan is not None
+
+
+# ------------------------------------------------------------------ overrides stay consistent
+
+def _monthly(n: int = 6, length: int = 60):
+    """A tiny monthly-like panel: season 12, levels and phases apart."""
+    from pipeline.data.series import SeriesArrays
+    rng = np.random.default_rng(0)
+    t = np.arange(length)
+    return SeriesArrays.from_list([20 + 5 * np.sin(2 * np.pi * (t + k) / 12)
+                                   + rng.normal(0, 0.3, length) for k in range(n)])
+
+
+TINY = ["recipe=auto", "windows.horizon=6", "windows.val_size=6", "windows.n_windows=1",
+        "data.calendar=[]", "evaluate.comparators=[]", "train.epochs=1",
+        "train.steps_per_epoch=1", "model.encoder.hidden_size=8",
+        "model.decoder.hidden_size=8"]
+
+
+def _resolve_train_forecast(overrides: list[str]):
+    """The recipe resolved under `overrides` on the tiny panel, one step of training, and the
+    forecast of every series from the trained model (None when refused: the ConfigError)."""
+    from pipeline.forecasting.final import final_forecast
+    from pipeline.training.jobs import run_job
+    from pipeline.training.plan import plan_jobs
+    arrays = _monthly()
+    try:
+        cfg = before_load(C.load(None, [*TINY, *overrides]))       # before any data is read
+        cfg, _ = after_load(cfg, arrays.lengths, 12)
+    except C.ConfigError as e:
+        return e
+    (job,) = plan_jobs(arrays, cfg)
+    res = run_job(arrays, job, cfg)
+    assert res.ok, (overrides, res.error)
+    cols = final_forecast(arrays, [job], {job.name: res.model()}, cfg)
+    return cfg, cols
+
+
+def test_one_member_of_the_recipe_trains_and_forecasts_end_to_end():
+    """`--set model.ensemble.members=1` under recipe: auto (once: sized for the ensemble's
+    shortest lookback and the windows of its longest, it failed at forecast time)."""
+    cfg, cols = _resolve_train_forecast(["model.ensemble.members=1"])
+    assert cfg.model.ensemble.members == 1
+    assert cfg.model.ensemble.lookbacks in (None, [cfg.windows.lookback // 6])
+    assert len(cols["y_hat"]) == 6 * 6 and np.isfinite(cols["y_hat"]).all()
+
+
+def test_one_member_with_a_lookback_it_cannot_read_is_refused_in_one_line():
+    e = _resolve_train_forecast(["model.ensemble.members=1", "model.ensemble.lookbacks=[2]",
+                                 "windows.lookback=24"])
+    assert isinstance(e, C.ConfigError) and "\n" not in str(e)
+    assert "model.ensemble.members = 1" in str(e) and "windows.lookback = 24" in str(e)
+
+
+def test_any_override_of_the_recipe_builds_a_model_that_reads_its_windows():
+    """Property: whatever keys a user sets among members, lookbacks, lookback, encoder,
+    losses and loss, the recipe resolves a config whose model trains on its windows and
+    forecasts every series, or refuses it in one line naming a key."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    keys = {"model.ensemble.members": st.sampled_from([1, 2, 3, 4, 9]),
+            "model.ensemble.lookbacks": st.sampled_from(["[1]", "[2, 3]", "[1, 2, 4]"]),
+            "model.ensemble.losses": st.sampled_from(["[mae]", "[mase, smape]"]),
+            "windows.lookback": st.sampled_from([6, 18, 24]),
+            "model.encoder.type": st.sampled_from(["cnn", "ffn", "gru"]),
+            "model.loss": st.sampled_from(["mae", "mase", "smape"])}
+
+    @settings(max_examples=25, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(st.fixed_dictionaries({}, optional=keys))
+    def check(chosen):
+        got = _resolve_train_forecast([f"{k}={v}" for k, v in chosen.items()])
+        if isinstance(got, C.ConfigError):
+            assert "\n" not in str(got) and any(k in str(got) for k in chosen), got
+            return
+        cfg, cols = got
+        assert len(cols["y_hat"]) == 6 * 6 and np.isfinite(cols["y_hat"]).all(), chosen
+    check()

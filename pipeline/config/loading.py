@@ -104,14 +104,18 @@ def _apply_override(raw: dict, item: str) -> None:
         raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
 
 
-def from_dict(raw: dict | None, overrides: list[str] | tuple = ()) -> Config:
+def from_dict(raw: dict | None, overrides: list[str] | tuple = (), check: bool = True
+              ) -> Config:
     """The Config of `raw` (sections as nested mappings) and `section.key=value` overrides;
-    `Config.explicit` holds the dotted keys they set (a recipe leaves those alone)."""
+    `Config.explicit` holds the dotted keys they set (a recipe leaves those alone). `check`:
+    the checks across sections that a recipe's intermediate configs skip."""
     raw = dict(raw or {})
     for item in overrides:
         _apply_override(raw, item)
     cfg = _build(Config, raw, "")
     cfg.explicit = frozenset(_dotted(raw))
+    if check:
+        cfg.check_ensemble_windows()
     return cfg
 
 

@@ -81,7 +81,9 @@ def after_load(cfg: Config, lengths: np.ndarray, season: int) -> tuple[Config, d
     if cfg.recipe != "auto":
         return cfg, {}
     chosen = choose(cfg, lengths, season)
-    return _apply(cfg, chosen), chosen
+    out = _apply(cfg, chosen)
+    out.check_ensemble_windows(sized=True)     # the data sized it: before any training
+    return out, chosen
 
 
 def choose(cfg: Config, lengths: np.ndarray, season: int) -> dict[str, Any]:
@@ -93,13 +95,9 @@ def choose(cfg: Config, lengths: np.ndarray, season: int) -> dict[str, Any]:
     lookbacks = sorted({2, (2 + top + 1) // 2, top})
     if top * h < 2 * season:                      # the longest window sees two seasons
         lookbacks = [lb * math.ceil(2 * season / (top * h)) for lb in lookbacks]
-    own = "windows.lookback" in keep
-    if own:                                       # the user's lookback: one for every member
-        lookbacks = [1]
-    longest = w.lookback if own else max(lookbacks) * h
-    losses = list(LOSSES) if n < 100_000 else ["mase"]
-    if "model.ensemble.losses" in keep:
-        losses = [None]
+    lookbacks, losses, members = _members(cfg, keep, lookbacks,
+                                          list(LOSSES) if n < 100_000 else ["mase"])
+    longest = w.lookback if "windows.lookback" in keep else max(lookbacks) * h
     short = history < SHORT_HORIZONS * h
     net = _network(short, longest, n)
     mlp = (cfg.model.encoder.type if "model.encoder.type" in keep
@@ -107,7 +105,7 @@ def choose(cfg: Config, lengths: np.ndarray, season: int) -> dict[str, Any]:
     values = {
         "windows.lookback": longest, **net,
         "model.ensemble.lookbacks": lookbacks, "model.ensemble.losses": losses,
-        "model.ensemble.members": len(lookbacks) * len(losses),
+        "model.ensemble.members": members,
         "model.ensemble.combine": "median",
         "train.sampling": "series", "train.batch_size": 256 if n < 10_000 else 1024,
         "train.steps_per_epoch": int(np.clip(n // 8, 20, 100)),
@@ -117,6 +115,32 @@ def choose(cfg: Config, lengths: np.ndarray, season: int) -> dict[str, Any]:
         if short and not cfg.model.quantiles else [],
     }
     return {k: v for k, v in values.items() if not any(k.startswith(p) for p in keep)}
+
+
+def _members(cfg: Config, keep: set[str], lookbacks: list[int], losses: list[str]
+             ) -> tuple[list[int], list[str], int]:
+    """The ensemble's lookbacks (in horizons), losses and member count, consistent with the
+    keys the user set: their lookbacks and losses are counted as given (a user-set window
+    length is every member's lookback); a user-set member count takes the longest lookbacks
+    first, then the losses, so that one member is the recipe's longest-lookback model and
+    the windows are as long as the members that exist need."""
+    ens = cfg.model.ensemble
+    if "model.ensemble.lookbacks" in keep and ens.lookbacks:
+        lookbacks = list(ens.lookbacks)
+    elif "windows.lookback" in keep:
+        lookbacks = [cfg.windows.lookback // cfg.windows.horizon or 1]
+    if "model.ensemble.losses" in keep:
+        losses = list(ens.losses or [cfg.model.loss])
+    if "model.ensemble.members" not in keep:
+        return lookbacks, losses, len(lookbacks) * len(losses)
+    members = ens.members
+    if not {"model.ensemble.lookbacks", "windows.lookback"} & keep:
+        lookbacks = sorted(lookbacks, reverse=True)[:members]
+    if "model.ensemble.losses" not in keep:
+        losses = losses[:math.ceil(members / len(lookbacks))]
+    lookbacks = sorted({lookbacks[i % len(lookbacks)] for i in range(members)},
+                       key=lookbacks.index)       # only those a member reads
+    return lookbacks, losses, members
 
 
 def _network(short: bool, longest: int, n: int) -> dict[str, Any]:
@@ -154,7 +178,7 @@ def _apply(cfg: Config, values: dict[str, Any]) -> Config:
         node[last] = value
     if "model.name" not in cfg.explicit:
         raw["model"]["name"] = ""                 # named again from the resolved blocks
-    out = from_dict(raw)
+    out = from_dict(raw, check=False)
     out.explicit = cfg.explicit
     return out
 

@@ -311,6 +311,25 @@ class Config:
             raise ConfigError("evaluate.intervals = 'conformal' writes the quantile columns "
                               "itself; leave model.quantiles empty (model.loss not quantile)")
 
+    def check_ensemble_windows(self, sized: bool = False) -> None:
+        """A single model (one member) reads windows.lookback itself, so the member's
+        lookback must be it (an ensemble's members each get windows of their own). Checked on
+        the config as loaded (`from_dict`; under `recipe: auto` once the recipe has sized
+        the members and windows.lookback, `sized`, unless the user set both), not on the
+        configs a member derives."""
+        ens, w = self.model.ensemble, self.windows
+        set_here = "model.ensemble.members" in self.explicit and bool(
+            {"windows.lookback", "windows.lookback_horizons"} & self.explicit)
+        sized_later = not sized and self.recipe == "auto" and not set_here
+        if not ens.lookbacks or sized_later:
+            return
+        steps = [ens.lookbacks[0] * w.horizon]
+        if ens.members == 1 and steps[0] != w.lookback:
+            raise ConfigError(f"model.ensemble.members = 1 with model.ensemble.lookbacks = "
+                              f"{ens.lookbacks}: the one model reads windows.lookback = "
+                              f"{w.lookback} steps, not {steps[0]}; drop "
+                              "model.ensemble.lookbacks or make them agree")
+
     def _check_packable(self) -> None:
         if self.train.mode != "per_group":
             raise ConfigError("train.per_group.packed = true needs train.mode = 'per_group'")
