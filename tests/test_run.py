@@ -234,3 +234,31 @@ def test_the_console_renders_stage_results_as_the_golden_text(capsys):
     with open(os.path.join(os.path.dirname(__file__), "golden", "console.txt")) as f:
         golden = f.read().splitlines()
     assert capsys.readouterr().out.splitlines() == golden
+
+
+@pytest.mark.slow
+def test_sales_get_no_negative_forecast_and_an_all_zero_series_gets_zeros(demo_dir, tmp_path):
+    """output.clip_at_zero: auto on non-negative data (the demo plus a series that sold
+    nothing): every published point, quantile and conformal bound is >= 0 and the all-zero
+    series is forecast 0 with a [0, 0] interval (its interval was about ±3,100 on a retail
+    panel); the backtest scores the forecasts clipped the same way (its sMAPE is 0, not 200)."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    t = pq.read_table(sorted(glob.glob(str(data / "store=store_A" / "*.parquet")))[0])
+    one = pl.from_arrow(t).filter(pl.col("unique_id") == t["unique_id"][0].as_py())
+    zero = one.with_columns(pl.lit("Z0001").alias("unique_id"), pl.lit(0.0).alias("y"))
+    zero.write_parquet(data / "store=store_A" / "part-zero.parquet")
+    b = run("configs/demo.yaml", data, tmp_path, "--set", "ray.enabled=false", "--set",
+            "evaluate.intervals=conformal", "--set", "windows.n_windows=2")
+    assert b.cfg.output.clip_at_zero is True           # resolved from the data
+    _, fc = read(tmp_path, "forecasts")
+    q = [c for c in fc.columns if c.startswith("q_")]
+    assert q and fc.select(pl.min_horizontal("y_hat", *q).min()).item() >= 0
+    z = fc.filter(pl.col("unique_id") == "Z0001")
+    assert len(z) == 24 and (z.select(pl.max_horizontal("y_hat", *q)) == 0).to_series().all()
+    _, bt = read(tmp_path, "backtest")
+    assert bt["y_hat"].min() >= 0
+    _, metrics = read(tmp_path, "metrics")
+    mine = metrics.filter((pl.col("unique_id") == "Z0001") & (pl.col("model") == "gru_direct"))
+    assert len(mine) == 2 and (mine["smape"] == 0).all()

@@ -254,9 +254,17 @@ class OutputConfig:
     report: bool = True            # write the validation report next to the outputs
     format: str = "parquet"        # parquet (a folder per partition, every reader opens it)
                                    # | delta (Delta Lake tables: commits, writer conflicts)
+    clip_at_zero: bool | str = "auto"  # forecasts, quantiles and intervals at least 0, and 0
+                                   # where a series' history is all 0; auto: when every value
+                                   # of the history is >= 0 (resolved by the data stage)
 
     def __post_init__(self) -> None:
         _choice("output.format", self.format, ("parquet", "delta"))
+        if isinstance(self.clip_at_zero, str):
+            _choice("output.clip_at_zero", self.clip_at_zero, ("auto",))
+        elif not isinstance(self.clip_at_zero, bool):
+            raise ConfigError(f"output.clip_at_zero = {self.clip_at_zero!r}: auto, true or "
+                              "false")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from pipeline.config import Config
@@ -152,6 +153,7 @@ def resolve(data: Prepared) -> Prepared:
     cfg, chosen = after_load(cfg, arrays.lengths[arrays.status == 0],
                              cfg.evaluate.season or arrays.freq.default_season(arrays.lengths))
     cfg = resolve_threads(cfg)
+    cfg = resolve_clip(cfg, arrays)
     report = data.report
     if chosen:
         report = pl.DataFrame(padded_rows(report.to_dicts(), arrays, cfg.windows) or None,
@@ -175,4 +177,16 @@ def padded_rows(rows: list[dict], arrays: SeriesArrays, windows) -> list[dict]:
             row = {**row, "detail": f"{n} steps < {need} (lookback + horizon + backtest): "
                                     "windows left-padded"}
         out.append(row)
+    return out
+
+
+def resolve_clip(cfg: Config, arrays: SeriesArrays) -> Config:
+    """`output.clip_at_zero: auto` as true when every observed value of the input is >= 0
+    (sales, counts, demand), else false."""
+    if cfg.output.clip_at_zero != "auto":
+        return cfg
+    observed = arrays.values[arrays.mask.astype(bool)]
+    clip = bool(len(observed) and (observed[np.isfinite(observed)] >= 0).all())
+    out = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, clip_at_zero=clip))
+    out.explicit = cfg.explicit
     return out

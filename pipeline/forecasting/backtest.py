@@ -69,6 +69,8 @@ class Backtest:
     forecasts: dict[str, int] = field(default_factory=dict)  # comparator -> forecasts made
     season: int = 1                                      # m of MASE, baselines, comparators
     history: int = 0                                     # the comparators' history cap
+    zero: ZeroHistory | None = None                      # output.clip_at_zero: every forecast
+                                                         # clipped as the published one is
 
     def drawn(self, series: np.ndarray) -> dict:
         """The long rows of `series` only (the ones plots and the report draw)."""
@@ -186,7 +188,8 @@ def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
     (`pipeline.execution.ray_train.RayRunner`; default: in this process). `loaders`: {cutoff number:
     loader}, filled as fitted and reused (the chunks of one backtest share it)."""
     m = season_of(cfg, arrays)
-    out = Backtest(season=m, history=cfg.evaluate.history_cap(m))
+    out = Backtest(season=m, history=cfg.evaluate.history_cap(m),
+                   zero=ZeroHistory(arrays) if cfg.output.clip_at_zero is True else None)
     ok = arrays.status == 0
     quantiles = cfg.model.quantiles
     cutoffs = cutoff_positions(arrays.lengths, cfg.windows.horizon, cfg.windows.n_windows,
@@ -294,6 +297,8 @@ def _score(out: Backtest, model, arrays, series, y, y_hat, mask, scale, extra, c
     """Metrics and long rows of one block of backtest forecasts (the windows of `series`,
     their target starting at the cutoff `cut[series]`, cutoff number `k`)."""
     origin = cut[series].astype(np.int64)
+    if out.zero is not None:
+        y_hat, q_hat = out.zero.clip(series, cut, y_hat, q_hat)
     out.blocks.append(Block(k, model, series, y, y_hat, mask))
     table = E.metrics_table(y, y_hat, scale, mask=mask, quantiles=list(quantiles) or None,
                             q_pred=q_hat)
@@ -307,6 +312,34 @@ def _score(out: Backtest, model, arrays, series, y, y_hat, mask, scale, extra, c
                         "model": np.full(len(series), model, dtype=object),
                         "group": frame["group"][::h],
                         **{k: v.astype(np.float64) for k, v in table.items()}})
+
+
+class ZeroHistory:
+    """`output.clip_at_zero`: forecasts (and quantiles) at least 0, and exactly 0 for a series
+    whose observed history before the forecast origin is all 0. Prefix counts of the observed
+    and the non-zero values, made once, answer any origin."""
+
+    def __init__(self, arrays: SeriesArrays) -> None:
+        obs = arrays.mask.astype(bool)
+        self.indptr = arrays.indptr
+        self.observed = np.concatenate([[0], np.cumsum(obs)])
+        self.nonzero = np.concatenate([[0], np.cumsum(obs & (arrays.values != 0))])
+
+    def all_zero(self, series: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """[N] bool: `series` have observed values before `end[series]`, all of them 0."""
+        lo = self.indptr[series]
+        hi = lo + np.asarray(end)[series]
+        return (self.observed[hi] > self.observed[lo]) & (self.nonzero[hi] == self.nonzero[lo])
+
+    def clip(self, series: np.ndarray, end: np.ndarray, y_hat: np.ndarray, q_hat=None):
+        """(y_hat, q_hat) of `series` (rows) forecast from `end[series]`, clipped (copies)."""
+        zero = self.all_zero(series, end)
+        y_hat = np.maximum(y_hat, 0)
+        y_hat[zero] = 0
+        if q_hat is not None:
+            q_hat = np.maximum(q_hat, 0)
+            q_hat[zero] = 0
+        return y_hat, q_hat
 
 
 def combined(net: np.ndarray, others: list[np.ndarray]) -> np.ndarray:

@@ -24,6 +24,7 @@ from pipeline.data.prepare import Prepared
 from pipeline.errors import PipelineError
 from pipeline.forecasting.backtest import (
     FALLBACK,
+    ZeroHistory,
     chunk_jobs,
     concat_columns,
     drawn_series,
@@ -239,6 +240,12 @@ class _Chunks:
                         .astype(str))
         self.drawn: list[dict] = []
         self.failed: list[str] = []
+        self.zero = None          # output.clip_at_zero: the ids whose history is all 0
+        if b.cfg.output.clip_at_zero is True:
+            arrays = self.arrays
+            every = np.arange(len(arrays))
+            self.zero = set(arrays.ids[ZeroHistory(arrays).all_zero(every, arrays.lengths)]
+                            .astype(str).tolist())
 
     def __iter__(self):
         n, cfg, made = len(self.arrays), self.b.cfg, 0
@@ -249,6 +256,8 @@ class _Chunks:
             self.failed += [j for j in bad if j not in self.failed]
             if not cols or not len(cols["unique_id"]):
                 continue
+            if self.zero is not None:
+                cols = _clipped(cols, self.zero, h)
             ids, models = cols["unique_id"][::h], cols["model"][::h]    # one row per series
             self.fc.n_series += len(ids)
             self.fc.n_fallback += int(np.char.startswith(models.astype(str), "fallback:").sum())
@@ -258,6 +267,19 @@ class _Chunks:
             yield output.frames_table([cols], self.b.run_id, self.arrays.freq, self.keys)
         if not made:
             yield output.frames_table([], self.b.run_id, self.arrays.freq)
+
+
+def _clipped(cols: dict, zero: set, h: int) -> dict:
+    """The published forecast under `output.clip_at_zero`: point, quantile and interval
+    columns at least 0, and 0 for the series in `zero` (history all 0)."""
+    ids = cols["unique_id"][::h]
+    rows = np.repeat(np.fromiter((str(i) in zero for i in ids), bool, len(ids)), h)
+    out = dict(cols)
+    for k in ["y_hat", *(c for c in cols if c.startswith("q_"))]:
+        v = np.maximum(cols[k], 0)
+        v[rows] = 0
+        out[k] = v
+    return out
 
 
 def _range(n: int, lo: int, hi: int) -> np.ndarray:
