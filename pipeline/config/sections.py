@@ -239,9 +239,12 @@ class TrackingConfig:
     experiment: str | None = None  # None: the config's name
     required: bool = True
     child_runs: str = "per_model"  # per_model | per_group
+    timeout_seconds: float = 10.0  # per request to a server (one retry); one that does not
+                                   # answer is given up for the rest of the run
 
     def __post_init__(self) -> None:
         _choice("tracking.child_runs", self.child_runs, ("per_model", "per_group"))
+        _positive("tracking.timeout_seconds", self.timeout_seconds)
 
 
 @dataclass

@@ -20,6 +20,8 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.statistical import KIND, Statistical
 from pipeline.models import load_model
 from pipeline.names import safe_key
+from pipeline.tracking.connect import client as _client
+from pipeline.tracking.connect import connect
 from pipeline.tracking.models import KIND_TAG, MODEL_URI_TAG, SPEC, WEIGHTS
 from pipeline.tracking.runs import (
     CALIBRATION_ARTIFACT,
@@ -28,23 +30,25 @@ from pipeline.tracking.runs import (
     ROLE,
     SUPERSEDED_TAG,
 )
-from pipeline.tracking.runs import client as _client
 from pipeline.tracking.runs import finite as _finite
 
 # ------------------------------------------------------------------------------ batches
 
 def batch_runs(uri: str, experiment: str, flow: str, config: str, batch_id: str,
-               status: str) -> list[str]:
-    """Parent runs of `experiment` tagged with this flow, config name and batch, in `status`
-    (RUNNING, FINISHED, …), superseded ones left out. Configs sharing an experiment (a GRU and
-    a CNN compared side by side) are separate batches."""
+               status: str, tag: str = "flow") -> list[str]:
+    """Parent runs of `experiment` tagged with this flow (`tag` "command": this CLI command),
+    config name and batch, in `status` (RUNNING, FINISHED, …), superseded ones left out.
+    Configs sharing an experiment (a GRU and a CNN compared side by side) are separate
+    batches."""
+    if tag not in ("flow", "command"):
+        raise ValueError(f"batch_runs: tag {tag!r} is neither 'flow' nor 'command'")
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
     runs = client.search_runs(
         [exp.experiment_id], max_results=1000,
-        filter_string=(f"tags.`{ROLE}` = 'parent' and tags.flow = '{flow}' and "
+        filter_string=(f"tags.`{ROLE}` = 'parent' and tags.{tag} = '{flow}' and "
                        f"tags.config = '{config}' and tags.batch_id = '{batch_id}' and "
                        f"attributes.status = '{status}'"))
     return [r.info.run_id for r in runs if SUPERSEDED_TAG not in r.data.tags]
@@ -249,7 +253,7 @@ def load_champion(name: str, alias: str = "champion", uri: str | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/{WEIGHTS}",
-                                                       dst_path=tmp, tracking_uri=uri)
+                                                       dst_path=tmp, tracking_uri=connect(uri))
         except (MlflowException, OSError) as e:
             raise PipelineError(f"{name}@{alias} (version {mv.version}) has no {WEIGHTS} to "
                                 f"load ({type(e).__name__}); only models this pipeline logged "
@@ -267,7 +271,7 @@ def _load_spec(name: str, alias: str, mv, where: str, uri: str | None) -> Statis
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/{SPEC}",
-                                                       dst_path=tmp, tracking_uri=uri)
+                                                       dst_path=tmp, tracking_uri=connect(uri))
             spec = json.loads(Path(path).read_text())
         except (MlflowException, OSError, ValueError) as e:
             raise PipelineError(f"{name}@{alias} (version {mv.version}) has no readable "
