@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -55,3 +56,126 @@ def test_series_with_no_usable_value_get_no_made_up_number(demo_dir, tmp_path):
     assert set(skipped["series"]) == empty and set(skipped["action"]) == {"skipped"}
     assert np.isfinite(rest["y_hat"].to_numpy()).all()
     assert os.path.exists(out / "demo" / "validation_report.parquet")
+
+
+# ------------------------------------------------------------------ registry values are checked
+
+@pytest.mark.parametrize("key,value", [("horizon", 48), ("horizon", 100_000), ("horizon", 1),
+                                       ("season", 10**6), ("history", 0), ("season", 2.5)])
+def test_a_statistical_spec_from_the_registry_is_checked_against_the_run(key, value):
+    """Finding: a champion's horizon of 48 under a 24-step config wrote 48 steps, 100000 made
+    the console report 125,090 series, 1 crashed with an IndexError."""
+    from pipeline.errors import PipelineError
+    from pipeline.evaluation.statistical import Statistical
+    spec = {"kind": "statistical", "model": "auto_ets", "season": 24, "history": 120,
+            "horizon": 24}
+    assert Statistical.from_spec(spec, "x", horizon=24).horizon == 24
+    with pytest.raises(PipelineError, match=f"champ: {key} "):
+        Statistical.from_spec({**spec, key: value}, "champ", horizon=24)
+
+
+def calibration_json(width) -> str:
+    from pipeline.forecasting.intervals import Calibration, Conformal
+    w = np.asarray(width, float)
+    k, h = w.shape
+    conf = Conformal((0.8, 0.95)[:k], w, np.zeros((k, h), bool), np.full(h, 10),
+                     np.asarray([], object), np.zeros((0, k, h)), np.zeros((0, k, h), bool),
+                     np.zeros((0, h), bool))
+    return Calibration(conf.levels, {"gru_direct": conf}, {}).to_json()
+
+
+@pytest.mark.parametrize("width,why", [([[1.0, -2.0, 1.0]], "negative"),
+                                       ([[1.0, float("inf"), 1.0]], "not finite"),
+                                       ([[1.0, float("nan"), 1.0]], "not finite"),
+                                       ([[1.0, 1.0]], "for 2 steps")])
+def test_crafted_conformal_widths_are_refused(width, why):
+    """Finding: negative widths in a crafted conformal.json gave crossed intervals on every
+    row, exit 0. Negative, infinite, NaN (where not capped) widths and a wrong shape are refused,
+    naming the model."""
+    from pipeline.forecasting.intervals import Calibration
+    assert Calibration.from_json(calibration_json([[1.0, 2.0, 3.0]]), 3).fitted
+    with pytest.raises(ValueError, match=f"'gru_direct'.*{why}"):
+        Calibration.from_json(calibration_json(width), 3)
+
+
+def test_a_weights_file_asking_for_a_huge_model_allocates_nothing(tmp_path):
+    """Finding: a 15.8 KB weights file whose spec asks for a huge hidden size made the driver
+    allocate 2.2 GB before refusing. The spec is checked on the meta device first."""
+    import io
+    import resource
+
+    import torch
+
+    from pipeline import config as C
+    from pipeline.models import SpecError, build_model, load_model, save_model
+    cfg = C.load("configs/demo.yaml", ["model.encoder.hidden_size=8"])
+    model = build_model(cfg.model, lookback=72, horizon=24, past_size=3, future_size=2)
+    buf = io.BytesIO()
+    save_model(model, buf)
+    buf.seek(0)
+    assert load_model(buf).spec == model.spec
+    huge = {"format": 1, "spec": model.spec, "state_dict": model.state_dict()}
+    huge["spec"]["model"]["encoder"]["hidden_size"] = 6_000     # about 450 MB of GRU weights
+    path = tmp_path / "weights.pt"
+    torch.save(huge, path)
+    assert path.stat().st_size < 100_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(SpecError, match="spec and weights disagree"):
+        load_model(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000   # KiB
+    huge["spec"]["model"]["encoder"]["hidden_size"] = 10**9
+    torch.save(huge, path)
+    with pytest.raises(SpecError, match="hidden_size = 1000000000 is out of bounds"):
+        load_model(path)
+
+
+def grouped_config(tmp_path) -> str:
+    """test_comparators_pipeline's panel of daily patterns in two groups (s0, s1 | s2, s3),
+    trained per group: the comparators win both groups."""
+    import yaml
+    from test_comparators_pipeline import statistical_config
+    path = statistical_config(tmp_path)
+    cfg = yaml.safe_load(pathlib.Path(path).read_text())
+    df = pl.read_parquet(cfg["data"]["path"])
+    df.with_columns(grp=pl.when(pl.col("unique_id").is_in(["s0", "s1"])).then(pl.lit("A"))
+                    .otherwise(pl.lit("B"))).write_parquet(cfg["data"]["path"])
+    cfg["data"]["group_col"] = "grp"
+    cfg["train"]["mode"] = "per_group"
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("horizon", [48, 1])
+def test_a_champion_whose_horizon_disagrees_is_refused_and_its_group_falls_back(
+        tmp_path, capsys, horizon):
+    """Finding: a registered statistical champion with horizon 48 under a 24-step config wrote
+    48 steps per series (exit 0); 1 crashed with an IndexError (exit 1). Now it is refused in
+    one line naming it; its group gets the fallback, the other group its champion."""
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.cli import execute
+    from pipeline.tracking import models as tracked
+    config = grouped_config(tmp_path)
+    assert execute(["run", "--config", config]).exit_code == EXIT_OK
+    assert main(["compare", "--config", config]) == EXIT_OK
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mv = mlflow.MlflowClient(tracking_uri=uri).get_model_version_by_alias("stat.A", "champion")
+    assert mv.tags["kind"] == "statistical"
+    bad = {"kind": "statistical", "model": "auto_ets", "season": 24, "history": 120,
+           "horizon": horizon}
+    version = tracked.register_spec(tracking.client(uri), mv.tags["run_id"], "stat.A",
+                                    "champion", bad, group="A")
+    with pytest.warns(UserWarning) as seen:     # on stderr as one `warning:` line
+        fc = execute(["forecast", "--config", config, "--from-registry"])
+    assert fc.exit_code == EXIT_OK, capsys.readouterr().err
+    lines = [str(w.message) for w in seen if "refused" in str(w.message)]
+    assert len(lines) == 1 and f"champion stat.A v{version} refused" in lines[0]
+    assert f"horizon {horizon} differs" in lines[0]
+    cols = fc.outcome.forecast.rows()
+    assert len(cols["y_hat"]) == 4 * 24 and set(cols["step"]) == set(range(1, 25))
+    models = {g: set(np.asarray(cols["model"])[np.asarray(cols["group"]) == g]) for g in "AB"}
+    assert models["A"] == {"fallback:seasonal_naive"}
+    assert len(models["B"]) == 1 and models["B"] <= {"auto_ets", "auto_theta"}
