@@ -179,3 +179,30 @@ def test_a_champion_whose_horizon_disagrees_is_refused_and_its_group_falls_back(
     models = {g: set(np.asarray(cols["model"])[np.asarray(cols["group"]) == g]) for g in "AB"}
     assert models["A"] == {"fallback:seasonal_naive"}
     assert len(models["B"]) == 1 and models["B"] <= {"auto_ets", "auto_theta"}
+
+
+# ------------------------------------------------------------------ leftovers
+
+@pytest.mark.slow
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_output_file_has_one_mode_under_the_umask(demo_dir, tmp_path, umask):
+    """Finding: forecast and backtest files were written 0600 (made by mkstemp), metrics 0644.
+    Every file a run writes now has the mode `open()` gives: 0666 less the umask."""
+    import subprocess
+    import sys
+
+    from test_integrity import ENV, ROOT
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "pipeline", *run_args("run", demo_dir, out, "--set",
+                                                                    "tracking.enabled=false")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+                       preexec_fn=lambda: os.umask(umask))
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+    modes = {}
+    for root, _, files in os.walk(out):
+        for f in files:
+            modes[os.path.relpath(os.path.join(root, f), out)] = \
+                os.stat(os.path.join(root, f)).st_mode & 0o777
+    kinds = {p.split(os.sep)[0] for p in modes}
+    assert {"forecasts", "backtest", "metrics", "reports", "demo"} <= kinds
+    assert {oct(m) for m in modes.values()} == {oct(0o666 & ~umask)}, modes

@@ -157,7 +157,8 @@ def write_atomic(uri: str, write: Callable[[pafs.FileSystem, str], None]) -> Non
     old file or the new one, whole, never a part (POSIX rename replaces atomically). Object
     stores publish an object only when its upload completes, so there `write` gets `uri`'s
     own path: the single PUT is the atomic step. Temporary files are dot-files, which every
-    Parquet dataset reader skips; crash leftovers are swept by `sweep`."""
+    Parquet dataset reader skips; crash leftovers are swept by `sweep`. A local file gets
+    `file_mode()`, whatever made it."""
     fs, path = filesystem_for(uri)
     parent = os.path.dirname(path)
     fs.create_dir(parent, recursive=True)
@@ -168,6 +169,7 @@ def write_atomic(uri: str, write: Callable[[pafs.FileSystem, str], None]) -> Non
     tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
         write(fs, tmp)
+        os.chmod(tmp, file_mode())      # a file made by mkstemp (streamed) is 0600
         _fsync(tmp)
         fault_point("tmp-written", path)
         os.replace(tmp, path)
@@ -176,6 +178,14 @@ def write_atomic(uri: str, write: Callable[[pafs.FileSystem, str], None]) -> Non
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_mode() -> int:
+    """The mode of every output file: what `open()` gives a new file, 0666 less the process
+    umask (0644 under the usual 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync(path: str) -> None:
