@@ -206,3 +206,36 @@ def test_every_output_file_has_one_mode_under_the_umask(demo_dir, tmp_path, umas
     kinds = {p.split(os.sep)[0] for p in modes}
     assert {"forecasts", "backtest", "metrics", "reports", "demo"} <= kinds
     assert {oct(m) for m in modes.values()} == {oct(0o666 & ~umask)}, modes
+
+
+def delta_files(root) -> tuple[set, set]:
+    """(Parquet files on disk, files the latest version reads) of the forecasts Delta table."""
+    from deltalake import DeltaTable
+    base = root / "forecasts"
+    on_disk = {os.path.relpath(p, base) for p in glob.glob(str(base / "**" / "*.parquet"),
+                                                            recursive=True)}
+    live = {os.path.relpath(u.removeprefix("file://"), base)
+            for u in DeltaTable(str(base)).file_uris()}
+    return on_disk, live
+
+
+@pytest.mark.parametrize("hours,kept", [("0", False), ("null", True), ("168", True)])
+def test_delta_tables_are_vacuumed_after_the_retention(tmp_path, hours, kept):
+    """Finding: Delta tables were never vacuumed: every rewrite of a partition left its old
+    files. With `output.delta_retention_hours` the files no version of that window reads are
+    deleted after each write (0: all but the latest's; null: never)."""
+    pytest.importorskip("deltalake")
+    import pyarrow as pa
+
+    from pipeline import config as C
+    from pipeline.outputs import partitions as output
+    cfg = C.load(None, [f"output.path={tmp_path}", "name=demo", "output.format=delta",
+                        f"output.delta_retention_hours={hours}"])
+    for version in range(3):
+        for end in ("20240101T000000", "20240102T000000"):
+            output.write(cfg, "forecasts", end, pa.table({"unique_id": ["a", "b"],
+                                                          "version": [version] * 2}))
+    on_disk, live = delta_files(tmp_path)
+    assert len(live) == 2
+    assert (on_disk != live) is kept, (on_disk, live)
+    assert live <= on_disk

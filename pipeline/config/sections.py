@@ -253,9 +253,14 @@ class OutputConfig:
     report: bool = True            # write the validation report next to the outputs
     format: str = "parquet"        # parquet (a folder per partition, every reader opens it)
                                    # | delta (Delta Lake tables: commits, writer conflicts)
+    delta_retention_hours: int | None = 168  # delta: files no version of the last this many
+                                   # hours reads are vacuumed after each write; null: never
 
     def __post_init__(self) -> None:
         _choice("output.format", self.format, ("parquet", "delta"))
+        if self.delta_retention_hours is not None:
+            _positive("output.delta_retention_hours", self.delta_retention_hours,
+                      allow_zero=True)
 
 
 @dataclass
