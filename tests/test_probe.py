@@ -239,3 +239,43 @@ def test_delta_tables_are_vacuumed_after_the_retention(tmp_path, hours, kept):
     assert len(live) == 2
     assert (on_disk != live) is kept, (on_disk, live)
     assert live <= on_disk
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "delta"])
+def test_a_dead_writers_multipart_uploads_are_aborted_by_the_next_write(s3_bucket, fmt):
+    """Finding: abandoned S3 multipart uploads piled up after kills (5 after 15). The next
+    writer of the partition (holding its lock) aborts those under it; another partition's
+    upload, which another lock may cover, is left alone."""
+    import boto3
+    import pyarrow as pa
+
+    from pipeline import config as C
+    from pipeline import paths
+    from pipeline.outputs import partitions as output
+    if fmt == "delta":
+        pytest.importorskip("deltalake")
+    uri = s3_bucket[0].replace("/out?", f"/out-{fmt}?")     # the bucket is the test's
+    cfg = C.load(None, [f"output.path={uri}", "name=demo", f"output.format={fmt}"])
+    bucket = uri.split("/")[2]
+    endpoint = uri.split("endpoint_override=")[1].split("&")[0]
+    s3 = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1")
+    ours, theirs = "20240101T000000", "20240102T000000"
+
+    def key_in(end: str) -> str:
+        if fmt == "delta":
+            keys = paths.partition_values(cfg, "forecasts", end, "run")
+            folder = paths.join(paths.table(cfg, "forecasts"),
+                                *(f"{k}={v}" for k, v in keys.items()))
+        else:
+            folder = paths.partition(cfg, "forecasts", end)
+        return folder.partition("?")[0].split("/", 3)[3] + "/part-dead.parquet"
+
+    for end in (ours, theirs):           # a killed writer's upload: one part, never completed
+        up = s3.create_multipart_upload(Bucket=bucket, Key=key_in(end))
+        s3.upload_part(Bucket=bucket, Key=key_in(end), UploadId=up["UploadId"], PartNumber=1,
+                       Body=b"x" * 1024)
+    mine = {"Bucket": bucket, "Prefix": f"out-{fmt}/"}
+    assert len(s3.list_multipart_uploads(**mine).get("Uploads", [])) == 2
+    output.write(cfg, "forecasts", ours, pa.table({"unique_id": ["a"], "y_hat": [1.0]}))
+    left = [u["Key"] for u in s3.list_multipart_uploads(**mine).get("Uploads", [])]
+    assert left == [key_in(theirs)]

@@ -19,6 +19,7 @@ from pipeline.config import Config
 from pipeline.data import grid
 from pipeline.data.calendar import Freq
 from pipeline.data.io import replace_partition, replace_partition_stream
+from pipeline.data.uploads import abort_uploads
 from pipeline.errors import InfraError
 from pipeline.secrets import redact
 
@@ -124,6 +125,7 @@ def write_delta(uri: str, keys: dict[str, str], table: pa.Table,
         table = table.append_column(k, pa.repeat(pa.scalar(v, pa.string()), table.num_rows))
     base, options = delta_location(uri)
     predicate = " AND ".join(f"{k} = '{v}'" for k, v in keys.items())
+    abort_uploads(paths.join(uri, *(f"{k}={v}" for k, v in keys.items())))   # dead writers'
     try:
         write_deltalake(base, table, mode="overwrite", predicate=predicate,
                         partition_by=list(keys), schema_mode="merge",
