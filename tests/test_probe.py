@@ -184,7 +184,7 @@ def test_a_champion_whose_horizon_disagrees_is_refused_and_its_group_falls_back(
 # ------------------------------------------------------------------ leftovers
 
 @pytest.mark.slow
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_every_output_file_has_one_mode_under_the_umask(demo_dir, tmp_path, umask):
     """Finding: forecast and backtest files were written 0600 (made by mkstemp), metrics 0644.
     Every file a run writes now has the mode `open()` gives: 0666 less the umask."""
