@@ -126,7 +126,8 @@ LAZY = {"pipeline.execution.ray_train": "Ray only when enabled", "ray.train": "D
         "pipeline.execution.ray_tune": "Ray Tune only for the tune command",
         "optuna": "tune.search optuna only", "ray.tune.search.optuna": "tune.search optuna only",
         "ray.tune.search": "tune.search random or grid only",
-        "ray.tune.schedulers": "tune.scheduler asha only"}
+        "ray.tune.schedulers": "tune.scheduler asha only",
+        "boto3": "aborting multipart uploads on S3 only"}
 
 
 def _functions():

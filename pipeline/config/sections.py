@@ -243,9 +243,12 @@ class TrackingConfig:
     experiment: str | None = None  # None: the config's name
     required: bool = True
     child_runs: str = "per_model"  # per_model | per_group
+    timeout_seconds: float = 10.0  # per request to a server (one retry); one that does not
+                                   # answer is given up for the rest of the run
 
     def __post_init__(self) -> None:
         _choice("tracking.child_runs", self.child_runs, ("per_model", "per_group"))
+        _positive("tracking.timeout_seconds", self.timeout_seconds)
 
 
 @dataclass
@@ -257,6 +260,8 @@ class OutputConfig:
     clip_at_zero: bool | str = "auto"  # forecasts, quantiles and intervals at least 0, and 0
                                    # where a series' history is all 0; auto: when every value
                                    # of the history is >= 0 (resolved by the data stage)
+    delta_retention_hours: int | None = 168  # delta: files no version of the last this many
+                                   # hours reads are vacuumed after each write; null: never
 
     def __post_init__(self) -> None:
         _choice("output.format", self.format, ("parquet", "delta"))
@@ -265,6 +270,9 @@ class OutputConfig:
         elif not isinstance(self.clip_at_zero, bool):
             raise ConfigError(f"output.clip_at_zero = {self.clip_at_zero!r}: auto, true or "
                               "false")
+        if self.delta_retention_hours is not None:
+            _positive("output.delta_retention_hours", self.delta_retention_hours,
+                      allow_zero=True)
 
 
 @dataclass

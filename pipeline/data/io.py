@@ -15,6 +15,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.data.uploads import abort_uploads
 from pipeline.errors import DataError, InfraError
 from pipeline.paths import join, parent
 from pipeline.secrets import redact
@@ -157,17 +158,23 @@ def write_atomic(uri: str, write: Callable[[pafs.FileSystem, str], None]) -> Non
     old file or the new one, whole, never a part (POSIX rename replaces atomically). Object
     stores publish an object only when its upload completes, so there `write` gets `uri`'s
     own path: the single PUT is the atomic step. Temporary files are dot-files, which every
-    Parquet dataset reader skips; crash leftovers are swept by `sweep`."""
+    Parquet dataset reader skips; crash leftovers are swept by `sweep`. A local file gets
+    `file_mode()`, whatever made it."""
     fs, path = filesystem_for(uri)
     parent = os.path.dirname(path)
     fs.create_dir(parent, recursive=True)
     if not isinstance(fs, pafs.LocalFileSystem):
-        write(fs, path)
+        try:
+            write(fs, path)
+        except BaseException:
+            abort_uploads(uri, folder=False)    # a failed upload leaves no parts behind
+            raise
         fault_point("object-written", path)
         return
     tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
         write(fs, tmp)
+        os.chmod(tmp, file_mode())      # a file made by mkstemp (streamed) is 0600
         _fsync(tmp)
         fault_point("tmp-written", path)
         os.replace(tmp, path)
@@ -176,6 +183,14 @@ def write_atomic(uri: str, write: Callable[[pafs.FileSystem, str], None]) -> Non
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_mode() -> int:
+    """The mode of every output file: what `open()` gives a new file, 0666 less the process
+    umask (0644 under the usual 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync(path: str) -> None:
@@ -221,6 +236,7 @@ def replace_partition_stream(tables: Iterable[pa.Table], uri: str) -> str:
     one's schema."""
     sweep(uri)
     sweep(parent(uri))
+    abort_uploads(uri)
     target = join(uri, PARTITION_FILE)
     fs, path = filesystem_for(target)
     local = isinstance(fs, pafs.LocalFileSystem)
@@ -254,9 +270,12 @@ def replace_partition(table: pa.Table, uri: str) -> str:
     in one atomic step: the partition is one file, `part-0.parquet`, replaced by `write_atomic`
     (a rename on a local disk, one PUT on an object store). A reader sees the old partition or
     the new one, never none, half or both. Crash leftovers in the folder and beside it are
-    swept first (the caller holds the partition's lock). Returns the file's URI."""
+    swept first, and on S3 the multipart uploads a killed writer left under it aborted
+    (`uploads.abort_uploads`; the caller holds the partition's lock). Returns the file's
+    URI."""
     sweep(uri)
     sweep(parent(uri))
+    abort_uploads(uri)
     target = join(uri, PARTITION_FILE)
     write_parquet_atomic(table, target)
     return target

@@ -14,6 +14,8 @@ from pipeline.config import STATISTICAL
 from pipeline.errors import PipelineError
 
 KIND = "statistical"
+# sane values of a spec read back from the registry: [low, high] per key
+BOUNDS = {"season": (1, 10_000), "history": (1, 10_000_000), "horizon": (1, 100_000)}
 
 
 @dataclass(frozen=True)
@@ -30,15 +32,23 @@ class Statistical:
                 "history": self.history, "horizon": self.horizon}
 
     @classmethod
-    def from_spec(cls, spec: dict, where: str = "the registered spec") -> Statistical:
-        """The champion a spec describes; a PipelineError naming what is wrong otherwise."""
+    def from_spec(cls, spec: dict, where: str = "the registered spec",
+                  horizon: int | None = None) -> Statistical:
+        """The champion a spec describes; a PipelineError naming what is wrong otherwise:
+        each value an integer within `BOUNDS`, and with `horizon` (the run's
+        `windows.horizon`) the same horizon."""
         if not isinstance(spec, dict) or spec.get("kind") != KIND:
             raise PipelineError(f"{where} is not a statistical model spec (kind {KIND!r})")
         if spec.get("model") not in STATISTICAL:
             raise PipelineError(f"{where}: model {spec.get('model')!r} is not one of "
                                 f"{', '.join(STATISTICAL)}")
-        for key in ("season", "history", "horizon"):
+        for key, (low, high) in BOUNDS.items():
             value = spec.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PipelineError(f"{where}: {key} = {value!r} must be an integer >= 1")
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    not low <= value <= high:
+                raise PipelineError(f"{where}: {key} = {value!r} must be an integer in "
+                                    f"[{low}, {high:,}]")
+        if horizon is not None and spec["horizon"] != horizon:
+            raise PipelineError(f"{where}: horizon {spec['horizon']} differs from this run's "
+                                f"windows.horizon {horizon}")
         return cls(spec["model"], spec["season"], spec["history"], spec["horizon"])

@@ -22,7 +22,7 @@ from pipeline.forecasting.backtest import (
     fallback_name,
     season_of,
 )
-from pipeline.forecasting.predict import history, long_frame, predict_job
+from pipeline.forecasting.predict import history, long_frame, observed, predict_job
 
 
 def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
@@ -73,10 +73,10 @@ def refit_forecast(arrays: SeriesArrays, series: np.ndarray, name: str, season: 
                    cap: int, horizon: int, runner: Callable | None = None,
                    extra: dict | None = None) -> tuple[dict, np.ndarray]:
     """A statistical champion's forecast: comparator `name` refitted on the last `cap` steps
-    of each of `series` (those with a finite value), H steps past its end. Returns the long
-    columns and the series it could not serve (no finite value: the caller's fallback)."""
+    of each of `series` (those with an observed value), H steps past its end. Returns the long
+    columns and the series it could not serve (no observed value: the caller's fallback)."""
     hist = history(arrays, series, arrays.lengths[series])
-    some = np.array([np.isfinite(h).any() for h in hist], bool)
+    some = observed(arrays, series)
     fc = comparator_forecasts([h for h, s in zip(hist, some, strict=True) if s], horizon,
                               season, [name], cap, runner)
     served = series[some]
@@ -99,10 +99,11 @@ def fallback_forecast(arrays: SeriesArrays, rest: np.ndarray, cfg: Config,
                       runner: Callable | None = None) -> np.ndarray:
     """[N, H] the `evaluate.fallback` forecast past the end of series `rest`: seasonal naive,
     or AutoETS on the last `evaluate.comparator_history` steps (itself seasonal naive where
-    AutoETS cannot fit); NaN for series without a finite value."""
+    AutoETS cannot fit); NaN for series without an observed value (all NaN/inf in the input:
+    no made-up number)."""
     H, m = cfg.windows.horizon, season_of(cfg, arrays)
     hist = history(arrays, rest, arrays.lengths[rest])
-    some = np.array([np.isfinite(h).any() for h in hist], bool)  # else nothing to fit
+    some = observed(arrays, rest)  # else nothing to fit: the zeros of the grid are no data
     y_hat = E.seasonal_naive(hist, H, m)
     if cfg.evaluate.fallback == "auto_ets" and some.any():
         fc = comparator_forecasts([h for h, s in zip(hist, some, strict=True) if s], H, m,

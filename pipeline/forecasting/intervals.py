@@ -53,15 +53,41 @@ class Conformal:
                 "group_capped": self.group_capped.tolist(), "group_own": self.group_own.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Conformal:
-        width = np.asarray(d["width"], np.float64)
-        K, H = width.shape
-        return cls(tuple(float(v) for v in d["levels"]), width,
-                   np.asarray(d["capped"], bool).reshape(K, H), np.asarray(d["count"], np.int64),
-                   np.asarray(d["groups"], object),
-                   np.asarray(d["group_width"], np.float64).reshape(-1, K, H),
-                   np.asarray(d["group_capped"], bool).reshape(-1, K, H),
-                   np.asarray(d["group_own"], bool).reshape(-1, H))
+    def from_dict(cls, d: dict, horizon: int | None = None) -> Conformal:
+        """The widths `to_dict` wrote, checked (they may come from a registry): levels in
+        (0, 1), every array of its shape ([K, H], H = `horizon` when given; [G, K, H] for G
+        sorted groups), widths >= 0 and finite, NaN only where capped. ValueError otherwise."""
+        try:
+            levels = tuple(float(v) for v in d["levels"])
+            width = np.asarray(d["width"], np.float64)
+            K, H = width.shape
+            groups = np.asarray([str(g) for g in d["groups"]], object)
+            G = len(groups)
+            conf = cls(levels, width, np.asarray(d["capped"], bool).reshape(K, H),
+                       np.asarray(d["count"], np.int64).reshape(H), groups,
+                       np.asarray(d["group_width"], np.float64).reshape(G, K, H),
+                       np.asarray(d["group_capped"], bool).reshape(G, K, H),
+                       np.asarray(d["group_own"], bool).reshape(G, H))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"conformal widths of the wrong form ({type(e).__name__}: "
+                             f"{str(e)[:120]})") from None
+        conf._check(horizon)
+        return conf
+
+    def _check(self, horizon: int | None) -> None:
+        K, H = self.width.shape
+        if len(self.levels) != K or not all(0 < v < 1 for v in self.levels):
+            raise ValueError(f"conformal levels {list(self.levels)[:5]} are not {K} fractions "
+                             "in (0, 1)")
+        if horizon is not None and horizon != H:
+            raise ValueError(f"conformal widths for {H} steps, the horizon is {horizon}")
+        if (self.count < 0).any() or list(self.groups) != sorted(self.groups):
+            raise ValueError("conformal counts are negative or its groups are not sorted")
+        for width, capped in ((self.width, self.capped), (self.group_width, self.group_capped)):
+            bad = (width < 0) | np.isinf(width) | (np.isnan(width) & ~capped)
+            if bad.any():
+                raise ValueError(f"conformal widths negative or not finite ({int(bad.sum())} "
+                                 "value(s)): the intervals would cross")
 
     def widths(self, n: int, groups: np.ndarray | None = None) -> np.ndarray:
         """[n, K, H] half-widths for n forecasts: their group's, pooled for unknown groups."""
@@ -173,10 +199,22 @@ class Calibration:
                            "fitted": {m: c.to_dict() for m, c in self.fitted.items()}})
 
     @classmethod
-    def from_json(cls, text: str) -> Calibration:
-        d = json.loads(text)
-        return cls(tuple(d["levels"]), {m: Conformal.from_dict(c)
-                                        for m, c in d["fitted"].items()}, d["coverage"])
+    def from_json(cls, text: str, horizon: int | None = None) -> Calibration:
+        """What `to_json` wrote, each model's widths checked (`Conformal.from_dict`);
+        ValueError naming the model otherwise."""
+        try:
+            d = json.loads(text)
+            fitted, coverage, levels = dict(d["fitted"]), dict(d["coverage"]), d["levels"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"calibration is not the JSON a run logs ({type(e).__name__})") \
+                from None
+        out = {}
+        for m, c in fitted.items():
+            try:
+                out[m] = Conformal.from_dict(c, horizon)
+            except ValueError as e:
+                raise ValueError(f"model {str(m)[:80]!r}: {e}") from None
+        return cls(tuple(levels), out, coverage)
 
 
 def calibrate(bt: Backtest, groups: np.ndarray | None, levels: list[int]) -> Calibration:

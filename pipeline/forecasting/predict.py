@@ -138,6 +138,14 @@ def history(arrays: SeriesArrays, series: np.ndarray, end: np.ndarray) -> list[n
             for s, e in zip(series.tolist(), np.asarray(end).tolist(), strict=True)]
 
 
+def observed(arrays: SeriesArrays, series: np.ndarray) -> np.ndarray:
+    """[N] bool: whether each of `series` has at least one observed value (`mask` 1). A series
+    whose every value was NaN/inf is zero-filled on the grid (`pipeline.data.fill`); those
+    zeros are no data to forecast from."""
+    counts = np.r_[0, np.cumsum(arrays.mask, dtype=np.int64)]
+    return counts[arrays.indptr[series + 1]] > counts[arrays.indptr[series]]
+
+
 def long_frame(arrays: SeriesArrays, series: np.ndarray, origin: np.ndarray, y_hat: np.ndarray,
                model: str, *, quantiles=(), q_hat: np.ndarray | None = None,
                y: np.ndarray | None = None, extra: dict | None = None) -> dict[str, np.ndarray]:

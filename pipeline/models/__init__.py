@@ -37,7 +37,7 @@ from pipeline.models.losses import (
     make_val_loss,
 )
 from pipeline.models.packed import PackedModel, check_packable
-from pipeline.models.seq2seq import EncoderDecoder, build_model
+from pipeline.models.seq2seq import EncoderDecoder, SpecError, build_model
 
 __all__ = [
     "DECODERS", "ENCODERS", "CNNEncoder", "DirectDecoder", "EncoderDecoder", "FFNEncoder",
@@ -45,6 +45,6 @@ __all__ = [
     "RNNDecoder", "RNNEncoder", "StateSpec", "build_model", "causal_left_padding",
     "conv_output_length", "load_model", "make_loss", "make_val_loss", "register_decoder",
     "register_encoder", "save_model", "PackedModel", "check_packable", "Ensemble", "MASELoss",
-    "SMAPELoss", "model_from_spec",
+    "SMAPELoss", "SpecError", "model_from_spec",
 ]
 

@@ -114,9 +114,52 @@ def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
 
 
 def from_spec(spec: dict, state_dict: dict | None = None) -> EncoderDecoder:
-    """The model `build_model(**spec)` builds, with `state_dict` loaded when given."""
+    """The model `build_model(**spec)` builds, with `state_dict` loaded when given: then the
+    spec is checked first (`check_spec`), before anything is allocated."""
     spec = dict(spec)
-    model = build_model(model_config_from_dict(spec.pop("model")), **spec)
+    cfg = model_config_from_dict(spec.pop("model"))
+    if state_dict is not None:
+        check_spec(cfg, spec, state_dict)
+    model = build_model(cfg, **spec)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
+
+
+# a model file's sizes, checked before its model is built: [0, high] per key
+SIZE_BOUNDS = {"hidden_size": 65_536, "num_layers": 1_000, "kernel_size": 10_000,
+               "embedding_dim": 65_536, "lookback": 10_000_000, "horizon": 100_000,
+               "past_size": 100_000, "future_size": 100_000, "static_size": 100_000,
+               "num_embeddings": 10_000_000}
+
+
+def _sizes(d: dict, where: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _sizes(v, f"{where}{k}.")
+        elif k in SIZE_BOUNDS:
+            out.append((f"{where}{k}", v))
+    return out
+
+
+class SpecError(ValueError):
+    """A model file whose spec is out of bounds or not its weights'."""
+
+
+def check_spec(cfg: ModelConfig, spec: dict, state_dict: dict) -> None:
+    """Refuse (SpecError) a spec with a size out of `SIZE_BOUNDS`, or whose model is not the
+    one `state_dict` holds: it is built on the meta device (shapes, no memory) and its
+    parameter and buffer shapes compared, so a small file asking for a huge model allocates
+    nothing."""
+    for key, value in _sizes({"model": dataclasses.asdict(cfg), **spec}):
+        high = SIZE_BOUNDS[key.rsplit(".", 1)[-1]]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+            raise SpecError(f"spec {key} = {value!r} is out of bounds [0, {high:,}]")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in build_model(cfg, **spec).state_dict().items()}
+    held = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
+    if shapes != held:
+        wrong = sorted(set(shapes.items()) ^ set(held.items()))[:2]
+        raise SpecError(f"spec and weights disagree ({len(shapes)} tensors wanted, "
+                         f"{len(held)} held; e.g. {wrong})")

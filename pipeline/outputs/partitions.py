@@ -8,6 +8,7 @@ input; every row also carries its own series' `cutoff` (last known step).
 """
 from __future__ import annotations
 
+import warnings
 from datetime import datetime, timezone
 
 import numpy as np
@@ -18,6 +19,7 @@ from pipeline.config import Config
 from pipeline.data import grid
 from pipeline.data.calendar import Freq
 from pipeline.data.io import replace_partition, replace_partition_stream
+from pipeline.data.uploads import abort_uploads
 from pipeline.errors import InfraError
 from pipeline.secrets import redact
 
@@ -91,7 +93,8 @@ def write(cfg: Config, kind: str, end: str, table: pa.Table, flow: str = "run") 
     replaced by one commit, which also detects a concurrent writer)."""
     if cfg.output.format == "delta":
         return write_delta(paths.table(cfg, kind),
-                           paths.partition_values(cfg, kind, end, flow), table)
+                           paths.partition_values(cfg, kind, end, flow), table,
+                           cfg.output.delta_retention_hours)
     uri = paths.partition(cfg, kind, end, flow)
     replace_partition(table, uri)
     return uri
@@ -108,17 +111,21 @@ def write_stream(cfg: Config, kind: str, end: str, tables, flow: str = "run") ->
     return uri
 
 
-def write_delta(uri: str, keys: dict[str, str], table: pa.Table) -> str:
+def write_delta(uri: str, keys: dict[str, str], table: pa.Table,
+                retention_hours: int | None = None) -> str:
     """Overwrite the rows of partition `keys` in the Delta table at `uri` (created on first
     use, partitioned by the keys) with `table`: one commit, atomic on local disks and object
     stores alike. A concurrent commit to the same partition fails this one cleanly (nothing of
-    it is visible): InfraError, retry later."""
+    it is visible): InfraError, retry later. Then, with `retention_hours`
+    (`output.delta_retention_hours`), the files no version of the last that many hours reads
+    are vacuumed (`vacuum`)."""
     from deltalake import write_deltalake  # optional: output.format delta only
     from deltalake.exceptions import CommitFailedError
     for k, v in keys.items():
         table = table.append_column(k, pa.repeat(pa.scalar(v, pa.string()), table.num_rows))
     base, options = delta_location(uri)
     predicate = " AND ".join(f"{k} = '{v}'" for k, v in keys.items())
+    abort_uploads(paths.join(uri, *(f"{k}={v}" for k, v in keys.items())))   # dead writers'
     try:
         write_deltalake(base, table, mode="overwrite", predicate=predicate,
                         partition_by=list(keys), schema_mode="merge",
@@ -126,7 +133,24 @@ def write_delta(uri: str, keys: dict[str, str], table: pa.Table) -> str:
     except CommitFailedError as e:
         raise InfraError(f"another writer committed to {redact(base)} ({predicate}) at the "
                          f"same time; nothing of this run was written there ({e})") from None
+    if retention_hours is not None:
+        vacuum(base, options, retention_hours)
     return f"{base} ({predicate})"
+
+
+def vacuum(base: str, options: dict, hours: int) -> list[str]:
+    """Delete the files of the Delta table at `base` that no version of the last `hours`
+    hours reads (0: every file the latest version does not read); the write stands if this
+    fails (a warning). Returns the files removed."""
+    from deltalake import DeltaTable
+    try:
+        return DeltaTable(base, storage_options=options or None).vacuum(
+            retention_hours=int(hours), dry_run=False, enforce_retention_duration=False)
+    except Exception as e:  # noqa: BLE001 - the commit is done; cleaning up is not essential
+        warnings.warn(f"vacuuming the Delta table {redact(base)} failed "
+                      f"({type(e).__name__}: {redact(str(e))[:200]}); the write stands",
+                      stacklevel=2)
+        return []
 
 
 def delta_location(uri: str) -> tuple[str, dict[str, str]]:

@@ -22,7 +22,8 @@ to it, so a nightly run over the same data is the same batch.
   tracking, the finished parent runs tagged with this flow, config and batch; either one means
   done. A finished batch -> `AlreadyDone` (exit 0) unless `force`; with `force` the old runs are
   tagged superseded (`compare` ignores them). Parent runs of the batch still RUNNING under the
-  lock can only be left by a crash: they are marked KILLED.
+  lock can only be left by a crash: they are marked KILLED, by the CLI's commands too (runs
+  tagged with the command, config and batch: `_kill_crashed`).
 - the tracking run: started in `begin`, finished FINISHED or FAILED on the way out, inside the
   lock, so a finished batch is never seen RUNNING.
 """
@@ -225,6 +226,8 @@ class Batch:
         self._begun = True
         if self.record:
             self._check_done()
+        else:
+            self._kill_crashed()
         if self.log is not None:
             tags = {"flow": self.flow} if self.record else {"command": self.flow}
             self.log.start(self.batch_id, cutoff, prepared.report, tags=tags)
@@ -241,14 +244,21 @@ class Batch:
         if done and not self.force:
             raise AlreadyDone(f"batch {self.batch_id} of flow {self.flow} ({self.cfg.name}) "
                               f"already finished ({done[0]}); --force redoes it")
+        self._kill_crashed()
         if log is not None:
-            for run_id in log.batch_runs(self.flow, self.batch_id, "RUNNING"):
-                log.kill(run_id)           # left by a crash: we hold the lock
             for run_id in done:
                 if run_id != self._marker:
                     log.supersede(run_id)
         if os.path.exists(self._marker):
             os.remove(self._marker)
+
+    def _kill_crashed(self) -> None:
+        """Parent runs of this batch (flow or command, config, batch id) still RUNNING while
+        we hold its lock can only be left by a crash: they and their job runs become KILLED."""
+        if self.log is not None:
+            tag = "flow" if self.record else "command"
+            for run_id in self.log.batch_runs(self.flow, self.batch_id, "RUNNING", tag):
+                self.log.kill(run_id)
 
     # -------------------------------------------------------------- ending
 

@@ -1,7 +1,10 @@
 """The MLflow layer (DESIGN.md §7): the only package that imports mlflow, through its public API.
 
+    connect.py    where clients are made: credentials out of URIs, request timeouts, a
+                  server given up once per run
     runs.py       the one writer of runs: parent and child runs (the child-run layout),
-                  params, metrics, artifacts, live epochs, a search's trial runs
+                  params, metrics, artifacts, a search's trial runs
+    epochs.py     live epochs: the callback training workers log through
     read.py       the one reader: leaderboards, champions, batch records, run configs
     models.py     models in MLflow: logged (weights file + PyTorch flavor), registered, loaded
     runlog.py     what a pipeline run records, stage by stage, in its vocabulary (through runs.py)
@@ -10,8 +13,9 @@
 This module says where runs go. `tracking_uri(cfg)`: `tracking.uri`, else $MLFLOW_TRACKING_URI,
 else the embedded default `sqlite:///<output.path>/mlflow.db` with artifacts beside it
 (`<output.path>/mlartifacts`). Remote servers take credentials from the environment
-(MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN); URIs pass through `redact` before they appear
-in any message, tag or param.
+(MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN); a URI's `user:password@` is moved there by
+`connect.connect` and never handed to MLflow; URIs pass through `redact` before they appear in
+any message, tag or param.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from pathlib import Path
 from pipeline import paths
 from pipeline.errors import InfraError
 from pipeline.secrets import redact
+from pipeline.tracking.connect import client
+from pipeline.tracking.epochs import EpochLogger
 from pipeline.tracking.models import MODEL_URI_TAG
 from pipeline.tracking.runs import (
     CALIBRATION_ARTIFACT,
@@ -33,17 +39,15 @@ from pipeline.tracking.runs import (
     GROUP_TABLE_TAG,
     ROLE,
     SUPERSEDED_TAG,
-    EpochLogger,
     Tracker,
     TrialRuns,
-    client,
     metric_prefix,
 )
 
 __all__ = ["CALIBRATION_ARTIFACT", "CONFIG_ARTIFACT", "GROUP_TABLE", "GROUP_TABLE_TAG",
            "MODEL_URI_TAG", "ROLE", "SUPERSEDED_TAG", "EpochLogger", "Tracker", "TrialRuns",
-           "artifact_root", "check_server", "client", "metric_prefix", "quiet_logs", "redact",
-           "tracking_uri"]
+           "artifact_root", "check_server", "client", "metric_prefix", "quiet_logs",
+           "redact", "tracking_uri"]
 
 
 def tracking_uri(cfg) -> str:

@@ -11,6 +11,7 @@ this module decides and registers. MLflow only through `pipeline.tracking`.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,23 +153,48 @@ class Champions:
 
 def load_champions(cfg: Config, jobs: list, by: str) -> Champions:
     """The registered champion of every job of today's data (`jobs`: one per group with
-    by="group", one global job otherwise), each with its training run's config."""
+    by="group", one global job otherwise), each with its training run's config. What the
+    registry gives back is checked against today's config (`_load`): a champion that
+    disagrees is refused in one warning naming it and its job joins `missing` (its group gets
+    the fallback; a flow promotes the challenger there)."""
     uri, exp, by = resolve(cfg, by)
-    found, missing, configs, cals = [], [], {}, {}
+    found, missing, runs = [], [], {}
     for job in jobs:
         name, mv = read.find_champion(exp, job.group, ALIAS, uri)
         if mv is None:
             missing.append((job, name))
             continue
-        run_id = mv.tags.get("run_id") or mv.run_id
-        if run_id not in configs:
-            configs[run_id] = champion_config(cfg, read.run_config(run_id, uri), by)
-            text = read.run_calibration(run_id, uri) \
-                if cfg.evaluate.intervals == "conformal" else None
-            cals[run_id] = Calibration.from_json(text) if text else None
-        found.append(Champion(job, read.load_champion(name, ALIAS, uri), mv, configs[run_id],
-                              cals[run_id]))
+        try:
+            found.append(_load(cfg, job, name, mv, uri, by, runs))
+        except PipelineError as e:
+            warnings.warn(f"champion {name} v{mv.version} refused: {e}; its series get the "
+                          "fallback forecast", stacklevel=2)
+            missing.append((job, name))
     return Champions(by, uri, found, missing)
+
+
+def _load(cfg: Config, job, name: str, mv, uri: str, by: str, runs: dict) -> Champion:
+    """One champion, its run's config and calibration (read once per run, in `runs`), each
+    checked: the model's horizon is today's `windows.horizon`, the conformal widths are
+    sane (`Calibration.from_json`), the weights' spec fits its weights (`load_champion`)."""
+    horizon = cfg.windows.horizon
+    run_id = mv.tags.get("run_id") or mv.run_id
+    if run_id not in runs:
+        config = champion_config(cfg, read.run_config(run_id, uri), by)
+        text = read.run_calibration(run_id, uri) \
+            if cfg.evaluate.intervals == "conformal" else None
+        try:
+            cal = Calibration.from_json(text, horizon) if text else None
+        except ValueError as e:
+            raise PipelineError(f"its run's {tracking.CALIBRATION_ARTIFACT}: {e}") from None
+        runs[run_id] = (config, cal)
+    config, cal = runs[run_id]
+    model = read.load_champion(name, ALIAS, uri, horizon=horizon)
+    got = model.horizon if isinstance(model, Statistical) else model.spec.get("horizon")
+    if got != horizon or config.windows.horizon != horizon:
+        raise PipelineError(f"it forecasts {got} steps (its run {config.windows.horizon}), "
+                            f"this run's windows.horizon is {horizon}")
+    return Champion(job, model, mv, config, cal)
 
 
 def scoring_config(cfg: Config, champ: Champion) -> Config:

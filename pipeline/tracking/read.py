@@ -18,8 +18,10 @@ from mlflow.exceptions import MlflowException
 from pipeline.config import STATISTICAL
 from pipeline.errors import PipelineError
 from pipeline.evaluation.statistical import KIND, Statistical
-from pipeline.models import load_model
+from pipeline.models import SpecError, load_model
 from pipeline.names import safe_key
+from pipeline.tracking.connect import client as _client
+from pipeline.tracking.connect import connect
 from pipeline.tracking.models import KIND_TAG, MODEL_URI_TAG, SPEC, WEIGHTS
 from pipeline.tracking.runs import (
     CALIBRATION_ARTIFACT,
@@ -28,23 +30,25 @@ from pipeline.tracking.runs import (
     ROLE,
     SUPERSEDED_TAG,
 )
-from pipeline.tracking.runs import client as _client
 from pipeline.tracking.runs import finite as _finite
 
 # ------------------------------------------------------------------------------ batches
 
 def batch_runs(uri: str, experiment: str, flow: str, config: str, batch_id: str,
-               status: str) -> list[str]:
-    """Parent runs of `experiment` tagged with this flow, config name and batch, in `status`
-    (RUNNING, FINISHED, …), superseded ones left out. Configs sharing an experiment (a GRU and
-    a CNN compared side by side) are separate batches."""
+               status: str, tag: str = "flow") -> list[str]:
+    """Parent runs of `experiment` tagged with this flow (`tag` "command": this CLI command),
+    config name and batch, in `status` (RUNNING, FINISHED, …), superseded ones left out.
+    Configs sharing an experiment (a GRU and a CNN compared side by side) are separate
+    batches."""
+    if tag not in ("flow", "command"):
+        raise ValueError(f"batch_runs: tag {tag!r} is neither 'flow' nor 'command'")
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
     runs = client.search_runs(
         [exp.experiment_id], max_results=1000,
-        filter_string=(f"tags.`{ROLE}` = 'parent' and tags.flow = '{flow}' and "
+        filter_string=(f"tags.`{ROLE}` = 'parent' and tags.{tag} = '{flow}' and "
                        f"tags.config = '{config}' and tags.batch_id = '{batch_id}' and "
                        f"attributes.status = '{status}'"))
     return [r.info.run_id for r in runs if SUPERSEDED_TAG not in r.data.tags]
@@ -234,45 +238,52 @@ def _registered(client, name: str) -> bool:
     return any(m.name == name for m in found)
 
 
-def load_champion(name: str, alias: str = "champion", uri: str | None = None):
+def load_champion(name: str, alias: str = "champion", uri: str | None = None,
+                  horizon: int | None = None):
     """The model registered as `name@alias`, rebuilt from the weights file of its logged model
     (spec + state dict, read with weights_only=True): nothing from the registry is unpickled,
-    so a version whose artifact is a pickle cannot run code here; it is refused by name. A
-    statistical model (version tag kind=statistical) comes back as its `Statistical` spec."""
+    so a version whose artifact is a pickle cannot run code here; it is refused by name, as is
+    a spec whose sizes are out of bounds or not its weights' (checked before the model is
+    built: `models.seq2seq.check_spec`). A statistical model (version tag kind=statistical)
+    comes back as its `Statistical` spec, checked (`horizon`: the run's)."""
     client = _client(uri)
     mv = client.get_model_version_by_alias(name, alias)
     where = mv.source
     if where.startswith("models:/"):      # a logged model: its artifacts' location
         where = client.get_logged_model(where.removeprefix("models:/")).artifact_location
     if mv.tags.get(KIND_TAG) == KIND:
-        return _load_spec(name, alias, mv, where, uri)
+        return _load_spec(name, alias, mv, where, uri, horizon)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/{WEIGHTS}",
-                                                       dst_path=tmp, tracking_uri=uri)
+                                                       dst_path=tmp, tracking_uri=connect(uri))
         except (MlflowException, OSError) as e:
             raise PipelineError(f"{name}@{alias} (version {mv.version}) has no {WEIGHTS} to "
                                 f"load ({type(e).__name__}); only models this pipeline logged "
                                 "are loaded") from None
         try:
             return load_model(path)
+        except SpecError as e:
+            raise PipelineError(f"{name}@{alias} (version {mv.version}): {WEIGHTS} refused, "
+                                f"{e}") from None
         except Exception as e:  # noqa: BLE001 - whatever the file holds, it is refused
             raise PipelineError(f"{name}@{alias} (version {mv.version}): {WEIGHTS} is not a "
                                 f"weights-only model file ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200]})") from None
 
 
-def _load_spec(name: str, alias: str, mv, where: str, uri: str | None) -> Statistical:
+def _load_spec(name: str, alias: str, mv, where: str, uri: str | None,
+               horizon: int | None = None) -> Statistical:
     """The `Statistical` of a version holding SPEC (JSON, nothing executed)."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/{SPEC}",
-                                                       dst_path=tmp, tracking_uri=uri)
+                                                       dst_path=tmp, tracking_uri=connect(uri))
             spec = json.loads(Path(path).read_text())
         except (MlflowException, OSError, ValueError) as e:
             raise PipelineError(f"{name}@{alias} (version {mv.version}) has no readable "
                                 f"{SPEC} ({type(e).__name__})") from None
-    return Statistical.from_spec(spec, f"{name}@{alias} (version {mv.version}) {SPEC}")
+    return Statistical.from_spec(spec, f"{name}@{alias} (version {mv.version}) {SPEC}", horizon)
 
 
 COMPARATOR_TAGS = ("season", "history", "horizon")   # tagged "comparator_<key>" on a parent

@@ -52,9 +52,10 @@ class RunLog:
             return None
         tracking.quiet_logs()
         uri = tracking.tracking_uri(cfg)
-        if not tracking.check_server(uri, required=cfg.tracking.required):
+        wait = cfg.tracking.timeout_seconds
+        if not tracking.check_server(uri, timeout=wait, required=cfg.tracking.required):
             return None
-        return cls(tracking.Tracker(uri, tracking.artifact_root(uri)), cfg)
+        return cls(tracking.Tracker(uri, tracking.artifact_root(uri), wait), cfg)
 
     @property
     def uri(self) -> str:
@@ -85,10 +86,12 @@ class RunLog:
 
     # -------------------------------------------------------------- the batch's runs
 
-    def batch_runs(self, flow: str, batch_id: str, status: str) -> list[str]:
-        """Parent runs of this config's batch `batch_id` of `flow` in `status`."""
+    def batch_runs(self, flow: str, batch_id: str, status: str, tag: str = "flow"
+                   ) -> list[str]:
+        """Parent runs of this config's batch `batch_id` of `flow` in `status`; tag
+        "command": of the CLI's command `flow` instead."""
         return self.tr.safe(read.batch_runs, self.uri, self.experiment, flow, self.cfg.name,
-                            batch_id, status) or []
+                            batch_id, status, tag) or []
 
     def kill(self, parent_id: str) -> None:
         """Mark a run left RUNNING by a crash, and its job runs, KILLED."""
@@ -166,7 +169,8 @@ class RunLog:
         for job in jobs:
             run_id = self.run_of(job)
             if run_id:
-                out[job.name] = tracking.EpochLogger(self.uri, run_id, prefix)
+                out[job.name] = tracking.EpochLogger(self.uri, run_id, prefix, self.tr.timeout,
+                                                     self.parent_id)
         return out
 
     def trained(self, results: list, prefix: str = "") -> None:

@@ -26,6 +26,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 
 from pipeline.secrets import redact
+from pipeline.tracking.connect import client, give_up, given_up, unreachable
 from pipeline.tracking.models import log_model
 
 PARAMS_PER_CALL = 100       # MLflow's log_batch limit for params (and tags)
@@ -41,11 +42,6 @@ SUPERSEDED_TAG = "pipeline.superseded"      # a finished batch redone with --for
 EPOCH_METRICS = {"train_loss": "train_loss", "val_loss": "val_loss", "lr": "lr",
                  "samples_per_s": "epoch_samples_per_s"}
 ERRORS = (MlflowException, OSError, ValueError, RuntimeError)
-
-
-def client(uri: str) -> mlflow.MlflowClient:
-    """A client bound to `uri` for runs and the Model Registry alike."""
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def finite(v: Any) -> bool:
@@ -66,14 +62,6 @@ def _chunks(items: list, n: int) -> Iterator[list]:
         yield items[i:i + n]
 
 
-def _unreachable(e: BaseException) -> bool:
-    """Did `e` come from a server that does not answer (as opposed to a refused request)?"""
-    text = f"{type(e).__name__} {e}".lower()
-    return any(k in text for k in ("max retries exceeded", "connection refused",
-                                   "failed to establish", "timed out", "connectionerror",
-                                   "remotedisconnected", "name or service not known"))
-
-
 def epoch_metrics(row: dict, prefix: str, ts: int, step: int) -> list[Metric]:
     """One history row as metrics `<prefix><name>` at `step` (finite values only)."""
     return [Metric(prefix + name, float(row[k]), ts, step)
@@ -88,8 +76,10 @@ def metric_prefix(name: str, model: str) -> str:
 class Tracker:
     """One pipeline run's tracking. Every logging method is failure-tolerant (see `safe`)."""
 
-    def __init__(self, uri: str, artifact_location: str | None = None):
+    def __init__(self, uri: str, artifact_location: str | None = None,
+                 timeout: float | None = None):
         self.uri = uri
+        self.timeout = timeout    # seconds per request to a server (tracking.timeout_seconds)
         self.artifact_location = artifact_location   # of experiments it creates
         self._client: mlflow.MlflowClient | None = None
         self.experiment_id: str | None = None
@@ -106,7 +96,7 @@ class Tracker:
         if self._client is None:
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            self._client = client(self.uri)
+            self._client = client(self.uri, self.timeout)
         return self._client
 
     def safe(self, fn: Callable, *args, **kwargs) -> Any:
@@ -115,7 +105,7 @@ class Tracker:
         later calls are skipped and only counted: a server that died mid-run must not make
         every remaining call wait out MLflow's HTTP retries before the forecasts are written."""
         name = getattr(fn, "__name__", fn)
-        if self.unreachable:
+        if self.unreachable or given_up(self.uri, self.parent_id):
             self.failures.append(f"{name}: skipped, the tracking server stopped answering")
             return None
         try:
@@ -123,7 +113,9 @@ class Tracker:
         except ERRORS as e:
             what = f"{name}: {type(e).__name__}: {redact(str(e))[:500]}"
             self.failures.append(what)
-            self.unreachable = _unreachable(e)
+            self.unreachable = unreachable(e)
+            if self.unreachable:    # the epoch loggers of this process stop asking too
+                give_up(self.uri, self.parent_id)
             warnings.warn(f"MLflow logging failed ({what}); outputs are kept"
                           + ("; skipping further logging" if self.unreachable else ""),
                           stacklevel=2)
@@ -282,42 +274,6 @@ class Tracker:
         """Log a torch model into run `run_id` (`pipeline.tracking.models.log_model`); returns
         its URI (also the run's tag `pipeline.model_uri`)."""
         return self.safe(log_model, self.client, run_id, model)
-
-
-class EpochLogger:
-    """The `log` callback a training job gets in its worker (a Ray task, rank 0 of Ray Train,
-    or this process): each epoch's row goes straight into the job's existing child run
-    (`<prefix>train_loss`, ... with step = epoch), so a long run is visible while it trains and
-    never opens a new experiment. Picklable; the client is made lazily in the worker. A failed
-    call is recorded in `errors` (the job carries them back and the driver logs the history
-    itself) and never stops training. A retried job that starts again from scratch does not log
-    the epochs its earlier attempt logged again (seeded training repeats them)."""
-
-    def __init__(self, uri: str, run_id: str, prefix: str = ""):
-        self.uri, self.run_id, self.prefix = uri, run_id, prefix
-        self.errors: list[str] = []
-        self._client = None
-        self._logged: int | None = None     # last epoch in the run before this attempt
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_logged": None}
-
-    def __call__(self, row: dict) -> None:
-        if self.errors:     # one failure is enough: the driver logs the history instead
-            return
-        try:
-            if self._client is None:
-                self._client = client(self.uri)
-            if self._logged is None:
-                seen = self._client.get_metric_history(self.run_id, f"{self.prefix}train_loss")
-                self._logged = max((m.step for m in seen), default=-1)
-            epoch = int(row.get("epoch", 0))
-            if epoch <= self._logged:
-                return
-            items = epoch_metrics(row, self.prefix, int(time.time() * 1000), epoch)
-            self._client.log_batch(self.run_id, metrics=items)
-        except ERRORS as e:
-            self.errors.append(f"{type(e).__name__}: {redact(str(e))[:300]}")
 
 
 # ------------------------------------------------------------------ a search's trials
