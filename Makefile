@@ -16,7 +16,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
 		$(BIN)/pip install --quiet torch==2.13.0; fi
-	$(BIN)/pip install --quiet -e ".[dev,postgres,delta,bench]"
+	$(BIN)/pip install --quiet -e ".[dev,postgres,delta,bench,s3]"
 	@touch $(STAMP)
 
 data/demo: | $(STAMP)

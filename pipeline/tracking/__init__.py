@@ -3,8 +3,7 @@
     connect.py    where clients are made: credentials out of URIs, request timeouts, a
                   server given up once per run
     runs.py       the one writer of runs: parent and child runs (the child-run layout),
-                  params, metrics, artifacts, a search's trial runs
-    epochs.py     live epochs: the callback training workers log through
+                  params, metrics, artifacts, live epochs from the workers, a search's trials
     read.py       the one reader: leaderboards, champions, batch records, run configs
     models.py     models in MLflow: logged (weights file + PyTorch flavor), registered, loaded
     runlog.py     what a pipeline run records, stage by stage, in its vocabulary (through runs.py)
@@ -30,7 +29,6 @@ from pipeline import paths
 from pipeline.errors import InfraError
 from pipeline.secrets import redact
 from pipeline.tracking.connect import client
-from pipeline.tracking.epochs import EpochLogger
 from pipeline.tracking.models import MODEL_URI_TAG
 from pipeline.tracking.runs import (
     CALIBRATION_ARTIFACT,
@@ -39,6 +37,7 @@ from pipeline.tracking.runs import (
     GROUP_TABLE_TAG,
     ROLE,
     SUPERSEDED_TAG,
+    EpochLogger,
     Tracker,
     TrialRuns,
     metric_prefix,
