@@ -179,6 +179,14 @@ def test_a_champion_whose_horizon_disagrees_is_refused_and_its_group_falls_back(
     models = {g: set(np.asarray(cols["model"])[np.asarray(cols["group"]) == g]) for g in "AB"}
     assert models["A"] == {"fallback:seasonal_naive"}
     assert len(models["B"]) == 1 and models["B"] <= {"auto_ets", "auto_theta"}
+    # every champion refused: the fallback everywhere, said so (not "no champion registered")
+    tracked.register_spec(tracking.client(uri), mv.tags["run_id"], "stat.B", "champion", bad,
+                          group="B")
+    with pytest.warns(UserWarning):
+        fc = execute(["forecast", "--config", config, "--from-registry"])
+    assert fc.exit_code == EXIT_OK and fc.outcome.forecast.note.startswith(
+        "every champion refused (stat.")
+    assert set(fc.outcome.forecast.rows()["model"]) == {"fallback:seasonal_naive"}
 
 
 # ------------------------------------------------------------------ leftovers

@@ -108,7 +108,7 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None, calibrati
     if by == "group" and arrays.groups is None:
         raise PipelineError("--by group needs data.group_col")
     champs = compare.load_champions(cfg, champion_jobs(cfg, arrays, by), by)
-    if not champs.found:
+    if not champs.found and not champs.refused:     # refused ones: the fallback serves
         names = [n for _, n in champs.missing]
         raise PipelineError(
             f"no champion registered under {', '.join(names[:3])}"
@@ -127,7 +127,9 @@ def registry_forecast(b: Batch, data: Prepared, by: str | None = None, calibrati
     used = [f"{c.version.name} v{c.version.version}" for c in champs.found]
     columns = _columns([cfg] + [e[0].config for e, *_ in served], [mine] + [s[3] for s in served])
     return Forecast(_champions_maker(b, arrays, served, rest, mine), columns,
-                    note=f"champions {', '.join(used)}", fallback=fallback_name(cfg),
+                    note=f"champions {', '.join(used)}" if used else
+                    f"every champion refused ({', '.join(champs.refused[:3])})",
+                    fallback=fallback_name(cfg),
                     missing=[j.name for j, _ in champs.missing])
 
 

@@ -141,6 +141,7 @@ class Champions:
     uri: str
     found: list[Champion]
     missing: list[tuple[object, str]]   # (job, registered name) without a champion
+    refused: list[str] = field(default_factory=list)   # names whose champion was refused
 
     def by_run(self) -> dict[str, list[Champion]]:
         """Champions grouped by the run that trained them (one config each)."""
@@ -158,7 +159,7 @@ def load_champions(cfg: Config, jobs: list, by: str) -> Champions:
     disagrees is refused in one warning naming it and its job joins `missing` (its group gets
     the fallback; a flow promotes the challenger there)."""
     uri, exp, by = resolve(cfg, by)
-    found, missing, runs = [], [], {}
+    found, missing, refused, runs = [], [], [], {}
     for job in jobs:
         name, mv = read.find_champion(exp, job.group, ALIAS, uri)
         if mv is None:
@@ -170,7 +171,8 @@ def load_champions(cfg: Config, jobs: list, by: str) -> Champions:
             warnings.warn(f"champion {name} v{mv.version} refused: {e}; its series get the "
                           "fallback forecast", stacklevel=2)
             missing.append((job, name))
-    return Champions(by, uri, found, missing)
+            refused.append(name)
+    return Champions(by, uri, found, missing, refused)
 
 
 def _load(cfg: Config, job, name: str, mv, uri: str, by: str, runs: dict) -> Champion:
