@@ -60,6 +60,7 @@ class Comparison:
 def compare(cfg: Config, metric: str = "mase", by: str | None = None,
             all_cutoffs: bool = False, register: bool = True) -> Comparison:
     """Rank the runs, pick the champions, register them unless `register` is false."""
+    tracking.quiet_logs()          # no "Downloading artifacts" bars while configs are read
     uri, exp, by = resolve(cfg, by)
     cutoff = None if all_cutoffs else "latest"
     board = read.leaderboard(exp, metric, uri, cutoff)
