@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import pathlib
+import re
 from html.parser import HTMLParser
 from types import SimpleNamespace
 
@@ -144,7 +145,13 @@ def test_page_is_one_file_with_every_section_and_inlined_pngs(batch, page):
     assert [r[0] for r in groups[1:]] == ["store_A", "store_B", "store_C", "store_D"]
     counts = {(r[0], r[1]): int(r[2]) for r in p.tables["validation"][1:]}
     assert counts[("too_short", "skipped")] == 2
-    assert "S0001" in text and "data end" in text and batch.run_id in text
+    assert "S0001" in text and batch.run_id in text
+    assert re.search(r"\d+ series, frequency 1h, last step \d{4}-\d\d-\d\d \d\d:00:00; "
+                     r"24 steps ahead", text)
+    assert re.search(r"series × 24 steps from the model gru_direct; \d+ by fallback:seasonal_naive",
+                     text)
+    assert "How to read this" in text and "<code>MASE</code> divides the miss" in text
+    assert groups[0][:3] == ["group", "mase gru_direct", "mase auto_theta"]   # comparators
     assert [r[1] for r in p.tables["training"][1:]] == ["global", "global"]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.config import STATISTICAL
+from pipeline.data import grid
 from pipeline.data.io import write_bytes_atomic
 from pipeline.data.series import STATUS
 from pipeline.evaluation import metrics as E
@@ -63,7 +64,8 @@ def render(b, outcome) -> str:
     """The whole page of batch `b` (its config, timings, failed jobs) and of its flow's
     results `outcome`, as one HTML string."""
     o, model = outcome, b.cfg.model.name
-    sections = [_header(b, o.data), _training(o), _leaderboard(o.scored, model),
+    sections = [_header(b, o.data, o.forecast), _reading(o), _training(o),
+                _leaderboard(o.scored, model),
                 _groups(o.scored, o.decisions, model), _errors(o.scored, model),
                 _validation(o.data), _series(b.cfg, o)]
     title = f"{esc(b.cfg.name)} — {esc(b.flow)} batch {esc(b.batch_id or '–')}"
@@ -91,19 +93,51 @@ def _table(table_id: str, head: list[str], rows: list[str]) -> str:
             + "".join(rows) + "</tbody></table>")
 
 
-def _header(b, data) -> str:
-    """Config, flow, batch, data end, run, wall time per stage, failed jobs."""
+def _header(b, data, fc) -> str:
+    """Config, flow, batch, what was forecast (frequency, horizon, the data's last step as a
+    date), run, wall time per stage, failed jobs."""
     stages = ", ".join(f"{esc(k)} {v:.1f} s" for k, v in b.seconds.items())
     failed = (f"<span class=\"bad\">{esc(', '.join(b.failed_jobs))}</span>"
               if b.failed_jobs else "none")
     items = [("config", esc(b.cfg.name)), ("flow", esc(b.flow)),
              ("batch", esc(b.batch_id or "–")),
-             ("data end", esc(data.arrays.data_end()) if data is not None else "–"),
+             ("data", _data_line(data, b.cfg) if data is not None else "–"),
+             ("forecast", _forecast_line(fc, b.cfg) if fc is not None else "none in this flow"),
              ("run", esc(b.run_id)),
              ("wall time", f"{sum(b.seconds.values()):.1f} s in stages ({stages or 'none'})"),
              ("failed jobs", failed)]
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
     return f"<header><h1>Forecast report: {esc(b.cfg.name)}</h1><dl>{dl}</dl></header>"
+
+
+def _data_line(data, cfg) -> str:
+    a = data.arrays
+    end = str(grid.to_arrow(np.array([int(a.end.max())]), a.freq)[0]) if len(a) else "–"
+    return (f"{len(a):,} series, frequency {esc(grid.describe(a.freq))}, last step "
+            f"{esc(end)}; {cfg.windows.horizon} steps ahead")
+
+
+def _forecast_line(fc, cfg) -> str:
+    """Which model's forecast was published, and how many series fell back."""
+    source = esc(fc.note) if fc.note else f"the model {esc(cfg.model.name)}"
+    return (f"{fc.n_series:,} series × {cfg.windows.horizon} steps from {source}; "
+            f"{fc.n_fallback:,} by {esc(fc.fallback)} (too short, skipped or failed)")
+
+
+def _reading(outcome) -> str:
+    """How to read the page, each measure in a sentence (left out when nothing was scored)."""
+    if outcome.scored is None:
+        return ""
+    return ("<section><h2>How to read this</h2><p>The backtest hides the last steps of each "
+            "series, forecasts them from what came before and compares: <code>MAE</code> is the "
+            "average miss in the data's units; <code>RMSE</code> weighs large misses more; "
+            "<code>sMAPE</code> is the miss as a percentage of the actual and forecast together "
+            "(0 to 200; both 0 counts as 0); <code>MASE</code> divides the miss by that of "
+            "repeating last season's values on the series' own history, so 1 means no better "
+            "than that and 0.8 means 20 % better — read it first, it compares across series "
+            "of any size; <code>WAPE</code> is the total miss over the total actual; "
+            "<code>skill_mase</code> is 1 − MASE relative to seasonal naive. Lower is better for "
+            "all but skill.</p></section>")
 
 
 def _training(outcome) -> str:
@@ -167,17 +201,21 @@ def _groups(scored, decisions, model: str) -> str:
     if scored is None:
         return ""
     per = scored.backtest.group_summaries()
+    others = sorted({m for by_model in per.values() for m in by_model if m in STATISTICAL})
     rows = []
     for g, by_model in per.items():
         mine = by_model.get(model, {}).get("mase", math.nan)
         base = by_model.get("seasonal_naive", {}).get("mase", math.nan)
-        champ = _lowest_mase(by_model, ["seasonal_naive",
-                                        *(m for m in by_model if m in STATISTICAL), model])
+        champ = _lowest_mase(by_model, ["seasonal_naive", *others, model])
         rows.append(f"<tr><td>{esc(g) if g else '(all series)'}</td>"
-                    f"<td class=\"num\">{_num(mine)}</td><td class=\"num\">{_num(base)}</td>"
+                    f"<td class=\"num\">{_num(mine)}</td>"
+                    + "".join(f"<td class=\"num\">{_num(by_model.get(c, {}).get('mase'))}"
+                              "</td>" for c in others)
+                    + f"<td class=\"num\">{_num(base)}</td>"
                     f"<td class=\"num\">{_num(E.skill(mine, base))}</td>"
                     f"<td>{esc(champ)}</td></tr>")
-    head = ["group", f"#mase {model}", "#mase seasonal_naive", "#skill_mase", "best"]
+    head = ["group", f"#mase {model}", *(f"#mase {c}" for c in others),
+            "#mase seasonal_naive", "#skill_mase", "best"]
     return ("<section><h2>Per group</h2>" + _table("groups", head, rows)
             + "<p class=\"note\">The best of the model, the statistical comparators and "
               "seasonal naive by backtest MASE per group.</p></section>") if rows else ""
