@@ -264,3 +264,24 @@ def test_the_page_renders_in_headless_chromium(batch, page, tmp_path):
         assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
     finally:
         driver.quit()
+
+
+def test_the_backtest_line_is_one_model_and_every_other_model_a_line_of_its_own():
+    """Once, with the combination on, the line labelled `backtest (cnn_direct)` joined the
+    network's rows and the combination's into one polyline. Now the backtest line is the
+    published model's (else the network's) and each other model at that cutoff is its own."""
+    from pipeline.data.calendar import Freq
+    rows = [(m, c, s) for c in (0, 24) for m in ("cnn_direct", "combination", "auto_ets",
+                                                 "seasonal_naive") for s in range(1, 4)]
+    cols = {"unique_id": np.array(["a"] * len(rows)), "model": np.array([r[0] for r in rows]),
+            "cutoff": np.array([r[1] for r in rows]),
+            "ds": np.array([r[1] + r[2] for r in rows]),
+            "y_hat": np.arange(len(rows), dtype=np.float32)}
+    freq = Freq("int", 1, kind="int")
+    for published, line in ((None, "cnn_direct"), ("combination", "combination"),
+                            ("fallback:seasonal_naive", "cnn_direct")):
+        bt, others = plots.latest_backtest(cols, "a", (), freq, published)
+        assert bt["model"] == line and len(bt["ds"]) == 3 and list(bt["ds"]) == [25, 26, 27]
+        assert sorted(others) == sorted({"cnn_direct", "combination", "auto_ets",
+                                         "seasonal_naive"} - {line})
+        assert all(len(o["ds"]) == 3 for o in others.values())

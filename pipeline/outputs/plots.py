@@ -16,7 +16,10 @@ BASELINE_STYLE = {"seasonal_naive": ("--", "tab:green", "seasonal naive"),
                   "naive": (":", "tab:purple", "naive"),   # name -> (line style, colour, label)
                   "auto_ets": ("-.", "tab:red", "AutoETS"),      # the comparators
                   "auto_theta": ("-.", "tab:brown", "AutoTheta"),
-                  "auto_arima": ("-.", "tab:pink", "AutoARIMA")}
+                  "auto_arima": ("-.", "tab:pink", "AutoARIMA"),
+                  "combination": ("-.", "tab:olive", "combination")}
+OTHER_STYLE = ("-", "0.6")       # a model without a style of its own (the network, drawn
+                                 # beside a comparator that was published)
 
 
 def _pyplot():
@@ -44,7 +47,7 @@ def render_series(sid: str, hist_t, hist_y, bt: dict | None, fc: dict | None,
     fig, ax = _pyplot().subplots(figsize=(10, 3.4), dpi=100)
     ax.plot(hist_t, hist_y, color="0.3", lw=1, label="actual")
     for name, b in (baselines or {}).items():
-        style, colour, label = BASELINE_STYLE[name]
+        style, colour, label = BASELINE_STYLE.get(name, (*OTHER_STYLE, name))
         ax.plot(b["ds"], b["y_hat"], ls=style, color=colour, lw=1.2, label=label)
     for part, colour, what in ((bt, "tab:orange", "backtest"), (fc, "tab:blue", "forecast")):
         if part is None:
@@ -92,8 +95,8 @@ def series_png(arrays, sid: str, forecasts: dict | None, backtest: dict | None, 
     t = arrays.start[s] + np.arange(len(y) - keep, len(y)) * arrays.freq.step   # ordinals
     fc = _pick(forecasts, np.asarray(forecasts["unique_id"]).astype(str) == sid, quantiles,
                arrays.freq) if forecasts else None
-    bt, baselines = latest_backtest(backtest, sid, quantiles, arrays.freq) if backtest else \
-        (None, {})
+    bt, baselines = latest_backtest(backtest, sid, quantiles, arrays.freq,
+                                    fc["model"] if fc else None) if backtest else (None, {})
     return render_series(sid, to_datetime64(t, arrays.freq), y[-keep:], bt, fc, baselines,
                          ylabel)
 
@@ -111,9 +114,12 @@ def plot_sample(out_dir: str, arrays, forecasts: dict, backtest: dict | None, n:
     return paths
 
 
-def latest_backtest(cols: dict, sid: str, quantiles, freq) -> tuple[dict | None, dict]:
-    """The model's backtest of `sid` at its latest cutoff (None without one), and the
-    baselines' forecasts at that cutoff ({name: columns})."""
+def latest_backtest(cols: dict, sid: str, quantiles, freq, published: str | None = None
+                    ) -> tuple[dict | None, dict]:
+    """The backtest of `sid` at its latest cutoff of one model — the `published` one (whose
+    forecast was written) when it has one there, else the network's — and every other model's
+    forecast at that cutoff ({name: columns}: baselines, comparators, the combination), one
+    line each. (None, {}) without a backtest."""
     ids = np.asarray(cols["unique_id"]).astype(str)
     models = np.asarray(cols["model"]).astype(str)
     mine = ids == sid
@@ -122,9 +128,11 @@ def latest_backtest(cols: dict, sid: str, quantiles, freq) -> tuple[dict | None,
     if not pool.any():
         return None, {}
     at = mine & (cols["cutoff"] == cols["cutoff"][pool].max())
-    bt = _pick(cols, at & ~base, quantiles, freq) if (at & ~base).any() else None
-    return bt, {m: _pick(cols, at & (models == m), (), freq) for m in BASELINE_STYLE
-                if (at & (models == m)).any()}
+    there = list(dict.fromkeys(models[at]))
+    first = [m for m in there if m not in BASELINE_STYLE] or [None]
+    main = published if published in there else first[0]
+    bt = _pick(cols, at & (models == main), quantiles, freq) if main is not None else None
+    return bt, {m: _pick(cols, at & (models == m), (), freq) for m in there if m != main}
 
 
 def _pick(cols: dict, rows: np.ndarray, quantiles, freq) -> dict | None:
