@@ -19,7 +19,8 @@ def run(b: Batch) -> S.Outcome:
     scored = S.backtest(b, data, jobs, trained, inits)   # against the baselines; written
     final = S.final_model(b, data, jobs, trained, inits)  # on all the data (or reused)
     S.log_models(b, final)
-    forecast = F.forecast(b, data, jobs, final, scored.calibration)   # conformal widths
+    forecast = F.forecast(b, data, jobs, final, scored.calibration,  # conformal widths,
+                          scored.selection)       # each group's candidate by its backtest
     F.write_forecast(b, data, forecast, scored)
     return S.html_report(b, S.Outcome(data, jobs, inits, trained, scored, final,
                                     forecast=forecast))   # the page, next to the outputs

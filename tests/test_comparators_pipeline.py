@@ -395,3 +395,57 @@ def test_per_group_champions_mix_a_comparator_and_a_network(tmp_path):
         else:                           # the GRU the first run trained, its forecast again
             np.testing.assert_array_equal(cols["y_hat"][rows],
                                           mine["y_hat"][mine["unique_id"] == sid])
+
+
+# ------------------------------------------------------------------ what the run publishes
+
+def test_select_publishes_each_groups_lowest_backtest_mase_the_default_on_ties():
+    from pipeline.forecasting.backtest import Backtest
+    from pipeline.forecasting.select import select
+    cfg = C.load(None, ["evaluate.comparators=[auto_ets, auto_theta]", "model.name=net"])
+    bt = Backtest()
+    scores = {"A": {"net": 0.9, "auto_ets": 0.7, "auto_theta": 0.8},
+              "B": {"net": 0.6, "auto_ets": 0.6, "auto_theta": 0.9},      # a tie: the network
+              "C": {"net": float("nan"), "auto_ets": float("nan"), "auto_theta": 1.2}}
+    for g, by_model in scores.items():
+        for m, v in by_model.items():
+            bt.metrics.append({"unique_id": np.array([f"{g}1"]), "cutoff": np.array([0]),
+                               "model": np.array([m], object), "group": np.array([g], object),
+                               "mase": np.array([v])})
+    got = select(bt, cfg)
+    assert {g: c.model for g, c in got.items()} == {"A": "auto_ets", "B": "net",
+                                                    "C": "auto_theta"}
+    assert got["A"].scores == pytest.approx(scores["A"])
+    assert select(bt, C.load(None, ["evaluate.comparators=[auto_ets]", "model.name=net",
+                                    "evaluate.select=network"])) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("select", ["auto", "network"])
+def test_the_run_publishes_what_its_backtest_preferred(demo_dir, tmp_path, select):
+    """A barely trained network (one epoch of two steps) against AutoTheta: `evaluate.select:
+    auto` publishes, per store, the lower backtest MASE of the two (read back from the metrics
+    output); `network` publishes the network everywhere. The run's outcome says the choice."""
+    import polars as pl
+
+    from pipeline.cli import execute
+    b = execute(["run", "--config", "configs/demo.yaml", "--set", f"data.path={demo_dir}",
+                 "--set", f"output.path={tmp_path}", "--set", "ray.enabled=false", "--set",
+                 "tracking.enabled=false", "--set", "train.epochs=1", "--set",
+                 "train.steps_per_epoch=2", "--set", "windows.lookback=72", "--set",
+                 "model.encoder.hidden_size=8", "--set", "evaluate.plots=0", "--set",
+                 f"evaluate.select={select}"])
+    assert b.exit_code == 0
+    read = lambda kind: pl.read_parquet(  # noqa: E731
+        [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / kind) for f in fs
+         if f.endswith(".parquet")])
+    metrics, fc = read("metrics"), read("forecasts").filter(
+        ~pl.col("model").str.starts_with("fallback"))
+    best = (metrics.filter(pl.col("model").is_in(["gru_direct", "auto_theta"]))
+            .group_by("group", "model").agg(pl.col("mase").mean())
+            .sort("mase").group_by("group", maintain_order=True).first())
+    want = dict(best.select("group", "model").iter_rows()) if select == "auto" else \
+        {g: "gru_direct" for g in best["group"]}
+    assert dict(fc.select("group", "model").unique().iter_rows()) == want
+    chosen = {g: c.model for g, c in b.outcome.scored.selection.items()}
+    assert chosen == (want if select == "auto" else {})

@@ -33,12 +33,16 @@ class EvaluateConfig:
     levels: list[int] = field(default_factory=lambda: [80, 95])  # conformal coverage, in %
     combine: list[str] = field(default_factory=list)  # comparators averaged with the network
                                    # into the run's forecast (model `combination`); [] = none
+    select: str = "auto"           # auto: per group, publish the candidate (the network, the
+                                   # combination, each comparator) with the lowest backtest
+                                   # MASE | network: the network (the combination under combine)
     chunk_series: int | None = 100_000  # the backtest and the forecast take this many
                                    # series at a time, each chunk's rows streamed into the
                                    # partition file (memory bounded by a chunk); null: all
 
     def __post_init__(self) -> None:
         _choice("evaluate.final_model", self.final_model, ("refit", "reuse"))
+        _choice("evaluate.select", self.select, ("auto", "network"))
         if self.chunk_series is not None:
             _positive("evaluate.chunk_series", self.chunk_series)
         if self.season is not None:

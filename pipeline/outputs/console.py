@@ -120,6 +120,14 @@ def comparator_fallbacks(fallbacks: dict[str, int], made: dict[str, int]) -> Non
               f"fit the series): {', '.join(parts)}", file=sys.stderr)
 
 
+def selection(selection: dict, metric: str = "mase") -> None:
+    """Per group, the published candidate and every candidate's backtest score."""
+    print(f"published    per group, the lowest backtest {metric} (evaluate.select: auto)")
+    for g, c in sorted(selection.items()):
+        scores = ", ".join(f"{m} {_num(v)}" for m, v in c.scores.items())
+        print(f"  {g or 'all':<14} {c.model:<16} ({scores})")
+
+
 def coverage(cal, model: str) -> None:
     """Each conformal level's coverage on the latest backtest window, per model."""
     levels = ", ".join(f"{round(100 * v)} %" for v in cal.levels)

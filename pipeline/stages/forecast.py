@@ -10,6 +10,7 @@ and the report (`Forecast.cols`); `Forecast.rows()` reads the whole forecast bac
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,10 +30,12 @@ from pipeline.forecasting.backtest import (
     concat_columns,
     drawn_series,
     fallback_name,
+    season_of,
 )
 from pipeline.forecasting.final import final_forecast, refit_forecast
 from pipeline.forecasting.intervals import interval_columns, with_intervals
 from pipeline.forecasting.predict import quantile_column
+from pipeline.forecasting.select import default_model, published
 from pipeline.outputs import partitions as output
 from pipeline.outputs.plots import plot_sample, quantiles_of
 from pipeline.secrets import redact
@@ -78,22 +81,84 @@ class Forecast:
 
 
 @stage("forecast")
-def forecast(b: Batch, data: Prepared, jobs: list[Job], trained, calibration=None
-             ) -> Forecast:
+def forecast(b: Batch, data: Prepared, jobs: list[Job], trained, calibration=None,
+             selection: dict | None = None) -> Forecast:
     """H steps past every series' end with its job's model (`trained`: a `stages.Trained`);
     the fallback where there is none; with `calibration` (the backtest's conformal widths,
-    `Scored.calibration`) the intervals around it. Made chunk by chunk when written."""
+    `Scored.calibration`) the intervals around it; with `selection` (`Scored.selection`,
+    `evaluate.select: auto`) each group's published candidate where it is not the network's
+    (or the combination's) forecast. Made chunk by chunk when written."""
     arrays, cfg, models, cal = data.arrays, b.cfg, trained.models(), calibration
     # the scaling at the series' ends, fitted once for all chunks
     loader = loader_at(arrays, cfg, arrays.lengths) if models else None
+    swap = _Selected(b, arrays, models, loader, selection) if selection else None
 
     def make(lo: int, hi: int) -> tuple[dict, list[str]]:
         bad: list[str] = []
-        cols = final_forecast(arrays, chunk_jobs(jobs, lo, hi), models, cfg,
-                              within=_range(len(arrays), lo, hi), failed=bad, runner=b.runner,
-                              loader=loader)
+        part = chunk_jobs(jobs, lo, hi)
+        cols = final_forecast(arrays, part, models, cfg, within=_range(len(arrays), lo, hi),
+                              failed=bad, runner=b.runner, loader=loader)
+        if swap is not None:
+            cols = swap(cols, part)
         return _intervals(cols, cal, cfg), bad
-    return Forecast(make, _columns([cfg], [cal]), fallback=fallback_name(cfg))
+    return Forecast(make, _columns([cfg], [cal]), note=_published(selection or {}),
+                    fallback=fallback_name(cfg))
+
+
+def _published(selection: dict) -> str:
+    """'published by backtest MASE: gru_direct (4 groups)' or, where they differ, each model
+    with its groups ('' without a selection)."""
+    by: dict[str, list[str]] = {}
+    for g, c in sorted(selection.items()):
+        by.setdefault(c.model, []).append(g or "all")
+    parts = [f"{m} ({len(gs)} groups)" if len(gs) > 3 else f"{m} ({', '.join(gs)})"
+             for m, gs in by.items()]
+    return f"published by backtest MASE: {', '.join(parts)}" if parts else ""
+
+
+class _Selected:
+    """Replaces the default candidate's rows of the series whose group published another
+    one: the network alone (when the default is the combination) or a comparator refitted on
+    each series' history (`refit_forecast`, as a statistical champion is)."""
+
+    def __init__(self, b: Batch, arrays, models: dict, loader, selection: dict) -> None:
+        self.b, self.arrays, self.models, self.loader = b, arrays, models, loader
+        self.selection, self.cfg = selection, b.cfg
+        self.index = {str(i): k for k, i in enumerate(arrays.ids.tolist())}
+
+    def __call__(self, cols: dict, jobs: list[Job]) -> dict:
+        cfg, h, base = self.cfg, self.cfg.windows.horizon, default_model(self.cfg)
+        if not cols:
+            return cols
+        models, groups = cols["model"][::h].astype(str), cols["group"][::h].astype(str)
+        wants = np.array([published(self.selection, g, cfg) for g in groups], object)
+        swap = (models == base) & (wants != base)
+        if not swap.any():
+            return cols
+        frames = [{k: v[~np.repeat(swap, h)] for k, v in cols.items()}]
+        ids = cols["unique_id"][::h]
+        for model in sorted(set(wants[swap])):
+            series = np.array(sorted(self.index[str(i)] for i in ids[swap & (wants == model)]))
+            frames.append(self._made(model, series, jobs))
+        return concat_columns(frames)
+
+    def _made(self, model: str, series: np.ndarray, jobs: list[Job]) -> dict:
+        cfg, arrays = self.cfg, self.arrays
+        within = np.zeros(len(arrays), bool)
+        within[series] = True
+        if model == cfg.model.name:          # the network alone, where the default combines
+            alone = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate,
+                                                                          combine=[]))
+            part = [dataclasses.replace(j, series=j.series[within[j.series]]) for j in jobs]
+            return final_forecast(arrays, part, self.models, alone, within=within,
+                                  runner=self.b.runner, loader=self.loader)
+        m = season_of(cfg, arrays)
+        cols, rest = refit_forecast(arrays, series, model, m, cfg.evaluate.history_cap(m),
+                                    cfg.windows.horizon, self.b.runner)
+        if len(rest):                        # nothing to refit on: the fallback
+            cols = concat_columns([cols, final_forecast(
+                arrays, [], {}, cfg, within=np.isin(np.arange(len(arrays)), rest))])
+        return cols
 
 
 @stage("forecast", R.forecast_made)

@@ -80,6 +80,10 @@ def scored(b, s) -> None:
         b.log.backtest(s.backtest, s.metrics)
     console.backtest(s, b.cfg)
     console.comparator_fallbacks(s.backtest.fallbacks, s.backtest.forecasts)
+    if s.selection:
+        if b.log is not None:
+            b.log.selection(s.selection)
+        console.selection(s.selection)
     if s.calibration is not None:
         if b.log is not None:
             b.log.calibration(s.calibration)

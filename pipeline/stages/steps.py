@@ -34,6 +34,7 @@ from pipeline.forecasting.backtest import (
 )
 from pipeline.forecasting.backtest import backtest as score
 from pipeline.forecasting.intervals import Calibration, calibrate
+from pipeline.forecasting.select import select
 from pipeline.names import model_file
 from pipeline.outputs import console as report
 from pipeline.outputs import html as htmlreport
@@ -79,6 +80,7 @@ class Scored:
     metrics: object = None                     # the per-series metrics table written
     calibration: Calibration | None = None     # evaluate.intervals: conformal
     refits: list[Trained] = field(default_factory=list)   # evaluate.refit: the later cutoffs'
+    selection: dict = field(default_factory=dict)  # evaluate.select: group -> select.Choice
 
 
 @dataclass
@@ -245,7 +247,7 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
     written.append(output.write(cfg, "metrics", end, metrics, b.flow))
     cal = calibrate(bt, arrays.groups, cfg.evaluate.levels) \
         if cfg.evaluate.intervals == "conformal" else None
-    return Scored(bt, bt.summary(), written, preds, metrics, cal, refits)
+    return Scored(bt, bt.summary(), written, preds, metrics, cal, refits, select(bt, cfg))
 
 
 @stage("final", R.trained)

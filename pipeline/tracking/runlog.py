@@ -275,6 +275,14 @@ class RunLog:
         if self.parent_id and "://" not in path:
             self.tr.log_artifacts(self.parent_id, [path])
 
+    def selection(self, selection: dict) -> None:
+        """The candidate each group publishes and every candidate's backtest score, as
+        `selection.json` on the parent run."""
+        if self.parent_id:
+            rows = {g or "all": dataclasses.asdict(c) for g, c in selection.items()}
+            self.tr.safe(self.tr.client.log_text, self.parent_id,
+                         json.dumps(rows, indent=1, default=str), "selection.json")
+
     def promotion(self, decisions: list) -> None:
         """Each group's challenger-against-champion decision, both scores and the note, as
         `promotion.json` on the parent run."""
