@@ -34,9 +34,11 @@ FLOWS = {"prepare": (prepare.prepare, "the data stage alone: read, validate, arr
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("make-demo-data", help="write the hourly demo dataset")
-    demo.add_argument("--out", default="data/demo")
-    demo.add_argument("--series", type=int, default=120)
+    demo = sub.add_parser("make-demo-data", help="write the hourly demo dataset (or, with "
+                                                 "--kind monthly, a monthly retail panel)")
+    demo.add_argument("--kind", choices=("hourly", "monthly"), default="hourly")
+    demo.add_argument("--out", default=None, help="data/demo (hourly), data/retail (monthly)")
+    demo.add_argument("--series", type=int, default=None, help="120 (hourly), 60 (monthly)")
     demo.add_argument("--seed", type=int, default=0)
     cmds = {}
     for name, (_, text) in FLOWS.items():
@@ -92,7 +94,12 @@ def _tune_parser(sub) -> None:
 
 
 def make_demo_data(args: argparse.Namespace) -> int:
-    info = demo.make_demo_data(args.out, n_series=args.series, seed=args.seed)
+    if args.kind == "monthly":
+        info = demo.make_retail_data(args.out or "data/retail", n_series=args.series or 60,
+                                     seed=args.seed)
+    else:
+        info = demo.make_demo_data(args.out or "data/demo", n_series=args.series or 120,
+                                   seed=args.seed)
     print(f"wrote {info['rows']:,} rows of {info['series']} series in {info['groups']} groups "
           f"to {info['path']}")
     for kind, ids in info["defects"].items():

@@ -117,3 +117,40 @@ class _StoreFile:
             self.writer = None
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
+
+
+def make_retail_data(out: str, n_series: int = 60, n_stores: int = 3, seed: int = 0) -> dict:
+    """A monthly retail panel (month-start dates, sales >= 0) in `n_stores` stores, written as
+    out/store=<g>/part-0.parquet: yearly seasonality, trends and noise, and on purpose three
+    series of a year only (short), one with three months missing (a gap), and one that never
+    sold (all zero). Returns what it wrote."""
+    rng = np.random.default_rng(seed)
+    months = np.arange(np.datetime64("2016-01"), np.datetime64("2024-07"))    # 8.5 years
+    ids = [f"R{i:03d}" for i in range(n_series)]
+    stores = [f"store_{chr(65 + i % n_stores)}" for i in range(n_series)]
+    defects = {"short": ids[1:4], "gap": ids[4:5], "zero": ids[5:6]}
+    parts: dict[str, list[dict]] = {}
+    for sid, store in zip(ids, stores, strict=True):
+        t = np.arange(len(months))
+        level = rng.uniform(50, 800) * (1 + rng.uniform(-0.2, 0.5) * t / len(t))
+        year = 1 + rng.uniform(0.1, 0.4) * np.sin(2 * np.pi * t / 12 + rng.uniform(0, 6))
+        y = np.maximum(level * year * (1 + rng.normal(0, 0.08, len(t))), 0).round(0)
+        keep = np.ones(len(t), bool)
+        if sid in defects["short"]:
+            keep[:-12] = False
+        elif sid in defects["gap"]:
+            keep[50:53] = False
+        elif sid in defects["zero"]:
+            y[:] = 0.0
+        parts.setdefault(store, []).append(
+            {"unique_id": [sid] * int(keep.sum()), "ds": months[keep].astype("datetime64[D]"),
+             "sales": y[keep], "category": [CATEGORIES[int(sid[1:]) % 3]] * int(keep.sum())})
+    rows = 0
+    for store, frames in parts.items():
+        table = pa.table({k: np.concatenate([np.asarray(f[k]) for f in frames])
+                          for k in frames[0]})
+        os.makedirs(os.path.join(out, f"store={store}"), exist_ok=True)
+        pq.write_table(table, os.path.join(out, f"store={store}", "part-0.parquet"))
+        rows += table.num_rows
+    return {"path": out, "series": n_series, "groups": n_stores, "rows": rows,
+            "defects": defects}
