@@ -14,6 +14,7 @@ import time
 import numpy as np
 import polars as pl
 import pytest
+from timeouts import COMMAND, STOP, scaled
 
 from pipeline.cli import main
 
@@ -26,7 +27,8 @@ def test_per_group_tasks_on_two_nodes_equal_the_local_run(demo_dir):
     """tests/multinode.py in a subprocess: head + worker node, joined through ray.address."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode.py"), demo_dir],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+                       capture_output=True, text=True, timeout=scaled(COMMAND), cwd=ROOT,
+                       env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(info["nodes"]) == 2 and all(info["ok"]) and len(info["ok"]) == 4
@@ -49,7 +51,7 @@ def test_the_job_on_two_nodes_with_s3_input_and_outputs_writes_the_local_forecas
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_s3.py"), demo_dir,
                         str(tmp_path / "local")], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT, env=env)
+                       timeout=scaled(COMMAND), cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["codes"] == [0, 0] and len(info["nodes"]) == 2
@@ -119,7 +121,7 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(demo_dir, tmp_path, ray_
         killer.join()
         survived = decoy.poll() is None
         decoy.kill()                     # by its own handle
-        decoy.wait(timeout=30)
+        decoy.wait(timeout=scaled(STOP))
     assert survived, "the decoy named ray::_pack_task was killed"
     assert killed, f"no training task of this run was killed: {killed}"
     assert len(pids.read_text().split()) == 4 + 1       # a task per store, and the retry
