@@ -318,16 +318,16 @@ def wait_for(proc, text: str, seconds: float = EVENT) -> None:
     raise AssertionError(f"{text!r} never printed; stderr: {proc.stderr.read()[-2000:]}")
 
 
-def job_runs(db: pathlib.Path) -> int:
-    """The job runs (tag pipeline.role = job) in a tracking store's SQLite file, read as it
-    is written (0 before it exists)."""
+def epochs_logged(db: pathlib.Path) -> int:
+    """The training epochs logged (metric train_loss) in a tracking store's SQLite file, read
+    as it is written (0 before it exists): the job's run exists and is training."""
     import sqlite3
     if not db.exists():
         return 0
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-            return con.execute("SELECT count(*) FROM tags WHERE key = 'pipeline.role' "
-                               "AND value = 'job'").fetchone()[0]
+            return con.execute("SELECT count(*) FROM metrics WHERE key = 'train_loss'"
+                               ).fetchone()[0]
     except sqlite3.Error:       # its tables not made yet, or busy: not yet
         return 0
 
@@ -338,7 +338,7 @@ def test_sigterm_marks_the_run_and_its_job_runs_killed_and_releases_the_lock(dem
     out = tmp_path / "out"
     proc = start_run(demo_dir, out)
     wait_for(proc, "training     gru_direct")
-    wait_until(lambda: job_runs(out / "mlflow.db"), EVENT, "the job's run in MLflow")
+    wait_until(lambda: epochs_logged(out / "mlflow.db"), EVENT, "an epoch logged in MLflow")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=scaled(COMMAND)) == EXIT_FAILED
     assert "stopped by SIGTERM" in proc.stderr.read()
