@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +45,8 @@ def connect(cfg: RayConfig) -> bool:
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}  # no banners; token
-    try:                                                              # auth stays on
+    term = signal.getsignal(signal.SIGTERM)                           # auth stays on
+    try:
         if address:
             ray.init(address=address, **quiet)
         else:
@@ -52,7 +54,9 @@ def connect(cfg: RayConfig) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         raise InfraError(f"cannot start or join {where}: {e}") from None
-    return True
+    if callable(term) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, term)   # the job's (Batch: run KILLED, exit 1), not
+    return True                               # the one Ray's core worker installed (aborts)
 
 
 def task(fn: Callable, cfg: RayConfig, retry_exceptions: bool, **options):
