@@ -7,7 +7,7 @@ run; after each run the outputs, locks, runs and champions are checked.
 
 Faults (one per run, drawn at random, or in the order `--kinds` gives):
 - worker_kill: SIGKILL of the first training task's worker, by the pid that task reported
-  (its `_pack_task` wrapped to report it, as tests/test_cluster.py does); `ray.max_retries`=1
+  (its `_pack_task` wrapped to report it: tests/victims.py, as the tests do); `ray.max_retries`=1
   retries it: exit 0.
 - commit_kill: the driver SIGKILLs itself once the forecasts' new file is written, before the
   rename (`PIPELINE_FAULT_AT=tmp-written@forecasts`): exit -9; the next run marks its runs.
@@ -56,25 +56,17 @@ KEYS = {"forecasts": ["unique_id", "step"], "backtest": ["unique_id", "cutoff", 
 
 # ------------------------------------------------------------------ the flow, with its hooks
 
-def _reporting(fn, path: str):
-    """`fn` as a task body that first appends its worker's pid to `path`."""
-    def reporting(*args, **kwargs):
-        with open(path, "a") as f:
-            f.write(f"{os.getpid()}\n")
-        return fn(*args, **kwargs)
-    reporting.__name__ = fn.__name__
-    return reporting
-
-
 def run_flow(argv: list[str]) -> int:
     """flows.nightly with the hooks the environment asks for: SOAK_PIDS (training tasks
     report their pids there), SOAK_ENOSPC (writing the forecasts fails with ENOSPC)."""
+    from victims import reporting_pid
+
     from flows import nightly
     from flows._common import main
     from pipeline.data import io
     from pipeline.execution import ray_train
     if os.environ.get("SOAK_PIDS"):
-        ray_train._pack_task = _reporting(ray_train._pack_task, os.environ["SOAK_PIDS"])
+        ray_train._pack_task = reporting_pid(ray_train._pack_task, os.environ["SOAK_PIDS"])
     if os.environ.get("SOAK_ENOSPC"):
         point = io.fault_point
 
@@ -147,12 +139,6 @@ def registry_state(url: str) -> tuple[list[str], dict[str, str]]:
 
 # ------------------------------------------------------------------ the soak
 
-def _pids(path: str) -> list[int]:
-    """The pids the flow's training tasks reported so far."""
-    p = pathlib.Path(path)
-    return [int(x) for x in p.read_text().split()] if p.exists() else []
-
-
 class Soak:
     """The demo panel, the outputs and an `mlflow server` (SQLite backend) in `work`; `run`
     runs the flow once with a fault and checks what it left."""
@@ -205,13 +191,14 @@ class Soak:
         """Inject `kind` once training started (its first task reported its pid); False when
         the run ended first."""
         from timeouts import EVENT, wait_until
+        from victims import reported
         if kind not in ("worker_kill", "mlflow_stop", "sigterm"):
             return True
-        wait_until(lambda: _pids(pids) or proc.poll() is not None, EVENT, "a training task")
+        wait_until(lambda: reported(pids) or proc.poll() is not None, EVENT, "a training task")
         if proc.poll() is not None:
             return False
         if kind == "worker_kill":
-            os.kill(_pids(pids)[0], signal.SIGKILL)      # the pid its own task reported
+            os.kill(reported(pids)[0], signal.SIGKILL)      # the pid its own task reported
         elif kind == "mlflow_stop":
             self.server.stop()
         else:

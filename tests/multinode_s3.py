@@ -67,7 +67,8 @@ def main(data: str, out: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)    # started after the environment: its workers reach S3 too
     cluster.wait_for_nodes(timeout=scaled(SERVICE))
-    try:
+    torch.set_num_threads(1)   # both drivers as the 1-CPU Ray workers: the same float sums
+    try:                       # whatever the driver computes (not only under train.threads)
         ray.init(address=cluster.address, log_to_driver=False)   # kept for the task records
         remote = execute(["run", "--config", "configs/per_group.yaml", *sets([
             f"data.path=s3://{BUCKET}/data{query}", f"output.path=s3://{BUCKET}/out{query}",
@@ -77,7 +78,6 @@ def main(data: str, out: str) -> None:
         readers = load_part_nodes(len(nodes))
         trained = sorted({r.node for r in remote.outcome.final.results})
         ray.shutdown()
-        torch.set_num_threads(1)     # as the 1-CPU Ray workers: the same float reductions
         local = execute(["run", "--config", "configs/per_group.yaml", *sets([
             f"data.path={data}", f"output.path={out}", "ray.enabled=false",
             "train.per_group.packed=false", *FAST])])

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 from timeouts import COMMAND, STOP, scaled
+from victims import reported, reporting_pid
 
 from pipeline.cli import main
 
@@ -62,24 +63,12 @@ def test_the_job_on_two_nodes_with_s3_input_and_outputs_writes_the_local_forecas
     assert info["rows"] == 40 * 24 and info["same_keys"] and info["max_y_hat_diff"] == 0.0
 
 
-def _reporting_pid(fn, path: pathlib.Path):
-    """`fn` as a task body that first appends its worker's pid to `path` (a file this test
-    owns). Only `__name__` is copied: with `functools.wraps` cloudpickle would send the
-    original function by reference instead of this wrapper."""
-    def reporting(*args, **kwargs):
-        with open(path, "a") as f:
-            f.write(f"{os.getpid()}\n")
-        return fn(*args, **kwargs)
-    reporting.__name__ = fn.__name__
-    return reporting
-
-
 def _kill_first_job_task(pids: pathlib.Path, killed: list, stop: threading.Event) -> None:
     """SIGKILL the worker that reported itself first in `pids` (a training task of this
-    test's own run, see `_reporting_pid`), by that pid: never a process found by its name
+    test's own run, see `victims.reporting_pid`), by that pid: never a process found by its name
     or by a look at the machine's processes."""
     while not stop.is_set() and not killed:
-        first = pids.read_text().split() if pids.exists() else []
+        first = reported(pids)
         if first:
             os.kill(int(first[0]), signal.SIGKILL)
             killed.append(int(first[0]))
@@ -99,7 +88,7 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(demo_dir, tmp_path, ray_
                                                        monkeypatch):
     from pipeline.execution import ray_train
     pids = tmp_path / "task_pids"
-    monkeypatch.setattr(ray_train, "_pack_task", _reporting_pid(ray_train._pack_task, pids))
+    monkeypatch.setattr(ray_train, "_pack_task", reporting_pid(ray_train._pack_task, pids))
     base = ["run", "--config", "configs/per_group.yaml", "--set", f"data.path={demo_dir}",
             "--set", "train.per_group.packed=false", "--set", "train.epochs=2", "--set",
             "train.steps_per_epoch=3", "--set", "windows.lookback=72", "--set",

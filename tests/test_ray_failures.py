@@ -1,7 +1,7 @@
 """Ray's own failures speak (issue 29, item 4): a worker killed beyond its retries, a lost object,
 a dead node, an out-of-memory kill each end in one `error:` line naming what died and where, exit
 1 (retryable), the lock released, the run FAILED, nothing half-written. Victims are only the
-pids this test's own tasks report (tests/test_cluster.py `_reporting_pid`)."""
+pids this test's own tasks report (tests/victims.py)."""
 from __future__ import annotations
 
 import glob
@@ -13,8 +13,8 @@ import threading
 import time
 
 import pytest
-from test_cluster import _reporting_pid
 from timeouts import STOP, scaled, wait_until
+from victims import reported, reporting_pid
 
 from pipeline import config as C
 from pipeline import paths
@@ -69,7 +69,7 @@ def test_an_object_lost_with_its_owner_is_named(ray_session, tmp_path):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers lack tests/
     pids = tmp_path / "pids"
     (inner,) = ray.get(ray.remote(owning).remote(str(pids)), timeout=scaled(STOP))
-    os.kill(int(pids.read_text().split()[0]), signal.SIGKILL)       # the worker it reported
+    os.kill(reported(pids)[0], signal.SIGKILL)                      # the worker it reported
 
     def lost():   # once Ray learns its owner died (a get may be served before that)
         try:
@@ -86,7 +86,7 @@ def _kill_every_reported(pids: pathlib.Path, killed: list, stop: threading.Event
     """SIGKILL each pid this test's own tasks wrote to `pids` (and nothing else), as each
     appears: every attempt of every task dies."""
     while not stop.is_set():
-        for pid in map(int, pids.read_text().split() if pids.exists() else []):
+        for pid in reported(pids):
             if pid not in killed:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -121,7 +121,7 @@ def test_a_data_task_killed_beyond_its_retries_is_one_infra_error(ray_session, k
     pids, killed = killer
     cfg = C.load(None, ["ray.max_retries=1"]).ray
     with pytest.raises(InfraError) as died:
-        RayRunner(cfg)(_reporting_pid(sleepy, pids), [(600,)])
+        RayRunner(cfg)(reporting_pid(sleepy, pids), [(600,)])
     text = str(died.value)
     assert text.startswith("a data task (sleepy) died: its worker process crashed"), text
     assert "after 2 attempts (ray.max_retries = 1)" in text and "\n" not in text
@@ -135,7 +135,7 @@ def test_a_run_whose_training_task_dies_beyond_its_retries_says_so_and_cleans_up
     from pipeline.execution import ray_train
     from pipeline.stages.batch import lock
     pids, killed = killer
-    monkeypatch.setattr(ray_train, "_pack_task", _reporting_pid(ray_train._pack_task, pids))
+    monkeypatch.setattr(ray_train, "_pack_task", reporting_pid(ray_train._pack_task, pids))
     out = tmp_path / "out"
     code = main(["run", "--config", "configs/demo.yaml", "--set", f"data.path={demo_dir}",
                  "--set", f"output.path={out}", "--set", "ray.max_retries=1", "--set",
