@@ -10,10 +10,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from timeouts import SERVICE, scaled
 
 torch.set_num_threads(1)  # 2 cores shared with Ray workers: oversubscribed OpenMP crawls
 os.environ.setdefault("RAY_ACCEPT_USAGE_STATS_PROMPT", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray's own start and liveness limits, scaled as every wait of the tests (tests/timeouts.py):
+# on a busy machine a node slow to answer its health checks must not be declared dead.
+# Set before any Ray starts, so the clusters of subprocesses (tests/multinode*.py) get them.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(int(scaled(SERVICE))))
+os.environ.setdefault("RAY_health_check_timeout_ms", str(int(scaled(30) * 1000)))
+os.environ.setdefault("RAY_health_check_failure_threshold", "10")
 
 
 # ------------------------------------------------------------------ helpers

@@ -17,6 +17,7 @@ import time
 
 import pytest
 from services import free_port, missing
+from timeouts import scaled
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -189,9 +190,10 @@ class Stack:
         return cid
 
     def up(self) -> None:
-        """`up -d`, then wait until MLflow's health check passes (10 minutes at most)."""
+        """`up -d`, then wait until MLflow's health check passes (10 minutes at most, scaled:
+        tests/timeouts.py)."""
         self.run(["up", "-d"], 600)
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + scaled(600)
         while True:
             health = sh(["docker", "inspect", "-f", "{{.State.Health.Status}}",
                          self.container("mlflow")], 60).stdout.strip()

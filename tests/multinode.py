@@ -12,6 +12,7 @@ import numpy as np
 import ray
 import torch
 from ray.cluster_utils import Cluster
+from timeouts import SERVICE, scaled
 
 from pipeline import config as C
 from pipeline.data.prepare import local_runner, prepare
@@ -27,7 +28,7 @@ def weights(result) -> dict:
 def main(data: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
+    cluster.wait_for_nodes(timeout=scaled(SERVICE))
     cfg = C.load("configs/per_group.yaml", [
         f"data.path={data}", "train.per_group.packed=false", "train.epochs=2",
         "train.steps_per_epoch=3", "windows.lookback=72", "tracking.enabled=false",

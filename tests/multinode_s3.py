@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 import ray
 import torch
 from ray.cluster_utils import Cluster
+from timeouts import EVENT, SERVICE, scaled
 
 from pipeline.cli import execute
 
@@ -34,11 +35,11 @@ def forecasts(uri: str, fs=None):
             for c in ("unique_id", "ds", "step", "y_hat", "model")}
 
 
-def load_part_nodes(want: int, wait: float = 30.0) -> list[str]:
+def load_part_nodes(want: int, wait: float = EVENT) -> list[str]:
     """The nodes Ray ran the data stage's part readers on (its task records, which reach the
-    state API a little after the tasks end: polled until `want` nodes or `wait` seconds)."""
+    state API a little after the tasks end: polled until `want` nodes or `scaled(wait)` seconds)."""
     from ray.util.state import list_tasks
-    end, nodes = time.monotonic() + wait, []
+    end, nodes = time.monotonic() + scaled(wait), []
     while True:
         try:
             tasks = list_tasks(filters=[("func_or_class_name", "=", "load_part")],
@@ -65,8 +66,9 @@ def main(data: str, out: str) -> None:
     query = f"?endpoint_override={host}:{port}&scheme=http"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)    # started after the environment: its workers reach S3 too
-    cluster.wait_for_nodes()
-    try:
+    cluster.wait_for_nodes(timeout=scaled(SERVICE))
+    torch.set_num_threads(1)   # both drivers as the 1-CPU Ray workers: the same float sums
+    try:                       # whatever the driver computes (not only under train.threads)
         ray.init(address=cluster.address, log_to_driver=False)   # kept for the task records
         remote = execute(["run", "--config", "configs/per_group.yaml", *sets([
             f"data.path=s3://{BUCKET}/data{query}", f"output.path=s3://{BUCKET}/out{query}",
@@ -76,7 +78,6 @@ def main(data: str, out: str) -> None:
         readers = load_part_nodes(len(nodes))
         trained = sorted({r.node for r in remote.outcome.final.results})
         ray.shutdown()
-        torch.set_num_threads(1)     # as the 1-CPU Ray workers: the same float reductions
         local = execute(["run", "--config", "configs/per_group.yaml", *sets([
             f"data.path={data}", f"output.path={out}", "ray.enabled=false",
             "train.per_group.packed=false", *FAST])])

@@ -17,10 +17,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 
 import pytest
+from timeouts import QUICK, SERVICE, STOP, scaled, wait_until
 
 
 def free_port() -> int:
@@ -69,7 +69,8 @@ class Postgres:
         self.log = os.path.join(self.root, "server.log")
 
     def _run(self, *cmd: str) -> None:
-        r = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True,
+                           timeout=scaled(SERVICE + QUICK))
         if r.returncode != 0:
             log = _tail(self.log, 2000)
             raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr or r.stdout}\n{log}")
@@ -80,7 +81,8 @@ class Postgres:
                   "--no-sync")
         opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
                 "-c full_page_writes=off")
-        self._run(f"{b}/pg_ctl", "-D", self.data, "-o", opts, "-l", self.log, "-w", "start")
+        self._run(f"{b}/pg_ctl", "-D", self.data, "-o", opts, "-l", self.log, "-w", "-t",
+                  str(int(scaled(SERVICE))), "start")
         self._run(f"{b}/createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "mlflow",
                   "mlflow")
         return f"postgresql+psycopg://mlflow@127.0.0.1:{self.port}/mlflow"
@@ -108,31 +110,42 @@ class MlflowServer:
              "--port", str(self.port), "--workers", "1"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait(self, timeout: float = 90) -> str:
-        deadline = time.time() + timeout
-        while True:  # /health answers before the backend store is ready: ask the API too
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    ok = r.status == 200
-                with urllib.request.urlopen(
-                        f"{self.url}/api/2.0/mlflow/experiments/search?max_results=1",
-                        timeout=max(1, deadline - time.time())) as r:
-                    if ok and r.status == 200:
-                        return self.url
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.log.flush()
-                self.stop()
-                raise RuntimeError("mlflow server did not become healthy:\n"
-                                   + _tail(self.log_path, 3000))
-            time.sleep(0.5)
+    def healthy(self) -> bool:
+        """/health answers before the backend store is ready: the API must answer too."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=scaled(5)) as r:
+                ok = r.status == 200
+            with urllib.request.urlopen(
+                    f"{self.url}/api/2.0/mlflow/experiments/search?max_results=1",
+                    timeout=scaled(30)) as r:
+                return ok and r.status == 200
+        except OSError:
+            return False
+
+    def wait(self, seconds: float = SERVICE) -> str:
+        """The server's URL once it answers; it is stopped, and the error carries its log,
+        if it exits or does not answer within `scaled(seconds)` (tests/timeouts.py)."""
+        try:
+            wait_until(lambda: self.healthy() or self.proc.poll() is not None, seconds,
+                       "mlflow server start", every=0.5)
+        except AssertionError as e:
+            self._failed(str(e))
+        if self.proc.poll() is not None:
+            self._failed(f"it exited with {self.proc.returncode}")
+        return self.url
+
+    def _failed(self, why: str) -> None:
+        self.log.flush()
+        self.stop()
+        raise RuntimeError(f"mlflow server did not become healthy ({why}):\n"
+                           + _tail(self.log_path, 3000))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(scaled(STOP))
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(scaled(STOP))
         self.log.close()

@@ -14,6 +14,8 @@ import time
 import numpy as np
 import polars as pl
 import pytest
+from timeouts import COMMAND, STOP, scaled
+from victims import reported, reporting_pid
 
 from pipeline.cli import main
 
@@ -26,7 +28,8 @@ def test_per_group_tasks_on_two_nodes_equal_the_local_run(demo_dir):
     """tests/multinode.py in a subprocess: head + worker node, joined through ray.address."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode.py"), demo_dir],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+                       capture_output=True, text=True, timeout=scaled(COMMAND), cwd=ROOT,
+                       env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(info["nodes"]) == 2 and all(info["ok"]) and len(info["ok"]) == 4
@@ -49,7 +52,7 @@ def test_the_job_on_two_nodes_with_s3_input_and_outputs_writes_the_local_forecas
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_s3.py"), demo_dir,
                         str(tmp_path / "local")], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT, env=env)
+                       timeout=scaled(COMMAND), cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["codes"] == [0, 0] and len(info["nodes"]) == 2
@@ -60,24 +63,12 @@ def test_the_job_on_two_nodes_with_s3_input_and_outputs_writes_the_local_forecas
     assert info["rows"] == 40 * 24 and info["same_keys"] and info["max_y_hat_diff"] == 0.0
 
 
-def _reporting_pid(fn, path: pathlib.Path):
-    """`fn` as a task body that first appends its worker's pid to `path` (a file this test
-    owns). Only `__name__` is copied: with `functools.wraps` cloudpickle would send the
-    original function by reference instead of this wrapper."""
-    def reporting(*args, **kwargs):
-        with open(path, "a") as f:
-            f.write(f"{os.getpid()}\n")
-        return fn(*args, **kwargs)
-    reporting.__name__ = fn.__name__
-    return reporting
-
-
 def _kill_first_job_task(pids: pathlib.Path, killed: list, stop: threading.Event) -> None:
     """SIGKILL the worker that reported itself first in `pids` (a training task of this
-    test's own run, see `_reporting_pid`), by that pid: never a process found by its name
+    test's own run, see `victims.reporting_pid`), by that pid: never a process found by its name
     or by a look at the machine's processes."""
     while not stop.is_set() and not killed:
-        first = pids.read_text().split() if pids.exists() else []
+        first = reported(pids)
         if first:
             os.kill(int(first[0]), signal.SIGKILL)
             killed.append(int(first[0]))
@@ -97,7 +88,7 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(demo_dir, tmp_path, ray_
                                                        monkeypatch):
     from pipeline.execution import ray_train
     pids = tmp_path / "task_pids"
-    monkeypatch.setattr(ray_train, "_pack_task", _reporting_pid(ray_train._pack_task, pids))
+    monkeypatch.setattr(ray_train, "_pack_task", reporting_pid(ray_train._pack_task, pids))
     base = ["run", "--config", "configs/per_group.yaml", "--set", f"data.path={demo_dir}",
             "--set", "train.per_group.packed=false", "--set", "train.epochs=2", "--set",
             "train.steps_per_epoch=3", "--set", "windows.lookback=72", "--set",
@@ -119,7 +110,7 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(demo_dir, tmp_path, ray_
         killer.join()
         survived = decoy.poll() is None
         decoy.kill()                     # by its own handle
-        decoy.wait(timeout=30)
+        decoy.wait(timeout=scaled(STOP))
     assert survived, "the decoy named ray::_pack_task was killed"
     assert killed, f"no training task of this run was killed: {killed}"
     assert len(pids.read_text().split()) == 4 + 1       # a task per store, and the retry

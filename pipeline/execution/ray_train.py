@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from ray.util.queue import Queue
 
 from pipeline.config import Config, RayConfig
 from pipeline.errors import InfraError, PipelineError
+from pipeline.execution.failures import ray_failure
 from pipeline.models.ensemble import ensemble_members
 from pipeline.progress import Display
 from pipeline.training.jobs import run_pack, spreads_members, train_members
@@ -37,7 +39,8 @@ def connect(cfg: RayConfig) -> bool:
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}  # no banners; token
-    try:                                                              # auth stays on
+    term = signal.getsignal(signal.SIGTERM)                           # auth stays on
+    try:
         if address:
             ray.init(address=address, **quiet)
         else:
@@ -47,7 +50,9 @@ def connect(cfg: RayConfig) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         raise InfraError(f"cannot start or join {where}: {e}") from None
-    return True
+    if callable(term) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, term)   # the job's (Batch: run KILLED, exit 1), not
+    return True                               # the one Ray's core worker installed (aborts)
 
 
 def task(fn: Callable, cfg: RayConfig, retry_exceptions: bool, **options):
@@ -93,8 +98,9 @@ class RayRunner:
 
     def __exit__(self, *exc) -> None:
         if self.started:
-            ray.shutdown()
             self.started = False
+            with contextlib.suppress(Exception):   # a dead node must not hide the error
+                ray.shutdown()
 
     def __call__(self, fn: Callable, args: list[tuple], verb: str = "reading",
                  unit: str = "files") -> list:
@@ -110,10 +116,11 @@ class RayRunner:
             for r in refs:
                 ray.cancel(r, force=True)
             raise deadline.error(f"a data task of {fn.__name__}") from None
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, PipelineError):   # the task's own error, not Ray's wrapper
+        except ray.exceptions.RayError as e:
+            if isinstance(getattr(e, "cause", None), PipelineError):   # the task's own error
                 raise e.cause.with_traceback(None) from None
-            raise
+            raise ray_failure(e, f"a data task ({fn.__name__})",
+                              1 + self.cfg.max_retries) or e from None
 
 
 def wait_all(refs: list, deadline: Deadline, display: Display) -> None:
@@ -225,11 +232,14 @@ def _get(ref, jobs: list[Job], cfg: Config, deadline: Deadline) -> tuple:
     except ray.exceptions.GetTimeoutError:
         ray.cancel(ref, force=True)
         return None, [failed(j, deadline.error("its training task")) for j in jobs]
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause if isinstance(e.cause, BaseException) else e.as_instanceof_cause()
-        return None, [failed(j, cause, cfg.ray.max_retries + 1) for j in jobs]
-    except ray.exceptions.RayError as e:    # the worker or its node died, every retry
-        return None, [failed(j, e, cfg.ray.max_retries + 1) for j in jobs]
+    except ray.exceptions.RayError as e:
+        attempts = cfg.ray.max_retries + 1
+        # the worker or its node died, every retry: Ray's failure in one line; else its own
+        cause = ray_failure(e, f"the training task of {', '.join(j.name for j in jobs)}",
+                            attempts)
+        if cause is None and isinstance(e, ray.exceptions.RayTaskError):
+            cause = e.cause if isinstance(e.cause, BaseException) else e.as_instanceof_cause()
+        return None, [failed(j, cause or e, attempts) for j in jobs]
 
 
 class Reported:
@@ -271,13 +281,15 @@ def _watch(refs: list, deadline: Deadline, epochs: Queue, jobs: int, total: int,
     try:
         while pending and deadline.left() != 0:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-            while not epochs.empty():
-                job, row = epochs.get_nowait()
-                display.update(0, job_status(job, row, total))
+            with contextlib.suppress(ray.exceptions.RayError):  # the display's queue died
+                while not epochs.empty():                      # with its node: no figures
+                    job, row = epochs.get_nowait()
+                    display.update(0, job_status(job, row, total))
             display.update(len(refs) - len(pending) - display.done)
     finally:
         display.close()
-        ray.kill(epochs.actor)
+        with contextlib.suppress(Exception):
+            ray.kill(epochs.actor)
 
 
 def job_status(job: str, row: dict, epochs: int) -> str:

@@ -276,6 +276,18 @@ class Batch:
         self._format, warnings.formatwarning = warnings.formatwarning, format_warning
         return self
 
+    def _close(self, ok: bool, exc) -> None:
+        """The run's end: its tracking run finished (FAILED unless `ok`, KILLED on SIGTERM),
+        the marker written; the lock and Ray released last, whatever fails on the way."""
+        with self._stack:              # the lock and Ray are released last
+            if self.log is not None and self.log.parent_id:
+                if ok:
+                    self.log.metrics({f"seconds_{k}": v for k, v in self.seconds.items()})
+                self.log.finish(ok, "KILLED" if isinstance(exc, Terminated) else None)
+                report.tracking(self.log)
+            if ok and self.record and self._begun and not self._untracked():
+                write_bytes_atomic(json.dumps({"run_id": self.run_id}).encode(), self._marker)
+
     def __exit__(self, kind, exc, tb) -> bool:
         ok = exc is None
         if hasattr(self, "_sigterm"):
@@ -285,14 +297,11 @@ class Batch:
             os.environ.pop(NO_PICKLES, None)
         else:
             os.environ[NO_PICKLES] = self._pickles
-        with self._stack:              # the lock and Ray are released last
-            if self.log is not None and self.log.parent_id:
-                if ok:
-                    self.log.metrics({f"seconds_{k}": v for k, v in self.seconds.items()})
-                self.log.finish(ok, "KILLED" if isinstance(exc, Terminated) else None)
-                report.tracking(self.log)
-            if ok and self.record and self._begun and not self._untracked():
-                write_bytes_atomic(json.dumps({"run_id": self.run_id}).encode(), self._marker)
+        try:
+            self._close(ok, exc)
+        except Exception as e:  # noqa: BLE001 - ending failed (Ray or the server gone): said
+            if ok:
+                ok, exc = False, e
         if ok:
             report.wall_time(time.perf_counter() - self._t0, self.seconds)
             self.exit_code = EXIT_PARTIAL if self.failed_jobs or self._untracked() else EXIT_OK
@@ -308,8 +317,7 @@ class Batch:
             return False
         if isinstance(exc, Terminated):
             self.exit_code = EXIT_FAILED
-            print(f"error: {self.flow} stopped by SIGTERM; its run is marked KILLED",
-                  file=sys.stderr)
+            _error(f"error: {self.flow} stopped by SIGTERM; its run is marked KILLED")
             return True
         if not isinstance(exc, Exception):
             return False               # KeyboardInterrupt, SystemExit: not ours to swallow
@@ -320,5 +328,14 @@ class Batch:
         if not isinstance(exc, PipelineError | C.ConfigError) and \
                 not type(exc).__module__.startswith("mlflow"):
             traceback.print_exception(exc, file=sys.stdout)   # a bug: the details, not on stderr
-        print(one_line(exc, self.flow), file=sys.stderr)
+        _error(one_line(exc, self.flow))
         return True
+
+
+def _error(line: str) -> None:
+    """The one `error:` line, last on stderr: what was printed before it (progress lines,
+    warnings, a bug's traceback on stdout) is flushed first, so nothing follows it."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    print(line, file=sys.stderr, flush=True)
