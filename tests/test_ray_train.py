@@ -131,11 +131,19 @@ def test_a_failed_ddp_run_resumes_every_rank_from_rank_0s_checkpoint(ray_session
 
 
 def test_an_ensembles_members_train_as_tasks_of_their_own_equal_to_local(ray_session,
-                                                                          tmp_path):
+                                                                          tmp_path,
+                                                                          monkeypatch):
     """On a CPU (`train.pack: auto`) each member is a Ray task; the job's Ensemble, figures
     and member rows equal training it in this process, bit for bit (threads pinned), and
-    member 0 logs the job's epochs into its run."""
+    member 0 logs the job's epochs into its run. The driver's line shows every member's
+    epochs as it trains ('global member 3/4 epoch 2/2 …'), not member 0's alone."""
+    from pipeline.execution import ray_train
     from pipeline.execution.ray_train import spreads_members
+    shown = []
+    real_status = ray_train.job_status
+    monkeypatch.setattr(ray_train, "job_status",
+                        lambda job, row, epochs: shown.append(job) or real_status(job, row,
+                                                                                  epochs))
     arrays = sines(6, length=260)
     cfg = C.load(None, [*SMALL, "model.encoder.type=cnn", "windows.lookback=24",
                         "train.epochs=2", "train.steps_per_epoch=3", "train.threads=1",
@@ -162,3 +170,4 @@ def test_an_ensembles_members_train_as_tasks_of_their_own_equal_to_local(ray_ses
     assert timeless[0] == timeless[1] and remote.spec == local.spec
     steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
     assert sorted(steps) == list(range(len(local.history)))      # member 0's epochs, once
+    assert {f"global member {k}/4" for k in range(1, 5)} <= set(shown)

@@ -200,9 +200,10 @@ def _train_members(arrays, jobs: list[Job], cfg: Config, final: bool, loggers: d
     members = [m.index for m in ensemble_members(cfg)]
     refs = {(j.name, i): remote.remote(
                 ref, j, cfg, [i], final,
-                Reported(j.name, epochs, loggers.get(j.name)) if i == members[0] else None,
+                Reported(f"{j.name} member {k + 1}/{len(members)}", epochs,
+                         loggers.get(j.name) if i == members[0] else None),
                 inits.get(j.name), plan_ref)
-            for j in jobs for i in members}
+            for j in jobs for k, i in enumerate(members)}
     deadline = Deadline(cfg.ray)
     _watch(list(refs.values()), deadline, epochs, len(refs), cfg.train.epochs, "members")
     out = []

@@ -137,7 +137,9 @@ def train_members(arrays: SeriesArrays, job: Job, cfg: Config, indices: list[int
     """Members `indices` of the ensemble job `job`, each alone with its pack's steps per
     epoch, as `run_pack` trains them one after another (the execution layer's share of an
     ensemble for one task): member index -> (model, FitResult, windows), for those with
-    windows. `ensemble_result` makes the job's result of every member's."""
+    windows. `ensemble_result` makes the job's result of every member's. `log` gets the
+    epochs of the first of `indices` (a task's member, for the driver's display; it logs to
+    the tracking run when that member is member 0)."""
     done: dict[str, dict[int, tuple]] = {job.name: {}}
     ckpts = []
     with torch_threads(cfg.train.threads):
@@ -145,7 +147,8 @@ def train_members(arrays: SeriesArrays, job: Job, cfg: Config, indices: list[int
             if any(m.index in indices for m in part):
                 ckpts += _train_part(arrays, [job], cfg, part, done, final=final,
                                      logs={job.name: log}, inits={job.name: init},
-                                     progress=False, wrap=None, plan=plan, only=set(indices))
+                                     progress=False, wrap=None, plan=plan, only=set(indices),
+                                     logged=min(indices))
     _clear(ckpts)
     return done[job.name]
 
@@ -158,15 +161,16 @@ def _clear(ckpts: list) -> None:
 
 def _train_part(arrays: SeriesArrays, jobs: list[Job], cfg: Config, part: list[Member],
                 done: dict, *, final: bool, logs: dict, inits: dict, progress: bool,
-                wrap: Callable | None, plan: WindowPlan | None, only: set[int] | None = None
-                ) -> list:
+                wrap: Callable | None, plan: WindowPlan | None, only: set[int] | None = None,
+                logged: int = 0) -> list:
     """Train the members `part` (one lookback) of every job with windows: as one pack, or
     (`train.pack`, `device.packs`) each alone with the pack's steps per epoch and its
     clipping arithmetic, so the weights are the pack's (bit for bit for MLPs on the CPU, to
     float rounding for convolutions and GRUs). Each trained (model, FitResult, windows) goes
     to done[job name][member index]. Returns the checkpoints (cleared once every part has
     trained). `only`: train just these member indices, each alone, whatever `train.pack`
-    says (a Ray task's share of the pack)."""
+    says (a Ray task's share of the pack); `logged`: the member whose epochs go to the job's
+    log."""
     device = resolve_device(cfg.train.device)
     data_cfg = member_config(cfg, Member(0, part[0].lookback, cfg.model.loss, cfg.train.seed))
     same = data_cfg.windows.lookback == cfg.windows.lookback
@@ -177,15 +181,16 @@ def _train_part(arrays: SeriesArrays, jobs: list[Job], cfg: Config, part: list[M
     if not keep:
         return []
     if len(keep) == 1 or (only is None and packs(cfg.train, device)):
-        return [_fit_pack(arrays, keep, cfg, done, final, logs, inits, progress, wrap)]
+        return [_fit_pack(arrays, keep, cfg, done, final, logs, inits, progress, wrap,
+                          logged=logged)]
     alone = (epoch_steps([d for *_, d in keep], cfg.train), len(keep))  # the pack's
-    return [_fit_pack(arrays, [one], cfg, done, final, logs, inits, progress, wrap, alone)
-            for one in keep if only is None or one[1].index in only]
+    return [_fit_pack(arrays, [one], cfg, done, final, logs, inits, progress, wrap, alone,
+                      logged) for one in keep if only is None or one[1].index in only]
 
 
 def _fit_pack(arrays: SeriesArrays, keep: list, cfg: Config, done: dict, final: bool,
               logs: dict, inits: dict, progress: bool, wrap: Callable | None,
-              alone: tuple[int, int] | None = None):
+              alone: tuple[int, int] | None = None, logged: int = 0):
     """Fit the (job, member, data) of `keep` as one module (a PackedModel when more than
     one); `alone`: (steps per epoch, the pack's size) when a member trains alone as in its
     pack. Returns the checkpoint, or None."""
@@ -206,7 +211,7 @@ def _fit_pack(arrays: SeriesArrays, keep: list, cfg: Config, done: dict, final: 
                                dist_info()[1])
     fits = fit(wrap(core) if wrap else core, [d for *_, d in keep], cfg.train,
                _losses(cfg, [m for _, m, _ in keep]), progress=progress, checkpoint=ckpt,
-               log=[logs.get(j.name) if m.index == 0 else None for j, m, _ in keep],
+               log=[logs.get(j.name) if m.index == logged else None for j, m, _ in keep],
                seeds=[m.seed for _, m, _ in keep], steps=steps, width=width,
                val_loss=make_val_loss(cfg.model, cfg.train.val_metric))
     for g, ((job, m, data), res) in enumerate(zip(keep, fits, strict=True)):
