@@ -23,7 +23,7 @@ to it, so a nightly run over the same data is the same batch.
   done. A finished batch -> `AlreadyDone` (exit 0) unless `force`; with `force` the old runs are
   tagged superseded (`compare` ignores them). Parent runs of the batch still RUNNING under the
   lock can only be left by a crash: they are marked KILLED, by the CLI's commands too (runs
-  tagged with the command, config and batch: `_kill_crashed`).
+  tagged with the command, config and batch: `RunLog.start_over`).
 - the tracking run: started in `begin`, finished FINISHED or FAILED on the way out, inside the
   lock, so a finished batch is never seen RUNNING.
 """
@@ -226,8 +226,8 @@ class Batch:
         self._begun = True
         if self.record:
             self._check_done()
-        else:
-            self._kill_crashed()
+        elif self.log is not None:       # a command: its crashed runs of this batch, killed
+            self.log.start_over(self.flow, self.batch_id, "command", [])
         if self.log is not None:
             tags = {"flow": self.flow} if self.record else {"command": self.flow}
             self.log.start(self.batch_id, cutoff, prepared.report, tags=tags)
@@ -238,27 +238,19 @@ class Batch:
             write_parquet_atomic(prepared.report.to_arrow(), paths.validation_report(cfg))
 
     def _check_done(self) -> None:
-        log = self.log
-        done = (log.batch_runs(self.flow, self.batch_id, "FINISHED") if log else []) + \
-            ([self._marker] if os.path.exists(self._marker) else [])
+        """A finished batch -> AlreadyDone unless `force`; otherwise, under the lock, the
+        batch's runs a crash left RUNNING are marked KILLED and its finished ones superseded
+        (`RunLog.start_over`)."""
+        log, tag = self.log, "flow" if self.record else "command"
+        finished = log.batch_runs(self.flow, self.batch_id, "FINISHED", tag) if log else []
+        done = finished + ([self._marker] if os.path.exists(self._marker) else [])
         if done and not self.force:
             raise AlreadyDone(f"batch {self.batch_id} of flow {self.flow} ({self.cfg.name}) "
                               f"already finished ({done[0]}); --force redoes it")
-        self._kill_crashed()
         if log is not None:
-            for run_id in done:
-                if run_id != self._marker:
-                    log.supersede(run_id)
+            log.start_over(self.flow, self.batch_id, tag, finished)
         if os.path.exists(self._marker):
             os.remove(self._marker)
-
-    def _kill_crashed(self) -> None:
-        """Parent runs of this batch (flow or command, config, batch id) still RUNNING while
-        we hold its lock can only be left by a crash: they and their job runs become KILLED."""
-        if self.log is not None:
-            tag = "flow" if self.record else "command"
-            for run_id in self.log.batch_runs(self.flow, self.batch_id, "RUNNING", tag):
-                self.log.kill(run_id)
 
     # -------------------------------------------------------------- ending
 

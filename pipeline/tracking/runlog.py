@@ -98,10 +98,20 @@ class RunLog:
         for run_id in [*(self.tr.safe(read.child_runs, self.uri, parent_id) or []), parent_id]:
             self.tr.terminate(run_id, "KILLED")
 
-    def supersede(self, parent_id: str) -> None:
-        """Tag a finished run and its job runs superseded (comparisons leave them out)."""
-        for run_id in [parent_id, *(self.tr.safe(read.child_runs, self.uri, parent_id) or [])]:
-            self.tr.set_tag(run_id, tracking.SUPERSEDED_TAG, "true")
+    def start_over(self, flow: str, batch_id: str, tag: str, finished: list[str]) -> None:
+        """A batch run again: its parent runs still RUNNING, which only a crash leaves while
+        the batch's lock is held, and their job runs marked KILLED; its `finished` runs
+        superseded."""
+        for run_id in self.batch_runs(flow, batch_id, "RUNNING", tag):
+            self.kill(run_id)
+        self.supersede(*finished)
+
+    def supersede(self, *parent_ids: str) -> None:
+        """Tag finished runs and their job runs superseded (comparisons leave them out)."""
+        for parent_id in parent_ids:
+            for run_id in [parent_id,
+                           *(self.tr.safe(read.child_runs, self.uri, parent_id) or [])]:
+                self.tr.set_tag(run_id, tracking.SUPERSEDED_TAG, "true")
 
     # -------------------------------------------------------------- parent run
 
