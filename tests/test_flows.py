@@ -112,8 +112,13 @@ def test_a_crash_is_recovered_cleanly(demo_dir, tmp_path, no_env, monkeypatch, c
         raise RuntimeError("object store timed out")
     monkeypatch.setattr(forecasting, "registry_forecast", boom)
     assert flow(nightly, demo_dir, out) == EXIT_FAILED
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "error: nightly failed: RuntimeError: object store timed out"
+    printed = capsys.readouterr()
+    err = printed.err.strip().splitlines()
+    # a failure after training: one line, no traceback on any stream; the details in a file
+    first, details = err[-1].split(" (details: ")
+    assert first == "error: nightly failed: RuntimeError: object store timed out"
+    assert "Traceback" not in printed.out + printed.err
+    assert "Traceback" in pathlib.Path(details.rstrip(")")).read_text()
     assert [r.info.status for r in parents(out)] == ["FAILED"]
     assert not glob.glob(os.path.join(out, "forecasts", "*"))
     monkeypatch.undo()

@@ -36,6 +36,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -317,16 +318,38 @@ class Batch:
         if isinstance(exc, AlreadyDone):
             print(one_line(exc, self.flow))
             return True
+        line = one_line(exc, self.flow)
         if not isinstance(exc, PipelineError | C.ConfigError) and \
                 not type(exc).__module__.startswith("mlflow"):
-            traceback.print_exception(exc, file=sys.stdout)   # a bug: the details, not on stderr
-        _error(one_line(exc, self.flow))
+            where = self._keep_traceback(exc)         # a bug: the details, in a file
+            line += f" (details: {where})" if where else ""
+        _error(line)
         return True
+
+    def _keep_traceback(self, exc: BaseException) -> str | None:
+        """A bug's traceback (secrets redacted) in a file next to the locks (the system's
+        temporary folder when even the config did not load): its path, for the error line.
+        Nothing of it on the console."""
+        text = redact("".join(traceback.format_exception(exc)))
+        name = f"error-{self.flow}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.txt"
+        folders = []
+        with contextlib.suppress(Exception):
+            folders.append(paths.lock_dir(self.cfg))
+        for folder in [*folders, tempfile.gettempdir()]:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                path = os.path.join(folder, name)
+                with open(path, "w") as f:
+                    f.write(text)
+                return path
+            except OSError:
+                continue
+        return None
 
 
 def _error(line: str) -> None:
     """The one `error:` line, last on stderr: what was printed before it (progress lines,
-    warnings, a bug's traceback on stdout) is flushed first, so nothing follows it."""
+    warnings) is flushed first, so nothing follows it."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
