@@ -49,6 +49,20 @@ def weights(result) -> dict:
     return torch.load(io.BytesIO(getattr(result, "state", result)), weights_only=True)
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_credentials_stay_in_their_test(monkeypatch):
+    """The tracking layer hands MLflow a URI's credentials through this process's environment
+    (MLFLOW_TRACKING_USERNAME / _PASSWORD): restored after each test, so none leaks into the
+    next one (or into a `docker-compose` it starts)."""
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                "MLFLOW_TRACKING_TOKEN"):
+        value = os.environ.get(key)
+        monkeypatch.setenv(key, value or "-")     # records the value to restore (or none)
+        if value is None:
+            monkeypatch.delenv(key)
+    yield
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance shared by every test that asks for it (starting one takes seconds)."""

@@ -175,7 +175,11 @@ class Stack:
         cmd = [*self.compose, *args]
         if record:
             self.commands.append([a.replace(str(self.env_file), "docker/.env") for a in cmd])
-        return sh(cmd, timeout, check=check, **kw)
+        # Compose reads the shell's environment too: only docker/.env may give the secrets (a
+        # MLFLOW_TRACKING_PASSWORD of this process would fill the one the test leaves out)
+        env = {k: v for k, v in os.environ.items()
+               if k not in SECRETS and not k.startswith("MLFLOW_TRACKING_")}
+        return sh(cmd, timeout, check=check, env=env, **kw)
 
     def containers(self) -> list[str]:
         return sh(["docker", "ps", "-q", "-a", "--filter",

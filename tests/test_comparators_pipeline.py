@@ -449,3 +449,5 @@ def test_the_run_publishes_what_its_backtest_preferred(demo_dir, tmp_path, selec
     assert dict(fc.select("group", "model").unique().iter_rows()) == want
     chosen = {g: c.model for g, c in b.outcome.scored.selection.items()}
     assert chosen == (want if select == "auto" else {})
+    page = pathlib.Path(b.outcome.report).read_text(encoding="utf-8")   # the page says what
+    assert ("published by backtest MASE: " in page) == (select == "auto")   # was published

@@ -410,16 +410,16 @@ def test_the_stack_runs_the_nightly_flow_in_containers(tmp_path, monkeypatch):
     env = stack.env
     assert set(K.SECRETS) <= set(env) and env["MLFLOW_TRACKING_USERNAME"], env.keys()
 
-    # A missing secret: one line naming it, nothing started.
-    stack.write_env(leave_out="MLFLOW_TRACKING_PASSWORD")
-    r = stack.run(["up", "-d"], 300, check=False, record=False)
-    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
-    assert r.returncode != 0 and len(lines) == 1, lines
-    assert "MLFLOW_TRACKING_PASSWORD" in lines[0]
-    assert not stack.containers()
-
-    stack.write_env()
     try:
+        # A missing secret: one line naming it, nothing started.
+        stack.write_env(leave_out="MLFLOW_TRACKING_PASSWORD")
+        r = stack.run(["up", "-d"], 300, check=False, record=False)
+        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+        assert r.returncode != 0 and len(lines) == 1, lines
+        assert "MLFLOW_TRACKING_PASSWORD" in lines[0]
+        assert not stack.containers()
+
+        stack.write_env()
         stack.up()
         stack.create_user()
         stack.make_demo_data()

@@ -75,7 +75,8 @@ class Page(HTMLParser):
 
 @pytest.fixture(scope="module")
 def batch(demo_dir, tmp_path_factory):
-    """A finished `run` flow on the demo data: one epoch of a small quantile GRU."""
+    """A finished `run` flow on the demo data: one epoch of a small quantile GRU, published
+    whatever its backtest (`evaluate.select: network`: the figure shows its interval)."""
     out = tmp_path_factory.mktemp("htmlreport")
     args = parser("run", "").parse_args([
         "--config", "configs/demo.yaml", "--set", f"data.path={demo_dir}", "--set",
@@ -83,7 +84,8 @@ def batch(demo_dir, tmp_path_factory):
         "--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
         "windows.lookback=72", "--set", "model.encoder.hidden_size=8", "--set",
         "model.loss=quantile", "--set", "model.quantiles=[0.1,0.5,0.9]", "--set",
-        "evaluate.comparators=[auto_theta]", "--set", "evaluate.comparator_history=100"])
+        "evaluate.comparators=[auto_theta]", "--set", "evaluate.comparator_history=100",
+        "--set", "evaluate.select=network"])
     b = run_flow(run, args, record=False)
     assert b.exit_code == 0
     return b
@@ -148,7 +150,7 @@ def test_page_is_one_file_with_every_section_and_inlined_pngs(batch, page):
     assert "S0001" in text and batch.run_id in text
     assert re.search(r"\d+ series, frequency 1h, last step \d{4}-\d\d-\d\d \d\d:00:00; "
                      r"24 steps ahead", text)
-    assert re.search(r"series × 24 steps from the model gru_direct; \d+ by fallback:seasonal_naive",
+    assert re.search(r"series × 24 steps — the model gru_direct; \d+ by fallback:seasonal_naive",
                      text)
     assert "How to read this" in text and "<code>MASE</code> divides the miss" in text
     assert groups[0][:3] == ["group", "mase gru_direct", "mase auto_theta"]   # comparators

@@ -120,7 +120,7 @@ def _data_line(data, cfg) -> str:
 def _forecast_line(fc, cfg) -> str:
     """Which model's forecast was published, and how many series fell back."""
     source = esc(fc.note) if fc.note else f"the model {esc(cfg.model.name)}"
-    return (f"{fc.n_series:,} series × {cfg.windows.horizon} steps from {source}; "
+    return (f"{fc.n_series:,} series × {cfg.windows.horizon} steps — {source}; "
             f"{fc.n_fallback:,} by {esc(fc.fallback)} (too short, skipped or failed)")
 
 
