@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline flows tests benchmarks
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/windows.py
