@@ -67,35 +67,46 @@ def no_env(monkeypatch):
 
 
 @pytest.mark.slow
-def test_nightly_rerun_is_skipped_force_redoes_and_forecast_only_agrees(
+def test_nightly_rerun_is_skipped_force_redoes_promotes_nothing_and_forecast_only_agrees(
         demo_dir, tmp_path, no_env, capsys):
+    """With AutoTheta among the candidates (the demo's comparator: it wins every store here),
+    a forced rerun on unchanged data re-scores the champion within about 1e-9 of the
+    challenger: `promote.min_improvement` keeps every champion (with no margin, noise
+    registered new versions for two of the four stores)."""
     out = tmp_path / "out"
-    assert flow(nightly, demo_dir, out) == EXIT_OK
+    theta = ("--set", "evaluate.comparators=[auto_theta]")
+    assert flow(nightly, demo_dir, out, *theta) == EXIT_OK
     first = forecasts(out)
     (run,) = parents(out)
     assert run.info.status == "FINISHED" and run.data.tags["flow"] == "nightly"
     assert run.data.tags["batch_id"] == BATCH and run.data.metrics["promoted_groups"] == 4
     capsys.readouterr()
 
-    assert flow(nightly, demo_dir, out) == EXIT_OK             # same batch: reported, skipped
+    assert flow(nightly, demo_dir, out, *theta) == EXIT_OK     # same batch: reported, skipped
     text = capsys.readouterr().out
     assert f"skipped: batch {BATCH} of flow nightly (demo) already finished " \
            f"({run.info.run_id})" in text and "training" not in text
     assert len(parents(out)) == 1
     assert forecasts(out)["created_at"].to_list() == first["created_at"].to_list()
 
-    assert flow(nightly, demo_dir, out, "--force") == EXIT_OK   # redone: the old run superseded
+    assert flow(nightly, demo_dir, out, "--force", *theta) == EXIT_OK   # redone: superseded
     finished = parents(out, "FINISHED")
     assert len(finished) == 2
     old = [r for r in finished if r.info.run_id == run.info.run_id][0]
     assert old.data.tags[tracking.SUPERSEDED_TAG] == "true"
+    (rerun,) = [r for r in finished if r.info.run_id != run.info.run_id]
+    assert rerun.data.metrics["promoted_groups"] == 0          # unchanged data: no promotion
+    assert "better by less than promote.min_improvement 0.02" in capsys.readouterr().out
+    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    assert [str(c.get_model_version_by_alias(f"demo.store_{g}", "champion").version)
+            for g in "ABCD"] == ["1"] * 4
     board = registry.run_board("demo", uri=f"sqlite:///{out / 'mlflow.db'}")
     assert run.info.run_id not in board["run_id"].to_list() and len(board) == 1
     assert len(glob.glob(os.path.join(out, "forecasts", "job=demo", "*"))) == 1
     redone = forecasts(out)
 
-    # forecast_only with the champions just promoted: the nightly's forecasts, no training
-    only = batch(forecast_only, demo_dir, out)
+    # forecast_only with the champions: the nightly's forecasts, no training
+    only = batch(forecast_only, demo_dir, out, *theta)
     assert only.exit_code == EXIT_OK and "train" not in only.seconds
     assert only.outcome.trained is None and only.outcome.final is None
     assert only.outcome.forecast.note.startswith("champions ")
