@@ -1,4 +1,5 @@
-"""Ray beyond one process: a real two-node cluster, and a worker killed mid-run."""
+"""Ray beyond one process: a real two-node cluster, a worker killed mid-run, a node that
+dies mid-training."""
 from __future__ import annotations
 
 import glob
@@ -61,6 +62,41 @@ def test_the_job_on_two_nodes_with_s3_input_and_outputs_writes_the_local_forecas
     kinds = {f.split("/")[2] for f in info["files"]}
     assert {"forecasts", "backtest", "metrics", "reports"} <= kinds
     assert info["rows"] == 40 * 24 and info["same_keys"] and info["max_y_hat_diff"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_dead_node_that_strands_the_training_is_one_line_and_cleans_up(demo_dir, tmp_path):
+    """tests/deadnode.py in a subprocess: the node that runs every task dies mid-training;
+    the tasks left pending can never run (Ray would wait for a node forever): the run ends
+    with one error line naming the node, exit 1 (retryable), its lock released, its run
+    FAILED, no forecasts written, whole or half."""
+    from pipeline import config as C
+    from pipeline import paths
+    from pipeline.stages.batch import lock
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "deadnode.py"), demo_dir,
+                        str(out)], capture_output=True, text=True,
+                       timeout=2 * scaled(COMMAND), cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    err = info["stderr"].strip().splitlines()
+    assert info["code"] == 1, err
+    assert sum(line.startswith("error: ") for line in err) == 1 and "Traceback" not in \
+        info["stderr"], err
+    assert err[-1].startswith(f"error: node {info['node'][:12]} "), err
+    assert "died during training, and no live node has the 1 CPU a task needs" in err[-1]
+    cfg = C.load("configs/per_group.yaml", [f"output.path={out}"])
+    with lock(paths.partition_lock(cfg, "20240630T230000")):      # released
+        pass
+    assert not glob.glob(str(out / "forecasts" / "**" / "*"), recursive=True)
+    assert not glob.glob(str(out / "**" / ".tmp-*"), recursive=True)
+    mlflow = pytest.importorskip("mlflow")
+    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("demo_per_group").experiment_id],
+                         "tags.`pipeline.role` = 'parent'")
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def _kill_first_job_task(pids: pathlib.Path, killed: list, stop: threading.Event) -> None:

@@ -3,12 +3,15 @@ an object lost, an actor gone. Each becomes an `InfraError` (exit 1: worth retry
 message is one line naming what died and where (node, address, pid, as far as Ray's exception
 says), never Ray's multi-line text. A task's own exception (a RayTaskError whose cause is not
 one of Ray's) is not Ray's failure: `ray_failure` returns None for it, and the caller handles
-it as the task's error.
+it as the task's error. `NodeWatch` finds the tasks a dead node stranded: those no live node
+can run, which Ray would otherwise wait for forever.
 """
 from __future__ import annotations
 
 import re
+import time
 
+import ray
 from ray import exceptions as rx
 
 from pipeline.errors import InfraError
@@ -78,3 +81,34 @@ def ray_failure(e: BaseException, what: str, attempts: int = 1) -> InfraError | 
     return InfraError(f"{what} {said}{f' ({at})' if at else ''}{tries}; "
                       f"{type(inner).__name__} from Ray")
 
+
+
+class NodeWatch:
+    """The nodes alive when a stage submitted its tasks, checked while it waits (at most every
+    `every` seconds): when one of them has died and no live node has the resources a task
+    needs (`need`, e.g. {"CPU": 1}), the tasks still pending can never be scheduled and Ray
+    would wait for a node forever; `check` then raises an InfraError naming the dead node(s).
+    A node that died while others can still take the work is left to Ray's retries."""
+
+    def __init__(self, need: dict[str, float], every: float = 5.0) -> None:
+        self.every = every
+        self.need = {k: float(v) for k, v in need.items() if v}
+        self.start = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in ray.nodes()
+                      if n.get("Alive")}
+        self.next = time.monotonic() + every
+
+    def check(self, pending: int, what: str) -> None:
+        """Raise when `pending` tasks of `what` (e.g. "training") are stranded."""
+        if not pending or time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + self.every
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        dead = [k for k in self.start if k not in {n["NodeID"] for n in alive}]
+        if not dead or any(all(n.get("Resources", {}).get(r, 0.0) >= q
+                               for r, q in self.need.items()) for n in alive):
+            return
+        nodes = ", ".join(f"node {k[:12]}" + (f" ({self.start[k]})" if self.start[k] else "")
+                          for k in dead)
+        need = " and ".join(f"{q:g} {r}" for r, q in self.need.items()) or "the resources"
+        raise InfraError(f"{nodes} died during {what}, and no live node has the {need} a "
+                         f"task needs: {pending} task(s) can never run; NodeDiedError from Ray")

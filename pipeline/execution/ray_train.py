@@ -24,7 +24,7 @@ from ray.util.queue import Queue
 
 from pipeline.config import Config, RayConfig
 from pipeline.errors import InfraError, PipelineError
-from pipeline.execution.failures import ray_failure
+from pipeline.execution.failures import NodeWatch, ray_failure
 from pipeline.models.ensemble import ensemble_members
 from pipeline.progress import Display
 from pipeline.training.jobs import run_pack, spreads_members, train_members
@@ -110,7 +110,7 @@ class RayRunner:
         refs = [remote.remote(*a) for a in args]
         deadline = Deadline(self.cfg)
         try:
-            wait_all(refs, deadline, Display(verb, len(refs), unit))
+            wait_all(refs, deadline, Display(verb, len(refs), unit), NodeWatch(needs(self.cfg)))
             return ray.get(refs, timeout=deadline.left())
         except ray.exceptions.GetTimeoutError:
             for r in refs:
@@ -123,9 +123,16 @@ class RayRunner:
                               1 + self.cfg.max_retries) or e from None
 
 
-def wait_all(refs: list, deadline: Deadline, display: Display) -> None:
+def needs(cfg: RayConfig) -> dict[str, float]:
+    """The resources one task reserves (`task`'s)."""
+    return {"CPU": cfg.task_num_cpus, "GPU": cfg.task_num_gpus}
+
+
+def wait_all(refs: list, deadline: Deadline, display: Display,
+             nodes: NodeWatch | None = None) -> None:
     """Wait for every task, advancing `display` as each finishes (a heartbeat line off a
-    terminal while none does); GetTimeoutError past the deadline."""
+    terminal while none does); GetTimeoutError past the deadline; the InfraError of `nodes`
+    (the pending tasks cancelled) when a dead node left them nowhere to run."""
     pending = list(refs)
     try:
         while pending:
@@ -134,8 +141,21 @@ def wait_all(refs: list, deadline: Deadline, display: Display) -> None:
                 raise ray.exceptions.GetTimeoutError("deadline")
             done, pending = ray.wait(pending, num_returns=1, timeout=min(1.0, left or 1.0))
             display.update(len(done))
+            if nodes is not None:
+                _stranded(nodes, pending, "reading")
     finally:
         display.close()
+
+
+def _stranded(nodes: NodeWatch, pending: list, what: str) -> None:
+    """`nodes.check`, cancelling the pending tasks before its error goes up."""
+    try:
+        nodes.check(len(pending), what)
+    except InfraError:
+        for r in pending:
+            with contextlib.suppress(Exception):
+                ray.cancel(r, force=True)
+        raise
 
 
 # ------------------------------------------------------------------ training on Ray
@@ -182,7 +202,8 @@ def train(arrays, packs: list[list[Job]], cfg: Config, final: bool = False,
                           {j.name: (inits or {}).get(j.name) for j in pack}, plan_ref)
             for pack in packs]
     out, deadline = [], Deadline(cfg.ray)
-    _watch(refs, deadline, epochs, sum(len(p) for p in packs), cfg.train.epochs)
+    _watch(refs, deadline, epochs, sum(len(p) for p in packs), cfg.train.epochs,
+           needs(cfg.ray))
     for pack, r in zip(packs, refs, strict=True):
         value, errors = _get(r, pack, cfg, deadline)
         out += errors or value
@@ -205,7 +226,8 @@ def _train_members(arrays, jobs: list[Job], cfg: Config, final: bool, loggers: d
                 inits.get(j.name), plan_ref)
             for j in jobs for k, i in enumerate(members)}
     deadline = Deadline(cfg.ray)
-    _watch(list(refs.values()), deadline, epochs, len(refs), cfg.train.epochs, "members")
+    _watch(list(refs.values()), deadline, epochs, len(refs), cfg.train.epochs,
+           needs(cfg.ray), "members")
     out = []
     for job in jobs:
         done, log_errors, node, fails = {}, [], "", []
@@ -274,14 +296,16 @@ class Reported:
 
 
 def _watch(refs: list, deadline: Deadline, epochs: Queue, jobs: int, total: int,
-           unit: str = "jobs") -> None:
+           need: dict[str, float], unit: str = "jobs") -> None:
     """The driver's display while the packs train: jobs (or members) done, and each job's
-    latest epoch."""
+    latest epoch. A dead node that leaves the pending tasks (each reserving `need`) nowhere
+    to run ends the wait with its InfraError."""
     display = Display("training", jobs, unit)
-    pending = list(refs)
+    pending, nodes = list(refs), NodeWatch(need)
     try:
         while pending and deadline.left() != 0:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            _stranded(nodes, pending, "training")
             with contextlib.suppress(ray.exceptions.RayError):  # the display's queue died
                 while not epochs.empty():                      # with its node: no figures
                     job, row = epochs.get_nowait()

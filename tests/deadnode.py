@@ -1,0 +1,62 @@
+"""Run by tests/test_cluster.py in a subprocess (the test session already holds a Ray
+instance): a two-node cluster of this script's own (ray.cluster_utils.Cluster: a head with no
+CPU, so every task runs on the second node), `python -m pipeline run` joined to it through
+`ray.address`; once the run has said it is training and a task holds the second node's CPU
+(the free resources of this cluster, from its GCS), the second node is removed
+(`Cluster.remove_node`: the processes this script's cluster started, nothing else).
+Prints one JSON line: the node removed, the run's exit code and its stderr."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import ray
+from ray.cluster_utils import Cluster
+from timeouts import COMMAND, EVENT, SERVICE, scaled
+
+
+def main(data: str, out: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    worker = cluster.add_node(num_cpus=1)
+    run = None
+    try:
+        cluster.wait_for_nodes(timeout=scaled(SERVICE))
+        run = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "--config", "configs/per_group.yaml",
+             "--set", f"data.path={data}", "--set", f"output.path={out}",
+             "--set", "train.per_group.packed=false", "--set", "train.epochs=50",
+             "--set", "train.steps_per_epoch=20", "--set", "windows.lookback=72",
+             "--set", "evaluate.plots=0", "--set", "evaluate.comparators=[]",
+             "--set", f"ray.address={cluster.address}", "--set", "ray.task_num_cpus=1",
+             "--set", "ray.max_retries=0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": os.getcwd()})
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(run.stdout), daemon=True)
+        reader.start()
+        ray.init(address=cluster.address, log_to_driver=False)
+        end = time.monotonic() + scaled(EVENT)
+        while time.monotonic() < end and run.poll() is None:
+            if any(line.startswith("training") for line in lines) and \
+                    ray.available_resources().get("CPU", 0) == 0:    # a training task runs
+                break
+            time.sleep(0.5)
+        assert run.poll() is None, "the run ended before its training started"
+        cluster.remove_node(worker)
+        removed = time.monotonic()
+        run.wait(timeout=scaled(COMMAND))      # its stderr is a few lines: no pipe fills
+        err = run.stderr.read()
+        print(json.dumps({"node": worker.node_id, "code": run.returncode, "stderr": err,
+                          "seconds_to_exit": round(time.monotonic() - removed, 1)}))
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()                              # by its own handle
+            run.wait()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
