@@ -451,3 +451,64 @@ def test_the_run_publishes_what_its_backtest_preferred(demo_dir, tmp_path, selec
     assert chosen == (want if select == "auto" else {})
     page = pathlib.Path(b.outcome.report).read_text(encoding="utf-8")   # the page says what
     assert ("published by backtest MASE: " in page) == (select == "auto")   # was published
+
+
+def test_the_published_network_rows_are_the_networks_forecast_from_the_combining_pass(
+        monkeypatch):
+    """evaluate.combine with evaluate.select: auto: the series whose group published the
+    network alone get the network's forecast from the one pass that made the combination (one
+    forward pass per job and chunk, not a second over the same windows), bit for bit what the
+    network forecasts without evaluate.combine; the combination's group keeps the combination
+    and a comparator's group gets the comparator refitted. Whole, and chunk by chunk."""
+    import contextlib
+    import dataclasses
+    from types import SimpleNamespace as NS
+
+    from conftest import sines
+
+    import pipeline.forecasting.final as final
+    from pipeline.forecasting.backtest import chunk_jobs
+    from pipeline.forecasting.select import Choice
+    from pipeline.stages.forecast import forecast
+    from pipeline.training.jobs import run_jobs_locally
+    from pipeline.training.plan import plan_jobs
+    arrays = sines(6, length=200, groups=["A", "B", "C"])
+    cfg = C.load(None, ["windows.lookback=48", "windows.horizon=12", "windows.n_windows=2",
+                        "data.calendar=[]", "evaluate.season=24",
+                        "evaluate.comparator_history=96", "evaluate.comparators=[auto_theta]",
+                        "evaluate.combine=[auto_theta]", "train.epochs=1",
+                        "train.steps_per_epoch=2", "model.encoder.hidden_size=4",
+                        "model.decoder.hidden_size=4"])
+    plain = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, combine=[]))
+    jobs = plan_jobs(arrays, cfg)
+    models = {r.name: r.model() for r in run_jobs_locally(arrays, jobs, cfg)}
+    net = cfg.model.name
+    selection = {"A": Choice(net), "B": Choice("combination"), "C": Choice("auto_theta")}
+    b = NS(cfg=cfg, runner=None, stage=lambda name: contextlib.nullcontext())
+    fc = forecast(b, NS(arrays=arrays), jobs, NS(models=lambda: models), selection=selection)
+    passes = []
+    predict_job = final.predict_job
+    monkeypatch.setattr(final, "predict_job",
+                        lambda *a, **k: passes.append(1) or predict_job(*a, **k))
+    for chunks in ([(0, 6)], [(0, 2), (2, 4), (4, 6)]):
+        for lo, hi in chunks:
+            within = np.isin(np.arange(len(arrays)), np.arange(lo, hi))
+            part = chunk_jobs(jobs, lo, hi)
+            del passes[:]
+            cols, bad = fc.make(lo, hi)
+            assert bad == [] and len(passes) == len(jobs)           # one forward pass
+            alone, comb = (final.final_forecast(arrays, part, models, c, within=within)
+                           for c in (plain, cfg))
+            for s in range(lo, hi):
+                sid, group = arrays.ids[s], arrays.groups[s]
+                rows = cols["unique_id"] == sid
+                assert rows.sum() == cfg.windows.horizon
+                if group == "C":
+                    assert set(cols["model"][rows]) == {"auto_theta"}
+                    continue
+                want = alone if group == "A" else comb
+                mine = want["unique_id"] == sid
+                assert set(cols) == set(want)
+                for k in want:
+                    np.testing.assert_array_equal(cols[k][rows], want[k][mine], err_msg=k)
+                assert set(cols["model"][rows]) == {net if group == "A" else "combination"}
