@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import io
 import os
+import pathlib
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from timeouts import SERVICE, scaled
+from timeouts import EVENT, SERVICE, scaled
 
 torch.set_num_threads(1)  # 2 cores shared with Ray workers: oversubscribed OpenMP crawls
 os.environ.setdefault("RAY_ACCEPT_USAGE_STATS_PROMPT", "0")
@@ -47,6 +51,44 @@ def sines(n_series=12, length=300, seed=0, groups=None):
 def weights(result) -> dict:
     """A trained model's state dict, from a JobResult or its bytes (weights only)."""
     return torch.load(io.BytesIO(getattr(result, "state", result)), weights_only=True)
+
+
+# the pipeline's commands on the demo config, fast: in this process (`run_args` for
+# `pipeline.cli.main`) or as a subprocess (`start_run`, `wait_for` a line it prints)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAST = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set",
+        "windows.lookback=72", "--set", "model.encoder.hidden_size=8", "--set",
+        "evaluate.plots=0", "--set", "evaluate.comparators=[]", "--set", "ray.enabled=false"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # 2 cores: no spinning
+
+
+def run_args(cmd, data, out, *extra, config="configs/demo.yaml"):
+    """The arguments of `cmd` on `data`, writing under `out`, with FAST and `extra`."""
+    return [cmd, "--config", config, "--set", f"data.path={data}", "--set",
+            f"output.path={out}", *FAST, *extra]
+
+
+RUN = [sys.executable, "-m", "pipeline", "run", "--config", "configs/demo.yaml"]
+
+
+def start_run(demo_dir, out, *extra, env=None):
+    """`python -m pipeline run` on the demo data as a subprocess (50 epochs: still training
+    when the test acts), its stdout and stderr piped."""
+    return subprocess.Popen(
+        [*RUN, "--set", f"data.path={demo_dir}", "--set", f"output.path={out}", "--set",
+         "ray.enabled=false", "--set", "evaluate.plots=0", "--set", "train.epochs=50", *extra],
+        cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+
+def wait_for(proc, text: str, seconds: float = EVENT) -> None:
+    """Read `proc`'s stdout up to a line holding `text` (at most `seconds`, scaled)."""
+    t0, timeout = time.monotonic(), scaled(seconds)
+    for line in proc.stdout:
+        if text in line:
+            return
+        assert time.monotonic() - t0 < timeout, f"no {text!r}"
+    raise AssertionError(f"{text!r} never printed; stderr: {proc.stderr.read()[-2000:]}")
 
 
 @pytest.fixture(autouse=True)

@@ -64,6 +64,35 @@ def test_the_rows_kept_for_drawing_are_those_series_rows(scored):
     assert drawn["unique_id"].dtype == object                # one string per series, shared
 
 
+def test_a_chunked_backtest_makes_its_zero_history_once(monkeypatch):
+    """output.clip_at_zero: the prefix counts that find the all-zero histories are made once
+    for a chunked backtest, not once per chunk, and its chunks are clipped as the one-call
+    backtest clips (the all-zero series forecast 0)."""
+    import pipeline.forecasting.backtest as B
+    arrays = sines(9, length=200)
+    arrays.values[arrays.indptr[4]:arrays.indptr[5]] = 0.0          # an all-zero history
+    cfg = C.load(None, [*CFG, "output.clip_at_zero=true", "evaluate.chunk_series=2"])
+    made = []
+
+    class Counted(B.ZeroHistory):
+        def __init__(self, arrays):
+            made.append(arrays)
+            super().__init__(arrays)
+    monkeypatch.setattr(B, "ZeroHistory", Counted)
+    jobs = plan_jobs(arrays, cfg)
+    run = B.Chunked(arrays, jobs, {}, cfg, lambda frames: frames, drawn_series(arrays, 1))
+    assert len(list(run)) == 5 and len(made) == 1                   # 5 chunks, one made
+    whole = B.backtest(arrays, jobs, {}, cfg)                       # one call: its own
+    assert len(made) == 2
+    assert whole.zero is not None and whole.zero is not made[0]
+    for k, model in {(b.k, b.model) for b in whole.blocks}:
+        (one,) = [b for b in whole.blocks if (b.k, b.model) == (k, model)]
+        parts = [b for b in run.scores.blocks if (b.k, b.model) == (k, model)]
+        np.testing.assert_array_equal(np.concatenate([b.series for b in parts]), one.series)
+        np.testing.assert_array_equal(np.concatenate([b.y_hat for b in parts]), one.y_hat)
+        assert (one.y_hat[one.series == 4] == 0).all() and (one.y_hat >= 0).all()
+
+
 def test_make_demo_data_in_row_groups_writes_the_same_rows(tmp_path):
     a = make_demo_data(str(tmp_path / "a"), n_series=30, seed=4)
     b = make_demo_data(str(tmp_path / "b"), n_series=30, seed=4, flush_rows=3000)

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
-from test_integrity import run_args
+from conftest import run_args
 
 from pipeline.cli import main
 from pipeline.errors import EXIT_OK
@@ -199,7 +199,7 @@ def test_every_output_file_has_one_mode_under_the_umask(demo_dir, tmp_path, umas
     import subprocess
     import sys
 
-    from test_integrity import ENV, ROOT
+    from conftest import ENV, ROOT
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "pipeline", *run_args("run", demo_dir, out, "--set",
                                                                     "tracking.enabled=false")],

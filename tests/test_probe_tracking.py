@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from test_integrity import ENV, ROOT, wait_for
+from conftest import ENV, ROOT, wait_for
 
 from pipeline.errors import EXIT_OK, EXIT_PARTIAL
 

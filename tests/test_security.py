@@ -1,6 +1,6 @@
 """Security: no code from the registry, no path from the data, no secret in the logs, a Ray
 that authenticates. Each test names the finding it pins (the output-integrity findings are in
-test_integrity.py)."""
+test_atomicity.py, test_locks.py, test_failures.py and test_exit_codes.py)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_integrity import ROOT, run_args
+from conftest import ROOT, run_args
 
 from pipeline import config as C
 from pipeline import tracking

@@ -137,13 +137,15 @@ class Chunked:
         self.convert, self.keep, self.refit, self.runner = convert, keep, refit, runner
         self.scores, self.drawn = Backtest(), []
         self.loaders: dict = {}       # cutoff number -> loader, fitted once for every chunk
+        self.zero = ZeroHistory(arrays) if cfg.output.clip_at_zero is True else None  # once
 
     def __iter__(self):
         n, made = len(self.arrays), 0
         size = self.cfg.evaluate.chunk_series or max(n, 1)
         for lo in range(0, max(n, 1), size):
             bt = backtest(self.arrays, chunk_jobs(self.jobs, lo, lo + size), self.models,
-                          self.cfg, refit=self.refit, runner=self.runner, loaders=self.loaders)
+                          self.cfg, refit=self.refit, runner=self.runner, loaders=self.loaders,
+                          zero=self.zero)
             self.drawn.append(bt.drawn(self.keep))
             frames, bt.frames, bt.frame_series = bt.frames, [], []
             self.scores.merge(bt)
@@ -181,15 +183,21 @@ def config_at(cfg: Config, k: int) -> Config:
 
 def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
              extra: dict | None = None, device="cpu", refit: bool = False,
-             runner: Callable | None = None, loaders: dict | None = None) -> Backtest:
+             runner: Callable | None = None, loaders: dict | None = None,
+             zero: ZeroHistory | None = None) -> Backtest:
     """`models`: {job name: model} trained once before the oldest cutoff, or with `refit`
     {cutoff number: {job name: model trained before that cutoff}}. Jobs without a model get
     the baselines (and comparators) only. `runner` maps the comparators over chunks of series
     (`pipeline.execution.ray_train.RayRunner`; default: in this process). `loaders`: {cutoff number:
-    loader}, filled as fitted and reused (the chunks of one backtest share it)."""
+    loader}, filled as fitted and reused (the chunks of one backtest share it). `zero`:
+    `ZeroHistory(arrays)` when the caller has one (the chunks of one backtest share it); made
+    here otherwise. Used under `output.clip_at_zero` only."""
     m = season_of(cfg, arrays)
-    out = Backtest(season=m, history=cfg.evaluate.history_cap(m),
-                   zero=ZeroHistory(arrays) if cfg.output.clip_at_zero is True else None)
+    if cfg.output.clip_at_zero is not True:
+        zero = None
+    elif zero is None:
+        zero = ZeroHistory(arrays)
+    out = Backtest(season=m, history=cfg.evaluate.history_cap(m), zero=zero)
     ok = arrays.status == 0
     quantiles = cfg.model.quantiles
     cutoffs = cutoff_positions(arrays.lengths, cfg.windows.horizon, cfg.windows.n_windows,

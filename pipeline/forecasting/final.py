@@ -28,13 +28,15 @@ from pipeline.forecasting.predict import history, long_frame, observed, predict_
 def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
                    extra: dict | None = None, device="cpu",
                    within: np.ndarray | None = None, failed: list | None = None,
-                   runner: Callable | None = None, loader: WindowLoader | None = None
-                   ) -> dict:
+                   runner: Callable | None = None, loader: WindowLoader | None = None,
+                   alone: list | None = None) -> dict:
     """H steps past every series' end: the job's model ({job name: model}) where there is one,
     else the fallback (`fallback_forecast`). A job whose forecasts are not all finite gets the
     fallback too, and its name is appended to `failed`. `within` ([S] bool) limits the
     forecast to those series (default: every series). `loader`: `loader_at(arrays, cfg,
-    arrays.lengths)` when the caller has one (it forecasts in chunks)."""
+    arrays.lengths)` when the caller has one (it forecasts in chunks). `alone`: under
+    `evaluate.combine`, the network's own predictions of each job it combined are appended
+    to it (`Predictions`), for `network_forecast`: the network alone, from the same pass."""
     ok = arrays.status == 0
     covered = np.zeros(len(arrays), bool)
     frames = []
@@ -55,6 +57,8 @@ def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
         if cfg.evaluate.combine:      # averaged with the comparators fitted on the same history
             y_hat, name = combined(y_hat, _final_comparators(arrays, p.series, cfg, runner)), \
                 COMBINATION
+            if alone is not None:
+                alone.append(p)
         frames.append(long_frame(arrays, p.series, p.origin.astype(np.int64), y_hat, name,
                                  quantiles=cfg.model.quantiles, q_hat=p.q_hat, extra=extra))
         covered[p.series] = True
@@ -66,6 +70,24 @@ def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
         frames.append(long_frame(arrays, rest, arrays.lengths[rest].astype(np.int64), y_hat,
                                  fallback_name(cfg), quantiles=cfg.model.quantiles,
                                  q_hat=q_hat, extra=extra))
+    return concat_columns(frames)
+
+
+def network_forecast(arrays: SeriesArrays, alone: list, cfg: Config, within: np.ndarray,
+                     extra: dict | None = None) -> dict:
+    """The network's own forecast of the series `within` ([S] bool) where `final_forecast`
+    combined it: its rows from the predictions that call appended to `alone`, as
+    `final_forecast` without `evaluate.combine` writes them (no second forward pass). Series
+    `alone` does not hold get no row."""
+    frames = []
+    for p in alone:
+        rows = within[p.series]
+        if rows.any():
+            frames.append(long_frame(arrays, p.series[rows], p.origin[rows].astype(np.int64),
+                                     p.y_hat[rows], cfg.model.name,
+                                     quantiles=cfg.model.quantiles,
+                                     q_hat=None if p.q_hat is None else p.q_hat[rows],
+                                     extra=extra))
     return concat_columns(frames)
 
 

@@ -10,7 +10,6 @@ and the report (`Forecast.cols`); `Forecast.rows()` reads the whole forecast bac
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ from pipeline.forecasting.backtest import (
     fallback_name,
     season_of,
 )
-from pipeline.forecasting.final import final_forecast, refit_forecast
+from pipeline.forecasting.final import final_forecast, network_forecast, refit_forecast
 from pipeline.forecasting.intervals import interval_columns, with_intervals
 from pipeline.forecasting.predict import quantile_column
 from pipeline.forecasting.select import default_model, published
@@ -91,15 +90,16 @@ def forecast(b: Batch, data: Prepared, jobs: list[Job], trained, calibration=Non
     arrays, cfg, models, cal = data.arrays, b.cfg, trained.models(), calibration
     # the scaling at the series' ends, fitted once for all chunks
     loader = loader_at(arrays, cfg, arrays.lengths) if models else None
-    swap = _Selected(b, arrays, models, loader, selection) if selection else None
+    swap = _Selected(b, arrays, selection) if selection else None
 
     def make(lo: int, hi: int) -> tuple[dict, list[str]]:
         bad: list[str] = []
-        part = chunk_jobs(jobs, lo, hi)
-        cols = final_forecast(arrays, part, models, cfg, within=_range(len(arrays), lo, hi),
-                              failed=bad, runner=b.runner, loader=loader)
+        alone: list | None = [] if swap is not None else None   # the network's, combined
+        cols = final_forecast(arrays, chunk_jobs(jobs, lo, hi), models, cfg,
+                              within=_range(len(arrays), lo, hi), failed=bad,
+                              runner=b.runner, loader=loader, alone=alone)
         if swap is not None:
-            cols = swap(cols, part)
+            cols = swap(cols, alone)
         return _intervals(cols, cal, cfg), bad
     return Forecast(make, _columns([cfg], [cal]), note=_published(selection or {}),
                     fallback=fallback_name(cfg))
@@ -118,15 +118,18 @@ def _published(selection: dict) -> str:
 
 class _Selected:
     """Replaces the default candidate's rows of the series whose group published another
-    one: the network alone (when the default is the combination) or a comparator refitted on
-    each series' history (`refit_forecast`, as a statistical champion is)."""
+    one: the network alone (when the default is the combination: its predictions that went
+    into the combination, `final_forecast`'s `alone`, not a second forward pass) or a
+    comparator refitted on each series' history (`refit_forecast`, as a statistical champion
+    is)."""
 
-    def __init__(self, b: Batch, arrays, models: dict, loader, selection: dict) -> None:
-        self.b, self.arrays, self.models, self.loader = b, arrays, models, loader
-        self.selection, self.cfg = selection, b.cfg
+    def __init__(self, b: Batch, arrays, selection: dict) -> None:
+        self.b, self.arrays, self.selection, self.cfg = b, arrays, selection, b.cfg
         self.index = {str(i): k for k, i in enumerate(arrays.ids.tolist())}
 
-    def __call__(self, cols: dict, jobs: list[Job]) -> dict:
+    def __call__(self, cols: dict, alone: list) -> dict:
+        """`cols`: a chunk's default forecast; `alone`: the network's predictions
+        `final_forecast` combined into it."""
         cfg, h, base = self.cfg, self.cfg.windows.horizon, default_model(self.cfg)
         if not cols:
             return cols
@@ -139,19 +142,13 @@ class _Selected:
         ids = cols["unique_id"][::h]
         for model in sorted(set(wants[swap])):
             series = np.array(sorted(self.index[str(i)] for i in ids[swap & (wants == model)]))
-            frames.append(self._made(model, series, jobs))
+            frames.append(self._made(model, series, alone))
         return concat_columns(frames)
 
-    def _made(self, model: str, series: np.ndarray, jobs: list[Job]) -> dict:
+    def _made(self, model: str, series: np.ndarray, alone: list) -> dict:
         cfg, arrays = self.cfg, self.arrays
-        within = np.zeros(len(arrays), bool)
-        within[series] = True
         if model == cfg.model.name:          # the network alone, where the default combines
-            alone = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate,
-                                                                          combine=[]))
-            part = [dataclasses.replace(j, series=j.series[within[j.series]]) for j in jobs]
-            return final_forecast(arrays, part, self.models, alone, within=within,
-                                  runner=self.b.runner, loader=self.loader)
+            return network_forecast(arrays, alone, cfg, np.isin(np.arange(len(arrays)), series))
         m = season_of(cfg, arrays)
         cols, rest = refit_forecast(arrays, series, model, m, cfg.evaluate.history_cap(m),
                                     cfg.windows.horizon, self.b.runner)
