@@ -332,6 +332,24 @@ def test_fallbacks_are_listed_with_why_and_the_sample_draws_them():
                          for k, v in forecasts.items()}, 2) == ["b", "d"]
 
 
+def test_a_promotion_says_per_group_what_was_decided():
+    """After a promotion the forecast is the champions': the header gives each group's
+    decision, the table no per-series MASE of a model this run did not score."""
+    from pipeline.tracking.champions import Decision
+    b = hostile_batch()
+    cols = b.outcome.forecast.cols
+    cols["model"] = np.where(cols["unique_id"] == "plain", "net", cols["model"]).astype(object)
+    b.outcome.decisions = [Decision("x", 0.9, None, "none", True, challenger_model="auto_ets"),
+                           Decision("<b>North</b>", 1.2, 1.1, "net v3", False)]
+    p = Page(htmlreport.render(b, b.outcome))
+    published = p.header["published"].split("; ")
+    assert "x: net — promoted now, no valid champion before: this run's auto_ets, backtest " \
+           "MASE 0.900" in published
+    assert "<b>North</b>: fallback:seasonal_naive only" in published
+    assert p.tables["forecasts"][0][:4] == ["id", "group", "published model",
+                                            "MASE seasonal naive"]
+
+
 def test_data_unit_labels_the_axes_and_the_value_columns(monkeypatch):
     figs = []
     real = plots._png

@@ -429,12 +429,18 @@ def _why(b, o):
             d = decided.get(g) or decided.get("global")
             if d is None:
                 return "the registered champion"
+            note = "" if not d.note else f" {d.note}" if d.note.startswith("(") else \
+                f", {d.note}"
+            mine = f"this run's {d.challenger_model or cfg.model.name}"
+            if d.promoted and d.champion is None:
+                return (f"promoted now, no valid champion before: {mine}, backtest MASE "
+                        f"{_num(d.challenger, 3)}{note}")
             if d.promoted:
-                return (f"promoted now: this run's {d.challenger_model or cfg.model.name} "
-                        f"scored backtest MASE {_num(d.challenger, 3)} against the champion's "
-                        f"{_num(d.champion, 3)}")
+                return (f"promoted now: {mine}, backtest MASE {_num(d.challenger, 3)} against "
+                        f"the champion's {_num(d.champion, 3)}{note}")
             return (f"the registered champion ({d.champion_label}, backtest MASE "
-                    f"{_num(d.champion, 3)}) kept against this run's {_num(d.challenger, 3)}")
+                    f"{_num(d.champion, 3)}) kept against {mine}'s {_num(d.challenger, 3)}"
+                    f"{note}")
         return by_decision
     if selection:
         def by_selection(g: str) -> str:
@@ -600,6 +606,7 @@ def _per_series(cfg, o, view: _View) -> str:
             pl.Series("mase", [by_model.get(m, {}).get(i, math.nan)
                                for i, m in zip(ids, models, strict=True)], pl.Float64),
             pl.Series("mase_base", [base.get(i, math.nan) for i in ids], pl.Float64))
+        mases = ["mase", "mase_base"] if mine else ["mase_base"]
     n, note = len(table), ""
     if n > SERIES_ROWS:
         if mine:
@@ -614,7 +621,7 @@ def _per_series(cfg, o, view: _View) -> str:
     values = f"next values ({esc(unit)})" if unit else "next values"
     heads = ["id", "group", "published model"]
     if scored:
-        heads += ["#MASE", "#MASE seasonal naive"]
+        heads += ["#MASE", "#MASE seasonal naive"] if mine else ["#MASE seasonal naive"]
     num = " class=\"num\""
     first = "".join(f"<th rowspan=\"2\" data-col=\"{c}\"{num if h[0] == '#' else ''}>"
                     f"{esc(h.lstrip('#'))}</th>" for c, h in enumerate(heads))
@@ -626,16 +633,16 @@ def _per_series(cfg, o, view: _View) -> str:
         cells = [f"<td>{esc(r['unique_id'])}</td><td>{esc(r['group'])}</td>"
                  f"<td>{esc(r['model'])}</td>"]
         if scored:
-            cells += [_num_cell(r["mase"], 3), _num_cell(r["mase_base"], 3)]
+            cells += [_num_cell(r[c], 3) for c in mases]
         nxt = list(r["next"])[:k]
         cells += [_num_cell(v) for v in nxt] + ["<td class=\"num\"></td>"] * (k - len(nxt))
         rows.append(f"<tr>{''.join(cells)}</tr>")
     mase_note = ("" if not scored else " MASE: the published model's backtest error over "
                  "that of seasonal naive on the series' own history (below 1: better), the "
                  "mean over the cutoffs; beside it, the MASE of seasonal naive's own backtest "
-                 "forecasts." if mine else " MASE of the published model: – (it came "
-                 "from the registered champions, scored per group above); seasonal naive: "
-                 "this run's backtest.")
+                 "forecasts." if mine else " The published models came from the registered "
+                 "champions, scored per group above, not per series here; MASE seasonal "
+                 "naive: this run's backtest.")
     return ("<section id=\"per-series\"><h2>Forecasts per series</h2>"
             + (f"<p class=\"note\">{view.source}.</p>" if view.source else "")
             + f"<table id=\"forecasts\"><thead><tr>{first}</tr><tr>{second}</tr></thead>"
