@@ -8,6 +8,7 @@ can run, which Ray would otherwise wait for forever.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 
@@ -86,19 +87,22 @@ def ray_failure(e: BaseException, what: str, attempts: int = 1) -> InfraError | 
 class NodeWatch:
     """The nodes alive when a stage submitted its tasks, checked while it waits (at most every
     `every` seconds): when one of them has died and no live node has the resources a task
-    needs (`need`, e.g. {"CPU": 1}), the tasks still pending can never be scheduled and Ray
-    would wait for a node forever; `check` then raises an InfraError naming the dead node(s).
-    A node that died while others can still take the work is left to Ray's retries."""
+    needs (`ray.task_num_cpus`/`task_num_gpus` of `cfg`), the tasks still pending can never be
+    scheduled and Ray would wait for a node forever; `check` then cancels them and raises an
+    InfraError naming the dead node(s). A node that died while others can still take the work
+    is left to Ray's retries."""
 
-    def __init__(self, need: dict[str, float], every: float = 5.0) -> None:
-        self.every = every
+    def __init__(self, cfg, every: float = 5.0) -> None:
+        self.every = every                    # cfg: the RayConfig whose tasks are awaited
+        need = {"CPU": cfg.task_num_cpus, "GPU": cfg.task_num_gpus}
         self.need = {k: float(v) for k, v in need.items() if v}
         self.start = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in ray.nodes()
                       if n.get("Alive")}
         self.next = time.monotonic() + every
 
-    def check(self, pending: int, what: str) -> None:
-        """Raise when `pending` tasks of `what` (e.g. "training") are stranded."""
+    def check(self, pending: list, what: str) -> None:
+        """Raise when the `pending` tasks (refs) of `what` (e.g. "training") are stranded,
+        cancelling them first."""
         if not pending or time.monotonic() < self.next:
             return
         self.next = time.monotonic() + self.every
@@ -110,5 +114,9 @@ class NodeWatch:
         nodes = ", ".join(f"node {k[:12]}" + (f" ({self.start[k]})" if self.start[k] else "")
                           for k in dead)
         need = " and ".join(f"{q:g} {r}" for r, q in self.need.items()) or "the resources"
+        for ref in pending:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
         raise InfraError(f"{nodes} died during {what}, and no live node has the {need} a "
-                         f"task needs: {pending} task(s) can never run; NodeDiedError from Ray")
+                         f"task needs: {len(pending)} task(s) can never run; "
+                         "NodeDiedError from Ray")

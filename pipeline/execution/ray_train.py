@@ -110,7 +110,7 @@ class RayRunner:
         refs = [remote.remote(*a) for a in args]
         deadline = Deadline(self.cfg)
         try:
-            wait_all(refs, deadline, Display(verb, len(refs), unit), NodeWatch(needs(self.cfg)))
+            wait_all(refs, deadline, Display(verb, len(refs), unit), NodeWatch(self.cfg))
             return ray.get(refs, timeout=deadline.left())
         except ray.exceptions.GetTimeoutError:
             for r in refs:
@@ -121,11 +121,6 @@ class RayRunner:
                 raise e.cause.with_traceback(None) from None
             raise ray_failure(e, f"a data task ({fn.__name__})",
                               1 + self.cfg.max_retries) or e from None
-
-
-def needs(cfg: RayConfig) -> dict[str, float]:
-    """The resources one task reserves (`task`'s)."""
-    return {"CPU": cfg.task_num_cpus, "GPU": cfg.task_num_gpus}
 
 
 def wait_all(refs: list, deadline: Deadline, display: Display,
@@ -142,20 +137,9 @@ def wait_all(refs: list, deadline: Deadline, display: Display,
             done, pending = ray.wait(pending, num_returns=1, timeout=min(1.0, left or 1.0))
             display.update(len(done))
             if nodes is not None:
-                _stranded(nodes, pending, "reading")
+                nodes.check(pending, "reading")
     finally:
         display.close()
-
-
-def _stranded(nodes: NodeWatch, pending: list, what: str) -> None:
-    """`nodes.check`, cancelling the pending tasks before its error goes up."""
-    try:
-        nodes.check(len(pending), what)
-    except InfraError:
-        for r in pending:
-            with contextlib.suppress(Exception):
-                ray.cancel(r, force=True)
-        raise
 
 
 # ------------------------------------------------------------------ training on Ray
@@ -203,7 +187,7 @@ def train(arrays, packs: list[list[Job]], cfg: Config, final: bool = False,
             for pack in packs]
     out, deadline = [], Deadline(cfg.ray)
     _watch(refs, deadline, epochs, sum(len(p) for p in packs), cfg.train.epochs,
-           needs(cfg.ray))
+           cfg.ray)
     for pack, r in zip(packs, refs, strict=True):
         value, errors = _get(r, pack, cfg, deadline)
         out += errors or value
@@ -227,7 +211,7 @@ def _train_members(arrays, jobs: list[Job], cfg: Config, final: bool, loggers: d
             for j in jobs for k, i in enumerate(members)}
     deadline = Deadline(cfg.ray)
     _watch(list(refs.values()), deadline, epochs, len(refs), cfg.train.epochs,
-           needs(cfg.ray), "members")
+           cfg.ray, "members")
     out = []
     for job in jobs:
         done, log_errors, node, fails = {}, [], "", []
@@ -296,16 +280,17 @@ class Reported:
 
 
 def _watch(refs: list, deadline: Deadline, epochs: Queue, jobs: int, total: int,
-           need: dict[str, float], unit: str = "jobs") -> None:
+           ray_cfg: RayConfig, unit: str = "jobs") -> None:
     """The driver's display while the packs train: jobs (or members) done, and each job's
     latest epoch. A dead node that leaves the pending tasks (each reserving `need`) nowhere
-    to run ends the wait with its InfraError."""
+    to run (`ray_cfg`: what a task
+    reserves) ends the wait with its InfraError."""
     display = Display("training", jobs, unit)
-    pending, nodes = list(refs), NodeWatch(need)
+    pending, nodes = list(refs), NodeWatch(ray_cfg)
     try:
         while pending and deadline.left() != 0:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-            _stranded(nodes, pending, "training")
+            nodes.check(pending, "training")
             with contextlib.suppress(ray.exceptions.RayError):  # the display's queue died
                 while not epochs.empty():                      # with its node: no figures
                     job, row = epochs.get_nowait()

@@ -181,29 +181,23 @@ def config_at(cfg: Config, k: int) -> Config:
     return dataclasses.replace(cfg, windows=dataclasses.replace(cfg.windows, n_windows=k + 1))
 
 
-def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
-             extra: dict | None = None, device="cpu", refit: bool = False,
-             runner: Callable | None = None, loaders: dict | None = None,
-             zero: ZeroHistory | None = None) -> Backtest:
+def backtest(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config, extra=None,
+             device="cpu", refit: bool = False, runner: Callable | None = None,
+             loaders: dict | None = None, zero: ZeroHistory | None = None) -> Backtest:
     """`models`: {job name: model} trained once before the oldest cutoff, or with `refit`
     {cutoff number: {job name: model trained before that cutoff}}. Jobs without a model get
     the baselines (and comparators) only. `runner` maps the comparators over chunks of series
-    (`pipeline.execution.ray_train.RayRunner`; default: in this process). `loaders`: {cutoff number:
-    loader}, filled as fitted and reused (the chunks of one backtest share it). `zero`:
-    `ZeroHistory(arrays)` when the caller has one (the chunks of one backtest share it); made
-    here otherwise. Used under `output.clip_at_zero` only."""
-    m = season_of(cfg, arrays)
-    if cfg.output.clip_at_zero is not True:
-        zero = None
-    elif zero is None:
-        zero = ZeroHistory(arrays)
+    (`pipeline.execution.ray_train.RayRunner`; default: in this process). `loaders` ({cutoff
+    number: loader}) and `zero` (`ZeroHistory`, for `output.clip_at_zero`): the chunks of one
+    backtest share them; made here when not given."""
+    m, clip = season_of(cfg, arrays), cfg.output.clip_at_zero is True
+    zero = (zero if zero is not None else ZeroHistory(arrays)) if clip else None
     out = Backtest(season=m, history=cfg.evaluate.history_cap(m), zero=zero)
-    ok = arrays.status == 0
-    quantiles = cfg.model.quantiles
+    ok, quantiles = arrays.status == 0, cfg.model.quantiles
     cutoffs = cutoff_positions(arrays.lengths, cfg.windows.horizon, cfg.windows.n_windows,
                                cfg.windows.step)
-    pending = []              # the comparators' blocks, forecast together after the loop
-    loaders = {} if loaders is None else loaders
+    # the comparators' blocks, forecast together after the loop; the loaders, filled as fitted
+    pending, loaders = [], ({} if loaders is None else loaders)
     for k, cut in enumerate(cutoffs):
         models_k = models[k] if refit else models
         if k not in loaders:
