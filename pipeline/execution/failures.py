@@ -83,7 +83,6 @@ def ray_failure(e: BaseException, what: str, attempts: int = 1) -> InfraError | 
                       f"{type(inner).__name__} from Ray")
 
 
-
 class NodeWatch:
     """The nodes alive when a stage submitted its tasks, checked while it waits (at most every
     `every` seconds): when one of them has died and no live node has the resources a task

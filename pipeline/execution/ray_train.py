@@ -282,9 +282,8 @@ class Reported:
 def _watch(refs: list, deadline: Deadline, epochs: Queue, jobs: int, total: int,
            ray_cfg: RayConfig, unit: str = "jobs") -> None:
     """The driver's display while the packs train: jobs (or members) done, and each job's
-    latest epoch. A dead node that leaves the pending tasks (each reserving `need`) nowhere
-    to run (`ray_cfg`: what a task
-    reserves) ends the wait with its InfraError."""
+    latest epoch. A dead node that leaves the pending tasks (each reserving what `ray_cfg`
+    asks of a task) nowhere to run ends the wait with its InfraError."""
     display = Display("training", jobs, unit)
     pending, nodes = list(refs), NodeWatch(ray_cfg)
     try:
