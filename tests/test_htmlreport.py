@@ -24,7 +24,7 @@ from pipeline.data.series import SeriesArrays
 from pipeline.forecasting.backtest import backtest, concat_columns
 from pipeline.forecasting.final import final_forecast
 from pipeline.outputs import html as htmlreport
-from pipeline.outputs import plots
+from pipeline.outputs import html_series, plots
 from pipeline.stages.forecast import Forecast
 from pipeline.stages.steps import Outcome, Scored
 from pipeline.training.plan import Job
@@ -370,8 +370,8 @@ def test_data_unit_labels_the_axes_and_the_value_columns(monkeypatch):
 
 def test_large_runs_cap_the_table_and_the_csv(monkeypatch):
     b = hostile_batch()
-    monkeypatch.setattr(htmlreport, "SERIES_ROWS", 2)
-    monkeypatch.setattr(htmlreport, "CSV_BYTES", 100)
+    monkeypatch.setattr(html_series, "SERIES_ROWS", 2)
+    monkeypatch.setattr(html_series, "CSV_BYTES", 100)
     text = htmlreport.render(b, b.outcome)
     p = Page(text)
     assert len(p.tables["forecasts"]) == 2 + 2

@@ -47,8 +47,7 @@ class DataConfig:
     nan_policy: str = "impute"           # NaN/inf targets: impute (and mask) | drop | fail
     nonnegative: bool = False            # series with negative targets are skipped when true
     rows_per_task: int = 5_000_000       # a file larger than this is split into chunks of series
-    unit: str | None = None              # the target's unit ("kWh", "units"): the report's axes
-                                         # and value columns; None: the axes read target_col
+    unit: str | None = None              # the target's unit ("kWh"): the report's axes, values
 
     def __post_init__(self) -> None:
         if isinstance(self.freq, int):
