@@ -11,6 +11,7 @@ def test_defaults_build_and_flatten():
     flat = cfg.flat()
     assert flat["windows.lookback"] == 168 and flat["model.encoder.type"] == "gru"
     assert cfg.windows.val_size == cfg.windows.horizon and cfg.windows.step == cfg.windows.horizon
+    assert cfg.data.unit is None and C.load(None, ["data.unit=kWh"]).data.unit == "kWh"
 
 
 def test_yaml_and_set_overrides(tmp_path):
@@ -31,6 +32,8 @@ def test_yaml_and_set_overrides(tmp_path):
     (["train.mode=per_group"], "train.mode = 'per_group' needs data.group_col"),
     (["model.loss=quantile"], "needs model.quantiles"),
     (["data.static_cols=[y]"], "given more than one role"),
+    (["data.unit=[kWh]"], "data.unit must be a string, got ['kWh']"),
+    (["data.unit=''"], "data.unit = '' names no unit"),
     (["windows"], "expected section.key=value"),
 ])
 def test_bad_config_names_the_key(override, message):

@@ -47,12 +47,15 @@ class DataConfig:
     nan_policy: str = "impute"           # NaN/inf targets: impute (and mask) | drop | fail
     nonnegative: bool = False            # series with negative targets are skipped when true
     rows_per_task: int = 5_000_000       # a file larger than this is split into chunks of series
+    unit: str | None = None              # the target's unit ("kWh"): the report's axes, values
 
     def __post_init__(self) -> None:
         if isinstance(self.freq, int):
             self.freq = str(self.freq)
         _choice("data.nan_policy", self.nan_policy, ("impute", "drop", "fail"))
         _positive("data.rows_per_task", self.rows_per_task)
+        if self.unit is not None and not self.unit.strip():
+            raise ConfigError("data.unit = '' names no unit; leave it out or give one (\"kWh\")")
         if isinstance(self.calendar, str) and self.calendar != "auto":
             raise ConfigError(f"data.calendar = {self.calendar!r}: use 'auto' or a list of "
                               f"{', '.join(CALENDAR_FEATURES)}")

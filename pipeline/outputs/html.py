@@ -1,20 +1,23 @@
 """One batch as a self-contained HTML page: one file, inline CSS, images inlined as base64 PNG
-`data:` URIs, no JavaScript, nothing fetched (a Content-Security-Policy forbids it).
+`data:` URIs, the forecast as a `data:` CSV link, one inline script (sorting and filtering the
+per-series table; the page is whole without it), nothing fetched: a Content-Security-Policy
+forbids everything else and allows that script alone, by its SHA-256.
 
     html = render(b, outcome)    # b: the pipeline.stages.batch.Batch, outcome: its flow's results
     write(b, outcome, "outputs/report.html")
 
 The page holds what the flow's `pipeline.stages.steps.Outcome` holds (the sections whose stage did
-not run are left out): the header (config, flow, batch, data end, run, stage timings, failed
-jobs), the training jobs, the backtest leaderboard against the baselines, the per-group
-decisions or champions, the distribution of per-series MASE and skill, the validation summary
-and a sample of series drawn by `pipeline.outputs.plots`. Every text that comes from the data or the
-config goes through `esc`.
+not run are left out): the header (config, flow, batch, frequency, data end and forecast steps
+as dates, what was published per group and why, the CSV, run, stage timings, failed jobs), how
+to read it, the per-group decisions or champions, one row per series (published model, backtest
+MASE against seasonal naive, the next values), the fallback series and why, the backtest
+leaderboard against the baselines, the distribution of per-series MASE and skill, a sample of
+series drawn by `pipeline.outputs.plots` (fallback ones among them), the validation summary and
+the training jobs. Values are labelled with `data.unit` when the config gives one. Every text
+that comes from the data or the config goes through `esc`.
 """
 from __future__ import annotations
 
-import base64
-import html
 import math
 
 import numpy as np
@@ -25,31 +28,33 @@ from pipeline.data import grid
 from pipeline.data.io import write_bytes_atomic
 from pipeline.data.series import STATUS
 from pipeline.evaluation import metrics as E
-from pipeline.forecasting.backtest import BASELINES, concat_columns
+from pipeline.forecasting.backtest import BASELINES
+from pipeline.forecasting.select import default_model
 from pipeline.outputs import plots
 from pipeline.outputs.console import METRICS
+from pipeline.outputs.html_series import (
+    _csv_link,
+    _fallbacks,
+    _per_series,
+    _series,
+    _View,
+    per_series_mase,
+)
+from pipeline.outputs.htmlkit import (
+    CSS,
+    SCRIPT,
+    _img,
+    _num,
+    _table,
+    csp,
+    esc,
+    when,
+)
 
 SKIPPED_SHOWN = 20
-CSS = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1100px;
-       color: #222; padding: 0 1em; }
-h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { font-size: 1.2em; margin-top: 1.6em;
-  border-bottom: 1px solid #ccc; padding-bottom: .2em; }
-table { border-collapse: collapse; margin: .5em 0; }
-th, td { padding: .25em .7em; border-bottom: 1px solid #e4e4e4; text-align: left; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.model td { font-weight: 600; } td.best { background: #e6f4e6; }
-dl { display: grid; grid-template-columns: max-content auto; gap: .15em 1em; }
-dt { color: #666; } dd { margin: 0; }
-figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; }
-figcaption, .note { color: #666; font-size: .9em; } .bad { color: #b00020; }
-"""
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
-def esc(value) -> str:
-    """Text from the data or the config, escaped for HTML text and attribute values."""
-    return html.escape(str(value), quote=True)
+GROUPS_NAMED = 12          # groups the header names one by one at most
 
 
 def write(b, outcome, path: str) -> str:
@@ -63,81 +68,157 @@ def write(b, outcome, path: str) -> str:
 def render(b, outcome) -> str:
     """The whole page of batch `b` (its config, timings, failed jobs) and of its flow's
     results `outcome`, as one HTML string."""
-    o, model = outcome, b.cfg.model.name
-    sections = [_header(b, o.data, o.forecast), _reading(o), _training(o),
-                _leaderboard(o.scored, model),
-                _groups(o.scored, o.decisions, model), _errors(o.scored, model),
-                _validation(o.data), _series(b.cfg, o)]
-    title = f"{esc(b.cfg.name)} — {esc(b.flow)} batch {esc(b.batch_id or '–')}"
+    o, cfg, model = outcome, b.cfg, b.cfg.model.name
+    view = _View.of(b, o)
+    sections = [_header(b, o, view), _reading(o, cfg.data.unit),
+                _groups(o.scored, o.decisions, model), _per_series(cfg, o, view),
+                _fallbacks(view), _leaderboard(o.scored, model, cfg.data.unit),
+                _errors(view.metrics, model), _series(cfg, o, view), _validation(o.data),
+                _training(o)]
+    title = f"{esc(cfg.name)} — {esc(b.flow)} batch {esc(b.batch_id or '–')}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">"
+            f"<meta http-equiv=\"Content-Security-Policy\" content=\"{csp(SCRIPT)}\">"
             "<link rel=\"icon\" href=\"data:,\">"
             f"<title>{title}</title><style>{CSS}</style></head>\n<body>\n"
-            + "\n".join(s for s in sections if s) + "\n</body></html>\n")
+            + "\n".join(s for s in sections if s)
+            + f"\n<script>{SCRIPT}</script>\n</body></html>\n")
 
 
-def _img(png: bytes, alt: str) -> str:
-    return (f"<img src=\"data:image/png;base64,{base64.b64encode(png).decode('ascii')}\" "
-            f"alt=\"{esc(alt)}\">")
-
-
-def _num(v, digits: int = 4) -> str:
-    return f"{v:.{digits}f}" if v is not None and math.isfinite(v) else "–"
-
-
-def _table(table_id: str, head: list[str], rows: list[str]) -> str:
-    """A table of pre-rendered <tr> rows; numeric columns are those whose head starts '#'."""
-    cells = "".join(f"<th class=\"num\">{esc(h[1:])}</th>" if h.startswith("#") else
-                    f"<th>{esc(h)}</th>" for h in head)
-    return (f"<table id=\"{table_id}\"><thead><tr>{cells}</tr></thead><tbody>"
-            + "".join(rows) + "</tbody></table>")
-
-
-def _header(b, data, fc) -> str:
-    """Config, flow, batch, what was forecast (frequency, horizon, the data's last step as a
-    date), run, wall time per stage, failed jobs."""
+def _header(b, o, view: _View) -> str:
+    """Config, flow, batch; the data (series, frequency, its last step as a date); the
+    forecast's steps as dates; what was forecast and published per group and why, with the
+    CSV of it; run, wall time per stage, failed jobs."""
+    data, fc, cfg = o.data, o.forecast, b.cfg
     stages = ", ".join(f"{esc(k)} {v:.1f} s" for k, v in b.seconds.items())
     failed = (f"<span class=\"bad\">{esc(', '.join(b.failed_jobs))}</span>"
               if b.failed_jobs else "none")
-    items = [("config", esc(b.cfg.name)), ("flow", esc(b.flow)),
+    items = [("config", esc(cfg.name)), ("flow", esc(b.flow)),
              ("batch", esc(b.batch_id or "–")),
-             ("data", _data_line(data, b.cfg) if data is not None else "–"),
-             ("forecast", _forecast_line(fc, b.cfg) if fc is not None else "none in this flow"),
+             ("data", _data_line(data) if data is not None else "–"),
+             ("horizon", _horizon_line(data, cfg) if data is not None else "–"),
+             ("forecast", _forecast_line(fc, cfg, view) if fc is not None else
+              "none in this flow"),
+             ("published", _published(b, o, view)),
              ("run", esc(b.run_id)),
              ("wall time", f"{sum(b.seconds.values()):.1f} s in stages ({stages or 'none'})"),
              ("failed jobs", failed)]
-    dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
-    return f"<header><h1>Forecast report: {esc(b.cfg.name)}</h1><dl>{dl}</dl></header>"
+    dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items if v)
+    return f"<header><h1>Forecast report: {esc(cfg.name)}</h1><dl>{dl}</dl></header>"
 
 
-def _data_line(data, cfg) -> str:
+def _data_line(data) -> str:
     a = data.arrays
-    end = str(grid.to_arrow(np.array([int(a.end.max())]), a.freq)[0]) if len(a) else "–"
-    return (f"{len(a):,} series, frequency {esc(grid.describe(a.freq))}, last step "
-            f"{esc(end)}; {cfg.windows.horizon} steps ahead")
+    usable = int((a.status == 0).sum())
+    end = esc(when(int(a.end.max()), a.freq)) if len(a) else "–"
+    return (f"{len(a):,} series ({usable:,} usable), frequency {esc(grid.describe(a.freq))}, "
+            f"data end {end}")
 
 
-def _forecast_line(fc, cfg) -> str:
-    """Which model's forecast was published, and how many series fell back."""
+def _horizon_line(data, cfg) -> str:
+    """The forecast's steps as dates (those of the series that end at the data end)."""
+    a, h = data.arrays, cfg.windows.horizon
+    if not len(a):
+        return f"{h} steps ahead"
+    end, step = int(a.end.max()), a.freq.step
+    return (f"{h} steps ahead: {esc(when(end + step, a.freq))} to "
+            f"{esc(when(end + h * step, a.freq))}")
+
+
+def _forecast_line(fc, cfg, view: _View) -> str:
+    """Which model's forecast was published, how many series fell back, the CSV."""
     source = esc(fc.note) if fc.note else f"the model {esc(cfg.model.name)}"
     return (f"{fc.n_series:,} series × {cfg.windows.horizon} steps — {source}; "
-            f"{fc.n_fallback:,} by {esc(fc.fallback)} (too short, skipped or failed)")
+            f"{fc.n_fallback:,} by {esc(fc.fallback)} (too short, skipped or failed); "
+            + _csv_link(fc, view))
 
 
-def _reading(outcome) -> str:
+def _published(b, o, view: _View) -> str:
+    """Per group, the model(s) its forecast came from and why: the lowest backtest MASE
+    (`evaluate.select: auto`), `evaluate.select: network`, the promotion's decision, the
+    registered champions; groups with one answer are named together."""
+    if view.series is None:
+        return ""
+    cfg, why = b.cfg, _why(b, o)
+    per = (view.series.group_by("group", maintain_order=True)
+           .agg(pl.col("model").filter(~pl.col("model").str.starts_with("fallback"))
+                .unique().sort().alias("models"))
+           .sort("group"))
+    lines: dict[tuple[str, str], list[str]] = {}
+    for g, models in per.iter_rows():
+        text = esc(", ".join(models) or f"fallback:{cfg.evaluate.fallback} only")
+        lines.setdefault((text, esc(why(g)) if models else ""), []).append(g)
+    if len(lines) == 1:
+        ((text, reason), groups), = lines.items()
+        named = "every series" if groups == [""] else f"all {len(groups)} groups"
+        return f"{text} for {named}" + (f" — {reason}" if reason else "")
+    parts = [f"<b>{esc(g) or '(no group)'}</b>: {text}" + (f" — {reason}" if reason else "")
+             for (text, reason), groups in lines.items() for g in groups]
+    more = len(parts) - GROUPS_NAMED
+    return "; ".join(parts[:GROUPS_NAMED]) + (f"; … {more} more groups in the per-group table"
+                                             if more > 0 else "")
+
+
+def _why(b, o):
+    """group -> why its model was published (text, escaped by the caller)."""
+    cfg, fc = b.cfg, o.forecast
+    selection = o.scored.selection if o.scored is not None else {}
+    if o.decisions is not None:
+        decided = {d.group: d for d in o.decisions}
+
+        def by_decision(g: str) -> str:
+            d = decided.get(g) or decided.get("global")
+            if d is None:
+                return "the registered champion"
+            note = "" if not d.note else f" {d.note}" if d.note.startswith("(") else \
+                f", {d.note}"
+            mine = f"this run's {d.challenger_model or cfg.model.name}"
+            if d.promoted and d.champion is None:
+                return (f"promoted now, no valid champion before: {mine}, backtest MASE "
+                        f"{_num(d.challenger, 3)}{note}")
+            if d.promoted:
+                return (f"promoted now: {mine}, backtest MASE {_num(d.challenger, 3)} against "
+                        f"the champion's {_num(d.champion, 3)}{note}")
+            return (f"the registered champion ({d.champion_label}, backtest MASE "
+                    f"{_num(d.champion, 3)}) kept against {mine}'s {_num(d.challenger, 3)}"
+                    f"{note}")
+        return by_decision
+    if selection:
+        def by_selection(g: str) -> str:
+            c = selection.get(g)
+            if c is None:
+                return f"evaluate.select: {cfg.evaluate.select}"
+            others = sorted((v, m) for m, v in c.scores.items()
+                            if m != c.model and math.isfinite(v))
+            runner = f"; runner-up {others[0][1]} {_num(others[0][0], 3)}" if others else ""
+            return (f"lowest backtest MASE of {len(c.scores)} candidates "
+                    f"({_num(c.scores.get(c.model, math.nan), 3)}{runner})")
+        return by_selection
+    if o.scored is not None:
+        return lambda g: (f"evaluate.select: {cfg.evaluate.select}"
+                          + (f" ({default_model(cfg)} is published whatever its backtest)"
+                             if cfg.evaluate.select == "network" else " (the only candidate)"))
+    if fc.note:
+        return lambda g: "the registered champion"
+    return lambda g: "trained in this run (no backtest in this flow)"
+
+
+def _reading(outcome, unit: str | None = None) -> str:
     """How to read the page, each measure in a sentence (left out when nothing was scored)."""
     if outcome.scored is None:
         return ""
+    units = esc(unit) if unit else "the data's units"
     return ("<section><h2>How to read this</h2><p>The backtest hides the last steps of each "
             "series, forecasts them from what came before and compares: <code>MAE</code> is the "
-            "average miss in the data's units; <code>RMSE</code> weighs large misses more; "
+            f"average miss in {units}; <code>RMSE</code> weighs large misses more; "
             "<code>sMAPE</code> is the miss as a percentage of the actual and forecast together "
             "(0 to 200; both 0 counts as 0); <code>MASE</code> divides the miss by that of "
             "repeating last season's values on the series' own history, so 1 means no better "
             "than that and 0.8 means 20 % better — read it first, it compares across series "
             "of any size; <code>WAPE</code> is the total miss over the total actual; "
             "<code>skill_mase</code> is 1 − MASE relative to seasonal naive. Lower is better for "
-            "all but skill.</p></section>")
+            "all but skill. The table of series gives each series' published model, its "
+            "backtest MASE beside that of seasonal naive and its next values; click a column "
+            "head to sort, type in the box to filter.</p></section>")
 
 
 def _training(outcome) -> str:
@@ -159,7 +240,7 @@ def _training(outcome) -> str:
     return "<section><h2>Training</h2>" + _table("training", head, rows) + "</section>"
 
 
-def _leaderboard(scored, model: str) -> str:
+def _leaderboard(scored, model: str, unit: str | None = None) -> str:
     """The backtest summary: the run's model(s) first, then the baselines; best per column
     marked."""
     if scored is None or not scored.summary:
@@ -177,8 +258,9 @@ def _leaderboard(scored, model: str) -> str:
             f"{_num(summary[m].get(c, math.nan))}</td>" for c in cols)
         kind = "baseline" if m in BASELINES else "comparator" if m in STATISTICAL else "model"
         rows.append(f"<tr class=\"{kind}\"><td>{esc(m)}</td>{cells}</tr>")
+    head = [f"#{c} ({unit})" if unit and c in ("mae", "rmse") else f"#{c}" for c in cols]
     return ("<section><h2>Backtest leaderboard</h2>"
-            + _table("leaderboard", ["model", *(f"#{c}" for c in cols)], rows)
+            + _table("leaderboard", ["model", *head], rows)
             + "<p class=\"note\">Over every series and cutoff; skill_mase = 1 − MASE / MASE "
               "of seasonal naive (above 0: better than seasonal naive). Best per column "
               "shaded.</p></section>")
@@ -243,19 +325,11 @@ def _decisions(decisions: list) -> str:
         "</section>"
 
 
-def per_series_mase(metrics: dict, model: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, MASE) of `model` per series, the mean over its backtest cutoffs (finite only)."""
-    mase = np.asarray(metrics["mase"], float)
-    sel = (np.asarray(metrics["model"]).astype(str) == model) & np.isfinite(mase)
-    ids, inv = np.unique(np.asarray(metrics["unique_id"]).astype(str)[sel], return_inverse=True)
-    return ids, np.bincount(inv, weights=mase[sel]) / np.bincount(inv)
-
-
-def _errors(scored, model: str) -> str:
-    """Histograms of per-series MASE (model and seasonal naive) and of per-series skill."""
-    if scored is None or not scored.backtest.metrics:
+def _errors(cols: dict | None, model: str) -> str:
+    """Histograms of per-series MASE (model and seasonal naive) and of per-series skill
+    (`cols`: the backtest's per-series metric columns)."""
+    if not cols:
         return ""
-    cols = concat_columns(scored.backtest.metrics)
     ids_m, mase_m = per_series_mase(cols, model)
     ids_b, mase_b = per_series_mase(cols, "seasonal_naive")
     _, i, j = np.intersect1d(ids_m, ids_b, return_indices=True)
@@ -298,33 +372,3 @@ def _validation(data) -> str:
                "<p>No series repaired or skipped.</p>")
             + (f"<h3>Skipped series</h3><ul>{items}{more}</ul>" if items else "")
             + "</section>")
-
-
-def _series(cfg, outcome) -> str:
-    """A sample of series (`evaluate.plots`, chosen as the plots on disk are)."""
-    data, fc, scored = outcome.data, outcome.forecast, outcome.scored
-    cols = fc.cols if fc is not None else None
-    bt = scored.predictions if scored is not None else None
-    if data is None or not (cols or bt):
-        return ""
-    figures = []
-    for sid in plots.choose(cols or bt, cfg.evaluate.plots):
-        png = plots.series_png(data.arrays, sid, cols, bt, cfg.windows.horizon,
-                               plots.quantiles_of(cols, bt), cfg.data.target_col)
-        figures.append(f"<figure>{_img(png, f'forecast of series {sid}')}"
-                       f"<figcaption>{esc(sid)}{_caption(cols, sid)}</figcaption></figure>")
-    if not figures:
-        return ""
-    return ("<section id=\"series\"><h2>Series</h2><p class=\"note\">History, the latest "
-            "backtest against the actuals with the baselines at its cutoff (seasonal naive "
-            "dashed, naive dotted), the forecast; bands from the lowest to the highest "
-            "quantile.</p>" + "".join(figures) + "</section>")
-
-
-def _caption(cols: dict | None, sid: str) -> str:
-    """' — group g, model m' of a series' forecast rows."""
-    if not cols:
-        return ""
-    rows = np.asarray(cols["unique_id"]).astype(str) == sid
-    group, model = str(np.asarray(cols["group"])[rows][0]), str(np.asarray(cols["model"])[rows][0])
-    return f" — {'group ' + esc(group) + ', ' if group else ''}model {esc(model)}"

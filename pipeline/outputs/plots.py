@@ -29,11 +29,18 @@ def _pyplot():
     return plt
 
 
+def value_label(cfg) -> str:
+    """What the series' values are called on axes: `data.unit` when set, else the target
+    column's name."""
+    return cfg.data.unit or cfg.data.target_col
+
+
 def _png(fig) -> bytes:
-    """The figure as PNG bytes; the figure is closed."""
+    """The figure as PNG bytes, cropped to what it draws (no label or legend cut off at its
+    edge); the figure is closed."""
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png")
+        fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.1)
     finally:
         _pyplot().close(fig)
     return buf.getvalue()
@@ -75,13 +82,17 @@ def plot_series(path: str, sid: str, hist_t, hist_y, bt: dict | None, fc: dict |
 
 
 def choose(forecasts: dict, n: int) -> list[str]:
-    """The first `n` series ids (sorted) that have a model forecast (else any forecast)."""
-    if n <= 0 or not forecasts:
+    """`n` series ids to draw: the first (sorted) that have a model forecast, then, when some
+    series got the fallback, the first of those in a third of the places (at least one, with
+    n >= 2); fallbacks fill the places model forecasts do not."""
+    if n <= 0 or not forecasts or not len(forecasts["unique_id"]):
         return []
     ids = np.asarray(forecasts["unique_id"]).astype(str)
-    models = np.asarray(forecasts["model"]).astype(str)
-    return sorted(set(ids[~np.char.startswith(models, "fallback")]))[:n] or \
-        sorted(set(ids))[:n]
+    fell = np.char.startswith(np.asarray(forecasts["model"]).astype(str), "fallback")
+    model, fallback = sorted(set(ids[~fell])), sorted(set(ids[fell]) - set(ids[~fell]))
+    k = min(len(fallback), max(1, n // 3)) if n >= 2 and fallback else 0
+    model = model[:n - k]
+    return [str(i) for i in model + fallback[:n - len(model)]]
 
 
 def series_png(arrays, sid: str, forecasts: dict | None, backtest: dict | None, horizon: int,
@@ -141,7 +152,8 @@ def _pick(cols: dict, rows: np.ndarray, quantiles, freq) -> dict | None:
         return None
     out = {"ds": to_datetime64(cols["ds"][rows], freq), "y_hat": cols["y_hat"][rows],
            "model": str(np.asarray(cols["model"])[rows][0])}
-    have = [q for q in quantiles if f"q_{q:g}" in cols]      # the band: the widest present
+    have = [q for q in quantiles if f"q_{q:g}" in cols      # the band: the widest present
+            and np.isfinite(cols[f"q_{q:g}"][rows]).any()]    # (a fallback has none)
     if len(have) >= 2:
         out["lo"], out["hi"] = cols[f"q_{min(have):g}"][rows], cols[f"q_{max(have):g}"][rows]
     return out
@@ -166,12 +178,13 @@ def error_histograms(model: str, model_mase: np.ndarray, base_mase: np.ndarray,
                                   (base_mase, "tab:green", "seasonal naive")):
         left.hist(np.clip(values, 0, bins[-1]), bins=bins, color=colour, alpha=0.55,
                   label=f"{label} (median {np.median(values):.3f})" if values.size else label)
-    left.set_xlabel(f"MASE per series (the last bin holds all above {bins[-1]:.2f})")
+    left.set_xlabel(f"MASE per series (the last bin: all above {bins[-1]:.2f})")
     left.set_ylabel("series")
     left.legend(fontsize=7)
     right.hist(np.clip(skill, -2.0, 1.0), bins=np.linspace(-2.0, 1.0, 31), color="tab:orange")
     right.axvline(0.0, color="0.2", lw=1, ls="--")
-    right.set_xlabel(f"skill of {model} vs seasonal naive (1 - MASE ratio, clipped at -2)")
+    right.set_xlabel(f"skill vs seasonal naive (1 − MASE ratio, clipped at −2)\nof {model}",
+                     parse_math=False)
     right.set_ylabel("series")
     fig.tight_layout()
     return _png(fig)

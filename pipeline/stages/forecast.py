@@ -36,7 +36,7 @@ from pipeline.forecasting.intervals import interval_columns, with_intervals
 from pipeline.forecasting.predict import quantile_column
 from pipeline.forecasting.select import default_model, published
 from pipeline.outputs import partitions as output
-from pipeline.outputs.plots import plot_sample, quantiles_of
+from pipeline.outputs.plots import plot_sample, quantiles_of, value_label
 from pipeline.secrets import redact
 from pipeline.stages import record as R
 from pipeline.stages.batch import Batch
@@ -288,7 +288,7 @@ def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored=None) -> Forec
         fc.plots = plot_sample(paths.partition(cfg, "plots", end), arrays, fc.cols,
                                drawn, cfg.evaluate.plots, cfg.windows.horizon,
                                quantiles_of(fc.cols, drawn),
-                               ylabel=cfg.data.target_col)
+                               ylabel=value_label(cfg))
     fc.failed = chunks.failed
     return fc
 
