@@ -99,6 +99,47 @@ def test_a_dead_node_that_strands_the_training_is_one_line_and_cleans_up(demo_di
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_task_killed_by_rays_memory_monitor_is_one_line_and_cleans_up(demo_dir, tmp_path):
+    """tests/oomnode.py in a subprocess: the script's own one-node cluster kills tasks when the
+    machine's used memory passes a threshold just above today's (Ray's memory monitor, not a
+    machine-wide out-of-memory); a ballast process it started pushes memory past it while the
+    run trains. The run ends with one error line saying Ray's memory monitor killed the
+    training task and where, exit 1 (retryable), its lock released, its run FAILED, nothing
+    written, whole or half."""
+    from pipeline import config as C
+    from pipeline import paths
+    from pipeline.stages.batch import lock
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "oomnode.py"), demo_dir,
+                        str(out)], capture_output=True, text=True,
+                       timeout=2 * scaled(COMMAND), cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    if "skip" in info:
+        pytest.skip(info["skip"])
+    err = info["stderr"].strip().splitlines()
+    assert info["code"] == 1, (info, err)
+    assert sum(line.startswith("error: ") for line in err) == 1 and "Traceback" not in \
+        info["stderr"], err
+    assert err[-1].startswith("error: every training job failed; first error: the training "
+                              "task of store_"), err
+    assert "was killed by Ray's memory monitor (out of memory) (node " in err[-1], err
+    assert err[-1].endswith("OutOfMemoryError from Ray"), err
+    cfg = C.load("configs/per_group.yaml", [f"output.path={out}"])
+    with lock(paths.partition_lock(cfg, "20240630T230000")):      # released
+        pass
+    assert not glob.glob(str(out / "forecasts" / "**" / "*"), recursive=True)
+    assert not glob.glob(str(out / "**" / ".tmp-*"), recursive=True)
+    mlflow = pytest.importorskip("mlflow")
+    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("demo_per_group").experiment_id],
+                         "tags.`pipeline.role` = 'parent'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
 def _kill_first_job_task(pids: pathlib.Path, killed: list, stop: threading.Event) -> None:
     """SIGKILL the worker that reported itself first in `pids` (a training task of this
     test's own run, see `victims.reporting_pid`), by that pid: never a process found by its name

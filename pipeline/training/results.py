@@ -14,6 +14,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.io import write_bytes_atomic
+from pipeline.errors import InfraError
 from pipeline.models import model_from_spec, save_model
 from pipeline.models.ensemble import Ensemble, Member, ensemble_members
 from pipeline.training.loop import FitResult
@@ -149,10 +150,12 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def failed(job: Job, exc: BaseException, attempts: int = 1) -> JobResult:
-    """A job that raised: its error, one line (no terminal colours) plus the innermost frame."""
+    """A job that raised: its error, one line (no terminal colours) plus the innermost frame;
+    an InfraError (Ray's failure, already one line naming what died) as it is."""
     tb = traceback.extract_tb(exc.__traceback__)
     where = f" ({tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
     text = ANSI.sub("", str(exc)).strip().splitlines()
+    kind = "" if isinstance(exc, InfraError) else f"{type(exc).__name__}: "
     return JobResult(job.name, job.group, False,
-                     error=f"{type(exc).__name__}: {text[0] if text else ''}{where}",
+                     error=f"{kind}{text[0] if text else ''}{where}",
                      n_series=len(job.series), attempts=attempts)
