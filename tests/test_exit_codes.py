@@ -136,3 +136,35 @@ def test_the_mlflow_server_stopping_mid_run_keeps_the_outputs_and_says_so(demo_d
         assert sorted(p.info.status for p in parents) == ["FINISHED", "KILLED"]
     finally:
         server.stop()
+
+
+def test_a_full_disk_is_one_storage_error_and_the_last_outputs_stay(demo_dir, tmp_path, capsys):
+    """A file-size limit on the job (RLIMIT_FSIZE: writes fail with EFBIG as on a full disk
+    with ENOSPC): one error line naming the file it could not write and why, exit 1 (worth
+    retrying), the previous run's forecasts byte for byte, its lock released, no temporary
+    file left."""
+    import resource
+    out = tmp_path / "out"
+    args = run_args("run", demo_dir, out, "--set", "tracking.enabled=false")
+    assert main(args) == EXIT_OK
+    capsys.readouterr()
+    files = sorted(glob.glob(str(out / "forecasts" / "**" / "*.parquet"), recursive=True))
+    before = [pathlib.Path(f).read_bytes() for f in files]
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)           # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    r = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=scaled(COMMAND),
+                       preexec_fn=small_files)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == EXIT_FAILED, err
+    assert sum(line.startswith("error: ") for line in err) == 1, err
+    assert err[-1].startswith(f"error: storage error writing {out}/"), err
+    assert err[-1].endswith(": File too large (EFBIG); nothing was replaced"), err
+    assert [pathlib.Path(f).read_bytes() for f in files] == before
+    cfg = C.load("configs/demo.yaml", [f"output.path={out}"])
+    from pipeline.stages.batch import lock
+    with lock(paths.partition_lock(cfg, "20240630T230000")):      # released
+        pass
+    assert not glob.glob(str(out / "**" / ".tmp-*"), recursive=True)

@@ -1,6 +1,8 @@
 """Parquet in and out on any pyarrow filesystem: list input parts, read one, write atomically."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 import shutil
@@ -42,10 +44,14 @@ class Part:
         return f"{self.path} [chunk {self.chunk + 1}/{self.n_chunks}]"
 
 
-def storage_error(e: OSError, what: str) -> InfraError:
+def storage_error(e: OSError, what: str, doing: str = "reading") -> InfraError:
     """An I/O failure of the storage (a network error, an object store's 5xx, a full disk):
-    worth retrying, unlike a corrupt file (ArrowInvalid, a DataError). Exit code 1."""
-    return InfraError(f"storage error reading {redact(what)}: {type(e).__name__}: "
+    worth retrying, unlike a corrupt file (ArrowInvalid, a DataError). Exit code 1. A full
+    disk, a file-size limit or a quota is said as such (pyarrow's own text is longer)."""
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return InfraError(f"storage error {doing} {redact(what)}: {os.strerror(e.errno)} "
+                          f"({errno.errorcode[e.errno]}); nothing was replaced")
+    return InfraError(f"storage error {doing} {redact(what)}: {type(e).__name__}: "
                       f"{redact(str(e)).splitlines()[0][:300] if str(e) else ''}")
 
 
@@ -173,7 +179,10 @@ def write_atomic(uri: str, write: Callable[[pafs.FileSystem, str], None]) -> Non
         return
     tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
-        write(fs, tmp)
+        try:
+            write(fs, tmp)
+        except OSError as e:            # a full disk, a file-size limit: the old file stays
+            raise storage_error(e, uri, "writing") from None
         os.chmod(tmp, file_mode())      # a file made by mkstemp (streamed) is 0600
         _fsync(tmp)
         fault_point("tmp-written", path)
@@ -246,16 +255,22 @@ def replace_partition_stream(tables: Iterable[pa.Table], uri: str) -> str:
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".parquet", dir=folder)
     os.close(fd)
     try:
-        writer = None
+        writer, wrote = None, False
         try:
             for table in tables:
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
+                    writer, wrote = pq.ParquetWriter(tmp, table.schema), True
                 writer.write_table(table)
-        finally:
             if writer is not None:
-                writer.close()
-        if writer is None:
+                done, writer = writer, None
+                done.close()            # its footer: a full disk can refuse this too
+        except OSError as e:            # a full disk, a file-size limit: the old file stays
+            raise storage_error(e, target, "writing") from None
+        finally:
+            if writer is not None:      # an error above: close what it opened, quietly
+                with contextlib.suppress(OSError):
+                    writer.close()
+        if not wrote:
             raise ValueError("replace_partition_stream: no table to write")
         write_atomic(target, lambda f, p: os.replace(tmp, p) if local else
                      pafs.copy_files(tmp, p, destination_filesystem=f))
