@@ -10,6 +10,9 @@ flow ends with one of these codes and, unless 0, one line on stderr saying why:
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from pipeline.config import ConfigError
 from pipeline.secrets import redact
 
@@ -40,6 +43,37 @@ class AlreadyDone(PipelineError):
 class Terminated(BaseException):
     """The process got SIGTERM (a scheduler stopping the job): the run is marked KILLED, the
     lock released, exit 1. A BaseException, so no `except Exception` on the way swallows it."""
+
+
+_HOLD = {"depth": 0, "pending": False}
+
+
+def on_sigterm(signum, frame) -> None:
+    """The job's SIGTERM handler: Terminated at once, or, inside `sigterm_held`, when the held
+    step ends."""
+    if _HOLD["depth"]:
+        _HOLD["pending"] = True
+        return
+    raise Terminated("SIGTERM")
+
+
+@contextlib.contextmanager
+def sigterm_held(then_raise: bool = True) -> Iterator[dict]:
+    """SIGTERM held back over a step that must not be cut in two: a tracking run created on
+    the server and its id kept (cut between, it would stay RUNNING with nobody to end it), a
+    run being closed. When the outermost hold ends, a SIGTERM that came raises Terminated
+    (`then_raise`) or is reported in the yielded dict's "got" for the caller to act on. A
+    step that raises keeps its own exception."""
+    state = {"got": False}
+    _HOLD["depth"] += 1
+    try:
+        yield state
+    finally:
+        _HOLD["depth"] -= 1
+        if not _HOLD["depth"]:
+            state["got"], _HOLD["pending"] = _HOLD["pending"], False
+    if state["got"] and then_raise:
+        raise Terminated("SIGTERM")
 
 
 def exit_code(exc: BaseException) -> int:

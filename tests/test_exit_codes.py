@@ -168,3 +168,28 @@ def test_a_full_disk_is_one_storage_error_and_the_last_outputs_stay(demo_dir, tm
     with lock(paths.partition_lock(cfg, "20240630T230000")):      # released
         pass
     assert not glob.glob(str(out / "**" / ".tmp-*"), recursive=True)
+
+
+@pytest.mark.parametrize("role", ["parent", "job"])
+def test_sigterm_while_a_run_is_created_leaves_no_run_running(demo_dir, tmp_path, monkeypatch,
+                                                             capsys, role):
+    """SIGTERM (this process signals itself) while MLflow creates the parent run or a job's
+    run, between the server's answer and the id being kept: the run is ended KILLED with the
+    others, not left RUNNING with nobody to end it; exit 1, one error line."""
+    real = mlflow.MlflowClient.create_run
+
+    def create_run(self, *args, **kwargs):
+        run = real(self, *args, **kwargs)
+        if kwargs.get("tags", {}).get("pipeline.role") == role:
+            os.kill(os.getpid(), signal.SIGTERM)        # this test's own process
+        return run
+    monkeypatch.setattr(mlflow.MlflowClient, "create_run", create_run)
+    out = tmp_path / "out"
+    assert main(run_args("run", demo_dir, out)) == EXIT_FAILED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: run stopped by SIGTERM; its run is marked KILLED", err
+    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("demo").experiment_id])
+    assert role in {r.data.tags["pipeline.role"] for r in runs}
+    assert {r.info.status for r in runs} == {"KILLED"}, [(r.data.tags, r.info.status)
+                                                         for r in runs]

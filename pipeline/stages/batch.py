@@ -59,7 +59,9 @@ from pipeline.errors import (
     PipelineError,
     Terminated,
     exit_code,
+    on_sigterm,
     one_line,
+    sigterm_held,
 )
 from pipeline.names import safe_key
 from pipeline.outputs import console as report
@@ -70,10 +72,6 @@ from pipeline.tracking.runlog import RunLog
 def format_warning(message, category, filename, lineno, line=None) -> str:
     """A warning as one line, `warning: …`, without its source line (secrets redacted)."""
     return f"warning: {redact(' '.join(str(message).split()))}\n"
-
-
-def _terminate(signum, frame) -> None:
-    raise Terminated("SIGTERM")
 
 
 NO_PICKLES = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
@@ -262,7 +260,7 @@ class Batch:
 
     def __enter__(self) -> Batch:
         if threading.current_thread() is threading.main_thread():   # signals reach it only
-            self._sigterm = signal.signal(signal.SIGTERM, _terminate)
+            self._sigterm = signal.signal(signal.SIGTERM, on_sigterm)
         # nothing this job loads is a pickle; MLflow must not unpickle anything either
         self._pickles = os.environ.get(NO_PICKLES)
         os.environ[NO_PICKLES] = "false"
@@ -283,18 +281,22 @@ class Batch:
 
     def __exit__(self, kind, exc, tb) -> bool:
         ok = exc is None
-        if hasattr(self, "_sigterm"):
-            signal.signal(signal.SIGTERM, self._sigterm)
         warnings.formatwarning = self._format
         if self._pickles is None:
             os.environ.pop(NO_PICKLES, None)
         else:
             os.environ[NO_PICKLES] = self._pickles
-        try:
-            self._close(ok, exc)
-        except Exception as e:  # noqa: BLE001 - ending failed (Ray or the server gone): said
-            if ok:
-                ok, exc = False, e
+        with sigterm_held(then_raise=False) as held:   # the run is closed whole
+            try:
+                self._close(ok, exc)
+            except Exception as e:  # noqa: BLE001 - ending failed (Ray or the server gone)
+                if ok:
+                    ok, exc = False, e
+        if hasattr(self, "_sigterm"):
+            signal.signal(signal.SIGTERM, self._sigterm)
+        if held["got"]:
+            print("warning: SIGTERM came while the run was being closed; it was closed first",
+                  file=sys.stderr)
         if ok:
             report.wall_time(time.perf_counter() - self._t0, self.seconds)
             self.exit_code = EXIT_PARTIAL if self.failed_jobs or self._untracked() else EXIT_OK

@@ -25,6 +25,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from pipeline.errors import sigterm_held
 from pipeline.secrets import redact
 from pipeline.tracking.connect import client, give_up, given_up, unreachable
 from pipeline.tracking.models import log_model
@@ -131,9 +132,10 @@ class Tracker:
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
             experiment, artifact_location=self.artifact_location)
         self.run_tags = {k: tags[k] for k in ("batch_id", "cutoff") if k in tags}
-        run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={ROLE: "parent", **tags})
-        self.parent_id = run.info.run_id
+        with sigterm_held():            # created on the server and its id kept, or neither
+            run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                         tags={ROLE: "parent", **tags})
+            self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
         return self.parent_id
 
@@ -148,13 +150,14 @@ class Tracker:
         per-group model of `name` in one run: `tracking.child_runs: per_model`)."""
         key = (name, group or "global")
         if key not in self.children:
-            run = self.safe(self.client.create_run, self.experiment_id,
-                            run_name=f"{name}/{key[1]}",
-                            tags={"mlflow.parentRunId": self.parent_id, ROLE: "job",
-                                  "model": name, "group": key[1], **self.run_tags})
-            if run is None:
-                return None
-            self.children[key] = run.info.run_id
+            with sigterm_held():        # created and kept (and so ended), or neither
+                run = self.safe(self.client.create_run, self.experiment_id,
+                                run_name=f"{name}/{key[1]}",
+                                tags={"mlflow.parentRunId": self.parent_id, ROLE: "job",
+                                      "model": name, "group": key[1], **self.run_tags})
+                if run is None:
+                    return None
+                self.children[key] = run.info.run_id
         return self.children[key]
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
@@ -362,11 +365,12 @@ class TrialRuns:
             return
         tags = {"mlflow.parentRunId": self.parent_id, ROLE: TRIAL, "trial_id": trial_id,
                 "group": group or "global", **self.tags}
-        run = self._safe(self.client.create_run, self.experiment_id,
-                         run_name=f"trial-{trial_id}", tags=tags)
-        if run is None:
-            return
-        self.runs[trial_id] = run.info.run_id
+        with sigterm_held():            # created and kept (and so ended), or neither
+            run = self._safe(self.client.create_run, self.experiment_id,
+                             run_name=f"trial-{trial_id}", tags=tags)
+            if run is None:
+                return
+            self.runs[trial_id] = run.info.run_id
         params = [Param(k, _param_value(v)) for k, v in point.items()]
         for part in _chunks(params, 100):
             self._safe(self.client.log_batch, run.info.run_id, params=part)
