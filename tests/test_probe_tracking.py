@@ -122,6 +122,26 @@ def test_an_epoch_logger_gives_a_dead_server_up_once_per_run(monkeypatch):
     assert fresh.errors[0] != "skipped: the tracking server stopped answering"
 
 
+def test_a_searchs_trial_runs_give_a_dead_server_up_once(monkeypatch):
+    """The trials of a search log from their Ray workers with `tracking.timeout_seconds` as
+    the epoch loggers do (they used MLflow's own retry cycle, about 250 s a call), and once a
+    request got no answer, no trial of that search in this process asks again."""
+    from pipeline.tracking import TrialRuns
+    keep_mlflow_env(monkeypatch)
+    trials = TrialRuns("http://user:pw@127.0.0.1:9", "probe-search", "0", timeout=2)
+    t0 = time.perf_counter()
+    trials.start("t1", {"lr": 0.01})
+    assert time.perf_counter() - t0 < 15 and len(trials.errors) == 1
+    assert "pw" not in trials.errors[0]
+    trials.runs.update({"t1": "run-1", "t2": "run-2"})     # as if created before it died
+    t0 = time.perf_counter()
+    for epoch in range(20):
+        trials.epoch("t1", {"epoch": epoch, "val_loss": 1.0, "train_loss": 1.0})
+    trials.start("t3", {"lr": 0.1})
+    trials.end("t2", "FINISHED", 0.5)
+    assert time.perf_counter() - t0 < 0.5 and len(trials.errors) == 1
+
+
 @pytest.mark.slow
 def test_a_server_stopped_mid_run_costs_seconds_not_minutes(demo_dir, tmp_path):
     """Finding: with the server stopped during training the run took 773 s against 98 s. Now,

@@ -39,9 +39,9 @@ from pipeline.tracking.runs import (
     SUPERSEDED_TAG,
     EpochLogger,
     Tracker,
-    TrialRuns,
     metric_prefix,
 )
+from pipeline.tracking.trials import TrialRuns
 
 __all__ = ["CALIBRATION_ARTIFACT", "CONFIG_ARTIFACT", "GROUP_TABLE", "GROUP_TABLE_TAG",
            "MODEL_URI_TAG", "ROLE", "SUPERSEDED_TAG", "EpochLogger", "Tracker", "TrialRuns",

@@ -316,7 +316,7 @@ class RunLog:
         if not self.parent_id or self.tr.experiment_id is None:
             return None
         return tracking.TrialRuns(self.uri, self.parent_id, self.tr.experiment_id,
-                                  self.batch_tags)
+                                  self.batch_tags, self.tr.timeout)
 
     def tuned(self, files: dict[str, str], best: dict, score: float, tags: dict) -> None:
         """A search's outcome on its parent run: the best point as `best.<key>` params, its
