@@ -286,9 +286,10 @@ def test_equal_to_hierarchicalforecasts_own_pipeline(case):
                              "model": case["base"].ravel()})
     ours = {"bottom_up": BottomUp(), "ols": MinTrace("ols"),
             "wls_struct": MinTrace("wls_struct"), "wls_var": MinTrace("wls_var"),
-            "mint_shrink": MinTrace("mint_shrink"),
+            "mint_shrink": MinTrace("mint_shrink"), "mint_cov": MinTrace("mint_cov"),
             "top_down_forecast_proportions": TopDown("forecast_proportions"),
-            "top_down_average_proportions": TopDown("average_proportions")}
+            "top_down_average_proportions": TopDown("average_proportions"),
+            "top_down_proportion_averages": TopDown("proportion_averages")}
     out = HierarchicalReconciliation(reconcilers=list(ours.values())).reconcile(
         Y_hat_df=Y_hat_df, Y_df=Y_df, S_df=S_df, tags=tags)
     cols = [c for c in out.columns if c.startswith("model/")]
