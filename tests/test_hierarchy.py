@@ -3,7 +3,6 @@ sparse summing matrix, and reconciliation (coherent at every step and quantile, 
 hierarchicalforecast's own pipeline, the singular-covariance fallback)."""
 import subprocess
 import sys
-import time
 
 import numpy as np
 import polars as pl
@@ -145,13 +144,10 @@ def test_summing_matrix_for_100k_series_stays_sparse():
     statics = pl.DataFrame({"unique_id": [f"x{k:06d}" for k in i[::-1]],
                             "region": (i % 1000 // 100).astype(str),
                             "store": (i % 1000).astype(str)})
-    start = time.perf_counter()
     check(statics, H)
-    S, ids, tags = summing(statics, H)
-    took = time.perf_counter() - start
+    S, ids, tags = summing(statics, H)           # about 0.5 s here: benchmarks time it
     assert isinstance(S, sparse.csr_matrix)
     assert S.shape == (1 + 10 + 1000 + n, n) and S.nnz == n * 4
-    assert took < 10, took  # about 0.5 s; loose for a loaded CI machine
     np.testing.assert_array_equal(np.asarray(S.sum(axis=0)).ravel(), np.full(n, 4.0))
     assert S[0].nnz == n and S[1].nnz == n // 10 and S[11].nnz == n // 1000
     assert ids[-n:].tolist() == sorted(ids[-n:].tolist())
@@ -248,9 +244,7 @@ def test_reconcile_100k_series_sparse():
     base = rng.gamma(5.0, 2.0, (S.shape[0], 2))
     insample = rng.gamma(5.0, 2.0, (S.shape[0], 6))
     fitted = insample + rng.normal(0.0, 1.0, insample.shape)
-    start = time.perf_counter()
-    r = rec.reconcile(base, S, tags, "mint_shrink", insample, fitted)
-    assert time.perf_counter() - start < 10  # about 0.3 s; loose for a loaded machine
+    r = rec.reconcile(base, S, tags, "mint_shrink", insample, fitted)   # about 0.3 s here
     assert r.method_used == "wls_struct" and "101011 series, above the 4096" in r.note
     assert _incoherence(S, r.mean) < 1e-6
 
