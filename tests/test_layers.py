@@ -62,6 +62,7 @@ ROOMS = {
     "paths": {"config"},
     "data": {"config", "errors", "names", "paths", "progress", "secrets"},
     "evaluation": {"config", "errors"},
+    "hierarchy": {"config", "errors"},
     "training": {"config", "data", "models", *BASE},
     "forecasting": {"config", "data", "evaluation", "models", "training"},
     "tuning": {"config", "data", "errors", "training"},
@@ -69,7 +70,7 @@ ROOMS = {
     "outputs": {"config", "data", "evaluation", "forecasting", "training", *BASE},
     "execution": {"config", "models", "training", "tuning", *BASE},
     "stages": {"config", "data", "models", "training", "forecasting", "evaluation", "outputs",
-               "tracking", "tuning", "execution", *BASE},
+               "tracking", "tuning", "execution", "hierarchy", *BASE},
     "cli": {"config", "data", "stages", "outputs", "tracking", *BASE},
     "__main__": {"cli"},
 }
@@ -116,7 +117,8 @@ def test_only_the_cli_imports_the_flows_and_the_flows_never_import_it():
 # function-level imports allowed, and why: Ray is needed only with ray.enabled (and absent on
 # the GPU check's machine), Ray Train only for DDP, matplotlib only when plots are drawn,
 # deltalake (an optional extra) only with output.format: delta, statsforecast (via
-# pipeline.evaluation.comparators) only when the comparators or the AutoETS fallback run
+# pipeline.evaluation.comparators) only when the comparators or the AutoETS fallback run,
+# hierarchicalforecast (scikit-learn with it: seconds to import) only when reconciling
 LAZY = {"pipeline.execution.ray_train": "Ray only when enabled", "ray.train": "DDP only",
         "ray.train.torch": "DDP only", "matplotlib": "plots only",
         "matplotlib.pyplot": "plots only", "deltalake": "output.format delta only",
@@ -127,7 +129,8 @@ LAZY = {"pipeline.execution.ray_train": "Ray only when enabled", "ray.train": "D
         "optuna": "tune.search optuna only", "ray.tune.search.optuna": "tune.search optuna only",
         "ray.tune.search": "tune.search random or grid only",
         "ray.tune.schedulers": "tune.scheduler asha only",
-        "boto3": "aborting multipart uploads on S3 only"}
+        "boto3": "aborting multipart uploads on S3 only",
+        "hierarchicalforecast": "reconciliation only (imports scikit-learn, seconds)"}
 
 
 def _functions():
