@@ -17,33 +17,45 @@ from ray.cluster_utils import Cluster
 from timeouts import COMMAND, EVENT, SERVICE, scaled
 
 
+def start_run(address: str, data: str, out: str, epochs: int) -> tuple:
+    """`python -m pipeline run` (per group, one task at a time, no retries) joined to the
+    cluster at `address`; returns the process and the list its stdout lines go into."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "--config", "configs/per_group.yaml",
+         "--set", f"data.path={data}", "--set", f"output.path={out}",
+         "--set", "train.per_group.packed=false", "--set", f"train.epochs={epochs}",
+         "--set", "train.steps_per_epoch=20", "--set", "windows.lookback=72",
+         "--set", "evaluate.plots=0", "--set", "evaluate.comparators=[]",
+         "--set", f"ray.address={address}", "--set", "ray.task_num_cpus=1",
+         "--set", "ray.max_retries=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(run.stdout), daemon=True).start()
+    return run, lines
+
+
+def wait_for_training(run, lines: list[str]) -> None:
+    """Until the run has said it is training and a task holds the cluster's CPU (the free
+    resources of this cluster, from its GCS; `ray.init` to it first)."""
+    end = time.monotonic() + scaled(EVENT)
+    while time.monotonic() < end and run.poll() is None:
+        if any(line.startswith("training") for line in lines) and \
+                ray.available_resources().get("CPU", 0) == 0:    # a training task runs
+            break
+        time.sleep(0.5)
+    assert run.poll() is None, "the run ended before its training started"
+
+
 def main(data: str, out: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     worker = cluster.add_node(num_cpus=1)
     run = None
     try:
         cluster.wait_for_nodes(timeout=scaled(SERVICE))
-        run = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run", "--config", "configs/per_group.yaml",
-             "--set", f"data.path={data}", "--set", f"output.path={out}",
-             "--set", "train.per_group.packed=false", "--set", "train.epochs=50",
-             "--set", "train.steps_per_epoch=20", "--set", "windows.lookback=72",
-             "--set", "evaluate.plots=0", "--set", "evaluate.comparators=[]",
-             "--set", f"ray.address={cluster.address}", "--set", "ray.task_num_cpus=1",
-             "--set", "ray.max_retries=0"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": os.getcwd()})
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(run.stdout), daemon=True)
-        reader.start()
+        run, lines = start_run(cluster.address, data, out, epochs=50)
         ray.init(address=cluster.address, log_to_driver=False)
-        end = time.monotonic() + scaled(EVENT)
-        while time.monotonic() < end and run.poll() is None:
-            if any(line.startswith("training") for line in lines) and \
-                    ray.available_resources().get("CPU", 0) == 0:    # a training task runs
-                break
-            time.sleep(0.5)
-        assert run.poll() is None, "the run ended before its training started"
+        wait_for_training(run, lines)
         cluster.remove_node(worker)
         removed = time.monotonic()
         run.wait(timeout=scaled(COMMAND))      # its stderr is a few lines: no pipe fills

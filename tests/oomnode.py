@@ -7,16 +7,16 @@ run` joins it through `ray.address`; once the run trains, a ballast process this
 task. Prints one JSON line: the threshold, the ballast's peak, the run's exit code and its
 stderr."""
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 
 import ray
+from deadnode import start_run, wait_for_training
 from ray._private.utils import get_system_memory, get_used_memory
 from ray.cluster_utils import Cluster
-from timeouts import COMMAND, EVENT, SERVICE, STOP, scaled
+from timeouts import COMMAND, SERVICE, STOP, scaled
 
 GIB = 2 ** 30
 HEADROOM = 3 * GIB       # above today's use: the run's driver and workers fit under it
@@ -50,26 +50,9 @@ def main(data: str, out: str) -> None:
     peak = [0]
     try:
         cluster.wait_for_nodes(timeout=scaled(SERVICE))
-        run = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run", "--config", "configs/per_group.yaml",
-             "--set", f"data.path={data}", "--set", f"output.path={out}",
-             "--set", "train.per_group.packed=false", "--set", "train.epochs=200",
-             "--set", "train.steps_per_epoch=20", "--set", "windows.lookback=72",
-             "--set", "evaluate.plots=0", "--set", "evaluate.comparators=[]",
-             "--set", f"ray.address={cluster.address}", "--set", "ray.task_num_cpus=1",
-             "--set", "ray.max_retries=0"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": os.getcwd()})
-        lines: list[str] = []
-        threading.Thread(target=lambda: lines.extend(run.stdout), daemon=True).start()
+        run, _lines = start_run(cluster.address, data, out, epochs=200)
         ray.init(address=cluster.address, log_to_driver=False)
-        end = time.monotonic() + scaled(EVENT)
-        while time.monotonic() < end and run.poll() is None:
-            if any(line.startswith("training") for line in lines) and \
-                    ray.available_resources().get("CPU", 0) == 0:    # a training task runs
-                break
-            time.sleep(0.5)
-        assert run.poll() is None, "the run ended before its training started"
+        wait_for_training(run, _lines)
         ballast = subprocess.Popen([sys.executable, "-c", BALLAST], stdout=subprocess.PIPE,
                                    text=True)
         threading.Thread(target=lambda: [peak.__setitem__(0, int(x)) for x in ballast.stdout],

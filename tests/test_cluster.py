@@ -71,32 +71,11 @@ def test_a_dead_node_that_strands_the_training_is_one_line_and_cleans_up(demo_di
     the tasks left pending can never run (Ray would wait for a node forever): the run ends
     with one error line naming the node, exit 1 (retryable), its lock released, its run
     FAILED, no forecasts written, whole or half."""
-    from pipeline import config as C
-    from pipeline import paths
-    from pipeline.stages.batch import lock
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "deadnode.py"), demo_dir,
-                        str(out)], capture_output=True, text=True,
-                       timeout=2 * scaled(COMMAND), cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stderr[-4000:]
-    info = json.loads(r.stdout.strip().splitlines()[-1])
-    err = info["stderr"].strip().splitlines()
-    assert info["code"] == 1, err
-    assert sum(line.startswith("error: ") for line in err) == 1 and "Traceback" not in \
-        info["stderr"], err
+    info, err = _one_error_line("deadnode.py", demo_dir, out)
     assert err[-1].startswith(f"error: node {info['node'][:12]} "), err
     assert "died during training, and no live node has the 1 CPU a task needs" in err[-1]
-    cfg = C.load("configs/per_group.yaml", [f"output.path={out}"])
-    with lock(paths.partition_lock(cfg, "20240630T230000")):      # released
-        pass
-    assert not glob.glob(str(out / "forecasts" / "**" / "*"), recursive=True)
-    assert not glob.glob(str(out / "**" / ".tmp-*"), recursive=True)
-    mlflow = pytest.importorskip("mlflow")
-    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    runs = c.search_runs([c.get_experiment_by_name("demo_per_group").experiment_id],
-                         "tags.`pipeline.role` = 'parent'")
-    assert [r.info.status for r in runs] == ["FAILED"]
+    _nothing_left(out)
 
 
 @pytest.mark.slow
@@ -108,14 +87,23 @@ def test_a_task_killed_by_rays_memory_monitor_is_one_line_and_cleans_up(demo_dir
     run trains. The run ends with one error line saying Ray's memory monitor killed the
     training task and where, exit 1 (retryable), its lock released, its run FAILED, nothing
     written, whole or half."""
-    from pipeline import config as C
-    from pipeline import paths
-    from pipeline.stages.batch import lock
     out = tmp_path / "out"
+    _, err = _one_error_line("oomnode.py", demo_dir, out)
+    assert err[-1].startswith("error: every training job failed; first error: the training "
+                              "task of store_"), err
+    assert "was killed by Ray's memory monitor (out of memory) (node " in err[-1], err
+    assert err[-1].endswith("OutOfMemoryError from Ray"), err
+    _nothing_left(out)
+
+
+def _one_error_line(script: str, demo_dir, out) -> tuple[dict, list[str]]:
+    """tests/<script> (deadnode.py, oomnode.py) in a subprocess on the demo data: its JSON
+    line, and the run's stderr lines, checked to end in exactly one `error:` line, no
+    traceback, exit 1 (retryable). Skips when the script says so."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "oomnode.py"), demo_dir,
-                        str(out)], capture_output=True, text=True,
-                       timeout=2 * scaled(COMMAND), cwd=ROOT, env=env)
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / script), demo_dir, str(out)],
+                       capture_output=True, text=True, timeout=2 * scaled(COMMAND), cwd=ROOT,
+                       env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     if "skip" in info:
@@ -124,10 +112,15 @@ def test_a_task_killed_by_rays_memory_monitor_is_one_line_and_cleans_up(demo_dir
     assert info["code"] == 1, (info, err)
     assert sum(line.startswith("error: ") for line in err) == 1 and "Traceback" not in \
         info["stderr"], err
-    assert err[-1].startswith("error: every training job failed; first error: the training "
-                              "task of store_"), err
-    assert "was killed by Ray's memory monitor (out of memory) (node " in err[-1], err
-    assert err[-1].endswith("OutOfMemoryError from Ray"), err
+    return info, err
+
+
+def _nothing_left(out) -> None:
+    """The per-group run under `out` that failed: its lock released, its parent run FAILED,
+    no forecasts written, whole or half."""
+    from pipeline import config as C
+    from pipeline import paths
+    from pipeline.stages.batch import lock
     cfg = C.load("configs/per_group.yaml", [f"output.path={out}"])
     with lock(paths.partition_lock(cfg, "20240630T230000")):      # released
         pass
