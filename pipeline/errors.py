@@ -62,8 +62,9 @@ def sigterm_held(then_raise: bool = True) -> Iterator[dict]:
     """SIGTERM held back over a step that must not be cut in two: a tracking run created on
     the server and its id kept (cut between, it would stay RUNNING with nobody to end it), a
     run being closed. When the outermost hold ends, a SIGTERM that came raises Terminated
-    (`then_raise`) or is reported in the yielded dict's "got" for the caller to act on. A
-    step that raises keeps its own exception."""
+    (`then_raise`; also over an exception the step raised, which it chains, so a failing step
+    cannot swallow the SIGTERM) or is reported in the yielded dict's "got" for the caller to
+    act on."""
     state = {"got": False}
     _HOLD["depth"] += 1
     try:
@@ -72,8 +73,8 @@ def sigterm_held(then_raise: bool = True) -> Iterator[dict]:
         _HOLD["depth"] -= 1
         if not _HOLD["depth"]:
             state["got"], _HOLD["pending"] = _HOLD["pending"], False
-    if state["got"] and then_raise:
-        raise Terminated("SIGTERM")
+        if state["got"] and then_raise:
+            raise Terminated("SIGTERM")
 
 
 def exit_code(exc: BaseException) -> int:

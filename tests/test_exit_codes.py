@@ -155,3 +155,19 @@ def test_sigterm_while_a_run_is_created_leaves_no_run_running(demo_dir, tmp_path
     assert role in {r.data.tags["pipeline.role"] for r in runs}
     assert {r.info.status for r in runs} == {"KILLED"}, [(r.data.tags, r.info.status)
                                                          for r in runs]
+
+
+def test_a_sigterm_held_over_a_step_that_fails_still_stops_the_job():
+    """A SIGTERM (this process signals itself) held over a step that then raises is not lost
+    with the step's exception: Terminated, the step's error chained."""
+    from pipeline.errors import Terminated, on_sigterm, sigterm_held
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with pytest.raises(Terminated) as stopped, sigterm_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise ValueError("create_run failed")
+        assert isinstance(stopped.value.__context__, ValueError)
+        with sigterm_held():                # nothing pending afterwards
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
