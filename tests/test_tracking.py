@@ -327,8 +327,8 @@ def test_uri_resolution_and_redaction(tmp_path, monkeypatch):
     assert tracking.tracking_uri(make_cfg(tmp_path)) == "http://u:secret@host:5000"
     assert tracking.tracking_uri(make_cfg(tmp_path, "sqlite:///x.db")) == "sqlite:///x.db"
     assert tracking.redact("https://u:secret@host:5000/p") == "https://host:5000/p"
-    assert runs._param_value("http://u:pw@h/x") == "http://h/x"
-    assert len(runs._param_value("a" * 7000)) == 6000
+    assert runs.param_value("http://u:pw@h/x") == "http://h/x"
+    assert len(runs.param_value("a" * 7000)) == 6000
 
 
 def test_the_pipeline_sets_no_global_mlflow_state(sqlite_uri, tmp_path, monkeypatch):

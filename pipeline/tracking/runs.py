@@ -52,13 +52,14 @@ def finite(v: Any) -> bool:
         return False
 
 
-def _param_value(v: Any) -> str:
+def param_value(v: Any) -> str:
     """Lists as `[a,b]`, URIs redacted, at most 6000 characters (MLflow's limit)."""
     s = f"[{','.join(map(str, v))}]" if isinstance(v, list | tuple) else str(v)
     return (redact(s) if "://" in s else s)[:MAX_PARAM_CHARS]
 
 
-def _chunks(items: list, n: int) -> Iterator[list]:
+def chunks(items: list, n: int) -> Iterator[list]:
+    """`items` in consecutive lists of at most `n` (MLflow's per-call limits)."""
     for i in range(0, len(items), n):
         yield items[i:i + n]
 
@@ -140,8 +141,8 @@ class Tracker:
         return self.parent_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
-        for part in _chunks(items, PARAMS_PER_CALL):
+        items = [Param(k, param_value(v)) for k, v in params.items()]
+        for part in chunks(items, PARAMS_PER_CALL):
             self.safe(self.client.log_batch, run_id, params=part)
 
     def child(self, name: str, group: str | None = None) -> str | None:
@@ -179,7 +180,7 @@ class Tracker:
         """Finite values only, in log_batch chunks."""
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in values.items() if finite(v)]
-        for part in _chunks(items, METRICS_PER_CALL):
+        for part in chunks(items, METRICS_PER_CALL):
             self.safe(self.client.log_batch, run_id, metrics=part)
 
     def log_job(self, run_id: str, result, prefix: str = "", history: bool = True) -> None:
@@ -203,7 +204,7 @@ class Tracker:
         if result.error:
             tags.append(RunTag(f"{prefix}job_error", result.error[:5000]))
         self.safe(self.client.log_batch, run_id, tags=tags)
-        for part in _chunks(items, METRICS_PER_CALL):
+        for part in chunks(items, METRICS_PER_CALL):
             self.safe(self.client.log_batch, run_id, metrics=part)
 
     def log_backtest(self, run_id: str, summary: dict[str, dict[str, float]],

@@ -10,7 +10,7 @@ from mlflow.entities import Metric, Param, RunTag
 from pipeline.errors import sigterm_held
 from pipeline.secrets import redact
 from pipeline.tracking.connect import client, give_up, given_up, unreachable
-from pipeline.tracking.runs import ERRORS, ROLE, _chunks, _param_value, finite
+from pipeline.tracking.runs import ERRORS, PARAMS_PER_CALL, ROLE, chunks, finite, param_value
 
 TRIAL = "trial"
 
@@ -66,8 +66,8 @@ class TrialRuns:
             if run is None:
                 return
             self.runs[trial_id] = run.info.run_id
-        params = [Param(k, _param_value(v)) for k, v in point.items()]
-        for part in _chunks(params, 100):
+        params = [Param(k, param_value(v)) for k, v in point.items()]
+        for part in chunks(params, PARAMS_PER_CALL):
             self._safe(self.client.log_batch, run.info.run_id, params=part)
 
     def epoch(self, trial_id: str, row: dict) -> None:
