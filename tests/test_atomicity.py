@@ -140,19 +140,25 @@ def test_delta_detects_two_writers_of_one_partition(s3_bucket):
     print(f"conflicts detected: {conflicts} of 6 writers")
 
 
-def test_a_full_disk_during_the_commit_leaves_the_previous_partition(tmp_path):
-    """RLIMIT_FSIZE on the writer: the new file cannot be written whole; the old one stays."""
+@pytest.mark.parametrize("fmt", ["parquet", "delta"])
+def test_a_full_disk_during_the_commit_leaves_the_previous_partition(tmp_path, fmt):
+    """RLIMIT_FSIZE on the writer: the new file cannot be written whole; the old one stays,
+    and the failure is the storage error that names the file (Delta: the table and its
+    partition; deltalake says the OS error only in its text) and the cause."""
     import resource
+    if fmt == "delta":
+        pytest.importorskip("deltalake")
     root = str(tmp_path)
-    assert write_version(root, 1).returncode == 0
+    assert write_version(root, 1, fmt).returncode == 0
 
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)           # EFBIG instead of a kill
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-    r = write_version(root, 2, preexec=small_files)
-    assert r.returncode != 0 and ("File too large" in r.stderr or "EFBIG" in r.stderr
-                                  or "errno 27" in r.stderr.lower())
-    assert versions_seen(root) == ({1}, 100_000)
+    r = write_version(root, 2, fmt, preexec=small_files)
+    assert r.returncode != 0
+    assert f"InfraError: storage error writing {root}/forecasts" in r.stderr, r.stderr[-2000:]
+    assert "File too large (EFBIG); nothing was replaced" in r.stderr, r.stderr[-2000:]
+    assert versions_seen(root, fmt) == ({1}, 100_000)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ input; every row also carries its own series' `cutoff` (last known step).
 """
 from __future__ import annotations
 
+import re
 import warnings
 from datetime import datetime, timezone
 
@@ -18,7 +19,7 @@ from pipeline import paths
 from pipeline.config import Config
 from pipeline.data import grid
 from pipeline.data.calendar import Freq
-from pipeline.data.io import replace_partition, replace_partition_stream
+from pipeline.data.io import replace_partition, replace_partition_stream, storage_error
 from pipeline.data.uploads import abort_uploads
 from pipeline.errors import InfraError
 from pipeline.secrets import redact
@@ -120,7 +121,7 @@ def write_delta(uri: str, keys: dict[str, str], table: pa.Table,
     (`output.delta_retention_hours`), the files no version of the last that many hours reads
     are vacuumed (`vacuum`)."""
     from deltalake import write_deltalake  # optional: output.format delta only
-    from deltalake.exceptions import CommitFailedError
+    from deltalake.exceptions import CommitFailedError, DeltaError
     for k, v in keys.items():
         table = table.append_column(k, pa.repeat(pa.scalar(v, pa.string()), table.num_rows))
     base, options = delta_location(uri)
@@ -133,9 +134,24 @@ def write_delta(uri: str, keys: dict[str, str], table: pa.Table,
     except CommitFailedError as e:
         raise InfraError(f"another writer committed to {redact(base)} ({predicate}) at the "
                          f"same time; nothing of this run was written there ({e})") from None
+    except (DeltaError, OSError) as e:
+        os_error = delta_os_error(e)
+        if os_error is None:
+            raise
+        raise storage_error(os_error, f"{base} ({predicate})", "writing") from None
     if retention_hours is not None:
         vacuum(base, options, retention_hours)
     return f"{base} ({predicate})"
+
+
+def delta_os_error(e: Exception) -> OSError | None:
+    """The operating system's error under a Delta write's failure: deltalake (Rust) says it
+    only in its text, `… File too large (os error 27)`; None when there is none (a schema
+    clash, a bad predicate: not the storage's fault)."""
+    if isinstance(e, OSError) and e.errno:
+        return e
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    return OSError(int(found.group(1)), str(e)) if found else None
 
 
 def vacuum(base: str, options: dict, hours: int) -> list[str]:
