@@ -1,13 +1,20 @@
 """`data.hierarchy` in the run (issue #30): the aggregated series in the arrays, every level
 forecast and reconciled, the aggregates written to their own partitions, coherent with the
 bottom's forecast, and the backtest scored per level."""
+import glob
+import os
+
 import numpy as np
+import polars as pl
 import pytest
 
 from pipeline import config as C
 from pipeline.data.series import SeriesArrays
 from pipeline.errors import DataError
 from pipeline.stages.levels import LEVEL, extend
+from tests.test_run import SCHEMA, run
+
+HIER = ["--set", "data.hierarchy=[[], [store]]", "--set", "ray.enabled=false"]
 
 
 def _arrays():
@@ -44,3 +51,43 @@ def test_extend_refuses_a_child_under_two_parents():
     with pytest.raises(DataError, match="store='a' is under two parents, region='N' "
                                         r"\(series 'x'\) and region='S' \(series 'y'\)"):
         extend(arrays, cfg)
+
+
+def _read(out, kind):
+    files = glob.glob(os.path.join(out, kind, "**", "*.parquet"), recursive=True)
+    return pl.read_parquet(files, hive_partitioning=False)
+
+
+def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path):
+    b = run("configs/demo.yaml", demo_dir, tmp_path, *HIER)
+    assert b.cfg.output.clip_at_zero is True          # the demo is >= 0: the clipped case
+    bottom = _read(tmp_path, "forecasts")
+    assert bottom.columns == SCHEMA and bottom["unique_id"].n_unique() == 40
+    levels = pl.read_parquet(str(tmp_path / "forecast_levels" / "**" / "*.parquet"),
+                             hive_partitioning=True)       # the levels open as one dataset
+    assert sorted(levels["level"].unique()) == ["store", "total"]
+    assert levels.height == 5 * 24 and (bottom["y_hat"] >= 0).all()
+    stores = pl.read_parquet(glob.glob(f"{demo_dir}/**/*.parquet", recursive=True),
+                             hive_partitioning=True).select("unique_id", "store").unique()
+    by_store = bottom.join(stores, on="unique_id").group_by("store", "ds").agg(
+        pl.col("y_hat").cast(pl.Float64).sum().alias("sum"))
+    total = bottom.group_by("ds").agg(pl.col("y_hat").cast(pl.Float64).sum().alias("sum"))
+    for level, sums, on in (("store", by_store, ["store", "ds"]), ("total", total, ["ds"])):
+        got = levels.filter(pl.col("level") == level).join(sums, on=on, how="inner")
+        assert got.height == levels.filter(pl.col("level") == level).height
+        np.testing.assert_allclose(got["y_hat"], got["sum"], rtol=1e-5)
+    scores = _read(tmp_path, "level_metrics")
+    assert set(zip(scores["level"], scores["forecast"], strict=True)) == {
+        (lv, f) for lv in ("total", "store", "unique_id") for f in ("base", "reconciled")}
+    assert scores["mase"].is_finite().all() and scores["wape"].is_finite().all()
+    info = b.outcome.forecast.coherence
+    assert info.method == "mint_shrink" and info.method_used in ("mint_shrink", "wls_struct")
+
+
+def test_run_names_the_series_of_a_bad_hierarchy(demo_dir, tmp_path, capsys):
+    with pytest.raises(AssertionError):   # the run fails: `run` asserts exit code 0
+        run("configs/demo.yaml", demo_dir, tmp_path, "--set", "ray.enabled=false", "--set",
+            "data.hierarchy=[[category], [category, store]]")
+    err = capsys.readouterr().err
+    assert "is under two parents" in err and "Traceback" not in err, err
+
