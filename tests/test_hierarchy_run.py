@@ -58,8 +58,10 @@ def _read(out, kind):
     return pl.read_parquet(files, hive_partitioning=False)
 
 
-def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path):
+def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys):
     b = run("configs/demo.yaml", demo_dir, tmp_path, *HIER)
+    printed = capsys.readouterr().out
+    assert "reconciled   every level with mint_shrink" in printed and "level=total" in printed
     assert b.cfg.output.clip_at_zero is True          # the demo is >= 0: the clipped case
     bottom = _read(tmp_path, "forecasts")
     assert bottom.columns == SCHEMA and bottom["unique_id"].n_unique() == 40
