@@ -59,25 +59,30 @@ def _read(out, kind):
 
 
 def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys):
-    b = run("configs/demo.yaml", demo_dir, tmp_path, *HIER)
+    b = run("configs/demo.yaml", demo_dir, tmp_path, *HIER, "--set",
+            "evaluate.intervals=conformal")            # quantile columns, reconciled too
     printed = capsys.readouterr().out
     assert "reconciled   every level with mint_shrink" in printed and "level=total" in printed
     assert b.cfg.output.clip_at_zero is True          # the demo is >= 0: the clipped case
     bottom = _read(tmp_path, "forecasts")
-    assert bottom.columns == SCHEMA and bottom["unique_id"].n_unique() == 40
+    assert [c for c in bottom.columns if not c.startswith("q_")] == SCHEMA   # today's
+    assert bottom["unique_id"].n_unique() == 40
     levels = pl.read_parquet(str(tmp_path / "forecast_levels" / "**" / "*.parquet"),
                              hive_partitioning=True)       # the levels open as one dataset
     assert sorted(levels["level"].unique()) == ["store", "total"]
     assert levels.height == 5 * 24 and (bottom["y_hat"] >= 0).all()
     stores = pl.read_parquet(glob.glob(f"{demo_dir}/**/*.parquet", recursive=True),
                              hive_partitioning=True).select("unique_id", "store").unique()
-    by_store = bottom.join(stores, on="unique_id").group_by("store", "ds").agg(
-        pl.col("y_hat").cast(pl.Float64).sum().alias("sum"))
-    total = bottom.group_by("ds").agg(pl.col("y_hat").cast(pl.Float64).sum().alias("sum"))
-    for level, sums, on in (("store", by_store, ["store", "ds"]), ("total", total, ["ds"])):
-        got = levels.filter(pl.col("level") == level).join(sums, on=on, how="inner")
+    values = ["y_hat", *(c for c in bottom.columns if c.startswith("q_"))]
+    assert len(values) == 5 and levels.columns[:3] == ["unique_id", "store", "ds"]
+    sums = [pl.col(c).cast(pl.Float64).sum().alias(f"sum{c}") for c in values]
+    by_store = bottom.join(stores, on="unique_id").group_by("store", "ds").agg(sums)
+    total = bottom.group_by("ds").agg(sums)
+    for level, summed, on in (("store", by_store, ["store", "ds"]), ("total", total, ["ds"])):
+        got = levels.filter(pl.col("level") == level).join(summed, on=on, how="inner")
         assert got.height == levels.filter(pl.col("level") == level).height
-        np.testing.assert_allclose(got["y_hat"], got["sum"], rtol=1e-5)
+        for c in values:                       # every step and every quantile
+            np.testing.assert_allclose(got[c], got[f"sum{c}"], rtol=1e-5, atol=1e-3)
     scores = _read(tmp_path, "level_metrics")
     assert set(zip(scores["level"], scores["forecast"], strict=True)) == {
         (lv, f) for lv in ("total", "store", "unique_id") for f in ("base", "reconciled")}
