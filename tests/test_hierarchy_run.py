@@ -4,6 +4,7 @@ bottom's forecast, and the backtest scored per level."""
 import glob
 import os
 
+import mlflow
 import numpy as np
 import polars as pl
 import pytest
@@ -59,8 +60,10 @@ def _read(out, kind):
 
 
 def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     b = run("configs/demo.yaml", demo_dir, tmp_path, *HIER, "--set",
-            "evaluate.intervals=conformal")            # quantile columns, reconciled too
+            "evaluate.intervals=conformal",            # quantile columns, reconciled too
+            "--set", "tracking.enabled=true", "--set", f"tracking.uri={uri}")
     printed = capsys.readouterr().out
     assert "reconciled   every level with mint_shrink" in printed and "level=total" in printed
     assert b.cfg.output.clip_at_zero is True          # the demo is >= 0: the clipped case
@@ -89,6 +92,12 @@ def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys):
     assert scores["mase"].is_finite().all() and scores["wape"].is_finite().all()
     info = b.outcome.forecast.coherence
     assert info.method == "mint_shrink" and info.method_used in ("mint_shrink", "wls_struct")
+    logged = mlflow.MlflowClient(tracking_uri=uri).get_run(b.log.parent_id).data
+    assert logged.params["reconcile.method"] == "auto"
+    assert logged.params["data.hierarchy"].replace(" ", "") == "[[],['store']]"
+    assert logged.tags["reconcile_method_used"] == info.method_used
+    assert {"level_total_base_mase", "level_total_reconciled_mase",
+            "level_store_reconciled_wape"} <= set(logged.metrics)
 
 
 def test_run_names_the_series_of_a_bad_hierarchy(demo_dir, tmp_path, capsys):
