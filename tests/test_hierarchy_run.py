@@ -3,6 +3,7 @@ forecast and reconciled, the aggregates written to their own partitions, coheren
 bottom's forecast, and the backtest scored per level."""
 import glob
 import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -92,6 +93,8 @@ def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys):
     assert scores["mase"].is_finite().all() and scores["wape"].is_finite().all()
     info = b.outcome.forecast.coherence
     assert info.method == "mint_shrink" and info.method_used in ("mint_shrink", "wls_struct")
+    page = Path(b.outcome.report).read_text(encoding="utf-8")
+    assert "Levels: base and reconciled" in page and "<td>total</td>" in page
     logged = mlflow.MlflowClient(tracking_uri=uri).get_run(b.log.parent_id).data
     assert logged.params["reconcile.method"] == "auto"
     assert logged.params["data.hierarchy"].replace(" ", "") == "[[],['store']]"
