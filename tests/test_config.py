@@ -118,6 +118,8 @@ def test_hierarchy_and_reconcile_defaults():
     (["reconcile.method=mint"], "reconcile.method = 'mint' is not one of 'auto', 'bottom_up'"),
     (["reconcile.auto_max=0"], "reconcile.auto_max = 0 must be > 0"),
     (["reconcile.methd=ols"], "unknown key 'reconcile.methd'; did you mean 'method'?"),
+    (["data.group_col=store", "data.hierarchy=[[store]]",
+      "reconcile.method=top_down_forecast_proportions"], "needs the grand total level []"),
 ])
 def test_bad_hierarchy_or_reconcile_names_the_key(override, message):
     with pytest.raises(C.ConfigError) as e:

@@ -68,6 +68,13 @@ class ReconcileConfig:
         _choice("reconcile.method", self.method, ("auto", *METHODS))
         _positive("reconcile.auto_max", self.auto_max)
 
+    def check(self, data) -> None:
+        """Against `data` (a DataConfig): the top-down methods split the grand total, so
+        `data.hierarchy` must start with it."""
+        if self.method in TOP_DOWN and data.hierarchy and data.hierarchy[0]:
+            raise ConfigError(f"reconcile.method = {self.method!r} needs the grand total level "
+                              f"[] at the top of {KEY} (got {data.hierarchy!r})")
+
     def resolved(self, n_series: int) -> str:
         """The method for `n_series` series over all levels (`auto` resolved)."""
         if self.method != "auto":

@@ -297,6 +297,7 @@ class Config:
                               "baseline's name; choose another")
         self._check_intervals()
         self._check_receptive_field()
+        self.reconcile.check(self.data)
 
     def _check_intervals(self) -> None:
         if self.evaluate.combine and self.model.quantiles:
