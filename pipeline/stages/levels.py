@@ -105,15 +105,15 @@ def _long(arrays: SeriesArrays, statics: pl.DataFrame, hierarchy: Hierarchy) -> 
     covariates and the series' level columns."""
     seg = np.repeat(np.arange(len(arrays)), arrays.lengths)
     pos = np.arange(len(arrays.values)) - arrays.indptr[seg]
-    cols = {_ID: seg, _T: arrays.start[seg] + pos * arrays.freq.step,
-            _Y: arrays.values.astype(np.float64), _M: arrays.mask.astype(np.float64)}
+    cols = {_ID: seg.astype(np.int32), _T: arrays.start[seg] + pos * arrays.freq.step,
+            _Y: arrays.values.astype(np.float64), _M: arrays.mask}   # sums of u8: Int64
     names = _covariates(arrays)
     for block in (arrays.past, arrays.future):
         if block is not None:
             for j in range(block.shape[1]):
-                cols[names.pop(0)] = block[:, j].astype(np.float64)
+                cols[names.pop(0)] = block[:, j]                       # float32 (means)
     levels = statics.select(hierarchy.columns).with_row_index(_ID).with_columns(
-        pl.col(_ID).cast(pl.Int64))
+        pl.col(_ID).cast(pl.Int32))
     return pl.DataFrame(cols).join(levels, on=_ID, how="left", maintain_order="left")
 
 
