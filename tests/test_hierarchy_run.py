@@ -4,6 +4,7 @@ bottom's forecast, and the backtest scored per level."""
 import glob
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 from pipeline import config as C
 from pipeline.data.series import SeriesArrays
 from pipeline.errors import DataError
+from pipeline.forecasting.backtest import Block
+from pipeline.stages import reconciled as R
 from pipeline.stages.levels import LEVEL, extend
 from tests.test_run import SCHEMA, run
 
@@ -64,6 +67,7 @@ def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     b = run("configs/demo.yaml", demo_dir, tmp_path, *HIER, "--set",
             "evaluate.intervals=conformal",            # quantile columns, reconciled too
+            "--set", "evaluate.chunk_series=7",        # written in chunks
             "--set", "tracking.enabled=true", "--set", f"tracking.uri={uri}")
     printed = capsys.readouterr().out
     assert "reconciled   every level with mint_shrink" in printed and "level=total" in printed
@@ -110,3 +114,41 @@ def test_run_names_the_series_of_a_bad_hierarchy(demo_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is under two parents" in err and "Traceback" not in err, err
 
+
+def _extended(*sets):
+    cfg = C.load(None, ["data.group_col=store", "data.hierarchy=[[], [store]]",
+                        "windows.lookback=1", "windows.horizon=1", "windows.n_windows=3",
+                        "evaluate.season=1", *sets])
+    arrays, levels = extend(_arrays(), cfg)
+    return cfg, SimpleNamespace(arrays=arrays, levels=levels)
+
+
+def test_backtest_slots_take_the_published_blocks_else_in_sample_seasonal_naive():
+    cfg, data = _extended()
+    blocks = [Block(0, "net", np.array([0]), np.array([[4.0]]), np.array([[3.5]]),
+                    np.array([[1.0]])),
+              Block(0, "naive", np.array([0]), np.array([[4.0]]), np.array([[9.0]]),
+                    np.array([[1.0]]))]
+    slots = R.backtest_slots(data.arrays, cfg, blocks, {"x": "net"})
+    assert slots["y_hat"][0, 0, 0] == 3.5                  # x's published block at cutoff 0
+    assert slots["y_hat"][0, 1:, 0].tolist() == [2, 1]     # elsewhere y[t - 1] (t = 2, 1)
+    y = 1                                                  # y: two steps, the second masked
+    assert slots["y"][y, :, 0].tolist() == [20, 10, 0]     # before its first step: 0 ...
+    assert slots["mask"][y, :, 0].tolist() == [0, 1, 0]    # ... and masked out
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_reconciled_forecast_is_coherent_and_clipped_bottom_up(clip):
+    cfg, data = _extended(f"output.clip_at_zero={str(clip).lower()}",
+                          "reconcile.method=ols")
+    ids = data.arrays.ids.astype(str)
+    base = np.array([-5.0, 20, 5, 40, 10, 5])             # x, y, z, total, store=a, store=b
+    cols = {"unique_id": ids, "y_hat": base.astype(np.float32),
+            "q_0.9": (base + 1).astype(np.float32), "model": np.full(6, "net", object)}
+    out, info = R.reconcile_forecast(data, cols, cfg, None)
+    rec = dict(zip(ids, out["y_hat"].tolist(), strict=True))
+    assert info.method_used == "ols" and (rec["x"] >= 0) == clip
+    for key in ("y_hat", "q_0.9"):
+        v = dict(zip(ids, out[key].astype(np.float64).tolist(), strict=True))
+        assert v["store=a"] == pytest.approx(v["x"] + v["y"], rel=1e-6)
+        assert v["total"] == pytest.approx(v["store=a"] + v["store=b"], rel=1e-6)

@@ -6,10 +6,11 @@ level in its own, and the backtest scored per level before and after reconciliat
 Residuals (MinTrace's `wls_var`, `mint_shrink`, `mint_cov`) come from the backtest windows:
 per series, the actuals and the predictions of the candidate its forecast was published from
 (the network, a comparator; the seasonal-naive baseline for a fallback forecast) at every
-backtest cutoff and step. A series the backtest did not score (too short, or a flow without a
-backtest) takes in-sample seasonal-naive residuals at the same positions from its end
-(`y[t] - y[t - m]`); a position before a series' first step is 0 in actuals and prediction
-(the series adds nothing to its parents there), masked out of the scores.
+backtest cutoff and step. Where the backtest did not score a series (too short, a cutoff it
+missed, a flow without a backtest), in-sample seasonal-naive residuals at the same positions
+from its end stand in (`y[t] - y[t - m]`); a position before a series' first step is 0 in
+actuals and prediction (the series adds nothing to its parents there), masked out of the
+scores.
 
 Clipping (`output.clip_at_zero` true): the reconciled bottom forecasts (and quantiles) are
 clipped as today, then every aggregate is summed from them again (bottom-up), so parents still
@@ -76,9 +77,10 @@ def backtest_slots(arrays, cfg, blocks: list, models: dict[str, str]) -> dict[st
     inside = pos >= 0
     at = arrays.indptr[missing, None, None] + np.maximum(pos, 0)
     lag = arrays.indptr[missing, None, None] + np.maximum(pos - m, 0)
-    out["y"][missing] = np.where(inside, arrays.values[at], 0.0)
-    out["y_hat"][missing] = np.where(inside, arrays.values[lag], 0.0)
-    out["mask"][missing] = np.where(inside, arrays.mask[at], 0)
+    gap = np.isnan(out["y_hat"][missing])                   # only the slots without a block
+    for key, value in (("y", arrays.values[at]), ("y_hat", arrays.values[lag]),
+                       ("mask", arrays.mask[at])):
+        out[key][missing] = np.where(gap, np.where(inside, value, 0.0), out[key][missing])
     return out
 
 
