@@ -115,6 +115,9 @@ def test_hierarchy_and_reconcile_defaults():
      "data.hierarchy level 2 ['b'] must start with the columns of level 1"),
     (["data.static_cols=[unique_id]", "data.hierarchy=[[unique_id]]"], "more than one role"),
     (["data.hierarchy=[[1]]"], "data.hierarchy[0][0] must be a string, got 1"),
+    (["data.static_cols=[model]", "data.hierarchy=[[model]]"], "names column 'model', which "
+                                                               "the levels' forecast files"),
+    (["data.static_cols=[level, a]", "data.hierarchy=[[a]]"], "static column 'level' would be"),
     (["reconcile.method=mint"], "reconcile.method = 'mint' is not one of 'auto', 'bottom_up'"),
     (["reconcile.auto_max=0"], "reconcile.auto_max = 0 must be > 0"),
     (["reconcile.methd=ols"], "unknown key 'reconcile.methd'; did you mean 'method'?"),

@@ -14,6 +14,10 @@ TOP_DOWN = ("top_down_forecast_proportions", "top_down_average_proportions",
             "top_down_proportion_averages")
 MIN_TRACE = ("ols", "wls_struct", "wls_var", "mint_shrink", "mint_cov")
 METHODS = ("bottom_up", *TOP_DOWN, *MIN_TRACE)   # pipeline.hierarchy.reconcile's methods
+# names a level column may not take: the `level` static and partition key, and the columns and
+# partition keys of the levels' forecast files
+TAKEN = ("level", "unique_id", "ds", "cutoff", "step", "y_hat", "model", "group", "run_id",
+         "created_at", "job", "data_end")
 
 
 def hierarchy_levels(raw: object) -> tuple[tuple[str, ...], ...]:
@@ -47,7 +51,13 @@ def check_hierarchy(data) -> None:
         return
     levels = hierarchy_levels(data.hierarchy)
     statics = [*data.static_cols, *([data.group_col] if data.group_col else [])]
+    if "level" in statics:
+        raise ConfigError(f"{KEY}: the static column 'level' would be overwritten by the "
+                          "series' level (a static every series gets); rename it")
     for col in levels[-1]:
+        if col in TAKEN:
+            raise ConfigError(f"{KEY} names column {col!r}, which the levels' forecast files "
+                              "use themselves; rename it in the input")
         if col not in statics:
             raise ConfigError(f"{KEY} names column {col!r}, which is not a static column "
                               f"of the data (data.static_cols = {data.static_cols}, "
