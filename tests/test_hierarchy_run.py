@@ -152,3 +152,13 @@ def test_reconciled_forecast_is_coherent_and_clipped_bottom_up(clip):
         v = dict(zip(ids, out[key].astype(np.float64).tolist(), strict=True))
         assert v["store=a"] == pytest.approx(v["x"] + v["y"], rel=1e-6)
         assert v["total"] == pytest.approx(v["store=a"] + v["store=b"], rel=1e-6)
+
+
+def test_a_series_without_a_forecast_keeps_nan_and_adds_nothing_to_its_parents():
+    cfg, data = _extended("output.clip_at_zero=false", "reconcile.method=bottom_up")
+    ids = data.arrays.ids.astype(str)
+    base = np.array([np.nan, 20, 5, 40, 10, 5], np.float32)
+    cols = {"unique_id": ids, "y_hat": base, "model": np.full(6, "net", object)}
+    out, info = R.reconcile_forecast(data, cols, cfg, None)
+    assert np.isnan(out["y_hat"][0]) and out["y_hat"][1:].tolist() == [20, 5, 25, 20, 5]
+    assert "1 series without a finite forecast counted as 0" in info.note

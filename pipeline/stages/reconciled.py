@@ -96,21 +96,31 @@ def reconcile_forecast(data, cols: dict, cfg, slots: dict | None) -> tuple[dict,
     base = cols["y_hat"].reshape(-1, h)[order].astype(np.float64)
     q = np.stack([cols[c].reshape(-1, h)[order] for c in qcols], -1).astype(np.float64) \
         if qcols else None
-    note = None
-    if q is not None and not np.isfinite(q).all():
-        q, note = None, "quantiles not reconciled: some series have none"
+    notes = []
+    none = ~np.isfinite(base).all(axis=1)    # no usable value: no forecast, 0 to its parents
+    if none.any():
+        base[none] = 0
+        notes.append(f"{int(none.sum())} series without a finite forecast counted as 0")
+    if q is not None and not np.isfinite(q[~none]).all():
+        q = None
+        notes.append("quantiles not reconciled: some series have none")
+    elif q is not None:
+        q[none] = 0
     insample = fitted = None
     if slots is not None:
         insample, fitted = (slots[k].reshape(len(arrays), -1)[lv.rows] for k in SLOTS[:2])
     method = cfg.reconcile.resolved(lv.S.shape[0])
     rec = reconcile(base, lv.S, lv.tags, method, insample, fitted, q)
     mean, rq = _clipped(data, cfg, rec.mean, rec.quantiles)
+    mean[none] = np.nan                     # they keep their NaN forecast rows
+    if rq is not None:
+        rq[none] = np.nan
     out = dict(cols)
     out["y_hat"] = _put(cols["y_hat"], mean, order, h)
     for j, c in enumerate(qcols if rq is not None else ()):
         out[c] = _put(cols[c], rq[..., j], order, h)
-    notes = "; ".join(filter(None, [rec.note, note])) or None
-    return out, Coherence(method, rec.method_used, notes, time.perf_counter() - t0)
+    note = "; ".join(filter(None, [rec.note, *notes])) or None
+    return out, Coherence(method, rec.method_used, note, time.perf_counter() - t0)
 
 
 def _put(column: np.ndarray, values: np.ndarray, order: np.ndarray, h: int) -> np.ndarray:
