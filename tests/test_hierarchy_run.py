@@ -162,3 +162,30 @@ def test_a_series_without_a_forecast_keeps_nan_and_adds_nothing_to_its_parents()
     out, info = R.reconcile_forecast(data, cols, cfg, None)
     assert np.isnan(out["y_hat"][0]) and out["y_hat"][1:].tolist() == [20, 5, 25, 20, 5]
     assert "1 series without a finite forecast counted as 0" in info.note
+
+
+def test_three_levels_append_in_order_and_reconcile_coherently():
+    a = SeriesArrays.from_list([[1, 2], [3, 4], [5, 6], [7, 8]], ids=["w", "x", "y", "z"])
+    a.groups = np.array(["b", "a", "c", "a"], dtype=object)
+    a.static = {"region": np.array(["N", "N", "S", "N"], dtype=object)}
+    cfg = C.load(None, ["data.group_col=store", "data.static_cols=[region]",
+                        "data.hierarchy=[[], [region], [region, store]]", "windows.lookback=1",
+                        "windows.horizon=1", "output.clip_at_zero=false",
+                        "reconcile.method=wls_struct"])
+    arrays, levels = extend(a, cfg)
+    assert arrays.ids[4:].tolist() == ["total", "region=N", "region=S", "region=N/store=a",
+                                       "region=N/store=b", "region=S/store=c"]
+    assert [arrays.series(s).tolist() for s in (4, 5, 7, 8)] == [[16, 20], [11, 14], [10, 12],
+                                                                 [1, 2]]
+    assert arrays.static[LEVEL][4:].tolist() == ["total", "region", "region", "region/store",
+                                                 "region/store", "region/store"]
+    rng = np.random.default_rng(0)
+    cols = {"unique_id": arrays.ids.astype(str), "y_hat": rng.random(10).astype(np.float32),
+            "model": np.full(10, "net", object)}
+    out, _ = R.reconcile_forecast(SimpleNamespace(arrays=arrays, levels=levels), cols, cfg,
+                                  None)
+    v = dict(zip(arrays.ids.astype(str), out["y_hat"].astype(np.float64), strict=True))
+    assert v["region=N/store=a"] == pytest.approx(v["x"] + v["z"], rel=1e-6)
+    assert v["region=N"] == pytest.approx(v["region=N/store=a"] + v["region=N/store=b"],
+                                          rel=1e-6)
+    assert v["total"] == pytest.approx(v["region=N"] + v["region=S"], rel=1e-6)
