@@ -41,8 +41,8 @@ def is_remote(uri: str) -> bool:
     return "://" in uri
 
 
-EVALUATIONS = ("backtest", "metrics", "reports")   # per flow: a challenger never replaces
-                                                  # what `run` published
+EVALUATIONS = ("backtest", "metrics", "level_metrics", "reports")   # per flow: a challenger
+                                                  # never replaces what `run` published
 
 
 def partition_values(cfg: Config, kind: str, end: str, flow: str) -> dict[str, str]:

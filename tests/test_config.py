@@ -93,3 +93,38 @@ def test_config_warns_when_receptive_field_is_twice_the_lookback():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Config(windows=WindowsConfig(lookback=48, horizon=24), model=ModelConfig(encoder=near))
+
+
+def test_hierarchy_and_reconcile_defaults():
+    cfg = C.load(None)
+    assert cfg.data.hierarchy == [] and cfg.reconcile.method == "auto"
+    cfg = C.load(None, ["data.static_cols=[region]", "data.group_col=store",
+                        "data.hierarchy=[[], [region], [region, store]]"])
+    assert cfg.data.hierarchy == [[], ["region"], ["region", "store"]]
+    assert cfg.flat()["reconcile.method"] == "auto"
+    assert (cfg.reconcile.resolved(2000), cfg.reconcile.resolved(2001)) == \
+        ("mint_shrink", "wls_struct")
+    assert C.load(None, ["reconcile.method=bottom_up"]).reconcile.resolved(10) == "bottom_up"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["data.hierarchy=store"], "data.hierarchy must be a list, got 'store'"),
+    (["data.hierarchy=[[store]]"], "data.hierarchy names column 'store', which is not a "
+                                   "static column"),
+    (["data.static_cols=[a, b]", "data.hierarchy=[[a, b], [b]]"],
+     "data.hierarchy level 2 ['b'] must start with the columns of level 1"),
+    (["data.static_cols=[unique_id]", "data.hierarchy=[[unique_id]]"], "more than one role"),
+    (["data.hierarchy=[[1]]"], "data.hierarchy[0][0] must be a string, got 1"),
+    (["data.static_cols=[model]", "data.hierarchy=[[model]]"], "names column 'model', which "
+                                                               "the levels' forecast files"),
+    (["data.static_cols=[level, a]", "data.hierarchy=[[a]]"], "static column 'level' would be"),
+    (["reconcile.method=mint"], "reconcile.method = 'mint' is not one of 'auto', 'bottom_up'"),
+    (["reconcile.auto_max=0"], "reconcile.auto_max = 0 must be > 0"),
+    (["reconcile.methd=ols"], "unknown key 'reconcile.methd'; did you mean 'method'?"),
+    (["data.group_col=store", "data.hierarchy=[[store]]",
+      "reconcile.method=top_down_forecast_proportions"], "needs the grand total level []"),
+])
+def test_bad_hierarchy_or_reconcile_names_the_key(override, message):
+    with pytest.raises(C.ConfigError) as e:
+        C.load(None, override)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -15,6 +15,7 @@ from pipeline.config.evaluate import (  # noqa: F401 - re-exported
     EvaluateConfig,
     PromoteConfig,
 )
+from pipeline.config.hierarchy import ReconcileConfig, check_hierarchy
 from pipeline.config.model import (  # noqa: F401 - the model sections, re-exported
     PACKED_DECODERS,
     PACKED_ENCODERS,
@@ -23,6 +24,7 @@ from pipeline.config.model import (  # noqa: F401 - the model sections, re-expor
     ModelConfig,
     receptive_field,
 )
+from pipeline.config.output import OutputConfig  # noqa: F401 - re-exported
 from pipeline.config.tune import TuneConfig
 
 MAX_HORIZON = 32767     # the outputs' `step` column is an int16
@@ -48,6 +50,8 @@ class DataConfig:
     nonnegative: bool = False            # series with negative targets are skipped when true
     rows_per_task: int = 5_000_000       # a file larger than this is split into chunks of series
     unit: str | None = None              # the target's unit ("kWh"): the report's axes, values
+    hierarchy: list[list[str]] = field(default_factory=list)  # levels of static columns, top
+                                         # first ([[], [store]]); [] = the series alone
 
     def __post_init__(self) -> None:
         if isinstance(self.freq, int):
@@ -68,6 +72,7 @@ class DataConfig:
         dup = sorted({c for c in named if named.count(c) > 1})
         if dup:
             raise ConfigError(f"data: column(s) {dup} are given more than one role")
+        check_hierarchy(self)
 
 
 @dataclass
@@ -255,30 +260,6 @@ class TrackingConfig:
 
 
 @dataclass
-class OutputConfig:
-    path: str = "outputs"          # local path or pyarrow fs URI
-    report: bool = True            # write the validation report next to the outputs
-    format: str = "parquet"        # parquet (a folder per partition, every reader opens it)
-                                   # | delta (Delta Lake tables: commits, writer conflicts)
-    clip_at_zero: bool | str = "auto"  # forecasts, quantiles and intervals at least 0, and 0
-                                   # where a series' history is all 0; auto: when every value
-                                   # of the history is >= 0 (resolved by the data stage)
-    delta_retention_hours: int | None = 168  # delta: files no version of the last this many
-                                   # hours reads are vacuumed after each write; null: never
-
-    def __post_init__(self) -> None:
-        _choice("output.format", self.format, ("parquet", "delta"))
-        if isinstance(self.clip_at_zero, str):
-            _choice("output.clip_at_zero", self.clip_at_zero, ("auto",))
-        elif not isinstance(self.clip_at_zero, bool):
-            raise ConfigError(f"output.clip_at_zero = {self.clip_at_zero!r}: auto, true or "
-                              "false")
-        if self.delta_retention_hours is not None:
-            _positive("output.delta_retention_hours", self.delta_retention_hours,
-                      allow_zero=True)
-
-
-@dataclass
 class Config:
     explicit = frozenset()          # dotted keys the YAML and --set gave (from_dict sets it)
 
@@ -295,6 +276,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)   # `python -m pipeline tune` only
     promote: PromoteConfig = field(default_factory=PromoteConfig)  # challenger vs champion
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)  # data.hierarchy's
 
     def __post_init__(self) -> None:
         _choice("recipe", self.recipe, ("none", "auto"))
@@ -315,6 +297,7 @@ class Config:
                               "baseline's name; choose another")
         self._check_intervals()
         self._check_receptive_field()
+        self.reconcile.check(self.data)
 
     def _check_intervals(self) -> None:
         if self.evaluate.combine and self.model.quantiles:

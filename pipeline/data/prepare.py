@@ -56,6 +56,8 @@ class Prepared:
                               # backtest), once `resolve`d
     cfg: Config | None = None  # the config resolved for this data (`recipe: auto`)
     recipe: dict | None = None  # what the recipe chose (dotted key -> value)
+    levels: object = None     # data.hierarchy: the aggregated series' Levels
+                              # (`pipeline.stages.levels`; the arrays hold them after the bottom)
 
     def skipped(self) -> dict[str, int]:
         counts = Counter(self.arrays.status.tolist())

@@ -15,6 +15,7 @@ a bottom series' id is an error naming it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,9 +34,9 @@ class Aggregation:
     """What `aggregate` builds, every part in the module's row order.
 
     frame: the aggregated series (levels above the bottom) in long form: id (str), time, the
-        summed target, `n_bottom` (how many bottom series had a value at that step; a step
-        none had is absent, a gap like the bottom's) and the level columns (null where the
-        level does not use them).
+        summed target (and `aggregate`'s `also` columns), `n_bottom` (how many bottom series
+        had a value at that step; a step none had is absent, a gap like the bottom's) and the
+        level columns (null where the level does not use them).
     S: the summing matrix, `[n_all, n_bottom]` CSR of ones.
     ids: every row's id (str; bottom ids cast to str), `[n_all]`.
     tags: level name → its ids, top first then the bottom (named by the id column);
@@ -122,28 +123,29 @@ def _check_unique(tags: dict[str, np.ndarray], id_col: str) -> None:
 
 
 def aggregate(frame: pl.DataFrame, hierarchy: Hierarchy, id_col: str = "unique_id",
-              time_col: str = "ds", target_col: str = "y", validate: bool = True
-              ) -> Aggregation:
+              time_col: str = "ds", target_col: str = "y", validate: bool = True,
+              also: Sequence[str] = ()) -> Aggregation:
     """The long table (id, time, target, the hierarchy's columns) → Aggregation. `y` is summed
     per level key and step over the bottom series with a value there (null or NaN targets
-    count as absent, like a gap); `validate=False` skips `check` (done by the caller)."""
+    count as absent, like a gap), and so are the columns `also` (over the same rows, after
+    the target, in the frame); `validate=False` skips `check` (done by the caller)."""
     if validate:
         check(frame, hierarchy, id_col)
     cols = list(hierarchy.columns)
     statics = frame.select(id_col, *cols).unique(id_col)
     S, ids, tags = summing(statics, hierarchy, id_col)
-    present = frame.select(id_col, time_col, target_col, *cols).filter(
+    present = frame.select(id_col, time_col, target_col, *also, *cols).filter(
         pl.col(target_col).is_not_null() & pl.col(target_col).is_not_nan())
     schema = frame.select(cols).schema
     parts, offset = [], 0
     for level, keys in zip(hierarchy.levels, level_keys(statics, hierarchy), strict=True):
         sums = (present.group_by([*level, time_col])
-                .agg(pl.col(target_col).sum(), pl.len().cast(pl.Int64).alias(COUNT)))
+                .agg(pl.col(target_col, *also).sum(), pl.len().cast(pl.Int64).alias(COUNT)))
         order = keys.with_row_index("_row", offset=offset)
         sums = (sums.join(order, on=list(level), how="left") if level else
                 sums.with_columns(id=pl.lit("total"), _row=pl.lit(offset, pl.UInt32)))
         parts.append(sums.select(
-            pl.col("id").alias(id_col), time_col, target_col, COUNT,
+            pl.col("id").alias(id_col), time_col, target_col, *also, COUNT,
             *[pl.col(c) if c in level else pl.lit(None, schema[c]).alias(c) for c in cols],
             "_row"))
         offset += keys.height

@@ -24,13 +24,13 @@ from scipy import sparse
 from scipy.sparse.linalg import splu
 
 from pipeline.config import ConfigError
+from pipeline.config.hierarchy import METHODS, MIN_TRACE  # noqa: F401 - re-exported
+from pipeline.config.hierarchy import TOP_DOWN as config_top_down
 
 KEY = "reconcile.method"
-TOP_DOWN = {"top_down_forecast_proportions": "forecast_proportions",
-            "top_down_average_proportions": "average_proportions",
-            "top_down_proportion_averages": "proportion_averages"}
-MIN_TRACE = ("ols", "wls_struct", "wls_var", "mint_shrink", "mint_cov")
-METHODS = ("bottom_up", *TOP_DOWN, *MIN_TRACE)
+TOP_DOWN = dict(zip(config_top_down,   # method → the library's TopDown method
+                    ("forecast_proportions", "average_proportions", "proportion_averages"),
+                    strict=True))
 RESIDUALS = {"wls_var", "mint_shrink", "mint_cov"}   # need in-sample actuals and fitted values
 FULL_COVARIANCE = {"mint_shrink", "mint_cov"}        # a dense n×n covariance
 FALLBACK = "wls_struct"

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from pipeline.config import ConfigError
+from pipeline.config.hierarchy import KEY, hierarchy_levels
 from pipeline.errors import DataError
-
-KEY = "data.hierarchy"
 
 
 @dataclass(frozen=True)
@@ -36,25 +34,8 @@ class Hierarchy:
 
 def parse(raw: object) -> Hierarchy:
     """A raw spec (a list of lists of column names) → Hierarchy, or ConfigError naming the
-    bad level (counted from 1, top first)."""
-    if not isinstance(raw, list | tuple) or not raw:
-        raise ConfigError(f"{KEY} must be a non-empty list of levels, each a list of "
-                          f"column names (e.g. [[], [region], [region, store]]), got {raw!r}")
-    levels: list[tuple[str, ...]] = []
-    for i, level in enumerate(raw, 1):
-        where = f"{KEY} level {i} {level!r}"
-        if not isinstance(level, list | tuple) or not all(
-                isinstance(c, str) and c for c in level):
-            raise ConfigError(f"{where} must be a list of column names ([] for the total)")
-        if len(set(level)) != len(level):
-            raise ConfigError(f"{where} names a column twice")
-        if levels:
-            above = levels[-1]
-            if tuple(level[:len(above)]) != above or len(level) <= len(above):
-                raise ConfigError(f"{where} must start with the columns of level {i - 1} "
-                                  f"{list(above)!r} and add at least one")
-        levels.append(tuple(level))
-    return Hierarchy(tuple(levels))
+    bad level (counted from 1, top first; `config.hierarchy.hierarchy_levels`)."""
+    return Hierarchy(hierarchy_levels(raw))
 
 
 def check(frame: pl.DataFrame, hierarchy: Hierarchy, id_col: str = "unique_id") -> None:

@@ -163,6 +163,25 @@ def forecast(fc, horizon: int) -> None:
           f"{fc.fallback}{', ' + fc.note if fc.note else ''}) -> {redact(fc.path)}")
     if fc.plots:
         print(f"plots        {len(fc.plots)} PNGs in {redact(os.path.dirname(fc.plots[0]))}")
+    if getattr(fc, "coherence", None) is not None:      # data.hierarchy
+        levels(fc)
+
+
+def levels(fc) -> None:
+    """data.hierarchy: how the levels were reconciled, where they went, and the backtest per
+    level, base against reconciled (`stages.reconciled.Coherence`)."""
+    c = fc.coherence
+    used = c.method if c.method_used == c.method else f"{c.method} -> {c.method_used}"
+    print(f"reconciled   every level with {used} in {c.seconds:.2f} s"
+          + (f" ({c.note})" if c.note else ""))
+    for path in fc.level_paths:
+        print(f"             {redact(path)}")
+    if c.level_metrics is None:
+        return
+    print(f"  {'level':<16} {'forecast':<11} {'series':>7} {'mase':>9} {'smape':>9} {'wape':>9}")
+    for r in c.level_metrics.iter_rows(named=True):
+        print(f"  {r['level']:<16} {r['forecast']:<11} {r['series']:>7} {r['mase']:>9.4f} "
+              f"{r['smape']:>9.4f} {r['wape']:>9.4f}")
 
 
 def comparison(c) -> None:

@@ -73,6 +73,7 @@ def render(b, outcome) -> str:
     sections = [_header(b, o, view), _reading(o, cfg.data.unit),
                 _groups(o.scored, o.decisions, model), _per_series(cfg, o, view),
                 _fallbacks(view), _leaderboard(o.scored, model, cfg.data.unit),
+                _levels(o.forecast),
                 _errors(view.metrics, model), _series(cfg, o, view), _validation(o.data),
                 _training(o)]
     title = f"{esc(cfg.name)} — {esc(b.flow)} batch {esc(b.batch_id or '–')}"
@@ -264,6 +265,30 @@ def _leaderboard(scored, model: str, unit: str | None = None) -> str:
             + "<p class=\"note\">Over every series and cutoff; skill_mase = 1 − MASE / MASE "
               "of seasonal naive (above 0: better than seasonal naive). Best per column "
               "shaded.</p></section>")
+
+
+def _levels(fc) -> str:
+    """data.hierarchy: the backtest per level, base against reconciled, and whether
+    reconciliation lowered the level's MASE."""
+    c = getattr(fc, "coherence", None)
+    if c is None or c.level_metrics is None:
+        return ""
+    by = {(r["level"], r["forecast"]): r for r in c.level_metrics.iter_rows(named=True)}
+    rows = []
+    for level in dict.fromkeys(lv for lv, _ in by):
+        base, rec = by[(level, "base")], by[(level, "reconciled")]
+        helped = "yes" if rec["mase"] < base["mase"] else "no"
+        rows.append(f"<tr><td>{esc(level)}</td><td class=\"num\">{base['series']}</td>"
+                    + "".join(f"<td class=\"num\">{_num(r[k])}</td>" for k in
+                              ("mase", "smape", "wape") for r in (base, rec))
+                    + f"<td>{helped}</td></tr>")
+    used = c.method_used + (f" (asked: {c.method}; {c.note})" if c.note else "")
+    return ("<section><h2>Levels: base and reconciled</h2>"
+            + _table("levels", ["level", "#series", "#mase", "#mase reconciled", "#smape",
+                                "#smape reconciled", "#wape", "#wape reconciled", "helped"],
+                     rows)
+            + f"<p class=\"note\">Backtest per level of data.hierarchy, reconciled with "
+              f"{esc(used)}; helped: a lower MASE reconciled.</p></section>")
 
 
 def _best(col: str, values: list[float]) -> float:

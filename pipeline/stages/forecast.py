@@ -40,6 +40,7 @@ from pipeline.outputs.plots import plot_sample, quantiles_of, value_label
 from pipeline.secrets import redact
 from pipeline.stages import record as R
 from pipeline.stages.batch import Batch
+from pipeline.stages.reconciled import coherent, write_levels
 from pipeline.stages.record import stage
 from pipeline.tracking import champions as compare
 from pipeline.training.jobs import n_groups
@@ -67,6 +68,9 @@ class Forecast:
     delta: bool = False                     # written to a Delta table (output.format delta)
     missing: list[str] = field(default_factory=list)    # groups without a champion
     failed: list[str] = field(default_factory=list)     # jobs whose forecasts were not finite
+    levels: dict = field(default_factory=dict)  # data.hierarchy: the aggregates' long rows,
+    coherence: object = None                    # reconciled (`stages.reconciled.Coherence`)
+    level_paths: list[str] = field(default_factory=list)  # where they and their scores went
 
     def rows(self) -> dict[str, np.ndarray]:
         """Every row written, read back from the Parquet partition (`ds` and `cutoff` as the
@@ -279,6 +283,9 @@ def write_forecast(b: Batch, data: Prepared, fc: Forecast, scored=None) -> Forec
     the forecast."""
     cfg, arrays = b.cfg, data.arrays
     end = arrays.data_end()
+    if data.levels is not None:         # data.hierarchy: every level reconciled, the
+        fc = coherent(b, data, fc, scored)    # aggregates written to their own partitions
+        fc.level_paths = write_levels(b, data, fc)
     chunks = _Chunks(b, data, fc)
     fc.path = output.write_stream(cfg, "forecasts", end, iter(chunks))
     fc.delta = cfg.output.format == "delta"

@@ -109,8 +109,21 @@ def forecast_made(b, fc) -> None:
 def forecast_written(b, fc) -> None:
     if b.log is not None:
         b.log.forecast(fc.path, fc.n_series, fc.n_fallback, fc.plots)
+        if fc.coherence is not None:                        # data.hierarchy
+            b.log.tag("reconcile_method_used", fc.coherence.method_used)
+            b.log.metrics(levels_scored(fc.coherence))
     failed(b, fc.failed, "its forecasts are not finite")
     console.forecast(fc, b.cfg.windows.horizon)
+
+
+def levels_scored(c) -> dict[str, float]:
+    """`level_<level>_<base|reconciled>_<mase|smape|wape>` of a Coherence's backtest (the
+    finite ones), for the run."""
+    if c.level_metrics is None:
+        return {}
+    return {f"level_{r['level']}_{r['forecast']}_{k}": float(r[k])
+            for r in c.level_metrics.iter_rows(named=True) for k in ("mase", "smape", "wape")
+            if math.isfinite(r[k])}
 
 
 def page(b, outcome) -> None:

@@ -43,6 +43,7 @@ from pipeline.paths import join
 from pipeline.stages import record as R
 from pipeline.stages.batch import Batch
 from pipeline.stages.forecast import champion_jobs, checked_models
+from pipeline.stages.levels import with_levels
 from pipeline.stages.record import stage
 from pipeline.tracking import champions as compare
 from pipeline.training.device import resolve_device
@@ -119,7 +120,7 @@ def prepare(b: Batch) -> Prepared:
 
 @stage("data")
 def _read(b: Batch) -> Prepared:
-    return read_input(b.cfg, b.runner)
+    return with_levels(read_input(b.cfg, b.runner))    # data.hierarchy's levels appended
 
 
 def resolve(b: Batch, data: Prepared) -> Prepared:

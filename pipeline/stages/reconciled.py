@@ -1,0 +1,242 @@
+"""Coherent forecasts over `data.hierarchy` (issue #30): the run's forecast of every level
+(`pipeline.stages.levels` put the aggregated series in the arrays) reconciled with
+`reconcile.method`, written with the bottom in today's forecast partition and each aggregate
+level in its own, and the backtest scored per level before and after reconciliation.
+
+Residuals (MinTrace's `wls_var`, `mint_shrink`, `mint_cov`) come from the backtest windows:
+per series, the actuals and the predictions of the candidate its forecast was published from
+(the network, a comparator; the seasonal-naive baseline for a fallback forecast) at every
+backtest cutoff and step. Where the backtest did not score a series (too short, a cutoff it
+missed, a flow without a backtest), in-sample seasonal-naive residuals at the same positions
+from its end stand in (`y[t] - y[t - m]`); a position before a series' first step is 0 in
+actuals and prediction (the series adds nothing to its parents there), masked out of the
+scores.
+
+Clipping (`output.clip_at_zero` true): the reconciled bottom forecasts (and quantiles) are
+clipped as today, then every aggregate is summed from them again (bottom-up), so parents still
+equal the sum of their children.
+
+The whole forecast is reconciled at once (every level's rows in memory: the chunking of
+`evaluate.chunk_series` does not bound a hierarchy's forecast), then written in chunks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipeline.data.io import replace_partition
+from pipeline.evaluation import metrics as E
+from pipeline.forecasting.backtest import ZeroHistory, season_of
+from pipeline.hierarchy.reconcile import reconcile
+from pipeline.names import safe_key
+from pipeline.outputs import partitions as output
+from pipeline.paths import join
+
+SLOTS = ("y", "y_hat", "mask")
+
+
+@dataclass
+class Coherence:
+    """What reconciliation did: the method asked and used, why they differ, seconds, and the
+    per-level scores of the backtest (base and reconciled)."""
+    method: str
+    method_used: str
+    note: str | None
+    seconds: float
+    level_metrics: pl.DataFrame | None = None
+
+
+def published_models(cols: dict, h: int) -> dict[str, str]:
+    """{series id: the backtest candidate its forecast came from} (a fallback's baseline)."""
+    ids, models = cols["unique_id"][::h].astype(str), cols["model"][::h].astype(str)
+    return {i: m.split(":", 1)[1] if m.startswith("fallback:") else m
+            for i, m in zip(ids, models, strict=True)}
+
+
+def backtest_slots(arrays, cfg, blocks: list, models: dict[str, str]) -> dict[str, np.ndarray]:
+    """{y, y_hat, mask} `[n_series, n_windows, h]`: each series' backtest actuals and its
+    published candidate's predictions (see the module's docstring), in the arrays' order."""
+    w, n = cfg.windows, len(arrays)
+    K, h = w.n_windows, w.horizon
+    out = {k: np.full((n, K, h), np.nan) for k in SLOTS}
+    ids = arrays.ids.astype(str)
+    for blk in blocks:
+        if blk.k >= K:
+            continue
+        mine = np.array([models.get(ids[s]) == blk.model for s in blk.series], bool)
+        for key, value in zip(SLOTS, (blk.y, blk.y_hat, blk.mask), strict=True):
+            out[key][blk.series[mine], blk.k] = value[mine]
+    missing = np.flatnonzero(np.isnan(out["y_hat"]).any(axis=(1, 2)))
+    m = season_of(cfg, arrays)
+    pos = (arrays.lengths[missing, None, None] - h - np.arange(K)[None, :, None] * w.step
+           + np.arange(h)[None, None, :])                               # [M, K, h]
+    inside = pos >= 0
+    at = arrays.indptr[missing, None, None] + np.maximum(pos, 0)
+    lag = arrays.indptr[missing, None, None] + np.maximum(pos - m, 0)
+    gap = np.isnan(out["y_hat"][missing])                   # only the slots without a block
+    for key, value in (("y", arrays.values[at]), ("y_hat", arrays.values[lag]),
+                       ("mask", arrays.mask[at])):
+        out[key][missing] = np.where(gap, np.where(inside, value, 0.0), out[key][missing])
+    return out
+
+
+def reconcile_forecast(data, cols: dict, cfg, slots: dict | None) -> tuple[dict, Coherence]:
+    """The long forecast columns of every series with `y_hat` and the quantile columns
+    reconciled across the levels (`slots`: `backtest_slots`, the residuals), clipped as
+    the module says."""
+    t0, arrays, lv, h = time.perf_counter(), data.arrays, data.levels, cfg.windows.horizon
+    ids = cols["unique_id"][::h].astype(str)
+    where = {i: k for k, i in enumerate(ids)}
+    order = np.array([where[str(arrays.ids[r])] for r in lv.rows])   # S rows → forecast rows
+    qcols = sorted((c for c in cols if c.startswith("q_")), key=lambda c: float(c[2:]))
+    base = cols["y_hat"].reshape(-1, h)[order].astype(np.float64)
+    q = np.stack([cols[c].reshape(-1, h)[order] for c in qcols], -1).astype(np.float64) \
+        if qcols else None
+    notes = []
+    none = ~np.isfinite(base).all(axis=1)    # no usable value: no forecast, 0 to its parents
+    if none.any():
+        base[none] = 0
+        notes.append(f"{int(none.sum())} series without a finite forecast counted as 0")
+    if q is not None and not np.isfinite(q[~none]).all():
+        q = None
+        notes.append("quantiles not reconciled: some series have none")
+    elif q is not None:
+        q[none] = 0
+    insample = fitted = None
+    if slots is not None:
+        insample, fitted = (slots[k].reshape(len(arrays), -1)[lv.rows] for k in SLOTS[:2])
+    method = cfg.reconcile.resolved(lv.S.shape[0])
+    rec = reconcile(base, lv.S, lv.tags, method, insample, fitted, q)
+    mean, rq = _clipped(data, cfg, rec.mean, rec.quantiles)
+    mean[none] = np.nan                     # they keep their NaN forecast rows
+    if rq is not None:
+        rq[none] = np.nan
+    out = dict(cols)
+    out["y_hat"] = _put(cols["y_hat"], mean, order, h)
+    for j, c in enumerate(qcols if rq is not None else ()):
+        out[c] = _put(cols[c], rq[..., j], order, h)
+    note = "; ".join(filter(None, [rec.note, *notes])) or None
+    return out, Coherence(method, rec.method_used, note, time.perf_counter() - t0)
+
+
+def _put(column: np.ndarray, values: np.ndarray, order: np.ndarray, h: int) -> np.ndarray:
+    out = column.reshape(-1, h).astype(np.float32).copy()
+    out[order] = values
+    return out.reshape(-1)
+
+
+def _clipped(data, cfg, mean: np.ndarray, q: np.ndarray | None):
+    """`output.clip_at_zero` true: the bottom rows clipped as the published forecast is,
+    every row then summed from them (S @ bottom)."""
+    if cfg.output.clip_at_zero is not True:
+        return mean, q
+    lv, arrays = data.levels, data.arrays
+    n_b = lv.S.shape[1]
+    bottom = lv.rows[-n_b:]
+    b_mean, b_q = ZeroHistory(arrays).clip(bottom, arrays.lengths, mean[-n_b:],
+                                            None if q is None else q[-n_b:])
+    mean = lv.S @ b_mean
+    if q is not None:
+        q = np.stack([lv.S @ b_q[..., j] for j in range(q.shape[-1])], -1)
+    return mean, q
+
+
+def level_metrics(data, cfg, slots: dict, method: str) -> pl.DataFrame:
+    """Per level, cutoff by cutoff, the backtest's base forecasts (`slots`) reconciled with
+    `method` (the residuals: every cutoff's) and both scored: MASE and sMAPE (the means over
+    the level's series and cutoffs) and WAPE (over them together)."""
+    arrays, lv, w = data.arrays, data.levels, cfg.windows
+    y, y_hat, mask = (slots[k][lv.rows] for k in SLOTS)
+    insample, fitted = y.reshape(len(lv.rows), -1), y_hat.reshape(len(lv.rows), -1)
+    m = season_of(cfg, arrays)
+    rec = np.empty_like(y_hat)
+    scale = np.empty(y.shape[:2])
+    for k in range(w.n_windows):
+        rec[:, k] = reconcile(y_hat[:, k], lv.S, lv.tags, method, insample, fitted).mean
+        ends = arrays.lengths[lv.rows] - w.horizon - k * w.step
+        scale[:, k] = E.mase_scale([arrays.series(r)[:max(e, 0)] for r, e in
+                                    zip(lv.rows, ends, strict=True)], m)
+    rows, start = [], 0
+    for name, ids in lv.tags.items():
+        sl = slice(start, start + len(ids))
+        start += len(ids)
+        for kind, pred in (("base", y_hat), ("reconciled", rec)):
+            yy, pp, mm = y[sl].reshape(-1, w.horizon), pred[sl].reshape(-1, w.horizon), \
+                mask[sl].reshape(-1, w.horizon)
+            rows.append({"level": name, "forecast": kind, "series": len(ids),
+                         "mase": _nanmean(E.mase(yy, pp, scale[sl].reshape(-1), mm)),
+                         "smape": _nanmean(E.smape(yy, pp, mm)),
+                         "wape": E.wape_overall(yy, pp, mm)})
+    return pl.DataFrame(rows).with_columns(method=pl.lit(method))
+
+
+def _nanmean(v: np.ndarray) -> float:
+    v = np.asarray(v, float)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
+
+def coherent(b, data, fc, scored=None):
+    """`fc` (a `stages.forecast.Forecast`, changed in place: the flow holds it) made whole and
+    reconciled: its `make` gives the bottom series' reconciled rows (the aggregates' are in
+    `Forecast.levels`), `Forecast.coherence` the Coherence with the backtest's per-level
+    scores (with `scored`, a `stages.Scored`)."""
+    cfg, arrays, h = b.cfg, data.arrays, b.cfg.windows.horizon
+    cols, bad = fc.make(0, len(arrays))
+    blocks = scored.backtest.blocks if scored is not None else []
+    slots = backtest_slots(arrays, cfg, blocks, published_models(cols, h))
+    cols, info = reconcile_forecast(data, cols, cfg, slots)
+    if scored is not None:
+        info.level_metrics = level_metrics(data, cfg, slots, info.method_used)
+    place = {str(i): k for k, i in enumerate(arrays.ids.tolist())}
+    at = np.array([place[str(i)] for i in cols["unique_id"][::h]])
+    n_b = data.levels.S.shape[1]
+
+    def make(lo: int, hi: int) -> tuple[dict, list[str]]:
+        keep = np.repeat((at >= lo) & (at < hi) & (at < n_b), h)
+        return {k: v[keep] for k, v in cols.items()}, bad if lo == 0 else []
+    top = np.repeat(at >= n_b, h)
+    fc.make, fc.levels, fc.coherence = make, {k: v[top] for k, v in cols.items()}, info
+    return fc
+
+
+def level_partition(cfg, end: str, name: str) -> dict[str, str]:
+    """The partition keys of an aggregate level's forecast under `<output.path>/
+    forecast_levels/`: the job, the data end and the level (its name, `/` as `-`)."""
+    return {"job": cfg.name, "data_end": end, "level": safe_key(name.replace("/", "-"))}
+
+
+def write_levels(b, data, fc) -> list[str]:
+    """Each aggregate level's reconciled rows (`fc.levels`) in its own partition,
+    `<output.path>/forecast_levels/job=<name>/data_end=<end>/level=<level>/`: the forecast's
+    columns with every level column after `unique_id` (null where the level does not use
+    it, so the levels open as one dataset; the level is the partition key); and the
+    per-level backtest scores (`level_metrics`, beside `metrics`)."""
+    cfg, lv, end = b.cfg, data.levels, data.arrays.data_end()
+    ids = fc.levels["unique_id"].astype(str)
+    level_of, keys = lv.level_of(), lv.keys.rows_by_key("id", named=True, unique=True)
+    types = {f.name: f.type for f in lv.keys.to_arrow().schema}
+    written = []
+    for name in list(lv.tags)[:-1]:
+        sel = np.array([level_of[i] == name for i in ids], bool)
+        table = output.frames_table([{k: v[sel] for k, v in fc.levels.items()}], b.run_id,
+                                    data.arrays.freq, ["unique_id", "ds", "cutoff", "step",
+                                                       "y_hat", *fc.columns, "model", "group"])
+        for j, c in enumerate(lv.hierarchy.columns, 1):    # null where the level has none
+            table = table.add_column(j, c, pa.array([keys[i][c] for i in ids[sel]],
+                                                    types[c]))
+        part = level_partition(cfg, end, name)
+        if cfg.output.format == "delta":
+            written.append(output.write_delta(join(cfg.output.path, "forecast_levels"), part,
+                                              table, cfg.output.delta_retention_hours))
+            continue
+        uri = join(cfg.output.path, "forecast_levels", *(f"{k}={v}" for k, v in part.items()))
+        replace_partition(table, uri)
+        written.append(uri)
+    scores = fc.coherence.level_metrics
+    if scores is not None:
+        written.append(output.write(cfg, "level_metrics", end, scores.to_arrow(), b.flow))
+    return written

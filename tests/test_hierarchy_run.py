@@ -1,0 +1,191 @@
+"""`data.hierarchy` in the run (issue #30): the aggregated series in the arrays, every level
+forecast and reconciled, the aggregates written to their own partitions, coherent with the
+bottom's forecast, and the backtest scored per level."""
+import glob
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline import config as C
+from pipeline.data.series import SeriesArrays
+from pipeline.errors import DataError
+from pipeline.forecasting.backtest import Block
+from pipeline.stages import reconciled as R
+from pipeline.stages.levels import LEVEL, extend
+from tests.test_run import SCHEMA, run
+
+HIER = ["--set", "data.hierarchy=[[], [store]]", "--set", "ray.enabled=false"]
+
+
+def _arrays():
+    """Three series on an hourly grid, two in store a (one starting later, one with a masked
+    step), one in store b."""
+    a = SeriesArrays.from_list([[1, 2, 3, 4], [10, 20], [5, 5, 5]], ids=["x", "y", "z"],
+                               start=[0, 2 * 3600 * 10**9, 0],
+                               mask=[[1, 1, 1, 1], [1, 0], [1, 1, 1]])
+    a.groups = np.array(["a", "a", "b"], dtype=object)
+    a.static = {"size": np.array([1.0, 3.0, 5.0])}
+    return a
+
+
+def test_extend_appends_each_level_as_the_sum_of_its_children():
+    cfg = C.load(None, ["data.group_col=store", "data.hierarchy=[[], [store]]",
+                        "windows.lookback=1", "windows.horizon=1"])
+    arrays, levels = extend(_arrays(), cfg)
+    assert arrays.ids.tolist() == ["x", "y", "z", "total", "store=a", "store=b"]
+    assert arrays.series(4).tolist() == [1, 2, 13, 24]        # x + y where y exists
+    assert arrays.mask[arrays.indptr[4]:arrays.indptr[5]].tolist() == [1, 1, 1, 0]
+    assert arrays.series(3).tolist() == [6, 7, 18, 24]
+    assert arrays.groups[3:].tolist() == ["total", "a", "b"]
+    assert arrays.static[LEVEL].tolist() == ["unique_id"] * 3 + ["total", "store", "store"]
+    assert arrays.static["size"][3:].tolist() == [3.0, 2.0, 5.0]   # the children's mean
+    assert levels.S.shape == (6, 3) and list(levels.tags) == ["total", "store", "unique_id"]
+    assert levels.rows.tolist() == [3, 4, 5, 0, 1, 2]
+
+
+def test_extend_refuses_a_child_under_two_parents():
+    cfg = C.load(None, ["data.group_col=store", "data.static_cols=[region]",
+                        "data.hierarchy=[[region], [region, store]]"])
+    arrays = _arrays()
+    arrays.static = {"region": np.array(["N", "S", "N"], dtype=object)}
+    with pytest.raises(DataError, match="store='a' is under two parents, region='N' "
+                                        r"\(series 'x'\) and region='S' \(series 'y'\)"):
+        extend(arrays, cfg)
+
+
+def _read(out, kind):
+    files = glob.glob(os.path.join(out, kind, "**", "*.parquet"), recursive=True)
+    return pl.read_parquet(files, hive_partitioning=False)
+
+
+def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    b = run("configs/demo.yaml", demo_dir, tmp_path, *HIER, "--set",
+            "evaluate.intervals=conformal",            # quantile columns, reconciled too
+            "--set", "evaluate.chunk_series=7",        # written in chunks
+            "--set", "tracking.enabled=true", "--set", f"tracking.uri={uri}")
+    printed = capsys.readouterr().out
+    assert "reconciled   every level with mint_shrink" in printed and "level=total" in printed
+    assert b.cfg.output.clip_at_zero is True          # the demo is >= 0: the clipped case
+    bottom = _read(tmp_path, "forecasts")
+    assert [c for c in bottom.columns if not c.startswith("q_")] == SCHEMA   # today's
+    assert bottom["unique_id"].n_unique() == 40
+    levels = pl.read_parquet(str(tmp_path / "forecast_levels" / "**" / "*.parquet"),
+                             hive_partitioning=True)       # the levels open as one dataset
+    assert sorted(levels["level"].unique()) == ["store", "total"]
+    assert levels.height == 5 * 24 and (bottom["y_hat"] >= 0).all()
+    stores = pl.read_parquet(glob.glob(f"{demo_dir}/**/*.parquet", recursive=True),
+                             hive_partitioning=True).select("unique_id", "store").unique()
+    values = ["y_hat", *(c for c in bottom.columns if c.startswith("q_"))]
+    assert len(values) == 5 and levels.columns[:3] == ["unique_id", "store", "ds"]
+    sums = [pl.col(c).cast(pl.Float64).sum().alias(f"sum{c}") for c in values]
+    by_store = bottom.join(stores, on="unique_id").group_by("store", "ds").agg(sums)
+    total = bottom.group_by("ds").agg(sums)
+    for level, summed, on in (("store", by_store, ["store", "ds"]), ("total", total, ["ds"])):
+        got = levels.filter(pl.col("level") == level).join(summed, on=on, how="inner")
+        assert got.height == levels.filter(pl.col("level") == level).height
+        for c in values:                       # every step and every quantile
+            np.testing.assert_allclose(got[c], got[f"sum{c}"], rtol=1e-5, atol=1e-3)
+    scores = _read(tmp_path, "level_metrics")
+    assert set(zip(scores["level"], scores["forecast"], strict=True)) == {
+        (lv, f) for lv in ("total", "store", "unique_id") for f in ("base", "reconciled")}
+    assert scores["mase"].is_finite().all() and scores["wape"].is_finite().all()
+    info = b.outcome.forecast.coherence
+    assert info.method == "mint_shrink" and info.method_used in ("mint_shrink", "wls_struct")
+    page = Path(b.outcome.report).read_text(encoding="utf-8")
+    assert "Levels: base and reconciled" in page and "<td>total</td>" in page
+    logged = mlflow.MlflowClient(tracking_uri=uri).get_run(b.log.parent_id).data
+    assert logged.params["reconcile.method"] == "auto"
+    assert logged.params["data.hierarchy"].replace(" ", "") == "[[],['store']]"
+    assert logged.tags["reconcile_method_used"] == info.method_used
+    assert {"level_total_base_mase", "level_total_reconciled_mase",
+            "level_store_reconciled_wape"} <= set(logged.metrics)
+
+
+def test_run_names_the_series_of_a_bad_hierarchy(demo_dir, tmp_path, capsys):
+    with pytest.raises(AssertionError):   # the run fails: `run` asserts exit code 0
+        run("configs/demo.yaml", demo_dir, tmp_path, "--set", "ray.enabled=false", "--set",
+            "data.hierarchy=[[category], [category, store]]")
+    err = capsys.readouterr().err
+    assert "is under two parents" in err and "Traceback" not in err, err
+
+
+def _extended(*sets):
+    cfg = C.load(None, ["data.group_col=store", "data.hierarchy=[[], [store]]",
+                        "windows.lookback=1", "windows.horizon=1", "windows.n_windows=3",
+                        "evaluate.season=1", *sets])
+    arrays, levels = extend(_arrays(), cfg)
+    return cfg, SimpleNamespace(arrays=arrays, levels=levels)
+
+
+def test_backtest_slots_take_the_published_blocks_else_in_sample_seasonal_naive():
+    cfg, data = _extended()
+    blocks = [Block(0, "net", np.array([0]), np.array([[4.0]]), np.array([[3.5]]),
+                    np.array([[1.0]])),
+              Block(0, "naive", np.array([0]), np.array([[4.0]]), np.array([[9.0]]),
+                    np.array([[1.0]]))]
+    slots = R.backtest_slots(data.arrays, cfg, blocks, {"x": "net"})
+    assert slots["y_hat"][0, 0, 0] == 3.5                  # x's published block at cutoff 0
+    assert slots["y_hat"][0, 1:, 0].tolist() == [2, 1]     # elsewhere y[t - 1] (t = 2, 1)
+    y = 1                                                  # y: two steps, the second masked
+    assert slots["y"][y, :, 0].tolist() == [20, 10, 0]     # before its first step: 0 ...
+    assert slots["mask"][y, :, 0].tolist() == [0, 1, 0]    # ... and masked out
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_reconciled_forecast_is_coherent_and_clipped_bottom_up(clip):
+    cfg, data = _extended(f"output.clip_at_zero={str(clip).lower()}",
+                          "reconcile.method=ols")
+    ids = data.arrays.ids.astype(str)
+    base = np.array([-5.0, 20, 5, 40, 10, 5])             # x, y, z, total, store=a, store=b
+    cols = {"unique_id": ids, "y_hat": base.astype(np.float32),
+            "q_0.9": (base + 1).astype(np.float32), "model": np.full(6, "net", object)}
+    out, info = R.reconcile_forecast(data, cols, cfg, None)
+    rec = dict(zip(ids, out["y_hat"].tolist(), strict=True))
+    assert info.method_used == "ols" and (rec["x"] >= 0) == clip
+    for key in ("y_hat", "q_0.9"):
+        v = dict(zip(ids, out[key].astype(np.float64).tolist(), strict=True))
+        assert v["store=a"] == pytest.approx(v["x"] + v["y"], rel=1e-6)
+        assert v["total"] == pytest.approx(v["store=a"] + v["store=b"], rel=1e-6)
+
+
+def test_a_series_without_a_forecast_keeps_nan_and_adds_nothing_to_its_parents():
+    cfg, data = _extended("output.clip_at_zero=false", "reconcile.method=bottom_up")
+    ids = data.arrays.ids.astype(str)
+    base = np.array([np.nan, 20, 5, 40, 10, 5], np.float32)
+    cols = {"unique_id": ids, "y_hat": base, "model": np.full(6, "net", object)}
+    out, info = R.reconcile_forecast(data, cols, cfg, None)
+    assert np.isnan(out["y_hat"][0]) and out["y_hat"][1:].tolist() == [20, 5, 25, 20, 5]
+    assert "1 series without a finite forecast counted as 0" in info.note
+
+
+def test_three_levels_append_in_order_and_reconcile_coherently():
+    a = SeriesArrays.from_list([[1, 2], [3, 4], [5, 6], [7, 8]], ids=["w", "x", "y", "z"])
+    a.groups = np.array(["b", "a", "c", "a"], dtype=object)
+    a.static = {"region": np.array(["N", "N", "S", "N"], dtype=object)}
+    cfg = C.load(None, ["data.group_col=store", "data.static_cols=[region]",
+                        "data.hierarchy=[[], [region], [region, store]]", "windows.lookback=1",
+                        "windows.horizon=1", "output.clip_at_zero=false",
+                        "reconcile.method=wls_struct"])
+    arrays, levels = extend(a, cfg)
+    assert arrays.ids[4:].tolist() == ["total", "region=N", "region=S", "region=N/store=a",
+                                       "region=N/store=b", "region=S/store=c"]
+    assert [arrays.series(s).tolist() for s in (4, 5, 7, 8)] == [[16, 20], [11, 14], [10, 12],
+                                                                 [1, 2]]
+    assert arrays.static[LEVEL][4:].tolist() == ["total", "region", "region", "region/store",
+                                                 "region/store", "region/store"]
+    rng = np.random.default_rng(0)
+    cols = {"unique_id": arrays.ids.astype(str), "y_hat": rng.random(10).astype(np.float32),
+            "model": np.full(10, "net", object)}
+    out, _ = R.reconcile_forecast(SimpleNamespace(arrays=arrays, levels=levels), cols, cfg,
+                                  None)
+    v = dict(zip(arrays.ids.astype(str), out["y_hat"].astype(np.float64), strict=True))
+    assert v["region=N/store=a"] == pytest.approx(v["x"] + v["z"], rel=1e-6)
+    assert v["region=N"] == pytest.approx(v["region=N/store=a"] + v["region=N/store=b"],
+                                          rel=1e-6)
+    assert v["total"] == pytest.approx(v["region=N"] + v["region=S"], rel=1e-6)
