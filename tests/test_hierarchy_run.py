@@ -238,3 +238,13 @@ def test_one_window_is_reconciled_with_seasonal_naive_residuals_before_it():
     np.testing.assert_array_equal(R.reconciled_windows(data, cfg, poisoned, "wls_var"), before)
     arrays.values[arrays.indptr[0] + 7] += 50       # x's step 7, before its window (9..11)
     assert not np.allclose(R.reconciled_windows(data, cfg, slots, "wls_var"), before)
+
+
+def test_demo_data_nests_stores_in_regions(tmp_path):
+    from pipeline.data.demo import make_demo_data
+    make_demo_data(str(tmp_path), n_series=60, n_groups=30, n_regions=4)
+    df = pl.read_parquet(str(tmp_path / "**" / "*.parquet"), hive_partitioning=True)
+    pairs = df.select("store", "region").unique()
+    assert pairs.height == 30 and pairs["store"].n_unique() == 30      # one region a store
+    assert sorted(pairs["region"].unique()) == [f"region_{r}" for r in range(4)]
+    assert "store_000" in pairs["store"].to_list()
