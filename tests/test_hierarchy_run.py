@@ -202,10 +202,10 @@ def _windows(cfg, data, K, h=1):
 def test_a_cutoff_is_reconciled_without_its_own_window_residuals():
     cfg, data = _extended("reconcile.method=wls_var")               # three cutoffs, step 1
     slots = _windows(cfg, data, 3)
-    before = R.reconciled_windows(data, cfg, slots, "wls_var")
+    before = R.reconciled_windows(data, cfg, slots, "wls_var")[0]
     poisoned = {k: v.copy() for k, v in slots.items()}
     poisoned["y"][:, 1] += np.arange(len(data.arrays))[:, None] * 100    # cutoff 1's errors
-    after = R.reconciled_windows(data, cfg, poisoned, "wls_var")
+    after = R.reconciled_windows(data, cfg, poisoned, "wls_var")[0]
     np.testing.assert_array_equal(after[:, 1], before[:, 1])     # its own: not used
     for k in (0, 2):                                              # the others': used
         assert not np.allclose(after[:, k], before[:, k])
@@ -213,6 +213,8 @@ def test_a_cutoff_is_reconciled_without_its_own_window_residuals():
                                                                 "reconciled")
               for s in (slots, poisoned)]
     assert scores[0]["mase"].to_list() != scores[1]["mase"].to_list()
+    fell_back = R.level_metrics(data, cfg, slots, "mint_cov")   # 2 residuals, 6 series
+    assert fell_back["method"].unique().to_list() == ["wls_struct"]          # said so
 
 
 def test_overlapping_cutoffs_leave_out_every_step_of_the_scored_window():
@@ -232,12 +234,12 @@ def test_one_window_is_reconciled_with_seasonal_naive_residuals_before_it():
     arrays, levels = extend(a, cfg)
     data = SimpleNamespace(arrays=arrays, levels=levels)
     slots = _windows(cfg, data, 1, 3)
-    before = R.reconciled_windows(data, cfg, slots, "wls_var")
+    before = R.reconciled_windows(data, cfg, slots, "wls_var")[0]
     poisoned = {k: v.copy() for k, v in slots.items()}
     poisoned["y"] *= 100                                   # the window's own errors: unused
-    np.testing.assert_array_equal(R.reconciled_windows(data, cfg, poisoned, "wls_var"), before)
+    np.testing.assert_array_equal(R.reconciled_windows(data, cfg, poisoned, "wls_var")[0], before)
     arrays.values[arrays.indptr[0] + 7] += 50       # x's step 7, before its window (9..11)
-    assert not np.allclose(R.reconciled_windows(data, cfg, slots, "wls_var"), before)
+    assert not np.allclose(R.reconciled_windows(data, cfg, slots, "wls_var")[0], before)
 
 
 def test_demo_data_nests_stores_in_regions(tmp_path):

@@ -167,17 +167,19 @@ def held_out(cfg, k: int) -> np.ndarray:
     return ((offset < 0) | (offset >= w.horizon)).reshape(-1)
 
 
-def reconciled_windows(data, cfg, slots: dict, method: str) -> np.ndarray:
+def reconciled_windows(data, cfg, slots: dict, method: str) -> tuple[np.ndarray, list[str]]:
     """`[S rows, n_windows, h]`: each backtest cutoff's base forecasts (`slots`, in S's row
     order via `data.levels.rows`) reconciled with `method`, leave-one-cutoff-out: cutoff k's
     MinTrace residuals are the other cutoffs' (`held_out`), never its own window's errors.
     With one window (or none left) they are in-sample seasonal-naive residuals of the
-    `horizon` steps just before cutoff k (`seasonal_naive`), all before the scored window."""
+    `horizon` steps just before cutoff k (`seasonal_naive`), all before the scored window.
+    And the method each cutoff used (fewer residuals than the forecast's may make MinTrace
+    fall back where the forecast's did not)."""
     arrays, lv, w = data.arrays, data.levels, cfg.windows
     y, y_hat = (slots[k][lv.rows] for k in SLOTS[:2])
     n, h = len(lv.rows), w.horizon
     m = season_of(cfg, arrays)
-    rec = np.empty_like(y_hat)
+    rec, used = np.empty_like(y_hat), []
     for k in range(w.n_windows):
         keep = held_out(cfg, k)
         if keep.sum() >= 2:
@@ -186,19 +188,23 @@ def reconciled_windows(data, cfg, slots: dict, method: str) -> np.ndarray:
             first = arrays.lengths[lv.rows] - h - k * w.step            # the window's start
             naive = seasonal_naive(arrays, m, lv.rows, first[:, None] - h + np.arange(h))
             insample, fitted = naive["y"], naive["y_hat"]
-        rec[:, k] = reconcile(y_hat[:, k], lv.S, lv.tags, method, insample, fitted).mean
-    return rec
+        out = reconcile(y_hat[:, k], lv.S, lv.tags, method, insample, fitted)
+        rec[:, k] = out.mean
+        used.append(out.method_used)
+    return rec, used
 
 
 def level_metrics(data, cfg, slots: dict, method: str) -> pl.DataFrame:
     """Per level, cutoff by cutoff, the backtest's base forecasts (`slots`) and those
     reconciled with `method` (`reconciled_windows`: leave-one-cutoff-out residuals, so the
     scored window's own errors never weigh its reconciliation) scored: MASE and sMAPE (the
-    means over the level's series and cutoffs) and WAPE (over them together)."""
+    means over the level's series and cutoffs) and WAPE (over them together); `method`: the
+    methods the cutoffs used, in order of first use ("mint_shrink, wls_struct": some fell
+    back)."""
     arrays, lv, w = data.arrays, data.levels, cfg.windows
     y, y_hat, mask = (slots[k][lv.rows] for k in SLOTS)
     m = season_of(cfg, arrays)
-    rec = reconciled_windows(data, cfg, slots, method)
+    rec, used = reconciled_windows(data, cfg, slots, method)
     scale = np.empty(y.shape[:2])
     for k in range(w.n_windows):
         ends = arrays.lengths[lv.rows] - w.horizon - k * w.step
@@ -215,7 +221,7 @@ def level_metrics(data, cfg, slots: dict, method: str) -> pl.DataFrame:
                          "mase": _nanmean(E.mase(yy, pp, scale[sl].reshape(-1), mm)),
                          "smape": _nanmean(E.smape(yy, pp, mm)),
                          "wape": E.wape_overall(yy, pp, mm)})
-    return pl.DataFrame(rows).with_columns(method=pl.lit(method))
+    return pl.DataFrame(rows).with_columns(method=pl.lit(", ".join(dict.fromkeys(used))))
 
 
 def _nanmean(v: np.ndarray) -> float:
