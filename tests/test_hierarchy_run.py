@@ -250,3 +250,22 @@ def test_demo_data_nests_stores_in_regions(tmp_path):
     assert pairs.height == 30 and pairs["store"].n_unique() == 30      # one region a store
     assert sorted(pairs["region"].unique()) == [f"region_{r}" for r in range(4)]
     assert "store_000" in pairs["store"].to_list()
+
+
+def test_backtest_flow_scores_every_level_without_a_forecast(demo_dir, tmp_path, capsys):
+    from pipeline.cli import execute
+    from tests.test_run import FAST
+    b = execute(["backtest", "--config", "configs/demo.yaml", "--set", f"data.path={demo_dir}",
+                 "--set", f"output.path={tmp_path}", *FAST, *HIER])
+    assert b.exit_code == 0 and b.outcome.forecast is None
+    assert "levels       backtest per level, reconciled with" in capsys.readouterr().out
+    files = glob.glob(str(tmp_path / "level_metrics" / "**" / "*.parquet"), recursive=True)
+    assert len(files) == 1 and "flow=backtest" in files[0]
+    scores = pl.read_parquet(files, hive_partitioning=False)
+    assert set(zip(scores["level"], scores["forecast"], strict=True)) == {
+        (lv, f) for lv in ("total", "store", "unique_id") for f in ("base", "reconciled")}
+    assert scores["mase"].is_finite().all()
+    assert b.outcome.levels.level_metrics.equals(scores.select(b.outcome.levels.level_metrics
+                                                               .columns))
+    assert "Levels: base and reconciled" in Path(b.outcome.report).read_text(encoding="utf-8")
+    assert not (tmp_path / "forecasts").exists() and not (tmp_path / "forecast_levels").exists()

@@ -26,7 +26,7 @@ The whole forecast is reconciled at once (every level's rows in memory: the chun
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -35,6 +35,7 @@ import pyarrow as pa
 from pipeline.data.io import replace_partition
 from pipeline.evaluation import metrics as E
 from pipeline.forecasting.backtest import ZeroHistory, season_of
+from pipeline.forecasting.select import published
 from pipeline.hierarchy.reconcile import reconcile
 from pipeline.names import safe_key
 from pipeline.outputs import partitions as output
@@ -52,6 +53,7 @@ class Coherence:
     note: str | None
     seconds: float
     level_metrics: pl.DataFrame | None = None
+    paths: list[str] = field(default_factory=list)   # what `scored_levels` wrote
 
 
 def published_models(cols: dict, h: int) -> dict[str, str]:
@@ -251,6 +253,28 @@ def coherent(b, data, fc, scored=None):
     top = np.repeat(at >= n_b, h)
     fc.make, fc.levels, fc.coherence = make, {k: v[top] for k, v in cols.items()}, info
     return fc
+
+
+def scored_levels(b, data, scored) -> Coherence:
+    """A flow without a forecast (`backtest`): the backtest scored per level
+    (`level_metrics`) for the candidates a forecast would publish (`evaluate.select`'s per
+    group, else the default model; no fallback: the seasonal-naive stand-in where the
+    backtest did not score a series), written beside `metrics` (`Coherence.paths`); the
+    method is `reconcile.method` resolved, `seconds` the scoring's."""
+    t0, cfg, arrays = time.perf_counter(), b.cfg, data.arrays
+    groups = arrays.groups if arrays.groups is not None else np.full(len(arrays), "")
+    models = {str(i): published(scored.selection, str(g), cfg)
+              for i, g in zip(arrays.ids, groups, strict=True)}
+    slots = backtest_slots(arrays, cfg, scored.backtest.blocks, models)
+    method = cfg.reconcile.resolved(data.levels.S.shape[0])
+    table = level_metrics(data, cfg, slots, method)
+    used = table["method"][0]
+    out = Coherence(method, used, None if used == method else
+                    f"some or all backtest cutoffs reconciled with {used}",
+                    time.perf_counter() - t0, table)
+    out.paths = [output.write(cfg, "level_metrics", arrays.data_end(), table.to_arrow(),
+                              b.flow)]
+    return out
 
 
 def level_partition(cfg, end: str, name: str) -> dict[str, str]:
