@@ -15,8 +15,10 @@ def backtest(b: Batch) -> S.Outcome:
     inits = S.warm_start(b, data, jobs)
     trained = S.train(b, data, jobs, inits)
     scored = S.backtest(b, data, jobs, trained, inits)
+    levels = S.levels(b, data, scored)          # data.hierarchy: scored per level
     S.log_models(b, trained)
-    return S.html_report(b, S.Outcome(data, jobs, inits, trained, scored))   # next to the outputs
+    return S.html_report(b, S.Outcome(data, jobs, inits, trained, scored,
+                                      levels=levels))   # next to the outputs
 
 
 if __name__ == "__main__":

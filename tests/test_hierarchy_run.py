@@ -189,3 +189,83 @@ def test_three_levels_append_in_order_and_reconcile_coherently():
     assert v["region=N"] == pytest.approx(v["region=N/store=a"] + v["region=N/store=b"],
                                           rel=1e-6)
     assert v["total"] == pytest.approx(v["region=N"] + v["region=S"], rel=1e-6)
+
+
+def _windows(cfg, data, K, h=1):
+    """Backtest slots of every series in the arrays: actuals and base forecasts, `[n, K, h]`."""
+    rng = np.random.default_rng(1)
+    n = len(data.arrays)
+    return {"y": rng.random((n, K, h)) * 10, "y_hat": rng.random((n, K, h)) * 10,
+            "mask": np.ones((n, K, h))}
+
+
+def test_a_cutoff_is_reconciled_without_its_own_window_residuals():
+    cfg, data = _extended("reconcile.method=wls_var")               # three cutoffs, step 1
+    slots = _windows(cfg, data, 3)
+    before = R.reconciled_windows(data, cfg, slots, "wls_var")[0]
+    poisoned = {k: v.copy() for k, v in slots.items()}
+    poisoned["y"][:, 1] += np.arange(len(data.arrays))[:, None] * 100    # cutoff 1's errors
+    after = R.reconciled_windows(data, cfg, poisoned, "wls_var")[0]
+    np.testing.assert_array_equal(after[:, 1], before[:, 1])     # its own: not used
+    for k in (0, 2):                                              # the others': used
+        assert not np.allclose(after[:, k], before[:, k])
+    scores = [R.level_metrics(data, cfg, s, "wls_var").filter(pl.col("forecast") ==
+                                                                "reconciled")
+              for s in (slots, poisoned)]
+    assert scores[0]["mase"].to_list() != scores[1]["mase"].to_list()
+    fell_back = R.level_metrics(data, cfg, slots, "mint_cov")   # 2 residuals, 6 series
+    assert fell_back["method"].unique().to_list() == ["wls_struct"]          # said so
+
+
+def test_overlapping_cutoffs_leave_out_every_step_of_the_scored_window():
+    cfg = C.load(None, ["windows.horizon=3", "windows.n_windows=3", "windows.step=1"])
+    keep = R.held_out(cfg, 1).reshape(3, 3)           # cutoff, step; cutoff 1: steps 1..3 back
+    assert keep.tolist() == [[False, False, True], [False, False, False],
+                             [True, False, False]]
+
+
+def test_one_window_is_reconciled_with_seasonal_naive_residuals_before_it():
+    rng = np.random.default_rng(2)
+    a = SeriesArrays.from_list([rng.random(12) * 10 for _ in range(3)], ids=["x", "y", "z"])
+    a.groups = np.array(["a", "a", "b"], dtype=object)
+    cfg = C.load(None, ["data.group_col=store", "data.hierarchy=[[], [store]]",
+                        "windows.lookback=1", "windows.horizon=3", "windows.n_windows=1",
+                        "evaluate.season=1"])
+    arrays, levels = extend(a, cfg)
+    data = SimpleNamespace(arrays=arrays, levels=levels)
+    slots = _windows(cfg, data, 1, 3)
+    before = R.reconciled_windows(data, cfg, slots, "wls_var")[0]
+    poisoned = {k: v.copy() for k, v in slots.items()}
+    poisoned["y"] *= 100                                   # the window's own errors: unused
+    np.testing.assert_array_equal(R.reconciled_windows(data, cfg, poisoned, "wls_var")[0], before)
+    arrays.values[arrays.indptr[0] + 7] += 50       # x's step 7, before its window (9..11)
+    assert not np.allclose(R.reconciled_windows(data, cfg, slots, "wls_var")[0], before)
+
+
+def test_demo_data_nests_stores_in_regions(tmp_path):
+    from pipeline.data.demo import make_demo_data
+    make_demo_data(str(tmp_path), n_series=60, n_groups=30, n_regions=4)
+    df = pl.read_parquet(str(tmp_path / "**" / "*.parquet"), hive_partitioning=True)
+    pairs = df.select("store", "region").unique()
+    assert pairs.height == 30 and pairs["store"].n_unique() == 30      # one region a store
+    assert sorted(pairs["region"].unique()) == [f"region_{r}" for r in range(4)]
+    assert "store_000" in pairs["store"].to_list()
+
+
+def test_backtest_flow_scores_every_level_without_a_forecast(demo_dir, tmp_path, capsys):
+    from pipeline.cli import execute
+    from tests.test_run import FAST
+    b = execute(["backtest", "--config", "configs/demo.yaml", "--set", f"data.path={demo_dir}",
+                 "--set", f"output.path={tmp_path}", *FAST, *HIER])
+    assert b.exit_code == 0 and b.outcome.forecast is None
+    assert "levels       backtest per level, reconciled with" in capsys.readouterr().out
+    files = glob.glob(str(tmp_path / "level_metrics" / "**" / "*.parquet"), recursive=True)
+    assert len(files) == 1 and "flow=backtest" in files[0]
+    scores = pl.read_parquet(files, hive_partitioning=False)
+    assert set(zip(scores["level"], scores["forecast"], strict=True)) == {
+        (lv, f) for lv in ("total", "store", "unique_id") for f in ("base", "reconciled")}
+    assert scores["mase"].is_finite().all()
+    assert b.outcome.levels.level_metrics.equals(scores.select(b.outcome.levels.level_metrics
+                                                               .columns))
+    assert "Levels: base and reconciled" in Path(b.outcome.report).read_text(encoding="utf-8")
+    assert not (tmp_path / "forecasts").exists() and not (tmp_path / "forecast_levels").exists()

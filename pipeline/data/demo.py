@@ -35,27 +35,37 @@ def _series(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
 
 
 def make_demo_data(out: str, n_series: int = 120, n_groups: int = 4, seed: int = 0,
-                   flush_rows: int = 2_000_000) -> dict:
+                   flush_rows: int = 2_000_000, n_regions: int = 0) -> dict:
     """Write the dataset under `out` as out/store=<g>/part-0.parquet; returns what it wrote.
     Each store's file is written as its series are made (a row group every `flush_rows`
-    rows) and renamed into place when complete, so a large dataset is never held whole."""
+    rows) and renamed into place when complete, so a large dataset is never held whole.
+    Stores are store_A, store_B, … (store_000, store_001, … above 26). `n_regions` > 0 adds
+    a static `region` column (store g in region_<g mod n_regions>), nesting the stores for a
+    hierarchy such as `[[], [region], [region, store]]`."""
     rng = np.random.default_rng(seed)
     ids = [f"S{i:04d}" for i in range(n_series)]
-    groups = [f"store_{chr(65 + i % n_groups)}" for i in range(n_series)]
+    groups = [_store(i % n_groups, n_groups) for i in range(n_series)]
     lengths = rng.integers(24 * 28, 24 * 56, n_series)
     defects = {"too_short": ids[1:4], "gaps": ids[4:7], "nan": ids[7:10], "unsorted": ids[10:11]}
     lengths[1:4] = rng.integers(48, 150, 3)
     stores = {g: _StoreFile(os.path.join(out, f"store={g}", "part-0.parquet"), flush_rows)
               for g in sorted(set(groups))}
     try:
-        for sid, g, n in zip(ids, groups, lengths, strict=True):
-            stores[g].add(_defective(rng, sid, int(n), defects))
+        for i, (sid, g, n) in enumerate(zip(ids, groups, lengths, strict=True)):
+            part = _defective(rng, sid, int(n), defects)
+            if n_regions > 0:
+                part["region"] = np.full(len(part["ds"]), f"region_{i % n_groups % n_regions}")
+            stores[g].add(part)
         rows = sum(f.close() for f in stores.values())
     finally:
         for f in stores.values():
             f.abort()
     return {"path": out, "series": n_series, "groups": n_groups, "rows": rows,
             "defects": {k: list(v) for k, v in defects.items()}}
+
+
+def _store(g: int, n_groups: int) -> str:
+    return f"store_{chr(65 + g)}" if n_groups <= 26 else f"store_{g:03d}"
 
 
 def _defective(rng: np.random.Generator, sid: str, n: int, defects: dict) -> dict:

@@ -176,8 +176,20 @@ def levels(fc) -> None:
           + (f" ({c.note})" if c.note else ""))
     for path in fc.level_paths:
         print(f"             {redact(path)}")
-    if c.level_metrics is None:
-        return
+    if c.level_metrics is not None:
+        _level_table(c)
+
+
+def level_scores(c, paths: list[str]) -> None:
+    """A flow without a forecast: the backtest per level, base against reconciled."""
+    print(f"levels       backtest per level, reconciled with {c.method_used} in "
+          f"{c.seconds:.2f} s" + (f" ({c.note})" if c.note else ""))
+    for path in paths:
+        print(f"             {redact(path)}")
+    _level_table(c)
+
+
+def _level_table(c) -> None:
     print(f"  {'level':<16} {'forecast':<11} {'series':>7} {'mase':>9} {'smape':>9} {'wape':>9}")
     for r in c.level_metrics.iter_rows(named=True):
         print(f"  {r['level']:<16} {r['forecast']:<11} {r['series']:>7} {r['mase']:>9.4f} "

@@ -73,7 +73,7 @@ def render(b, outcome) -> str:
     sections = [_header(b, o, view), _reading(o, cfg.data.unit),
                 _groups(o.scored, o.decisions, model), _per_series(cfg, o, view),
                 _fallbacks(view), _leaderboard(o.scored, model, cfg.data.unit),
-                _levels(o.forecast),
+                _levels(getattr(o.forecast, "coherence", None) or o.levels),
                 _errors(view.metrics, model), _series(cfg, o, view), _validation(o.data),
                 _training(o)]
     title = f"{esc(cfg.name)} — {esc(b.flow)} batch {esc(b.batch_id or '–')}"
@@ -267,10 +267,9 @@ def _leaderboard(scored, model: str, unit: str | None = None) -> str:
               "shaded.</p></section>")
 
 
-def _levels(fc) -> str:
+def _levels(c) -> str:
     """data.hierarchy: the backtest per level, base against reconciled, and whether
-    reconciliation lowered the level's MASE."""
-    c = getattr(fc, "coherence", None)
+    reconciliation lowered the level's MASE (`stages.reconciled.Coherence` or None)."""
     if c is None or c.level_metrics is None:
         return ""
     by = {(r["level"], r["forecast"]): r for r in c.level_metrics.iter_rows(named=True)}

@@ -10,7 +10,11 @@ backtest cutoff and step. Where the backtest did not score a series (too short, 
 missed, a flow without a backtest), in-sample seasonal-naive residuals at the same positions
 from its end stand in (`y[t] - y[t - m]`); a position before a series' first step is 0 in
 actuals and prediction (the series adds nothing to its parents there), masked out of the
-scores.
+scores. The per-level backtest scores (`level_metrics`) reconcile each cutoff leave-one-cutoff-
+out: its residuals are the other cutoffs' (less any step of its own window, when cutoffs
+overlap), with one window the in-sample seasonal-naive residuals of the `horizon` steps
+before it, so a scored window's own errors never weigh its reconciliation (they would flatter
+it). Residuals of later cutoffs do weigh an earlier one: leave-one-out, not time-ordered.
 
 Clipping (`output.clip_at_zero` true): the reconciled bottom forecasts (and quantiles) are
 clipped as today, then every aggregate is summed from them again (bottom-up), so parents still
@@ -22,7 +26,7 @@ The whole forecast is reconciled at once (every level's rows in memory: the chun
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -31,6 +35,7 @@ import pyarrow as pa
 from pipeline.data.io import replace_partition
 from pipeline.evaluation import metrics as E
 from pipeline.forecasting.backtest import ZeroHistory, season_of
+from pipeline.forecasting.select import published
 from pipeline.hierarchy.reconcile import reconcile
 from pipeline.names import safe_key
 from pipeline.outputs import partitions as output
@@ -48,6 +53,7 @@ class Coherence:
     note: str | None
     seconds: float
     level_metrics: pl.DataFrame | None = None
+    paths: list[str] = field(default_factory=list)   # what `scored_levels` wrote
 
 
 def published_models(cols: dict, h: int) -> dict[str, str]:
@@ -71,17 +77,25 @@ def backtest_slots(arrays, cfg, blocks: list, models: dict[str, str]) -> dict[st
         for key, value in zip(SLOTS, (blk.y, blk.y_hat, blk.mask), strict=True):
             out[key][blk.series[mine], blk.k] = value[mine]
     missing = np.flatnonzero(np.isnan(out["y_hat"]).any(axis=(1, 2)))
-    m = season_of(cfg, arrays)
     pos = (arrays.lengths[missing, None, None] - h - np.arange(K)[None, :, None] * w.step
            + np.arange(h)[None, None, :])                               # [M, K, h]
-    inside = pos >= 0
-    at = arrays.indptr[missing, None, None] + np.maximum(pos, 0)
-    lag = arrays.indptr[missing, None, None] + np.maximum(pos - m, 0)
+    naive = seasonal_naive(arrays, season_of(cfg, arrays), missing, pos)
     gap = np.isnan(out["y_hat"][missing])                   # only the slots without a block
-    for key, value in (("y", arrays.values[at]), ("y_hat", arrays.values[lag]),
-                       ("mask", arrays.mask[at])):
-        out[key][missing] = np.where(gap, np.where(inside, value, 0.0), out[key][missing])
+    for key in SLOTS:
+        out[key][missing] = np.where(gap, naive[key], out[key][missing])
     return out
+
+
+def seasonal_naive(arrays, m: int, series: np.ndarray, pos: np.ndarray) -> dict:
+    """{y, y_hat, mask} at positions `pos` (`[len(series), ...]`, steps from each series'
+    start) of `series`: the actuals and `y[t - m]`; a position before the series' first step
+    is 0 in all three."""
+    expand = (slice(None),) + (None,) * (pos.ndim - 1)
+    inside = pos >= 0
+    at = arrays.indptr[series][expand] + np.maximum(pos, 0)
+    lag = arrays.indptr[series][expand] + np.maximum(pos - m, 0)
+    return {k: np.where(inside, v, 0.0) for k, v in
+            (("y", arrays.values[at]), ("y_hat", arrays.values[lag]), ("mask", arrays.mask[at]))}
 
 
 def reconcile_forecast(data, cols: dict, cfg, slots: dict | None) -> tuple[dict, Coherence]:
@@ -145,18 +159,56 @@ def _clipped(data, cfg, mean: np.ndarray, q: np.ndarray | None):
     return mean, q
 
 
+def held_out(cfg, k: int) -> np.ndarray:
+    """`[n_windows * h]` bool: the backtest slots (cutoff, step, flattened as `backtest_slots`
+    lays them) whose residuals may weigh cutoff `k`'s reconciliation: every other cutoff's,
+    less any step inside cutoff `k`'s own window (cutoffs `step` < `horizon` apart overlap)."""
+    w = cfg.windows
+    k2, j = np.meshgrid(np.arange(w.n_windows), np.arange(w.horizon), indexing="ij")
+    offset = (k - k2) * w.step + j           # steps after cutoff k's first scored step
+    return ((offset < 0) | (offset >= w.horizon)).reshape(-1)
+
+
+def reconciled_windows(data, cfg, slots: dict, method: str) -> tuple[np.ndarray, list[str]]:
+    """`[S rows, n_windows, h]`: each backtest cutoff's base forecasts (`slots`, in S's row
+    order via `data.levels.rows`) reconciled with `method`, leave-one-cutoff-out: cutoff k's
+    MinTrace residuals are the other cutoffs' (`held_out`), never its own window's errors.
+    With one window (or none left) they are in-sample seasonal-naive residuals of the
+    `horizon` steps just before cutoff k (`seasonal_naive`), all before the scored window.
+    And the method each cutoff used (fewer residuals than the forecast's may make MinTrace
+    fall back where the forecast's did not)."""
+    arrays, lv, w = data.arrays, data.levels, cfg.windows
+    y, y_hat = (slots[k][lv.rows] for k in SLOTS[:2])
+    n, h = len(lv.rows), w.horizon
+    m = season_of(cfg, arrays)
+    rec, used = np.empty_like(y_hat), []
+    for k in range(w.n_windows):
+        keep = held_out(cfg, k)
+        if keep.sum() >= 2:
+            insample, fitted = y.reshape(n, -1)[:, keep], y_hat.reshape(n, -1)[:, keep]
+        else:
+            first = arrays.lengths[lv.rows] - h - k * w.step            # the window's start
+            naive = seasonal_naive(arrays, m, lv.rows, first[:, None] - h + np.arange(h))
+            insample, fitted = naive["y"], naive["y_hat"]
+        out = reconcile(y_hat[:, k], lv.S, lv.tags, method, insample, fitted)
+        rec[:, k] = out.mean
+        used.append(out.method_used)
+    return rec, used
+
+
 def level_metrics(data, cfg, slots: dict, method: str) -> pl.DataFrame:
-    """Per level, cutoff by cutoff, the backtest's base forecasts (`slots`) reconciled with
-    `method` (the residuals: every cutoff's) and both scored: MASE and sMAPE (the means over
-    the level's series and cutoffs) and WAPE (over them together)."""
+    """Per level, cutoff by cutoff, the backtest's base forecasts (`slots`) and those
+    reconciled with `method` (`reconciled_windows`: leave-one-cutoff-out residuals, so the
+    scored window's own errors never weigh its reconciliation) scored: MASE and sMAPE (the
+    means over the level's series and cutoffs) and WAPE (over them together); `method`: the
+    methods the cutoffs used, in order of first use ("mint_shrink, wls_struct": some fell
+    back)."""
     arrays, lv, w = data.arrays, data.levels, cfg.windows
     y, y_hat, mask = (slots[k][lv.rows] for k in SLOTS)
-    insample, fitted = y.reshape(len(lv.rows), -1), y_hat.reshape(len(lv.rows), -1)
     m = season_of(cfg, arrays)
-    rec = np.empty_like(y_hat)
+    rec, used = reconciled_windows(data, cfg, slots, method)
     scale = np.empty(y.shape[:2])
     for k in range(w.n_windows):
-        rec[:, k] = reconcile(y_hat[:, k], lv.S, lv.tags, method, insample, fitted).mean
         ends = arrays.lengths[lv.rows] - w.horizon - k * w.step
         scale[:, k] = E.mase_scale([arrays.series(r)[:max(e, 0)] for r, e in
                                     zip(lv.rows, ends, strict=True)], m)
@@ -171,7 +223,7 @@ def level_metrics(data, cfg, slots: dict, method: str) -> pl.DataFrame:
                          "mase": _nanmean(E.mase(yy, pp, scale[sl].reshape(-1), mm)),
                          "smape": _nanmean(E.smape(yy, pp, mm)),
                          "wape": E.wape_overall(yy, pp, mm)})
-    return pl.DataFrame(rows).with_columns(method=pl.lit(method))
+    return pl.DataFrame(rows).with_columns(method=pl.lit(", ".join(dict.fromkeys(used))))
 
 
 def _nanmean(v: np.ndarray) -> float:
@@ -201,6 +253,28 @@ def coherent(b, data, fc, scored=None):
     top = np.repeat(at >= n_b, h)
     fc.make, fc.levels, fc.coherence = make, {k: v[top] for k, v in cols.items()}, info
     return fc
+
+
+def scored_levels(b, data, scored) -> Coherence:
+    """A flow without a forecast (`backtest`): the backtest scored per level
+    (`level_metrics`) for the candidates a forecast would publish (`evaluate.select`'s per
+    group, else the default model; no fallback: the seasonal-naive stand-in where the
+    backtest did not score a series), written beside `metrics` (`Coherence.paths`); the
+    method is `reconcile.method` resolved, `seconds` the scoring's."""
+    t0, cfg, arrays = time.perf_counter(), b.cfg, data.arrays
+    groups = arrays.groups if arrays.groups is not None else np.full(len(arrays), "")
+    models = {str(i): published(scored.selection, str(g), cfg)
+              for i, g in zip(arrays.ids, groups, strict=True)}
+    slots = backtest_slots(arrays, cfg, scored.backtest.blocks, models)
+    method = cfg.reconcile.resolved(data.levels.S.shape[0])
+    table = level_metrics(data, cfg, slots, method)
+    used = table["method"][0]
+    out = Coherence(method, used, None if used == method else
+                    f"some or all backtest cutoffs reconciled with {used}",
+                    time.perf_counter() - t0, table)
+    out.paths = [output.write(cfg, "level_metrics", arrays.data_end(), table.to_arrow(),
+                              b.flow)]
+    return out
 
 
 def level_partition(cfg, end: str, name: str) -> dict[str, str]:

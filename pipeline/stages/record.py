@@ -116,6 +116,17 @@ def forecast_written(b, fc) -> None:
     console.forecast(fc, b.cfg.windows.horizon)
 
 
+def levels(b, c) -> None:
+    """A flow without a forecast: its per-level backtest scores (`reconciled.Coherence` or
+    None), into the run and printed."""
+    if c is None:
+        return
+    if b.log is not None:
+        b.log.tag("reconcile_method_used", c.method_used)
+        b.log.metrics(levels_scored(c))
+    console.level_scores(c, c.paths)
+
+
 def levels_scored(c) -> dict[str, float]:
     """`level_<level>_<base|reconciled>_<mase|smape|wape>` of a Coherence's backtest (the
     finite ones), for the run."""

@@ -44,6 +44,7 @@ from pipeline.stages import record as R
 from pipeline.stages.batch import Batch
 from pipeline.stages.forecast import champion_jobs, checked_models
 from pipeline.stages.levels import with_levels
+from pipeline.stages.reconciled import scored_levels
 from pipeline.stages.record import stage
 from pipeline.tracking import champions as compare
 from pipeline.training.device import resolve_device
@@ -98,6 +99,7 @@ class Outcome:
     final: Trained | None = None                  # the forecast model
     decisions: list[compare.Decision] | None = None   # challenger vs champion, when promoted
     forecast: Forecast | None = None
+    levels: object = None        # data.hierarchy without a forecast: `scored_levels`'s scores
     tuned: Tuned | None = None
     report: str | None = None                     # the batch's HTML page
 
@@ -249,6 +251,13 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
     cal = calibrate(bt, arrays.groups, cfg.evaluate.levels) \
         if cfg.evaluate.intervals == "conformal" else None
     return Scored(bt, bt.summary(), written, preds, metrics, cal, refits, select(bt, cfg))
+
+
+@stage("levels", R.levels)
+def levels(b: Batch, data: Prepared, scored: Scored):
+    """data.hierarchy in a flow without a forecast: the backtest scored per level, base and
+    reconciled (`stages.reconciled.scored_levels`); None without a hierarchy."""
+    return scored_levels(b, data, scored) if data.levels is not None else None
 
 
 @stage("final", R.trained)
