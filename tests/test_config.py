@@ -120,6 +120,8 @@ def test_hierarchy_and_reconcile_defaults():
     (["data.static_cols=[level, a]", "data.hierarchy=[[a]]"], "static column 'level' would be"),
     (["reconcile.method=mint"], "reconcile.method = 'mint' is not one of 'auto', 'bottom_up'"),
     (["reconcile.auto_max=0"], "reconcile.auto_max = 0 must be > 0"),
+    (["reconcile.intervals=bootstrap"], "reconcile.intervals = 'bootstrap' is not one of "
+                                        "'normality', 'quantiles'"),
     (["reconcile.methd=ols"], "unknown key 'reconcile.methd'; did you mean 'method'?"),
     (["data.group_col=store", "data.hierarchy=[[store]]",
       "reconcile.method=top_down_forecast_proportions"], "needs the grand total level []"),

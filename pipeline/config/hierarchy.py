@@ -14,6 +14,9 @@ TOP_DOWN = ("top_down_forecast_proportions", "top_down_average_proportions",
             "top_down_proportion_averages")
 MIN_TRACE = ("ols", "wls_struct", "wls_var", "mint_shrink", "mint_cov")
 METHODS = ("bottom_up", *TOP_DOWN, *MIN_TRACE)   # pipeline.hierarchy.reconcile's methods
+# normality: the quantiles of the reconciled Gaussian (mean coherent, quantiles in order);
+# quantiles: each quantile slice reconciled like the mean (each slice coherent, may cross)
+INTERVALS = ("normality", "quantiles")
 # names a level column may not take: the `level` static and partition key, and the columns and
 # partition keys of the levels' forecast files
 TAKEN = ("level", "unique_id", "ds", "cutoff", "step", "y_hat", "model", "group", "run_id",
@@ -73,9 +76,11 @@ class ReconcileConfig:
     method: str = "auto"           # auto | bottom_up | top_down_* | ols | wls_struct |
                                    # wls_var | mint_shrink | mint_cov
     auto_max: int = 2000           # auto: mint_shrink up to this many series, wls_struct above
+    intervals: str = "normality"   # normality | quantiles: how the quantile columns reconcile
 
     def __post_init__(self) -> None:
         _choice("reconcile.method", self.method, ("auto", *METHODS))
+        _choice("reconcile.intervals", self.intervals, INTERVALS)
         _positive("reconcile.auto_max", self.auto_max)
 
     def check(self, data) -> None:

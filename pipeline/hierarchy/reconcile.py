@@ -24,8 +24,14 @@ from scipy import sparse
 from scipy.sparse.linalg import splu
 
 from pipeline.config import ConfigError
-from pipeline.config.hierarchy import METHODS, MIN_TRACE  # noqa: F401 - re-exported
+from pipeline.config.hierarchy import INTERVALS, METHODS, MIN_TRACE  # noqa: F401 - re-exported
 from pipeline.config.hierarchy import TOP_DOWN as config_top_down
+from pipeline.hierarchy.probabilistic import (
+    correlation,
+    normal_quantiles,
+    reconciled_sigma,
+    sigma_from_quantiles,
+)
 
 KEY = "reconcile.method"
 TOP_DOWN = dict(zip(config_top_down,   # method → the library's TopDown method
@@ -52,8 +58,8 @@ class Reconciled:
 
 def reconcile(base: np.ndarray, S: sparse.csr_matrix, tags: dict[str, np.ndarray],
               method: str = "mint_shrink", insample: np.ndarray | None = None,
-              fitted: np.ndarray | None = None, quantiles: np.ndarray | None = None
-              ) -> Reconciled:
+              fitted: np.ndarray | None = None, quantiles: np.ndarray | None = None,
+              intervals: str = "quantiles", probs: np.ndarray | None = None) -> Reconciled:
     """Coherent forecasts from base ones. `base` `[n_all, h]` in S's row order; `tags` level →
     ids, in S's row order (`Aggregation.tags`); `insample`/`fitted` `[n_all, T]` in-sample
     actuals and fitted values (NaN where a series has none), needed by `wls_var`,
@@ -74,25 +80,65 @@ def reconcile(base: np.ndarray, S: sparse.csr_matrix, tags: dict[str, np.ndarray
     q-quantile only if the children move together (comonotone); for bottom-up and the
     average top-down methods P ≥ 0, so quantiles stay in order, while MinTrace's P has
     negative entries and reconciled quantiles may cross (sort them if that matters), and
-    top-down forecast proportions split each slice by that slice's own proportions."""
+    top-down forecast proportions split each slice by that slice's own proportions.
+    `intervals="normality"` (`probs`: the quantiles' levels): the reconciled Gaussian's
+    quantiles instead (`probabilistic`), in order, not sums of the children's (see
+    `_normality` for when the slices are reconciled after all)."""
     n_all, h = _check_shapes(base, S, tags, insample, fitted, quantiles)
     if method not in METHODS:
         raise ConfigError(f"{KEY} = {method!r} is not one of {', '.join(METHODS)}")
     _check_inputs(method, tags, S, insample, fitted)
-    y_hat = base if quantiles is None else np.hstack(
-        [base, quantiles.transpose(0, 2, 1).reshape(n_all, -1)])
-    y_hat = np.ascontiguousarray(y_hat, dtype=np.float64)
+    sigma, qnote = _normality(intervals, method, quantiles, probs)
+    y_hat = np.ascontiguousarray(base if quantiles is None or sigma is not None else np.hstack(
+        [base, quantiles.transpose(0, 2, 1).reshape(n_all, -1)]), dtype=np.float64)
     used, note = method, _why_not(method, n_all, insample, fitted)
-    out = None
-    if not note:
-        out, note = _attempt(method, y_hat, S, tags, insample, fitted)
+    out, rec, note = (None, None, note) if note else _attempt(method, y_hat, S, tags,
+                                                              insample, fitted)
     if note:
         used, note = FALLBACK, f"{KEY} {method} not usable ({note}); reconciled with {FALLBACK}"
-        out, _ = _run(FALLBACK, y_hat, S, tags, insample, fitted)
-    q = None if quantiles is None else (
-        out[:, h:].reshape(n_all, quantiles.shape[2], h).transpose(0, 2, 1))
+        out, rec = _run(FALLBACK, y_hat, S, tags, insample, fitted)
+    if sigma is not None:
+        q = normal_quantiles(out[:, :h], reconciled_sigma(
+            _linear_map(used, rec, S, insample, fitted), n_all, sigma,
+            correlation(rec.W) if used in FULL_COVARIANCE else None), probs)
+    else:   # the slices, stacked after the mean
+        q = None if quantiles is None else out[:, h:].reshape(
+            n_all, quantiles.shape[2], h).transpose(0, 2, 1)
     return Reconciled(mean=out[:, :h], quantiles=q, method=method, method_used=used,
-                      note=note)
+                      note="; ".join(filter(None, [note, qnote])) or None)
+
+
+def _normality(intervals, method, quantiles, probs) -> tuple[np.ndarray | None, str | None]:
+    """The base σ `[n, h]` for normality (None: reconcile the slices) and why not: no
+    symmetric pair of quantile levels, or `top_down_forecast_proportions` (its split depends
+    on the forecasts: not a fixed linear map)."""
+    if intervals not in INTERVALS:
+        raise ConfigError(f"reconcile.intervals = {intervals!r} is not one of "
+                          f"{', '.join(INTERVALS)}")
+    if quantiles is None or intervals != "normality":
+        return None, None
+    if probs is None or len(probs) != quantiles.shape[2]:
+        raise ValueError("reconcile.intervals normality needs the quantiles' probabilities")
+    why = "no symmetric pair of quantile levels"
+    if method == "top_down_forecast_proportions":
+        why = f"{method} is not a fixed linear map"
+    else:
+        sigma = sigma_from_quantiles(quantiles, probs)
+        if sigma is not None:
+            return sigma, None
+    return None, f"reconcile.intervals normality not usable ({why}); quantiles reconciled " \
+                 "slice by slice"
+
+
+def _linear_map(used, rec, S, insample, fitted):
+    """y ↦ S P y for the method used: the library's P where it built one, else (the sparse
+    wls above the dense limit) `wls_sparse` with that method's diagonal W."""
+    Ssp = sparse.csr_matrix(S, dtype=np.float64)
+    if rec is None:
+        w = _weights(used, S, insample, fitted)
+        return lambda y: wls_sparse(Ssp, y, w)
+    P = rec.P
+    return lambda y: Ssp @ np.asarray(P @ y)
 
 
 def _check_shapes(base, S, tags, insample, fitted, quantiles) -> tuple[int, int]:
@@ -149,17 +195,18 @@ def _why_not(method: str, n_all: int, insample, fitted) -> str | None:
     return None
 
 
-def _attempt(method, y_hat, S, tags, insample, fitted) -> tuple[np.ndarray | None, str | None]:
-    """`method`'s reconciled forecasts, or None and why its covariance cannot be used."""
+def _attempt(method, y_hat, S, tags, insample, fitted):
+    """`method`'s reconciled forecasts and fitted reconciler, or None, None and why its
+    covariance cannot be used."""
     try:
         out, rec = _run(method, y_hat, S, tags, insample, fitted)
     except Exception as e:  # the library raises a bare Exception for these
         if method not in RESIDUALS or not any(s in str(e) for s in _SINGULAR):
             raise
-        return None, f"hierarchicalforecast: {e}"
+        return None, None, f"hierarchicalforecast: {e}"
     if method in FULL_COVARIANCE and _singular(rec.W):
-        return None, "its covariance estimate is singular"
-    return out, None
+        return None, None, "its covariance estimate is singular"
+    return out, rec, None
 
 
 def _singular(W: np.ndarray) -> bool:
