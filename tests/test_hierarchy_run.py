@@ -63,10 +63,12 @@ def _read(out, kind):
     return pl.read_parquet(files, hive_partitioning=False)
 
 
-def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys):
+@pytest.mark.parametrize("intervals", ["normality", "quantiles"])
+def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys, intervals):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     b = run("configs/demo.yaml", demo_dir, tmp_path, *HIER, "--set",
             "evaluate.intervals=conformal",            # quantile columns, reconciled too
+            "--set", f"reconcile.intervals={intervals}",
             "--set", "evaluate.chunk_series=7",        # written in chunks
             "--set", "tracking.enabled=true", "--set", f"tracking.uri={uri}")
     printed = capsys.readouterr().out
@@ -89,8 +91,11 @@ def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys):
     for level, summed, on in (("store", by_store, ["store", "ds"]), ("total", total, ["ds"])):
         got = levels.filter(pl.col("level") == level).join(summed, on=on, how="inner")
         assert got.height == levels.filter(pl.col("level") == level).height
-        for c in values:                       # every step and every quantile
+        # quantiles: every step and every quantile coherent; normality: the mean coherent
+        for c in values if intervals == "quantiles" else values[:1]:
             np.testing.assert_allclose(got[c], got[f"sum{c}"], rtol=1e-5, atol=1e-3)
+    if intervals == "normality":
+        _normal_quantiles(pl.concat([bottom.select(values), levels.select(values)]), values[1:])
     scores = _read(tmp_path, "level_metrics")
     assert set(zip(scores["level"], scores["forecast"], strict=True)) == {
         (lv, f) for lv in ("total", "store", "unique_id") for f in ("base", "reconciled")}
@@ -105,6 +110,21 @@ def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys):
     assert logged.tags["reconcile_method_used"] == info.method_used
     assert {"level_total_base_mase", "level_total_reconciled_mase",
             "level_store_reconciled_wape"} <= set(logged.metrics)
+
+
+def _normal_quantiles(rows: pl.DataFrame, qcols: list[str]) -> None:
+    """Quantiles of the reconciled Gaussian: in order at every row, and where a symmetric pair
+    was not clipped (its low quantile > 0) centred on the mean (the median is the mean)."""
+    qcols = sorted(qcols, key=lambda c: float(c[2:]))
+    q = rows.select(qcols).to_numpy().astype(np.float64)
+    assert (np.diff(q, axis=1) >= -1e-4).all()
+    y_hat = rows["y_hat"].to_numpy().astype(np.float64)
+    for lo in range(len(qcols) // 2):
+        hi = len(qcols) - 1 - lo
+        assert float(qcols[lo][2:]) == pytest.approx(1 - float(qcols[hi][2:]))
+        free = q[:, lo] > 1e-3      # the demo's intervals are wide: few such rows
+        np.testing.assert_allclose((q[free, lo] + q[free, hi]) / 2, y_hat[free], rtol=1e-4,
+                                   atol=1e-2)
 
 
 def test_run_names_the_series_of_a_bad_hierarchy(demo_dir, tmp_path, capsys):
@@ -140,18 +160,45 @@ def test_backtest_slots_take_the_published_blocks_else_in_sample_seasonal_naive(
 @pytest.mark.parametrize("clip", [True, False])
 def test_reconciled_forecast_is_coherent_and_clipped_bottom_up(clip):
     cfg, data = _extended(f"output.clip_at_zero={str(clip).lower()}",
-                          "reconcile.method=ols")
+                          "reconcile.method=ols", "reconcile.intervals=quantiles")
     ids = data.arrays.ids.astype(str)
     base = np.array([-5.0, 20, 5, 40, 10, 5])             # x, y, z, total, store=a, store=b
     cols = {"unique_id": ids, "y_hat": base.astype(np.float32),
             "q_0.9": (base + 1).astype(np.float32), "model": np.full(6, "net", object)}
     out, info = R.reconcile_forecast(data, cols, cfg, None)
     rec = dict(zip(ids, out["y_hat"].tolist(), strict=True))
-    assert info.method_used == "ols" and (rec["x"] >= 0) == clip
+    assert info.method_used == "ols" and (rec["x"] >= 0) == clip and info.note is None
     for key in ("y_hat", "q_0.9"):
         v = dict(zip(ids, out[key].astype(np.float64).tolist(), strict=True))
         assert v["store=a"] == pytest.approx(v["x"] + v["y"], rel=1e-6)
         assert v["total"] == pytest.approx(v["store=a"] + v["store=b"], rel=1e-6)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_normality_quantiles_in_order_centred_on_the_mean_clipped_after(clip):
+    cfg, data = _extended(f"output.clip_at_zero={str(clip).lower()}", "reconcile.method=ols")
+    assert cfg.reconcile.intervals == "normality"          # the default
+    ids = data.arrays.ids.astype(str)
+    base = np.array([-5.0, 20, 5, 40, 10, 5])             # x, y, z, total, store=a, store=b
+    cols = {"unique_id": ids, "y_hat": base.astype(np.float32),
+            "q_0.1": (base - 3).astype(np.float32), "q_0.5": base.astype(np.float32),
+            "q_0.9": (base + 3).astype(np.float32), "model": np.full(6, "net", object)}
+    out, info = R.reconcile_forecast(data, cols, cfg, None)
+    assert info.method_used == "ols" and info.note is None
+    v = {k: dict(zip(ids, out[k].astype(np.float64).tolist(), strict=True))
+         for k in ("y_hat", "q_0.1", "q_0.5", "q_0.9")}
+    assert v["y_hat"]["store=a"] == pytest.approx(v["y_hat"]["x"] + v["y_hat"]["y"], rel=1e-6)
+    assert v["y_hat"]["total"] == pytest.approx(v["y_hat"]["store=a"] + v["y_hat"]["store=b"],
+                                                rel=1e-6)
+    for i in ids:
+        assert v["q_0.1"][i] <= v["q_0.5"][i] <= v["q_0.9"][i]
+        assert (v["q_0.1"][i] >= 0) or not clip
+        if v["q_0.1"][i] > 0 and i in ("y", "z"):       # not clipped: median = mean
+            assert v["q_0.5"][i] == pytest.approx(v["y_hat"][i], rel=1e-5)
+    assert v["q_0.9"]["total"] < v["q_0.9"]["store=a"] + v["q_0.9"]["store=b"]   # not summed
+    if not clip:
+        for i in ids:
+            assert v["q_0.5"][i] == pytest.approx(v["y_hat"][i], rel=1e-5, abs=1e-4)
 
 
 def test_a_series_without_a_forecast_keeps_nan_and_adds_nothing_to_its_parents():

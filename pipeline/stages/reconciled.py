@@ -16,9 +16,17 @@ overlap), with one window the in-sample seasonal-naive residuals of the `horizon
 before it, so a scored window's own errors never weigh its reconciliation (they would flatter
 it). Residuals of later cutoffs do weigh an earlier one: leave-one-out, not time-ordered.
 
-Clipping (`output.clip_at_zero` true): the reconciled bottom forecasts (and quantiles) are
-clipped as today, then every aggregate is summed from them again (bottom-up), so parents still
-equal the sum of their children.
+Quantiles (`reconcile.intervals`): `normality` (the default) gives each series the quantiles
+of the reconciled Gaussian (`pipeline.hierarchy.probabilistic`): the mean is coherent, the
+quantiles are in order and the median is the reconciled mean, but a parent's quantile is not
+the sum of its children's (quantiles do not add). `quantiles` reconciles each quantile column
+like the mean: every column coherent, but under MinTrace they may cross.
+
+Clipping (`output.clip_at_zero` true): the reconciled bottom forecasts (and, with
+`quantiles`, quantiles) are clipped as today, then every aggregate is summed from them again
+(bottom-up), so parents still equal the sum of their children. With `normality` the quantiles
+are clipped at zero after they are computed, row by row (the bottom's as the published
+forecast's), not summed: the median is then the unclipped reconciled mean, clipped.
 
 The whole forecast is reconciled at once (every level's rows in memory: the chunking of
 `evaluate.chunk_series` does not bound a hierarchy's forecast), then written in chunks.
@@ -124,7 +132,8 @@ def reconcile_forecast(data, cols: dict, cfg, slots: dict | None) -> tuple[dict,
     if slots is not None:
         insample, fitted = (slots[k].reshape(len(arrays), -1)[lv.rows] for k in SLOTS[:2])
     method = cfg.reconcile.resolved(lv.S.shape[0])
-    rec = reconcile(base, lv.S, lv.tags, method, insample, fitted, q)
+    rec = reconcile(base, lv.S, lv.tags, method, insample, fitted, q,
+                    cfg.reconcile.intervals, np.array([float(c[2:]) for c in qcols]))
     mean, rq = _clipped(data, cfg, rec.mean, rec.quantiles)
     mean[none] = np.nan                     # they keep their NaN forecast rows
     if rq is not None:
@@ -145,7 +154,9 @@ def _put(column: np.ndarray, values: np.ndarray, order: np.ndarray, h: int) -> n
 
 def _clipped(data, cfg, mean: np.ndarray, q: np.ndarray | None):
     """`output.clip_at_zero` true: the bottom rows clipped as the published forecast is,
-    every row then summed from them (S @ bottom)."""
+    every row's mean then summed from them (S @ bottom); the quantiles too with
+    `reconcile.intervals: quantiles`, with `normality` each row's clipped at zero where it
+    is (the bottom's as the published forecast's)."""
     if cfg.output.clip_at_zero is not True:
         return mean, q
     lv, arrays = data.levels, data.arrays
@@ -154,7 +165,9 @@ def _clipped(data, cfg, mean: np.ndarray, q: np.ndarray | None):
     b_mean, b_q = ZeroHistory(arrays).clip(bottom, arrays.lengths, mean[-n_b:],
                                             None if q is None else q[-n_b:])
     mean = lv.S @ b_mean
-    if q is not None:
+    if q is not None and cfg.reconcile.intervals == "normality":
+        q = np.concatenate([np.maximum(q[:-n_b], 0), b_q])
+    elif q is not None:
         q = np.stack([lv.S @ b_q[..., j] for j in range(q.shape[-1])], -1)
     return mean, q
 
