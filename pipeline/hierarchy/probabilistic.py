@@ -9,6 +9,10 @@ Only the diagonal is computed, never the n×n covariance per step (the library s
 step), and for a diagonal W without densifying S or P: with H = S P (the reconciliation map
 y ↦ S P y), σ̃²[:, h] = (H ∘ H) σ²[:, h], H built in blocks of columns by applying the map to
 identity columns (for the sparse wls above the dense limit: `wls_sparse` on them, exact).
+That is O(n²) work in the number of series n: 7 s for 11,011 series (3 levels, 28 steps,
+`wls_struct`) against 1.3 s slice by slice, here on 2 shared cores; so about 100× that at
+100 k series. With a full W (`mint_shrink`, `mint_cov`, only up to the dense limit) it is
+O(n³) per step: 12 s for 2,001 series and 28 steps against 1.6 s slice by slice.
 
 The mean is coherent; the quantiles are the reconciled distribution's marginal quantiles, not
 sums of the children's quantiles, and are in order (σ̃ ≥ 0, z_p increasing in p).
