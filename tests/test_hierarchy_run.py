@@ -106,6 +106,7 @@ def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys, 
     assert "Levels: base and reconciled" in page and "<td>total</td>" in page
     logged = mlflow.MlflowClient(tracking_uri=uri).get_run(b.log.parent_id).data
     assert logged.params["reconcile.method"] == "auto"
+    assert logged.params["reconcile.intervals"] == intervals
     assert logged.params["data.hierarchy"].replace(" ", "") == "[[],['store']]"
     assert logged.tags["reconcile_method_used"] == info.method_used
     assert {"level_total_base_mase", "level_total_reconciled_mase",
