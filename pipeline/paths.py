@@ -45,21 +45,24 @@ EVALUATIONS = ("backtest", "metrics", "level_metrics", "reports")   # per flow: 
                                                   # never replaces what `run` published
 
 
-def partition_values(cfg: Config, kind: str, end: str, flow: str) -> dict[str, str]:
+def partition_values(cfg: Config, kind: str, end: str, flow: str,
+                     below: dict[str, str] | None = None) -> dict[str, str]:
     """The partition keys of one run's output `kind`, in order: the config's name, for the
     backtest's predictions and metrics the flow that scored them (`run`, `backtest`,
-    `nightly`: a nightly challenger's scores never replace what `run` published), and the
-    data end (a `data_end` label). None of them is a column of the files."""
+    `nightly`: a nightly challenger's scores never replace what `run` published), the data
+    end (a `data_end` label), then `below`'s keys (e.g. a hierarchy level's `level`). None
+    of them is a column of the files."""
     keys = {"job": cfg.name}
     if kind in EVALUATIONS:
         keys["flow"] = flow
-    return {**keys, "data_end": end}
+    return {**keys, "data_end": end, **(below or {})}
 
 
-def partition(cfg: Config, kind: str, end: str, flow: str = "run") -> str:
+def partition(cfg: Config, kind: str, end: str, flow: str = "run",
+              below: dict[str, str] | None = None) -> str:
     """The partition folder of one output `kind` (forecasts, backtest, metrics, plots):
-    `<output.path>/<kind>/job=<name>[/flow=<flow>]/data_end=<20240630T230000>`."""
-    keys = partition_values(cfg, kind, end, flow)
+    `<output.path>/<kind>/job=<name>[/flow=<flow>]/data_end=<20240630T230000>[/k=v…]`."""
+    keys = partition_values(cfg, kind, end, flow, below)
     return join(cfg.output.path, kind, *(f"{k}={v}" for k, v in keys.items()))
 
 

@@ -87,16 +87,18 @@ def metrics_table(cols: dict, run_id: str, freq: Freq) -> pa.Table:
     return pa.table(base)
 
 
-def write(cfg: Config, kind: str, end: str, table: pa.Table, flow: str = "run") -> str:
-    """Replace one run's partition of output `kind` with `table` in one atomic step; returns
-    where it went. `output.format`: `parquet` (a folder per partition holding one file,
+def write(cfg: Config, kind: str, end: str, table: pa.Table, flow: str = "run",
+          below: dict[str, str] | None = None) -> str:
+    """Replace one run's partition of output `kind` (with `below`'s keys under its data end,
+    `paths.partition_values`) with `table` in one atomic step; returns where it went.
+    `output.format`: `parquet` (a folder per partition holding one file,
     `data.io.replace_partition`) or `delta` (a Delta Lake table per kind, the partition
     replaced by one commit, which also detects a concurrent writer)."""
     if cfg.output.format == "delta":
         return write_delta(paths.table(cfg, kind),
-                           paths.partition_values(cfg, kind, end, flow), table,
+                           paths.partition_values(cfg, kind, end, flow, below), table,
                            cfg.output.delta_retention_hours)
-    uri = paths.partition(cfg, kind, end, flow)
+    uri = paths.partition(cfg, kind, end, flow, below)
     replace_partition(table, uri)
     return uri
 

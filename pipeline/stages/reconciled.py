@@ -40,14 +40,12 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline.data.io import replace_partition
 from pipeline.evaluation import metrics as E
 from pipeline.forecasting.backtest import ZeroHistory, season_of
 from pipeline.forecasting.select import published
 from pipeline.hierarchy.reconcile import reconcile
 from pipeline.names import safe_key
 from pipeline.outputs import partitions as output
-from pipeline.paths import join
 
 SLOTS = ("y", "y_hat", "mask")
 
@@ -290,12 +288,6 @@ def scored_levels(b, data, scored) -> Coherence:
     return out
 
 
-def level_partition(cfg, end: str, name: str) -> dict[str, str]:
-    """The partition keys of an aggregate level's forecast under `<output.path>/
-    forecast_levels/`: the job, the data end and the level (its name, `/` as `-`)."""
-    return {"job": cfg.name, "data_end": end, "level": safe_key(name.replace("/", "-"))}
-
-
 def write_levels(b, data, fc) -> list[str]:
     """Each aggregate level's reconciled rows (`fc.levels`) in its own partition,
     `<output.path>/forecast_levels/job=<name>/data_end=<end>/level=<level>/`: the forecast's
@@ -306,23 +298,18 @@ def write_levels(b, data, fc) -> list[str]:
     ids = fc.levels["unique_id"].astype(str)
     level_of, keys = lv.level_of(), lv.keys.rows_by_key("id", named=True, unique=True)
     types = {f.name: f.type for f in lv.keys.to_arrow().schema}
+    level = np.array([level_of[i] for i in ids], dtype=object)
     written = []
     for name in list(lv.tags)[:-1]:
-        sel = np.array([level_of[i] == name for i in ids], bool)
+        sel = level == name
         table = output.frames_table([{k: v[sel] for k, v in fc.levels.items()}], b.run_id,
                                     data.arrays.freq, ["unique_id", "ds", "cutoff", "step",
                                                        "y_hat", *fc.columns, "model", "group"])
         for j, c in enumerate(lv.hierarchy.columns, 1):    # null where the level has none
             table = table.add_column(j, c, pa.array([keys[i][c] for i in ids[sel]],
                                                     types[c]))
-        part = level_partition(cfg, end, name)
-        if cfg.output.format == "delta":
-            written.append(output.write_delta(join(cfg.output.path, "forecast_levels"), part,
-                                              table, cfg.output.delta_retention_hours))
-            continue
-        uri = join(cfg.output.path, "forecast_levels", *(f"{k}={v}" for k, v in part.items()))
-        replace_partition(table, uri)
-        written.append(uri)
+        written.append(output.write(cfg, "forecast_levels", end, table, b.flow,
+                                    {"level": safe_key(name.replace("/", "-"))}))
     scores = fc.coherence.level_metrics
     if scores is not None:
         written.append(output.write(cfg, "level_metrics", end, scores.to_arrow(), b.flow))
