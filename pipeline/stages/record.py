@@ -110,8 +110,7 @@ def forecast_written(b, fc) -> None:
     if b.log is not None:
         b.log.forecast(fc.path, fc.n_series, fc.n_fallback, fc.plots)
         if fc.coherence is not None:                        # data.hierarchy
-            b.log.tag("reconcile_method_used", fc.coherence.method_used)
-            b.log.metrics(levels_scored(fc.coherence))
+            _log_levels(b, fc.coherence)
     failed(b, fc.failed, "its forecasts are not finite")
     console.forecast(fc, b.cfg.windows.horizon)
 
@@ -122,9 +121,14 @@ def levels(b, c) -> None:
     if c is None:
         return
     if b.log is not None:
-        b.log.tag("reconcile_method_used", c.method_used)
-        b.log.metrics(levels_scored(c))
+        _log_levels(b, c)
     console.level_scores(c, c.paths)
+
+
+def _log_levels(b, c) -> None:
+    """The reconciliation's method used (a tag) and its per-level scores, into the run."""
+    b.log.tag("reconcile_method_used", c.method_used)
+    b.log.metrics(levels_scored(c))
 
 
 def levels_scored(c) -> dict[str, float]:
