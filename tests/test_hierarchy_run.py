@@ -74,26 +74,9 @@ def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys, 
     printed = capsys.readouterr().out
     assert "reconciled   every level with mint_shrink" in printed and "level=total" in printed
     assert b.cfg.output.clip_at_zero is True          # the demo is >= 0: the clipped case
-    bottom = _read(tmp_path, "forecasts")
+    bottom, levels, values = _coherent(demo_dir, tmp_path, intervals == "quantiles")
     assert [c for c in bottom.columns if not c.startswith("q_")] == SCHEMA   # today's
-    assert bottom["unique_id"].n_unique() == 40
-    levels = pl.read_parquet(str(tmp_path / "forecast_levels" / "**" / "*.parquet"),
-                             hive_partitioning=True)       # the levels open as one dataset
-    assert sorted(levels["level"].unique()) == ["store", "total"]
-    assert levels.height == 5 * 24 and (bottom["y_hat"] >= 0).all()
-    stores = pl.read_parquet(glob.glob(f"{demo_dir}/**/*.parquet", recursive=True),
-                             hive_partitioning=True).select("unique_id", "store").unique()
-    values = ["y_hat", *(c for c in bottom.columns if c.startswith("q_"))]
-    assert len(values) == 5 and levels.columns[:3] == ["unique_id", "store", "ds"]
-    sums = [pl.col(c).cast(pl.Float64).sum().alias(f"sum{c}") for c in values]
-    by_store = bottom.join(stores, on="unique_id").group_by("store", "ds").agg(sums)
-    total = bottom.group_by("ds").agg(sums)
-    for level, summed, on in (("store", by_store, ["store", "ds"]), ("total", total, ["ds"])):
-        got = levels.filter(pl.col("level") == level).join(summed, on=on, how="inner")
-        assert got.height == levels.filter(pl.col("level") == level).height
-        # quantiles: every step and every quantile coherent; normality: the mean coherent
-        for c in values if intervals == "quantiles" else values[:1]:
-            np.testing.assert_allclose(got[c], got[f"sum{c}"], rtol=1e-5, atol=1e-3)
+    assert (bottom["y_hat"] >= 0).all() and len(values) == 5
     if intervals == "normality":
         _normal_quantiles(pl.concat([bottom.select(values), levels.select(values)]), values[1:])
     scores = _read(tmp_path, "level_metrics")
@@ -111,6 +94,31 @@ def test_run_reconciles_every_level_and_scores_them(demo_dir, tmp_path, capsys, 
     assert logged.tags["reconcile_method_used"] == info.method_used
     assert {"level_total_base_mase", "level_total_reconciled_mase",
             "level_store_reconciled_wape"} <= set(logged.metrics)
+
+
+def _coherent(demo_dir, out, quantiles: bool = False):
+    """The bottom forecasts and the levels' (`out`'s `forecasts/` and `forecast_levels/`),
+    read back: every store and the total the sum of their children at every step (and with
+    `quantiles`, at every quantile); also the value columns."""
+    bottom = _read(out, "forecasts")
+    assert bottom["unique_id"].n_unique() == 40
+    levels = pl.read_parquet(str(out / "forecast_levels" / "**" / "*.parquet"),
+                             hive_partitioning=True)       # the levels open as one dataset
+    assert sorted(levels["level"].unique()) == ["store", "total"]
+    assert levels.height == 5 * 24 and levels.columns[:3] == ["unique_id", "store", "ds"]
+    stores = pl.read_parquet(glob.glob(f"{demo_dir}/**/*.parquet", recursive=True),
+                             hive_partitioning=True).select("unique_id", "store").unique()
+    values = ["y_hat", *(c for c in bottom.columns if c.startswith("q_"))]
+    sums = [pl.col(c).cast(pl.Float64).sum().alias(f"sum{c}") for c in values]
+    by_store = bottom.join(stores, on="unique_id").group_by("store", "ds").agg(sums)
+    total = bottom.group_by("ds").agg(sums)
+    for level, summed, on in (("store", by_store, ["store", "ds"]), ("total", total, ["ds"])):
+        got = levels.filter(pl.col("level") == level).join(summed, on=on, how="inner")
+        assert got.height == levels.filter(pl.col("level") == level).height
+        # quantiles: every step and every quantile coherent; normality: the mean coherent
+        for c in values if quantiles else values[:1]:
+            np.testing.assert_allclose(got[c], got[f"sum{c}"], rtol=1e-5, atol=1e-3)
+    return bottom, levels, values
 
 
 def _normal_quantiles(rows: pl.DataFrame, qcols: list[str]) -> None:
@@ -317,3 +325,62 @@ def test_backtest_flow_scores_every_level_without_a_forecast(demo_dir, tmp_path,
                                                                .columns))
     assert "Levels: base and reconciled" in Path(b.outcome.report).read_text(encoding="utf-8")
     assert not (tmp_path / "forecasts").exists() and not (tmp_path / "forecast_levels").exists()
+
+
+@pytest.mark.slow
+def test_the_backtest_selection_picks_per_level(demo_dir, tmp_path):
+    """evaluate.select: auto under a hierarchy: each level (here with the group: the total
+    and each store are their own groups) publishes the candidate with its lowest backtest
+    MASE, read back from the metrics output; the aggregates' base forecasts come from it
+    (their `model` column), and the level scores say which it was."""
+    b = run("configs/demo.yaml", demo_dir, tmp_path, *HIER, "--set",
+            "evaluate.comparators=[auto_theta]")
+    chosen = {k: c.model for k, c in b.outcome.scored.selection.items()}
+    level_of = dict(zip(b.outcome.data.arrays.ids.astype(str),
+                        b.outcome.data.arrays.static[LEVEL], strict=True))
+    metrics = _read(tmp_path, "metrics").with_columns(
+        level=pl.col("unique_id").replace_strict(level_of))
+    best = (metrics.filter(pl.col("model").is_in(["gru_direct", "auto_theta"]))
+            .group_by("level", "group", "model").agg(pl.col("mase").mean())
+            .sort("mase", "model").group_by("level", "group", maintain_order=True).first())
+    want = {(lv if g == "" else f"{lv}:{g}"): m for lv, g, m in
+            best.select("level", "group", "model").iter_rows()}
+    assert chosen == want and {"total:total", "store:store_A", "unique_id:store_A"} <= set(want)
+    levels = pl.read_parquet(str(tmp_path / "forecast_levels" / "**" / "*.parquet"),
+                             hive_partitioning=True)
+    total = levels.filter(pl.col("level") == "total")
+    assert total["model"].unique().to_list() == [want["total:total"]]
+    scores = _read(tmp_path, "level_metrics").filter(pl.col("forecast") == "base")
+    published = dict(scores.select("level", "published").iter_rows())
+    assert published["total"] == want["total:total"]
+    by_store = {want[f"store:store_{s}"] for s in "ABCD"}
+    assert all(m in published["store"] for m in by_store)
+    assert (published["store"] in by_store) == (len(by_store) == 1)   # else "m (k), …"
+    assert _coherent(demo_dir, tmp_path)[1].height == 5 * 24
+
+
+@pytest.mark.slow
+def test_nightly_and_forecast_flows_reconcile_with_a_hierarchy(demo_dir, tmp_path, monkeypatch):
+    """The nightly flow promotes per group (the total is one) and forecasts and reconciles
+    with the champions; the forecast flow (no backtest: in-sample residuals) reconciles too;
+    the reconciliation's settings are in the logged config."""
+    from flows import forecast as forecast_flow
+    from flows import nightly
+    from tests.test_flows import batch
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    hier = ("--set", "data.hierarchy=[[], [store]]", "--set", "reconcile.method=ols")
+    night = batch(nightly, demo_dir, tmp_path / "n", *hier)
+    assert night.exit_code == 0
+    assert sorted(d.group for d in night.outcome.decisions) == [
+        "store_A", "store_B", "store_C", "store_D", "total"]
+    assert night.outcome.forecast.note.startswith("champions ")
+    assert night.outcome.forecast.coherence.method_used == "ols"
+    scores = _read(tmp_path / "n", "level_metrics")
+    assert scores["level"].unique().sort().to_list() == ["store", "total", "unique_id"]
+    _coherent(demo_dir, tmp_path / "n")
+    logged = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'n' / 'mlflow.db'}"
+                                 ).get_run(night.log.parent_id).data
+    assert logged.params["reconcile.method"] == "ols"
+    made = batch(forecast_flow, demo_dir, tmp_path / "f", *hier)
+    assert made.exit_code == 0 and made.outcome.forecast.coherence.method_used == "ols"
+    _coherent(demo_dir, tmp_path / "f")

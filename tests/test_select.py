@@ -34,6 +34,31 @@ def test_select_publishes_each_groups_lowest_backtest_mase_the_default_on_ties()
                                     "evaluate.select=network"])) == {}
 
 
+def test_under_a_hierarchy_each_group_and_level_has_its_own_choice():
+    """The backtest's rows keyed by group and level (`selection_key`): a total may publish a
+    comparator where its bottom series publish the network."""
+    from pipeline.data.series import LEVEL, SeriesArrays
+    from pipeline.forecasting.backtest import Backtest
+    from pipeline.forecasting.select import published, select, series_keys
+    cfg = C.load(None, ["evaluate.comparators=[auto_ets]", "model.name=net"])
+    arrays = SeriesArrays.from_list([[1.0, 2.0]] * 3, ids=["x", "y", "total"])
+    arrays.static = {LEVEL: np.array(["unique_id", "unique_id", "total"], dtype=object)}
+    assert series_keys(arrays).tolist() == ["unique_id", "unique_id", "total"]
+    bt = Backtest()
+    for i, (net, ets) in {"x": (0.5, 0.9), "y": (0.7, 0.8), "total": (0.9, 0.4)}.items():
+        for m, v in (("net", net), ("auto_ets", ets)):
+            bt.metrics.append({"unique_id": np.array([i]), "cutoff": np.array([0]),
+                               "model": np.array([m], object), "group": np.array([""], object),
+                               "mase": np.array([v])})
+    got = select(bt, cfg, arrays)
+    assert {k: c.model for k, c in got.items()} == {"unique_id": "net", "total": "auto_ets"}
+    assert got["unique_id"].scores == pytest.approx({"net": 0.6, "auto_ets": 0.85})
+    assert {k: c.model for k, c in select(bt, cfg).items()} == {"": "net"}   # no levels
+    arrays.groups = np.array(["a", "b", "total"], dtype=object)
+    assert series_keys(arrays).tolist() == ["unique_id:a", "unique_id:b", "total:total"]
+    assert published(got, "total", cfg) == "auto_ets" and published(got, "other", cfg) == "net"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("select", ["auto", "network"])
 def test_the_run_publishes_what_its_backtest_preferred(demo_dir, tmp_path, select):

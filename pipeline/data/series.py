@@ -20,6 +20,7 @@ from pipeline.errors import DataError
 STATUS = {0: "ok", 1: "too_short", 2: "nan_target_dropped", 3: "no_finite_values",
           4: "negative_values"}
 STATUS_CODE = {v: k for k, v in STATUS.items()}
+LEVEL = "level"   # under data.hierarchy: the static naming each series' level (stages.levels)
 
 
 @dataclass

@@ -105,14 +105,18 @@ class Backtest:
             row["skill_mase"] = float(E.skill(row["mase"], ref)) if ref else float("nan")
         return out
 
-    def group_summaries(self) -> dict[str, dict[str, dict[str, float]]]:
+    def group_summaries(self, by: dict[str, str] | None = None
+                        ) -> dict[str, dict[str, dict[str, float]]]:
         """group -> model -> metrics summarised over the group's series and cutoffs as
-        `summary` does overall."""
+        `summary` does overall; with `by` ({series id: key}) per key instead of group."""
         cols = concat_columns(self.metrics)
         if not cols:
             return {}
         names = [k for k in cols if k not in ("unique_id", "cutoff", "model", "group")]
         models, groups = cols["model"].astype(str), cols["group"].astype(str)
+        if by is not None:                       # one lookup per distinct series
+            ids, at = np.unique(cols["unique_id"].astype(str), return_inverse=True)
+            groups = np.array([by[i] for i in ids], dtype=object)[at].astype(str)
         out: dict[str, dict[str, dict[str, float]]] = {}
         for g in np.unique(groups):
             for m in np.unique(models):

@@ -123,9 +123,10 @@ def comparator_fallbacks(fallbacks: dict[str, int], made: dict[str, int]) -> Non
 def selection(selection: dict, metric: str = "mase") -> None:
     """Per group, the published candidate and every candidate's backtest score."""
     print(f"published    per group, the lowest backtest {metric} (evaluate.select: auto)")
+    width = max([14, *(len(g) for g in selection)])     # group, or level:group
     for g, c in sorted(selection.items()):
         scores = ", ".join(f"{m} {_num(v)}" for m, v in c.scores.items())
-        print(f"  {g or 'all':<14} {c.model:<16} ({scores})")
+        print(f"  {g or 'all':<{width}} {c.model:<16} ({scores})")
 
 
 def coverage(cal, model: str) -> None:
@@ -190,10 +191,12 @@ def level_scores(c, paths: list[str]) -> None:
 
 
 def _level_table(c) -> None:
-    print(f"  {'level':<16} {'forecast':<11} {'series':>7} {'mase':>9} {'smape':>9} {'wape':>9}")
+    print(f"  {'level':<16} {'forecast':<11} {'series':>7} {'mase':>9} {'smape':>9} {'wape':>9}"
+          "  published")
     for r in c.level_metrics.iter_rows(named=True):
         print(f"  {r['level']:<16} {r['forecast']:<11} {r['series']:>7} {r['mase']:>9.4f} "
-              f"{r['smape']:>9.4f} {r['wape']:>9.4f}")
+              f"{r['smape']:>9.4f} {r['wape']:>9.4f}"
+              + (f"  {r['published']}" if r["forecast"] == "base" else ""))
 
 
 def comparison(c) -> None:

@@ -29,7 +29,7 @@ from pipeline.data.io import write_bytes_atomic
 from pipeline.data.series import STATUS
 from pipeline.evaluation import metrics as E
 from pipeline.forecasting.backtest import BASELINES
-from pipeline.forecasting.select import default_model
+from pipeline.forecasting.select import default_model, selection_key
 from pipeline.outputs import plots
 from pipeline.outputs.console import METRICS
 from pipeline.outputs.html_series import (
@@ -184,8 +184,8 @@ def _why(b, o):
                     f"{note}")
         return by_decision
     if selection:
-        def by_selection(g: str) -> str:
-            c = selection.get(g)
+        def by_selection(g: str) -> str:     # the page's series: under a hierarchy, the bottom
+            c = selection.get(g) or selection.get(selection_key(g, cfg.data.id_col))
             if c is None:
                 return f"evaluate.select: {cfg.evaluate.select}"
             others = sorted((v, m) for m, v in c.scores.items()
@@ -280,14 +280,16 @@ def _levels(c) -> str:
         rows.append(f"<tr><td>{esc(level)}</td><td class=\"num\">{base['series']}</td>"
                     + "".join(f"<td class=\"num\">{_num(r[k])}</td>" for k in
                               ("mase", "smape", "wape") for r in (base, rec))
-                    + f"<td>{helped}</td></tr>")
+                    + f"<td>{helped}</td><td>{esc(base['published'])}</td></tr>")
     used = c.method_used + (f" (asked: {c.method}; {c.note})" if c.note else "")
     return ("<section><h2>Levels: base and reconciled</h2>"
             + _table("levels", ["level", "#series", "#mase", "#mase reconciled", "#smape",
-                                "#smape reconciled", "#wape", "#wape reconciled", "helped"],
-                     rows)
+                                "#smape reconciled", "#wape", "#wape reconciled", "helped",
+                                "published"], rows)
             + f"<p class=\"note\">Backtest per level of data.hierarchy, reconciled with "
-              f"{esc(used)}; helped: a lower MASE reconciled.</p></section>")
+              f"{esc(used)}; helped: a lower MASE reconciled; published: the candidates the "
+              "level's base forecasts came from (per level under evaluate.select: auto)."
+              "</p></section>")
 
 
 def _best(col: str, values: list[float]) -> float:

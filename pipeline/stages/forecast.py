@@ -34,7 +34,7 @@ from pipeline.forecasting.backtest import (
 from pipeline.forecasting.final import final_forecast, network_forecast, refit_forecast
 from pipeline.forecasting.intervals import interval_columns, with_intervals
 from pipeline.forecasting.predict import quantile_column
-from pipeline.forecasting.select import default_model, published
+from pipeline.forecasting.select import default_model, published, series_keys
 from pipeline.outputs import partitions as output
 from pipeline.outputs.plots import plot_sample, quantiles_of, value_label
 from pipeline.secrets import redact
@@ -121,15 +121,17 @@ def _published(selection: dict) -> str:
 
 
 class _Selected:
-    """Replaces the default candidate's rows of the series whose group published another
-    one: the network alone (when the default is the combination: its predictions that went
-    into the combination, `final_forecast`'s `alone`, not a second forward pass) or a
+    """Replaces the default candidate's rows of the series whose group (and level, under a
+    hierarchy) published another one: the network alone (when the default is the
+    combination: its predictions that went into the combination, `final_forecast`'s
+    `alone`, not a second forward pass) or a
     comparator refitted on each series' history (`refit_forecast`, as a statistical champion
     is)."""
 
     def __init__(self, b: Batch, arrays, selection: dict) -> None:
         self.b, self.arrays, self.selection, self.cfg = b, arrays, selection, b.cfg
         self.index = {str(i): k for k, i in enumerate(arrays.ids.tolist())}
+        self.keys = series_keys(arrays)      # each series' group (and level)
 
     def __call__(self, cols: dict, alone: list) -> dict:
         """`cols`: a chunk's default forecast; `alone`: the network's predictions
@@ -137,13 +139,13 @@ class _Selected:
         cfg, h, base = self.cfg, self.cfg.windows.horizon, default_model(self.cfg)
         if not cols:
             return cols
-        models, groups = cols["model"][::h].astype(str), cols["group"][::h].astype(str)
-        wants = np.array([published(self.selection, g, cfg) for g in groups], object)
+        models, ids = cols["model"][::h].astype(str), cols["unique_id"][::h]
+        wants = np.array([published(self.selection, self.keys[self.index[str(i)]], cfg)
+                          for i in ids], object)
         swap = (models == base) & (wants != base)
         if not swap.any():
             return cols
         frames = [{k: v[~np.repeat(swap, h)] for k, v in cols.items()}]
-        ids = cols["unique_id"][::h]
         for model in sorted(set(wants[swap])):
             series = np.array(sorted(self.index[str(i)] for i in ids[swap & (wants == model)]))
             frames.append(self._made(model, series, alone))

@@ -26,10 +26,9 @@ from scipy import sparse
 from pipeline.config import Config
 from pipeline.data.fill import fill_segments
 from pipeline.data.prepare import Prepared
-from pipeline.data.series import STATUS_CODE, SeriesArrays
+from pipeline.data.series import LEVEL, STATUS_CODE, SeriesArrays
 from pipeline.hierarchy import Hierarchy, aggregate, check, parse, summing
 
-LEVEL = "level"       # the static every series gets under a hierarchy: its level's name
 _ID, _T, _Y, _M = "_series", "_ord", "_y", "_observed"
 
 

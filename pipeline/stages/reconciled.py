@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from pipeline.evaluation import metrics as E
 from pipeline.forecasting.backtest import ZeroHistory, season_of
-from pipeline.forecasting.select import published
+from pipeline.forecasting.select import published, series_keys
 from pipeline.hierarchy.reconcile import reconcile
 from pipeline.names import safe_key
 from pipeline.outputs import partitions as output
@@ -207,13 +207,15 @@ def reconciled_windows(data, cfg, slots: dict, method: str) -> tuple[np.ndarray,
     return rec, used
 
 
-def level_metrics(data, cfg, slots: dict, method: str) -> pl.DataFrame:
+def level_metrics(data, cfg, slots: dict, method: str, models: dict[str, str] | None = None
+                  ) -> pl.DataFrame:
     """Per level, cutoff by cutoff, the backtest's base forecasts (`slots`) and those
     reconciled with `method` (`reconciled_windows`: leave-one-cutoff-out residuals, so the
     scored window's own errors never weigh its reconciliation) scored: MASE and sMAPE (the
     means over the level's series and cutoffs) and WAPE (over them together); `method`: the
     methods the cutoffs used, in order of first use ("mint_shrink, wls_struct": some fell
-    back)."""
+    back); `published`: the candidates the level's base forecasts came from (`models`, {series
+    id: candidate}), most series first."""
     arrays, lv, w = data.arrays, data.levels, cfg.windows
     y, y_hat, mask = (slots[k][lv.rows] for k in SLOTS)
     m = season_of(cfg, arrays)
@@ -231,10 +233,20 @@ def level_metrics(data, cfg, slots: dict, method: str) -> pl.DataFrame:
             yy, pp, mm = y[sl].reshape(-1, w.horizon), pred[sl].reshape(-1, w.horizon), \
                 mask[sl].reshape(-1, w.horizon)
             rows.append({"level": name, "forecast": kind, "series": len(ids),
+                         "published": _published(models or {}, ids),
                          "mase": _nanmean(E.mase(yy, pp, scale[sl].reshape(-1), mm)),
                          "smape": _nanmean(E.smape(yy, pp, mm)),
                          "wape": E.wape_overall(yy, pp, mm)})
     return pl.DataFrame(rows).with_columns(method=pl.lit(", ".join(dict.fromkeys(used))))
+
+
+def _published(models: dict[str, str], ids) -> str:
+    """'auto_ets' when every series of a level published it, else 'gru (9), auto_ets (3)'."""
+    names, counts = np.unique([models.get(str(i), "") for i in ids], return_counts=True)
+    order = np.lexsort((names, -counts))
+    if len(names) == 1:
+        return str(names[0])
+    return ", ".join(f"{names[j]} ({counts[j]})" for j in order)
 
 
 def _nanmean(v: np.ndarray) -> float:
@@ -250,10 +262,11 @@ def coherent(b, data, fc, scored=None):
     cfg, arrays, h = b.cfg, data.arrays, b.cfg.windows.horizon
     cols, bad = fc.make(0, len(arrays))
     blocks = scored.backtest.blocks if scored is not None else []
-    slots = backtest_slots(arrays, cfg, blocks, published_models(cols, h))
+    models = published_models(cols, h)
+    slots = backtest_slots(arrays, cfg, blocks, models)
     cols, info = reconcile_forecast(data, cols, cfg, slots)
     if scored is not None:
-        info.level_metrics = level_metrics(data, cfg, slots, info.method_used)
+        info.level_metrics = level_metrics(data, cfg, slots, info.method_used, models)
     place = {str(i): k for k, i in enumerate(arrays.ids.tolist())}
     at = np.array([place[str(i)] for i in cols["unique_id"][::h]])
     n_b = data.levels.S.shape[1]
@@ -269,16 +282,15 @@ def coherent(b, data, fc, scored=None):
 def scored_levels(b, data, scored) -> Coherence:
     """A flow without a forecast (`backtest`): the backtest scored per level
     (`level_metrics`) for the candidates a forecast would publish (`evaluate.select`'s per
-    group, else the default model; no fallback: the seasonal-naive stand-in where the
+    group and level, else the default model; no fallback: the seasonal-naive stand-in where the
     backtest did not score a series), written beside `metrics` (`Coherence.paths`); the
     method is `reconcile.method` resolved, `seconds` the scoring's."""
     t0, cfg, arrays = time.perf_counter(), b.cfg, data.arrays
-    groups = arrays.groups if arrays.groups is not None else np.full(len(arrays), "")
-    models = {str(i): published(scored.selection, str(g), cfg)
-              for i, g in zip(arrays.ids, groups, strict=True)}
+    models = {str(i): published(scored.selection, key, cfg)
+              for i, key in zip(arrays.ids, series_keys(arrays), strict=True)}
     slots = backtest_slots(arrays, cfg, scored.backtest.blocks, models)
     method = cfg.reconcile.resolved(data.levels.S.shape[0])
-    table = level_metrics(data, cfg, slots, method)
+    table = level_metrics(data, cfg, slots, method, models)
     used = table["method"][0]
     out = Coherence(method, used, None if used == method else
                     f"some or all backtest cutoffs reconciled with {used}",

@@ -250,7 +250,8 @@ def backtest(b: Batch, data: Prepared, jobs: list[Job], trained: Trained,
     written.append(output.write(cfg, "metrics", end, metrics, b.flow))
     cal = calibrate(bt, arrays.groups, cfg.evaluate.levels) \
         if cfg.evaluate.intervals == "conformal" else None
-    return Scored(bt, bt.summary(), written, preds, metrics, cal, refits, select(bt, cfg))
+    return Scored(bt, bt.summary(), written, preds, metrics, cal, refits,
+                  select(bt, cfg, arrays))
 
 
 @stage("levels", R.levels)
