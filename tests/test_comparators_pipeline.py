@@ -157,6 +157,43 @@ def test_combination_is_the_mean_of_the_network_and_the_comparators():
                                    rtol=1e-5)
 
 
+def test_combination_by_median_takes_the_middle_forecast_at_every_step():
+    """evaluate.combine_by: median with two comparators: the combination is, step by step, the
+    middle one of the network's, AutoETS's and AutoTheta's forecasts, in the backtest and in
+    the final forecast; a bad value is refused naming the key."""
+    from pipeline.forecasting.backtest import combined
+    from pipeline.training.jobs import run_jobs_locally
+    from pipeline.training.plan import plan_jobs
+    np.testing.assert_array_equal(combined(np.array([[9.0, 1.0]]), [np.array([[1.0, 2.0]]),
+                                  np.array([[2.0, 3.0]])], "median"), [[2.0, 2.0]])
+    arrays = monthly_like(3)
+    cfg = small_cfg("evaluate.comparators=[auto_ets, auto_theta]",
+                    "evaluate.combine=[auto_ets, auto_theta]", "evaluate.combine_by=median",
+                    "train.epochs=1", "train.steps_per_epoch=2",
+                    "model.encoder.hidden_size=4", "model.decoder.hidden_size=4")
+    jobs = plan_jobs(arrays, cfg)
+    models = {r.name: r.model() for r in run_jobs_locally(arrays, jobs, cfg)}
+    by = {(b.model, b.k): b for b in backtest(arrays, jobs, models, cfg).blocks}
+    for k in (0, 1):
+        net, comb = by[(cfg.model.name, k)], by[("combination", k)]
+        stats = [by[(m, k)].y_hat[np.searchsorted(by[(m, k)].series, net.series)]
+                 for m in ("auto_ets", "auto_theta")]
+        np.testing.assert_allclose(comb.y_hat, np.median([net.y_hat, *stats], 0), rtol=1e-6)
+    alone = []
+    cols = final_forecast(arrays, jobs, models, cfg, alone=alone)
+    net = {int(s): y for p in alone for s, y in zip(p.series, p.y_hat, strict=True)}
+    assert list(cols["unique_id"][::H]) == list(arrays.ids) and len(net) == len(arrays)
+    for s in range(len(arrays)):
+        hist = arrays.values[arrays.indptr[s]:arrays.indptr[s + 1]].astype(np.float64)[-CAP:]
+        stats = [M(season_length=SEASON).forecast(y=hist, h=H)["mean"]
+                 for M in (AutoETS, AutoTheta)]
+        rows = slice(s * H, (s + 1) * H)
+        np.testing.assert_allclose(cols["y_hat"][rows], np.median([net[s], *stats], 0),
+                                   rtol=1e-5)
+    with pytest.raises(C.ConfigError, match="evaluate.combine_by"):
+        small_cfg("evaluate.combine_by=max")
+
+
 # ------------------------------------------------------------ statistical champions, end to end
 
 def seasonal_panel(path, n_series: int = 4, days: int = 16) -> str:

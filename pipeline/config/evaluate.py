@@ -33,6 +33,9 @@ class EvaluateConfig:
     levels: list[int] = field(default_factory=lambda: [80, 95])  # conformal coverage, in %
     combine: list[str] = field(default_factory=list)  # comparators averaged with the network
                                    # into the run's forecast (model `combination`); [] = none
+    combine_by: str = "mean"       # mean | median of the network and the combine comparators,
+                                   # step by step (median: one member's miss does not carry;
+                                   # with one comparator the two are the same)
     select: str = "auto"           # auto: per group, publish the candidate (the network, the
                                    # combination, each comparator) with the lowest backtest
                                    # MASE | network: the network (the combination under combine)
@@ -43,6 +46,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         _choice("evaluate.final_model", self.final_model, ("refit", "reuse"))
         _choice("evaluate.select", self.select, ("auto", "network"))
+        _choice("evaluate.combine_by", self.combine_by, ("mean", "median"))
         if self.chunk_series is not None:
             _positive("evaluate.chunk_series", self.chunk_series)
         if self.season is not None:

@@ -9,8 +9,8 @@ refitted at each cutoff from data before it.
 The statistical comparators (`evaluate.comparators`, `pipeline.evaluation.comparators`) forecast the
 same series at the same cutoffs, fitted on at most `evaluate.comparator_history` steps before the
 cutoff, mapped over chunks of series through the runner (Ray tasks when Ray is on), and are scored
-as the baselines are. With `evaluate.combine` the mean of the model's forecast and those
-comparators' is scored too, as the model `combination`.
+as the baselines are. With `evaluate.combine` the mean (`evaluate.combine_by`: or median) of
+the model's forecast and those comparators' is scored too, as the model `combination`.
 """
 from __future__ import annotations
 
@@ -251,7 +251,8 @@ def _score_comparators(out: Backtest, arrays, cfg: Config, pending: list, m: int
                    extra, cut, k=k)
         if cfg.evaluate.combine and net is not None:    # where the network forecast
             rows = np.isfinite(net).all(axis=1)
-            comb = combined(net, [fc.columns[c][start:end] for c in cfg.evaluate.combine])
+            comb = combined(net, [fc.columns[c][start:end] for c in cfg.evaluate.combine],
+                            cfg.evaluate.combine_by)
             _score(out, COMBINATION, arrays, series[rows], y[rows], comb[rows], mask[rows],
                    scale[rows], extra, cut, k=k)
         start = end
@@ -348,10 +349,11 @@ class ZeroHistory:
         return y_hat, q_hat
 
 
-def combined(net: np.ndarray, others: list[np.ndarray]) -> np.ndarray:
-    """[N, H] the mean of the network's point forecasts and the comparators' (the
-    `evaluate.combine` forecast)."""
-    return np.mean(np.stack([np.asarray(f, np.float32) for f in (net, *others)]), 0)
+def combined(net: np.ndarray, others: list[np.ndarray], how: str = "mean") -> np.ndarray:
+    """[N, H] the mean (or with `how` "median", the median) of the network's point forecasts
+    and the comparators', step by step (the `evaluate.combine` forecast)."""
+    stack = np.stack([np.asarray(f, np.float32) for f in (net, *others)])
+    return np.median(stack, 0) if how == "median" else np.mean(stack, 0)
 
 
 def concat_columns(frames: list[dict]) -> dict:

@@ -54,9 +54,9 @@ def final_forecast(arrays: SeriesArrays, jobs: list, models: dict, cfg: Config,
                 failed.append(job.name)
             continue
         y_hat, name = p.y_hat, cfg.model.name
-        if cfg.evaluate.combine:      # averaged with the comparators fitted on the same history
-            y_hat, name = combined(y_hat, _final_comparators(arrays, p.series, cfg, runner)), \
-                COMBINATION
+        if cfg.evaluate.combine:      # joined with the comparators fitted on the same history
+            y_hat, name = combined(y_hat, _final_comparators(arrays, p.series, cfg, runner),
+                                   cfg.evaluate.combine_by), COMBINATION
             if alone is not None:
                 alone.append(p)
         frames.append(long_frame(arrays, p.series, p.origin.astype(np.int64), y_hat, name,
