@@ -235,3 +235,16 @@ def test_any_override_of_the_recipe_builds_a_model_that_reads_its_windows():
         cfg, cols = got
         assert len(cols["y_hat"]) == 6 * 6 and np.isfinite(cols["y_hat"]).all(), chosen
     check()
+
+
+def test_monthly_data_gets_no_calendar_features_unless_the_user_set_them():
+    """The month's sin/cos did not help the network on M1 or M3 monthly: the recipe turns
+    `data.calendar: auto` off for monthly data only; the user's own setting wins."""
+    lengths = np.full(100, 9 * 18 + 18)
+    cfg = auto("windows.horizon=18", "windows.n_windows=1")
+    assert choose(cfg, lengths, 12, ["month"])["data.calendar"] == []
+    assert after_load(cfg, lengths, 12, ["month"])[0].data.calendar == []
+    for other in (["quarter"], ["hour", "dayofweek"], [], None):
+        assert "data.calendar" not in choose(cfg, lengths, 12, other)
+    mine = auto("windows.horizon=18", "windows.n_windows=1", "data.calendar=[month]")
+    assert after_load(mine, lengths, 12, ["month"])[0].data.calendar == ["month"]

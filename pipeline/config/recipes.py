@@ -28,6 +28,9 @@ is what the run logs.
                     AutoETS and AutoTheta among `evaluate.comparators` (statistical models
                     are strong where a network sees few windows)
 
+    calendar        monthly data: no calendar features (the month's sin/cos did not help the
+                    network on M1 or M3 monthly; `data.calendar: auto` elsewhere)
+
 A user-set `model.encoder.type` keeps the recipe off the encoder (and `model.decoder.type` off
 the decoder); a user-set lookback keeps it off the ensemble's lookbacks, a user-set loss off its
 losses; an architecture that cannot be packed gets no ensemble.
@@ -75,19 +78,23 @@ def before_load(cfg: Config) -> Config:
                         "windows.lookback": MAX_HORIZONS * cfg.windows.horizon})
 
 
-def after_load(cfg: Config, lengths: np.ndarray, season: int) -> tuple[Config, dict]:
-    """The resolved config for series of `lengths` (the trainable ones) with season `season`,
-    and the recipe's own choices (dotted key -> value) for the log."""
+def after_load(cfg: Config, lengths: np.ndarray, season: int,
+               calendar: list[str] | None = None) -> tuple[Config, dict]:
+    """The resolved config for series of `lengths` (the trainable ones) with season `season`
+    (`calendar`: the features `data.calendar: auto` gives at the data's frequency), and the
+    recipe's own choices (dotted key -> value) for the log."""
     if cfg.recipe != "auto":
         return cfg, {}
-    chosen = choose(cfg, lengths, season)
+    chosen = choose(cfg, lengths, season, calendar)
     out = _apply(cfg, chosen)
     out.check_ensemble_windows(sized=True)     # the data sized it: before any training
     return out, chosen
 
 
-def choose(cfg: Config, lengths: np.ndarray, season: int) -> dict[str, Any]:
-    """The table of the module docstring, as dotted keys (the user's own keys left out)."""
+def choose(cfg: Config, lengths: np.ndarray, season: int, calendar: list[str] | None = None
+           ) -> dict[str, Any]:
+    """The table of the module docstring, as dotted keys (the user's own keys left out);
+    `calendar`: the features `data.calendar: auto` gives at the data's frequency."""
     w, keep = cfg.windows, _user_keys(cfg)
     h, n = w.horizon, len(lengths)
     history = float(np.median(lengths)) - w.horizon - (w.n_windows - 1) * w.step if n else 0
@@ -113,6 +120,7 @@ def choose(cfg: Config, lengths: np.ndarray, season: int) -> dict[str, Any]:
         "train.lr": 1e-3, "train.scheduler": "cosine",
         "evaluate.combine": [c for c in COMBINED if c in cfg.evaluate.comparators]
         if short and not cfg.model.quantiles else [],
+        **({"data.calendar": []} if calendar == ["month"] else {}),
     }
     return {k: v for k, v in values.items() if not any(k.startswith(p) for p in keep)}
 

@@ -153,7 +153,8 @@ def resolve(data: Prepared) -> Prepared:
     t0 = time.perf_counter()
     arrays, cfg = data.arrays, data.cfg
     cfg, chosen = after_load(cfg, arrays.lengths[arrays.status == 0],
-                             cfg.evaluate.season or arrays.freq.default_season(arrays.lengths))
+                             cfg.evaluate.season or arrays.freq.default_season(arrays.lengths),
+                             arrays.freq.auto_features())
     cfg = resolve_threads(cfg)
     cfg = resolve_clip(cfg, arrays)
     report = data.report

@@ -94,7 +94,8 @@ def trial_config(raw: dict, point: dict[str, Any], metric: str, arrays: SeriesAr
     """The config a trial trains: the point's mapping, resolved for the data."""
     cfg = before_load(from_dict(point_raw(raw, point, metric)))
     season = cfg.evaluate.season or arrays.freq.default_season(arrays.lengths)
-    return after_load(cfg, arrays.lengths[arrays.status == 0], season)[0]
+    return after_load(cfg, arrays.lengths[arrays.status == 0], season,
+                      arrays.freq.auto_features())[0]
 
 
 def plain(value: Any) -> Any:
