@@ -124,9 +124,8 @@ class _Selected:
     """Replaces the default candidate's rows of the series whose group (and level, under a
     hierarchy) published another one: the network alone (when the default is the
     combination: its predictions that went into the combination, `final_forecast`'s
-    `alone`, not a second forward pass) or a
-    comparator refitted on each series' history (`refit_forecast`, as a statistical champion
-    is)."""
+    `alone`, not a second forward pass) or a comparator refitted on each series' history
+    (`refit_forecast`, as a statistical champion is)."""
 
     def __init__(self, b: Batch, arrays, selection: dict) -> None:
         self.b, self.arrays, self.selection, self.cfg = b, arrays, selection, b.cfg

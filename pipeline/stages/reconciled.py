@@ -229,11 +229,12 @@ def level_metrics(data, cfg, slots: dict, method: str, models: dict[str, str] | 
     for name, ids in lv.tags.items():
         sl = slice(start, start + len(ids))
         start += len(ids)
+        published = _published(models or {}, ids)        # once per level, both rows
         for kind, pred in (("base", y_hat), ("reconciled", rec)):
             yy, pp, mm = y[sl].reshape(-1, w.horizon), pred[sl].reshape(-1, w.horizon), \
                 mask[sl].reshape(-1, w.horizon)
             rows.append({"level": name, "forecast": kind, "series": len(ids),
-                         "published": _published(models or {}, ids),
+                         "published": published,
                          "mase": _nanmean(E.mase(yy, pp, scale[sl].reshape(-1), mm)),
                          "smape": _nanmean(E.smape(yy, pp, mm)),
                          "wape": E.wape_overall(yy, pp, mm)})
