@@ -130,10 +130,10 @@ def test_a_weights_file_asking_for_a_huge_model_allocates_nothing(tmp_path):
 
 
 def grouped_config(tmp_path) -> str:
-    """test_comparators_pipeline's panel of daily patterns in two groups (s0, s1 | s2, s3),
+    """test_statistical_champions's panel of daily patterns in two groups (s0, s1 | s2, s3),
     trained per group: the comparators win both groups."""
     import yaml
-    from test_comparators_pipeline import statistical_config
+    from test_statistical_champions import statistical_config
     path = statistical_config(tmp_path)
     cfg = yaml.safe_load(pathlib.Path(path).read_text())
     df = pl.read_parquet(cfg["data"]["path"])

@@ -84,6 +84,24 @@ def test_short_series_combine_the_network_with_the_comparators_long_ones_do_not(
     assert cfg.evaluate.combine == ["auto_ets"]
 
 
+def test_short_series_with_one_cutoff_publish_the_combination_without_selection():
+    """One backtest cutoff judges a network trained without a large share of each short
+    series: the recipe publishes its combination there; with more cutoffs, on long series,
+    without a combination or with the user's own `evaluate.select`, the backtest selects."""
+    short, long = np.full(100, 9 * 18 + 18), np.full(100, 10 * 18 + 18)
+    one = auto("windows.horizon=18", "windows.n_windows=1")
+    assert choose(one, short, 12)["evaluate.select"] == "network"
+    assert after_load(one, short, 12)[0].evaluate.select == "network"
+    assert "evaluate.select" not in choose(one, long, 12)
+    three = auto("windows.horizon=18", "windows.n_windows=3", "windows.step=1")
+    assert "evaluate.select" not in choose(three, short + 2, 12)
+    for key in ("evaluate.comparators=[]", "evaluate.combine=[]"):
+        assert "evaluate.select" not in choose(
+            auto("windows.horizon=18", "windows.n_windows=1", key), short, 12)
+    mine = auto("windows.horizon=18", "windows.n_windows=1", "evaluate.select=auto")
+    assert after_load(mine, short, 12)[0].evaluate.select == "auto"
+
+
 def test_short_monthly_series_get_short_lookbacks_that_still_see_two_seasons():
     cfg = auto("windows.horizon=18", "windows.n_windows=1")
     got = choose(cfg, np.full(1428, 50 + 18), 12)     # M3 monthly-like: ~50 points of history

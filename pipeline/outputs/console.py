@@ -25,8 +25,10 @@ def recipe_line(cfg) -> str:
     enc = m.encoder
     members = (f", {ens.members} members (lookbacks {ens.lookbacks or '-'} horizons, losses "
                f"{', '.join(ens.losses or [m.loss])}, {ens.combine})" if ens.members > 1 else "")
-    combined = (f"; forecast: the mean of it and {', '.join(cfg.evaluate.combine)}"
-                if cfg.evaluate.combine else "")
+    ev = cfg.evaluate
+    combined = (f"; forecast: the {ev.combine_by} of it and {', '.join(ev.combine)}"
+                + (" (evaluate.select: network)" if ev.select == "network" else "")
+                if ev.combine else "")
     return (f"{enc.type} {enc.num_layers}×{enc.hidden_size} → {m.decoder.type} "
             f"{m.decoder.hidden_size}, lookback {cfg.windows.lookback}{members}; "
             f"{t.epochs} epochs × {t.steps_per_epoch} steps of {t.batch_size}, {t.sampling} "
