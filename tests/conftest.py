@@ -92,12 +92,15 @@ def wait_for(proc, text: str, seconds: float = EVENT) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _mlflow_credentials_stay_in_their_test(monkeypatch):
-    """The tracking layer hands MLflow a URI's credentials through this process's environment
-    (MLFLOW_TRACKING_USERNAME / _PASSWORD): restored after each test, so none leaks into the
-    next one (or into a `docker-compose` it starts)."""
+def _mlflow_environment_stays_in_its_test(monkeypatch):
+    """The tracking layer hands MLflow a URI's credentials and `tracking.timeout_seconds`
+    through this process's environment (MLFLOW_TRACKING_USERNAME / _PASSWORD,
+    MLFLOW_HTTP_REQUEST_*): restored after each test, so none leaks into the next one (a test's
+    2 s timeout made a later test's requests time out on a loaded machine) or into a
+    `docker-compose` it starts."""
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                "MLFLOW_TRACKING_TOKEN"):
+                "MLFLOW_TRACKING_TOKEN", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
         value = os.environ.get(key)
         monkeypatch.setenv(key, value or "-")     # records the value to restore (or none)
         if value is None:
