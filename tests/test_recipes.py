@@ -102,6 +102,16 @@ def test_short_series_with_one_cutoff_publish_the_combination_without_selection(
     assert after_load(mine, short, 12)[0].evaluate.select == "auto"
 
 
+def test_short_series_centre_each_window_on_its_recent_level():
+    """Short series: `window_recent` scaling; long ones keep `window`; the user's wins."""
+    short, long = np.full(100, 9 * 18 + 18), np.full(100, 10 * 18 + 18)
+    cfg = auto("windows.horizon=18", "windows.n_windows=1")
+    assert after_load(before_load(cfg), short, 12)[0].windows.scaling == "window_recent"
+    assert after_load(before_load(cfg), long, 12)[0].windows.scaling == "window"
+    mine = auto("windows.horizon=18", "windows.n_windows=1", "windows.scaling=window")
+    assert after_load(before_load(mine), short, 12)[0].windows.scaling == "window"
+
+
 def test_short_monthly_series_get_short_lookbacks_that_still_see_two_seasons():
     cfg = auto("windows.horizon=18", "windows.n_windows=1")
     got = choose(cfg, np.full(1428, 50 + 18), 12)     # M3 monthly-like: ~50 points of history

@@ -1,5 +1,6 @@
 """The window index: exact arrays on hand-built series, and gathered windows equal slices."""
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -129,6 +130,31 @@ def test_window_scaling_uses_only_each_lookback():
     arrays.values[arrays.indptr[0] + 11:arrays.indptr[1]] = 1e6  # after the lookback
     again = loader.gather(torch.tensor([0]), torch.tensor([3]))
     assert again.loc[0] == b.loc[0] and again.scale[0] == b.scale[0]
+
+
+def test_window_recent_centres_on_the_last_steps_and_keeps_the_lookback_std():
+    """`centre` = k: the location is the mean of the observed values among the lookback's
+    last k steps (padding and missing steps left out; none observed: the lookback's mean), the
+    scale the whole lookback's std; outputs invert to the raw values."""
+    x = np.array([100.0, 90, 80, 70, 10, 12, 14, 16, 1, 2, 3, 4])   # a level that fell
+    arrays = SeriesArrays.from_list([x, x.copy()])
+    loader = WindowLoader(arrays, 8, 4, np.zeros(2), np.ones(2), window_scaling=True, centre=3)
+    b = loader.gather(torch.tensor([0]), torch.tensor([0]))
+    look = x[:8]
+    assert b.loc.item() == pytest.approx(look[-3:].mean())             # 14: the recent level
+    assert b.scale.item() == pytest.approx(look.std(), rel=1e-6)
+    np.testing.assert_allclose(b.x[0, :, 0].numpy(), (look - 14) / look.std(), rtol=1e-5)
+    np.testing.assert_allclose((b.y[0] * b.scale[0] + b.loc[0]).numpy(), x[8:], rtol=1e-5)
+    arrays.mask[arrays.indptr[1] + 6:arrays.indptr[1] + 8] = 0      # missing: left out
+    assert loader.gather(torch.tensor([1]), torch.tensor([0])).loc.item() == 12
+    arrays.mask[arrays.indptr[1] + 5] = 0                           # none of the last 3
+    assert loader.gather(torch.tensor([1]), torch.tensor([0])).loc.item() == pytest.approx(
+        look[:5].mean())
+    padded = loader.gather(torch.tensor([0]), torch.tensor([-6]))    # 2 real steps: 100, 90
+    assert padded.loc.item() == 95 and padded.scale.item() == 5
+    assert WindowLoader(arrays, 8, 4, np.zeros(2), np.ones(2), window_scaling=True,
+                        centre=50).gather(torch.tensor([0]), torch.tensor([0])).loc.item() \
+        == pytest.approx(look.mean())                               # k beyond the lookback
 
 
 def test_short_series_get_left_padded_windows_with_min_length():

@@ -98,7 +98,9 @@ class WindowsConfig:
     val_size: int | None = None          # steps held out before the cutoff; None = horizon
     n_windows: int = 1                   # backtest cutoffs
     step: int | None = None              # steps between backtest cutoffs; None = horizon
-    scaling: str = "standard"            # none | standard | robust | minmax | window
+    scaling: str = "standard"            # none | standard | robust | minmax | window |
+                                         # window_recent (each window centred on its last
+                                         # season's mean, scaled by its lookback's std)
 
     def __post_init__(self) -> None:
         _positive("windows.horizon", self.horizon)
@@ -126,7 +128,7 @@ class WindowsConfig:
             self.step = self.horizon
         _positive("windows.step", self.step)
         _choice("windows.scaling", self.scaling,
-                ("none", "standard", "robust", "minmax", "window"))
+                ("none", "standard", "robust", "minmax", "window", "window_recent"))
 
     @property
     def required_length(self) -> int:

@@ -29,7 +29,7 @@ import torch
 from pipeline.config import Config
 from pipeline.data.calendar import resolve_features
 from pipeline.data.calendar_table import CalendarTable, cyclic
-from pipeline.data.scaling import covariate_scaling, fit_scaling, mase_scale
+from pipeline.data.scaling import WINDOW_METHODS, covariate_scaling, fit_scaling, mase_scale
 from pipeline.data.series import SeriesArrays
 from pipeline.data.windows import WindowIndex
 
@@ -90,10 +90,10 @@ class WindowLoader:
     def __init__(self, arrays: SeriesArrays, lookback: int, horizon: int, loc: np.ndarray,
                  scale: np.ndarray, *, calendar: list[str] = (), embedding: str = "none",
                  use_static: bool = True, device: str | torch.device = "cpu",
-                 window_scaling: bool = False, covariate_stats=(None, None),
+                 window_scaling: bool = False, centre: int = 0, covariate_stats=(None, None),
                  season: int | None = None, cutoff: np.ndarray | None = None) -> None:
         self.L, self.H, self.device = lookback, horizon, torch.device(device)
-        self.window_scaling = window_scaling
+        self.window_scaling, self.centre = window_scaling, centre
         self.calendar = list(calendar)
         self.freq = arrays.freq
         self.lengths = arrays.lengths
@@ -207,12 +207,20 @@ class WindowLoader:
     def _lookback_stats(self, rows: torch.Tensor, real: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of each window's observed lookback values ([B, L] rows -> [B], [B];
-        padding left out); a (near) constant lookback gets scale 1."""
+        padding left out); a (near) constant lookback gets scale 1. With `centre` = k > 0 the
+        location is the mean of the observed values among the lookback's last k steps (the
+        whole lookback's mean where none is observed): the window is centred on its recent
+        level, its scale still the lookback's std."""
         v, m = self.values[rows], self.mask[rows].float() * real              # [B, L]
         n = m.sum(1).clamp(min=1)
         loc = (v * m).sum(1) / n
         std = (((v - loc[:, None]) ** 2) * m).sum(1).div(n).sqrt()
         ok = std > 1e-6 * loc.abs().clamp(min=1)
+        if self.centre:
+            k = min(self.centre, v.shape[1])
+            nk = m[:, -k:].sum(1)
+            recent = (v[:, -k:] * m[:, -k:]).sum(1) / nk.clamp(min=1)
+            loc = torch.where(nk > 0, recent, loc)
         return loc, torch.where(ok, std, torch.ones_like(std))
 
     def batches(self, index: WindowIndex, batch_size: int, *, shuffle: bool = False,
@@ -306,6 +314,15 @@ def loss_season(arrays: SeriesArrays, cfg: Config) -> int | None:
     return cfg.evaluate.season or arrays.freq.default_season(arrays.lengths)
 
 
+def recent_steps(arrays: SeriesArrays, cfg: Config) -> int:
+    """The steps at a lookback's end that centre each window under `windows.scaling:
+    window_recent`: one season (evaluate.season, else the frequency's default; one step for
+    data without a season); 0 (the whole lookback) otherwise."""
+    if cfg.windows.scaling != "window_recent":
+        return 0
+    return max(1, cfg.evaluate.season or arrays.freq.default_season(arrays.lengths))
+
+
 def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu"
               ) -> WindowLoader:
     """A loader over every series with the config's geometry, calendar and embedding, and the
@@ -315,6 +332,7 @@ def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu
     return WindowLoader(arrays, cfg.windows.lookback, cfg.windows.horizon, loc, scale,
                         calendar=resolve_features(cfg.data.calendar, arrays.freq),
                         embedding=cfg.model.embedding, device=device,
-                        window_scaling=cfg.windows.scaling == "window",
+                        window_scaling=cfg.windows.scaling in WINDOW_METHODS,
+                        centre=recent_steps(arrays, cfg),
                         covariate_stats=covariate_scaling(arrays, cutoff, cfg.windows.scaling),
                         season=loss_season(arrays, cfg), cutoff=cutoff)

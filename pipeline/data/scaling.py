@@ -18,7 +18,8 @@ import numpy as np
 
 from pipeline.data.series import SeriesArrays
 
-METHODS = ("none", "standard", "robust", "minmax", "window")
+METHODS = ("none", "standard", "robust", "minmax", "window", "window_recent")
+WINDOW_METHODS = ("window", "window_recent")   # each batch scales by its own lookback (loader)
 CHUNK = 1 << 22  # values reduced per pass: bounds the temporaries to a few MB
 
 
@@ -33,7 +34,7 @@ def fit_scaling(arrays: SeriesArrays, cutoff: np.ndarray, method: str,
         raise ValueError(f"scaling method {method!r} is not one of {METHODS}")
     n = len(arrays)
     loc, scale = np.zeros(n, np.float64), np.ones(n, np.float64)
-    if method in ("none", "window"):  # window: each batch scales by its own lookback (loader)
+    if method == "none" or method in WINDOW_METHODS:
         return loc.astype(np.float32), scale.astype(np.float32)
     cut = np.clip(np.asarray(cutoff, np.int64), 0, arrays.lengths)
     fit = _robust if method == "robust" else _moments
@@ -59,7 +60,7 @@ def covariate_scaling(arrays: SeriesArrays, cutoff: np.ndarray, method: str
     """Per series and covariate column, (loc, scale) [S, C] of the past and of the
     known-future covariates, fitted before `cutoff` as the target is (`window` scaling: per
     series statistics, `standard`). None where there are no such covariates."""
-    method = "standard" if method == "window" else method
+    method = "standard" if method in WINDOW_METHODS else method
     out = []
     for block in (arrays.past, arrays.future):
         if block is None:
