@@ -31,7 +31,7 @@ def test_layers_to_cover_is_the_fewest_whose_field_covers(steps):
 def test_before_load_sets_what_the_data_read_needs():
     cfg = before_load(auto("windows.horizon=24", "windows.n_windows=2", "windows.step=24"))
     w = cfg.windows
-    assert (w.min_length, w.scaling, w.lookback) == (2 * 24 + 24, "window", 7 * 24)
+    assert (w.min_length, w.scaling, w.lookback) == (2 * 24 + 24, "window_recent", 7 * 24)
     assert before_load(C.load(None, ["windows.horizon=24"])).windows.min_length \
         == C.load(None, ["windows.horizon=24"]).windows.min_length   # recipe none: untouched
 
@@ -102,12 +102,12 @@ def test_short_series_with_one_cutoff_publish_the_combination_without_selection(
     assert after_load(mine, short, 12)[0].evaluate.select == "auto"
 
 
-def test_short_series_centre_each_window_on_its_recent_level():
-    """Short series: `window_recent` scaling; long ones keep `window`; the user's wins."""
+def test_windows_are_centred_on_their_recent_level_unless_the_user_scales():
+    """Short and long series: `window_recent` scaling; the user's own scaling wins."""
     short, long = np.full(100, 9 * 18 + 18), np.full(100, 10 * 18 + 18)
     cfg = auto("windows.horizon=18", "windows.n_windows=1")
     assert after_load(before_load(cfg), short, 12)[0].windows.scaling == "window_recent"
-    assert after_load(before_load(cfg), long, 12)[0].windows.scaling == "window"
+    assert after_load(before_load(cfg), long, 12)[0].windows.scaling == "window_recent"
     mine = auto("windows.horizon=18", "windows.n_windows=1", "windows.scaling=window")
     assert after_load(before_load(mine), short, 12)[0].windows.scaling == "window"
 

@@ -9,10 +9,10 @@ is what the run logs.
                     the oldest backtest cutoff / h, clipped to [3, 7] (N-BEATS: 2–7 horizons);
                     scaled up so the longest covers two seasons; windows.lookback = the longest
     short series    min_length = a horizon of history before the oldest cutoff: shorter
-                    histories are kept on left-padded windows; windows.scaling:
-                    window_recent (each window centred on its last season's mean, scaled by
-                    its lookback's std: a network that sees a level fall does not pull the
-                    forecast back to the lookback's mean); long series: window
+                    histories are kept on left-padded windows
+    scaling         windows.scaling: window_recent (each window centred on its last season's
+                    mean, scaled by its lookback's std: a network that sees a level fall does
+                    not pull the forecast back to the lookback's mean)
     encoder         long series (a median history of at least 10 horizons before the oldest
                     cutoff): an MLP over the whole window (N-BEATS's generic block), 3 layers
                     of 512, direct decoder of 128. Short series: causal CNN, kernel 3,
@@ -82,7 +82,8 @@ def before_load(cfg: Config) -> Config:
     left-padded; `after_load` only shortens it)."""
     if cfg.recipe != "auto":
         return cfg
-    return _apply(cfg, {"windows.min_length": min_length(cfg), "windows.scaling": "window",
+    return _apply(cfg, {"windows.min_length": min_length(cfg),
+                        "windows.scaling": "window_recent",
                         "windows.lookback": MAX_HORIZONS * cfg.windows.horizon})
 
 
@@ -121,7 +122,6 @@ def choose(cfg: Config, lengths: np.ndarray, season: int, calendar: list[str] | 
            else net["model.encoder.type"]) == "ffn"
     values = {
         "windows.lookback": longest, **net,
-        "windows.scaling": "window_recent" if short else "window",
         "model.ensemble.lookbacks": lookbacks, "model.ensemble.losses": losses,
         "model.ensemble.members": members,
         "model.ensemble.combine": "median",
