@@ -311,6 +311,11 @@ def loss_season(arrays: SeriesArrays, cfg: Config) -> int | None:
     mase, else None: evaluate.season, else the frequency's default season."""
     if "mase" not in [*cfg.model.member_losses(), cfg.train.val_metric]:
         return None
+    return _season(arrays, cfg)
+
+
+def _season(arrays: SeriesArrays, cfg: Config) -> int:
+    """evaluate.season, else the frequency's default (forecasting.backtest.season_of's m)."""
     return cfg.evaluate.season or arrays.freq.default_season(arrays.lengths)
 
 
@@ -320,7 +325,7 @@ def recent_steps(arrays: SeriesArrays, cfg: Config) -> int:
     data without a season); 0 (the whole lookback) otherwise."""
     if cfg.windows.scaling != "window_recent":
         return 0
-    return max(1, cfg.evaluate.season or arrays.freq.default_season(arrays.lengths))
+    return max(1, _season(arrays, cfg))
 
 
 def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu"
