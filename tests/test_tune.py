@@ -315,6 +315,54 @@ def test_a_killed_search_resumes_keeping_its_finished_trials(demo_dir, tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.ray
+def test_a_search_whose_ray_state_file_was_cut_short_keeps_its_journal_trials(
+        demo_dir, tmp_path, ray_session, capsys):
+    """Ray Tune rewrites its state file in place: a kill at that moment leaves it empty (seen
+    in CI). The next `tune` then keeps the trials of the search's own journal and runs only the
+    rest, Optuna told the kept scores; the search ends with all its trials."""
+    out = tmp_path / "out"
+    base = ["tune", "--config", CONFIG, *sets(
+        f"data.path={demo_dir}", f"output.path={out}", *SMALL, "tune.max_concurrent=1",
+        "tune.scheduler=none"), "--no-backtest", "--out", str(tmp_path / "tuned.yaml")]
+    (first,) = tune_cmd([*base, "--trials", "1"])
+    assert first.exit_code == 0
+    (done,) = out.glob("*/tune/*/search.done")
+    (state,) = done.parent.glob("experiment_state-*.json")
+    done.unlink()                                   # as a kill leaves it: unfinished,
+    state.write_text("")                            # the state file truncated mid-write
+    kept = first.outcome.tuned.records[0]
+    capsys.readouterr()
+    (searched,) = tune_cmd([*base, "--trials", "3"])
+    assert searched.exit_code == 0
+    printed = capsys.readouterr().out
+    assert "cannot be read" in printed and "keeping the 1 trial(s)" in printed, printed
+    tuned = searched.outcome.tuned
+    assert tuned.results[0].resumed and len(tuned.records) == 3
+    assert {r.status for r in tuned.records} == {"finished"}
+    (again,) = [r for r in tuned.records if r.trial_id == kept.trial_id]
+    assert again.point == kept.point and again.score == kept.score
+    assert again.history == kept.history and len(again.history) == 2
+    assert len({r.trial_id for r in tuned.records}) == 3
+
+
+def test_a_grid_resumed_from_its_journal_runs_only_the_points_not_done():
+    from pipeline.execution.ray_tune import TrialRecord, _fresh_search
+    cfg = C.load(CONFIG, ["tune.trials=2"])   # the grid flag is the argument
+    domains = {"model.encoder.type": Domain("choice", ("gru", "cnn")),
+               "windows.lookback_horizons": Domain("choice", (2, 4))}
+    kept = [TrialRecord("a", {"model.encoder.type": "cnn", "windows.lookback_horizons": 4},
+                        "finished", 1.0),
+            TrialRecord("b", {"model.encoder.type": "gru", "windows.lookback_horizons": 2},
+                        "stopped", 2.0)]
+    space, searcher, samples = _fresh_search(cfg, domains, True, kept)
+    assert samples == 6 and set(space) == set(domains)
+    todo = searcher._points_to_evaluate
+    assert len(todo) == 6 and todo.count(kept[0].point) == 1 and todo.count(kept[1].point) == 1
+    assert todo.count({"model.encoder.type": "gru", "windows.lookback_horizons": 4}) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_per_group_searches_run_at_once_one_tuned_config_per_group(demo_dir, tmp_path,
                                                                     ray_session):
     """tune.per_group: one search per store, each driven by its own Ray task; each store's

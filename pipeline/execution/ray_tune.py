@@ -10,12 +10,19 @@ from this process as its results arrive (`pipeline.tracking.TrialRuns`).
 
 The search's state lives under `<output.path>/tune/<name>`; a search that did not finish (a
 crash, a kill) is resumed from there by the next `tune` of the same batch: finished trials are
-kept, unfinished ones run again (Ray Tune's restore). A finished search leaves `search.done`;
-the next `tune` of that batch starts afresh. `search_groups` runs one search per group, each
-driven by its own Ray task, all at once.
+kept, unfinished ones run again (Ray Tune's restore). Ray Tune rewrites its state file in place,
+so a kill can leave it empty: the search also appends each finished trial to its own journal
+(`trials.jsonl`, a line written whole per trial), and where Ray's state cannot be read the next
+`tune` keeps the journal's trials and runs only the rest (Optuna is told their scores; random
+search draws the rest from another seed; a grid runs its points not yet done). A finished search
+leaves `search.done`; the next `tune` of that batch starts afresh. `search_groups` runs one
+search per group, each driven by its own Ray task, all at once.
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
+import itertools
 import json
 import math
 import os
@@ -35,6 +42,7 @@ from pipeline.tuning.space import plain, trial_config
 from pipeline.tuning.trial import run_trial
 
 DONE = "search.done"
+JOURNAL = "trials.jsonl"            # the search's own record of its finished trials
 _LIVE: dict[str, _Live] = {}          # experiment path -> what its callback reports to
 
 
@@ -106,6 +114,7 @@ class _Live:
     def __init__(self, runs, group: str | None, total: int, echo: Callable[[str], None]):
         self.runs, self.group, self.total, self.echo = runs, group, total, echo
         self.done, self.best, self.t0 = 0, math.inf, time.monotonic()
+        self.history: dict[str, list[dict]] = {}     # trial id -> its epochs' rows
 
     def line(self, trial, status: str, score: float, epochs: int) -> None:
         self.done += 1
@@ -140,10 +149,13 @@ class _Forward(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         live = self._live()
-        if live and live.runs and not result.get("final"):
-            live.runs.epoch(trial.trial_id, {"epoch": result.get("epoch", 0),
-                                             "val_loss": result.get("score"),
-                                             "train_loss": result.get("train_loss")})
+        if live is None or result.get("final"):
+            return
+        row = {"epoch": result.get("epoch", 0), "val_loss": result.get("score"),
+               "train_loss": result.get("train_loss")}
+        live.history.setdefault(trial.trial_id, []).append(row)
+        if live.runs:
+            live.runs.epoch(trial.trial_id, row)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         live, last = self._live(), trial.last_result or {}
@@ -151,6 +163,11 @@ class _Forward(tune.Callback):
             return
         stopped = not last.get("final")
         score = last.get("score", math.nan)
+        history = live.history.pop(trial.trial_id, [])
+        _journal_append(self.key, TrialRecord(
+            trial.trial_id, {k: plain(v) for k, v in trial.config.items()},
+            "stopped" if stopped else "finished", float(score),
+            int(last.get("epochs", len(history))), group=live.group, history=history))
         if live.runs:
             live.runs.end(trial.trial_id, "FINISHED", score,
                           {"stopped_early": "true"} if stopped else None)
@@ -231,34 +248,126 @@ def search(arrays, raw: dict, cfg: Config, domains: dict[str, Domain], storage: 
         tune.with_parameters(_named(name), arrays=arrays, raw=raw, metric=t.metric, group=group,
                              threads=max(1, int(t.cpus_per_trial))),
         trial_resources(cfg))
-    resumed = tune.Tuner.can_restore(path) and not os.path.exists(os.path.join(path, DONE))
+    unfinished = os.path.isdir(path) and not os.path.exists(os.path.join(path, DONE))
+    unreadable = _unreadable_state(path) if unfinished else None
+    kept = _journal_read(path) if unreadable else []
+    resumed = unfinished and (bool(kept) or (tune.Tuner.can_restore(path) and not unreadable))
+    if unreadable and not kept:
+        echo(f"  the unfinished search in {path} cannot be resumed: Ray Tune's saved state "
+             f"cannot be read ({unreadable}) and no trial had finished; starting afresh")
     try:
-        if resumed:
+        if resumed and not kept:
             echo(f"  resuming the unfinished search in {path}")
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
             shutil.rmtree(path, ignore_errors=True)
-            tuner = tune.Tuner(
-                trainable, param_space={k: _domain(d, grid) for k, d in domains.items()},
+            space, searcher, samples = _fresh_search(cfg, domains, grid, kept)
+            if kept:
+                echo(f"  resuming the unfinished search in {path}: Ray Tune's saved state "
+                     f"cannot be read ({unreadable}); keeping the {len(kept)} trial(s) its "
+                     f"journal records as finished, running {samples} more")
+                for r in kept:                  # a second kill keeps them too
+                    _journal_append(path, r)
+            tuner = None if kept and not samples else tune.Tuner(
+                trainable, param_space=space,
                 tune_config=tune.TuneConfig(
-                    metric="score", mode="min", search_alg=_searcher(cfg),
-                    scheduler=_scheduler(cfg), num_samples=t.trials,
+                    metric="score", mode="min", search_alg=searcher,
+                    scheduler=_scheduler(cfg), num_samples=samples,
                     max_concurrent_trials=t.max_concurrent,
                     time_budget_s=None if t.time_budget_minutes is None
                     else 60 * t.time_budget_minutes),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage, callbacks=[_Forward(path)], verbose=0,
                     failure_config=tune.FailureConfig(max_failures=0)))
-        grid_result = tuner.fit()
+        grid_result = tuner.fit() if tuner is not None else []
     finally:
         _LIVE.pop(path, None)
-    records = [_record(r, group) for r in grid_result]
+    records = kept + [_record(r, group) for r in grid_result]
     if runs is not None:
         _log_restored(runs, records)
     with open(os.path.join(path, DONE), "w") as f:
         json.dump({"trials": len(records)}, f)
     return SearchResult(records, path, resumed, group)
+
+
+def _fresh_search(cfg: Config, domains: dict[str, Domain], grid: bool,
+                  kept: list[TrialRecord]) -> tuple[dict, object, int]:
+    """The param space, searcher and sample count of a new search, less the trials `kept`
+    from an earlier one (see the module docstring)."""
+    t = cfg.tune
+    space = {k: _domain(d, grid) for k, d in domains.items()}
+    if not kept:
+        return space, _searcher(cfg), t.trials
+    done = [r.point for r in kept]
+    if grid:
+        from ray.tune.search import BasicVariantGenerator
+        todo = [dict(zip(domains, values, strict=True)) for values in itertools.product(
+            *(d.values for d in domains.values()))] * t.trials
+        for p in done:                           # a multiset difference
+            if p in todo:
+                todo.remove(p)
+        return ({k: _domain(d, False) for k, d in domains.items()},
+                BasicVariantGenerator(points_to_evaluate=todo), len(todo))
+    left = max(0, t.trials - len(kept))
+    if t.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        told = [r for r in kept if math.isfinite(r.score)]
+        return {}, OptunaSearch(space=OptunaSearch.convert_search_space(space), metric="score",
+                                mode="min", seed=t.seed, points_to_evaluate=[r.point for r in told],
+                                evaluated_rewards=[r.score for r in told]), left
+    from ray.tune.search import BasicVariantGenerator
+    return space, BasicVariantGenerator(random_state=t.seed + len(kept)), left
+
+
+def _unreadable_state(path: str) -> str | None:
+    """Why Ray Tune's newest saved state under `path` cannot be read, or None when it can
+    (or when there is none: Ray's own check says whether to restore)."""
+    files = sorted(glob.glob(os.path.join(glob.escape(path), "experiment_state-*.json")))
+    if not files:
+        return None
+    try:
+        with open(files[-1]) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or "trial_data" not in state:
+            return f"{os.path.basename(files[-1])} has no trial data"
+    except (OSError, ValueError) as e:
+        return f"{os.path.basename(files[-1])}: {type(e).__name__}"
+    return None
+
+
+def _journal_append(path: str, record: TrialRecord) -> None:
+    """One line per finished trial, written whole and flushed to disk before the next."""
+    os.makedirs(path, exist_ok=True)
+    line = json.dumps(dataclasses.asdict(record), default=str) + "\n"
+    fd = os.open(os.path.join(path, JOURNAL), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _journal_read(path: str) -> list[TrialRecord]:
+    """The finished (and early-stopped) trials of the journal; a line cut short by a kill is
+    skipped. Failed trials are not kept: they run again, as in Ray's resume."""
+    out, fields = [], {f.name for f in dataclasses.fields(TrialRecord)}
+    try:
+        with open(os.path.join(path, JOURNAL)) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            r = TrialRecord(**{k: v for k, v in row.items() if k in fields})
+        except (ValueError, TypeError):
+            continue
+        if r.status in ("finished", "stopped") and r.trial_id not in {k.trial_id for k in out}:
+            out.append(r)
+    return out
 
 
 def _record(result, group: str | None) -> TrialRecord:
