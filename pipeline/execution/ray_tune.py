@@ -20,8 +20,6 @@ search per group, each driven by its own Ray task, all at once.
 """
 from __future__ import annotations
 
-import dataclasses
-import glob
 import itertools
 import json
 import math
@@ -29,7 +27,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 import torch
@@ -38,24 +36,17 @@ from ray import tune
 from pipeline.config import Config, Domain
 from pipeline.errors import InfraError
 from pipeline.execution.ray_train import connect
+from pipeline.execution.tune_state import (
+    TrialRecord,
+    journal_append,
+    journal_read,
+    unreadable_state,
+)
 from pipeline.tuning.space import plain, trial_config
 from pipeline.tuning.trial import run_trial
 
 DONE = "search.done"
-JOURNAL = "trials.jsonl"            # the search's own record of its finished trials
 _LIVE: dict[str, _Live] = {}          # experiment path -> what its callback reports to
-
-
-@dataclass
-class TrialRecord:
-    trial_id: str
-    point: dict
-    status: str                 # finished | stopped (by the scheduler or the budget) | failed
-    score: float = math.nan     # the final score; a stopped trial's last validation score
-    epochs: int = 0
-    error: str = ""
-    group: str | None = None
-    history: list[dict] = field(default_factory=list)   # (epoch, val_loss, train_loss) rows
 
 
 @dataclass
@@ -164,7 +155,7 @@ class _Forward(tune.Callback):
         stopped = not last.get("final")
         score = last.get("score", math.nan)
         history = live.history.pop(trial.trial_id, [])
-        _journal_append(self.key, TrialRecord(
+        journal_append(self.key, TrialRecord(
             trial.trial_id, {k: plain(v) for k, v in trial.config.items()},
             "stopped" if stopped else "finished", float(score),
             int(last.get("epochs", len(history))), group=live.group, history=history))
@@ -249,8 +240,8 @@ def search(arrays, raw: dict, cfg: Config, domains: dict[str, Domain], storage: 
                              threads=max(1, int(t.cpus_per_trial))),
         trial_resources(cfg))
     unfinished = os.path.isdir(path) and not os.path.exists(os.path.join(path, DONE))
-    unreadable = _unreadable_state(path) if unfinished else None
-    kept = _journal_read(path) if unreadable else []
+    unreadable = unreadable_state(path) if unfinished else None
+    kept = journal_read(path) if unreadable else []
     resumed = unfinished and (bool(kept) or (tune.Tuner.can_restore(path) and not unreadable))
     if unreadable and not kept:
         echo(f"  the unfinished search in {path} cannot be resumed: Ray Tune's saved state "
@@ -262,24 +253,8 @@ def search(arrays, raw: dict, cfg: Config, domains: dict[str, Domain], storage: 
                                        resume_errored=True)
         else:
             shutil.rmtree(path, ignore_errors=True)
-            space, searcher, samples = _fresh_search(cfg, domains, grid, kept)
-            if kept:
-                echo(f"  resuming the unfinished search in {path}: Ray Tune's saved state "
-                     f"cannot be read ({unreadable}); keeping the {len(kept)} trial(s) its "
-                     f"journal records as finished, running {samples} more")
-                for r in kept:                  # a second kill keeps them too
-                    _journal_append(path, r)
-            tuner = None if kept and not samples else tune.Tuner(
-                trainable, param_space=space,
-                tune_config=tune.TuneConfig(
-                    metric="score", mode="min", search_alg=searcher,
-                    scheduler=_scheduler(cfg), num_samples=samples,
-                    max_concurrent_trials=t.max_concurrent,
-                    time_budget_s=None if t.time_budget_minutes is None
-                    else 60 * t.time_budget_minutes),
-                run_config=tune.RunConfig(
-                    name=name, storage_path=storage, callbacks=[_Forward(path)], verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=0)))
+            tuner = _new_tuner(trainable, cfg, domains, kept, storage, name, path,
+                               f"cannot be read ({unreadable})", echo)
         grid_result = tuner.fit() if tuner is not None else []
     finally:
         _LIVE.pop(path, None)
@@ -289,6 +264,32 @@ def search(arrays, raw: dict, cfg: Config, domains: dict[str, Domain], storage: 
     with open(os.path.join(path, DONE), "w") as f:
         json.dump({"trials": len(records)}, f)
     return SearchResult(records, path, resumed, group)
+
+
+def _new_tuner(trainable, cfg: Config, domains: dict[str, Domain], kept: list[TrialRecord],
+               storage: str, name: str, path: str, why: str, echo: Callable[[str], None]):
+    """A new search's Tuner, less the trials `kept` from an earlier one (whose Ray state
+    `why`); None when those are all of them."""
+    t = cfg.tune
+    space, searcher, samples = _fresh_search(cfg, domains, t.search == "grid", kept)
+    if kept:
+        echo(f"  resuming the unfinished search in {path}: Ray Tune's saved state {why}; "
+             f"keeping the {len(kept)} trial(s) its journal records as finished, running "
+             f"{samples} more")
+        for r in kept:                  # a second kill keeps them too
+            journal_append(path, r)
+        if not samples:
+            return None
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="score", mode="min", search_alg=searcher, scheduler=_scheduler(cfg),
+            num_samples=samples, max_concurrent_trials=t.max_concurrent,
+            time_budget_s=None if t.time_budget_minutes is None
+            else 60 * t.time_budget_minutes),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage, callbacks=[_Forward(path)], verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0)))
 
 
 def _fresh_search(cfg: Config, domains: dict[str, Domain], grid: bool,
@@ -320,54 +321,6 @@ def _fresh_search(cfg: Config, domains: dict[str, Domain], grid: bool,
                                 evaluated_rewards=[r.score for r in told]), left
     from ray.tune.search import BasicVariantGenerator
     return space, BasicVariantGenerator(random_state=t.seed + len(kept)), left
-
-
-def _unreadable_state(path: str) -> str | None:
-    """Why Ray Tune's newest saved state under `path` cannot be read, or None when it can
-    (or when there is none: Ray's own check says whether to restore)."""
-    files = sorted(glob.glob(os.path.join(glob.escape(path), "experiment_state-*.json")))
-    if not files:
-        return None
-    try:
-        with open(files[-1]) as f:
-            state = json.load(f)
-        if not isinstance(state, dict) or "trial_data" not in state:
-            return f"{os.path.basename(files[-1])} has no trial data"
-    except (OSError, ValueError) as e:
-        return f"{os.path.basename(files[-1])}: {type(e).__name__}"
-    return None
-
-
-def _journal_append(path: str, record: TrialRecord) -> None:
-    """One line per finished trial, written whole and flushed to disk before the next."""
-    os.makedirs(path, exist_ok=True)
-    line = json.dumps(dataclasses.asdict(record), default=str) + "\n"
-    fd = os.open(os.path.join(path, JOURNAL), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _journal_read(path: str) -> list[TrialRecord]:
-    """The finished (and early-stopped) trials of the journal; a line cut short by a kill is
-    skipped. Failed trials are not kept: they run again, as in Ray's resume."""
-    out, fields = [], {f.name for f in dataclasses.fields(TrialRecord)}
-    try:
-        with open(os.path.join(path, JOURNAL)) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            row = json.loads(line)
-            r = TrialRecord(**{k: v for k, v in row.items() if k in fields})
-        except (ValueError, TypeError):
-            continue
-        if r.status in ("finished", "stopped") and r.trial_id not in {k.trial_id for k in out}:
-            out.append(r)
-    return out
 
 
 def _record(result, group: str | None) -> TrialRecord:
