@@ -157,6 +157,33 @@ def test_window_recent_centres_on_the_last_steps_and_keeps_the_lookback_std():
         == pytest.approx(look.mean())                               # k beyond the lookback
 
 
+def test_window_recent_centre_is_fixed_in_the_resolved_config_and_kept_by_a_champion():
+    """Weekly data's season follows the median length (1 under two years, 52 from two): the
+    run fixes `windows.recent_steps` in the config it logs, so a champion trained on short
+    history centres its windows on the same span when it forecasts longer data later."""
+    from pipeline import config as C
+    from pipeline.data.calendar import parse_freq
+    from pipeline.data.loader import recent_steps
+    from pipeline.data.prepare import resolve_recent_steps
+    from pipeline.tracking.champions import champion_config
+    weekly = parse_freq("1w")
+    short = SeriesArrays.from_list([np.arange(60.0)] * 3, freq=weekly)
+    long = SeriesArrays.from_list([np.arange(150.0)] * 3, freq=weekly)
+    cfg = C.load(None, ["windows.scaling=window_recent", "windows.lookback_horizons=4",
+                        "windows.horizon=8"])
+    assert recent_steps(short, cfg) == 1 and recent_steps(long, cfg) == 52   # unfixed
+    trained = resolve_recent_steps(cfg, short)
+    assert trained.windows.recent_steps == 1 and trained.windows.lookback == 32
+    assert recent_steps(long, trained) == 1
+    today = C.load(None, ["windows.scaling=window_recent"])
+    kept = champion_config(today, trained.to_dict(), "global")
+    assert kept.windows.recent_steps == 1 and recent_steps(long, kept) == 1
+    assert resolve_recent_steps(C.load(None, []), short).windows.recent_steps is None
+    assert resolve_recent_steps(cfg, long).windows.recent_steps == 52
+    with pytest.raises(C.ConfigError, match="windows.recent_steps"):
+        C.load(None, ["windows.recent_steps=0"])
+
+
 def test_short_series_get_left_padded_windows_with_min_length():
     """windows.min_length below lookback + horizon: a short series keeps its latest windows,
     starting before its first step, targets always inside the data."""

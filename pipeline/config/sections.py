@@ -101,6 +101,9 @@ class WindowsConfig:
     scaling: str = "standard"            # none | standard | robust | minmax | window |
                                          # window_recent (each window centred on its last
                                          # season's mean, scaled by its lookback's std)
+    recent_steps: int | None = None      # window_recent: the lookback's last steps whose mean
+                                         # centres a window; None: one season, fixed in the
+                                         # config the run logs (a champion keeps its own)
 
     def __post_init__(self) -> None:
         _positive("windows.horizon", self.horizon)
@@ -129,6 +132,8 @@ class WindowsConfig:
         _positive("windows.step", self.step)
         _choice("windows.scaling", self.scaling,
                 ("none", "standard", "robust", "minmax", "window", "window_recent"))
+        if self.recent_steps is not None:
+            _positive("windows.recent_steps", self.recent_steps)
 
     @property
     def required_length(self) -> int:

@@ -30,7 +30,7 @@ from pipeline.config import Config
 from pipeline.data.calendar import resolve_features
 from pipeline.data.calendar_table import CalendarTable, cyclic
 from pipeline.data.scaling import WINDOW_METHODS, covariate_scaling, fit_scaling, mase_scale
-from pipeline.data.series import SeriesArrays
+from pipeline.data.series import SeriesArrays, season_of
 from pipeline.data.windows import WindowIndex
 
 
@@ -311,21 +311,16 @@ def loss_season(arrays: SeriesArrays, cfg: Config) -> int | None:
     mase, else None: evaluate.season, else the frequency's default season."""
     if "mase" not in [*cfg.model.member_losses(), cfg.train.val_metric]:
         return None
-    return _season(arrays, cfg)
-
-
-def _season(arrays: SeriesArrays, cfg: Config) -> int:
-    """evaluate.season, else the frequency's default (forecasting.backtest.season_of's m)."""
-    return cfg.evaluate.season or arrays.freq.default_season(arrays.lengths)
+    return season_of(cfg, arrays)
 
 
 def recent_steps(arrays: SeriesArrays, cfg: Config) -> int:
     """The steps at a lookback's end that centre each window under `windows.scaling:
-    window_recent`: one season (evaluate.season, else the frequency's default; one step for
-    data without a season); 0 (the whole lookback) otherwise."""
+    window_recent`: `windows.recent_steps`, else one season (`season_of`; one step for data
+    without a season); 0 (the whole lookback) otherwise."""
     if cfg.windows.scaling != "window_recent":
         return 0
-    return max(1, _season(arrays, cfg))
+    return cfg.windows.recent_steps or max(1, season_of(cfg, arrays))
 
 
 def loader_at(arrays: SeriesArrays, cfg: Config, cutoff: np.ndarray, device="cpu"

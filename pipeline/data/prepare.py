@@ -22,7 +22,8 @@ from pipeline.config.recipes import after_load, before_load, resolve_threads
 from pipeline.data import grid
 from pipeline.data.calendar import Freq, parse_freq
 from pipeline.data.io import Part, file_schema, list_parts, read_columns
-from pipeline.data.series import STATUS, SeriesArrays
+from pipeline.data.loader import recent_steps
+from pipeline.data.series import STATUS, SeriesArrays, season_of
 from pipeline.data.validate import check_columns, load_part, timestamps_ns
 from pipeline.data.windows import WindowPlan, plan_windows
 from pipeline.errors import DataError
@@ -148,14 +149,15 @@ def read(cfg: Config, runner: Runner = local_runner) -> Prepared:
 
 def resolve(data: Prepared) -> Prepared:
     """The config for this data — `recipe: auto` sized from the trainable series' lengths and
-    season (`config.recipes.after_load`), `train.threads: auto` for where training runs — and
-    the window plan under it: `Prepared.cfg`, the config the run logs and its stages use."""
+    season (`config.recipes.after_load`), `train.threads: auto` for where training runs,
+    `window_recent`'s centre — and the window plan under it: `Prepared.cfg`, the config the run
+    logs and its stages use."""
     t0 = time.perf_counter()
     arrays, cfg = data.arrays, data.cfg
-    cfg, chosen = after_load(cfg, arrays.lengths[arrays.status == 0],
-                             cfg.evaluate.season or arrays.freq.default_season(arrays.lengths),
+    cfg, chosen = after_load(cfg, arrays.lengths[arrays.status == 0], season_of(cfg, arrays),
                              arrays.freq.auto_features())
     cfg = resolve_threads(cfg)
+    cfg = resolve_recent_steps(cfg, arrays)
     cfg = resolve_clip(cfg, arrays)
     report = data.report
     if chosen:
@@ -164,6 +166,19 @@ def resolve(data: Prepared) -> Prepared:
     return dataclasses.replace(data, report=report, plan=plan_windows(arrays, cfg.windows),
                                cfg=cfg, recipe=chosen,
                                seconds=data.seconds + time.perf_counter() - t0)
+
+
+def resolve_recent_steps(cfg: Config, arrays: SeriesArrays) -> Config:
+    """`windows.recent_steps` fixed where `window_recent` leaves it to the season: a weekly
+    season follows the median length (52 from two years of history, else 1), so a champion
+    forecasting longer data later would otherwise centre its windows on another span than it
+    was trained with (`champion_config` keeps the champion's windows section)."""
+    if cfg.windows.scaling != "window_recent" or cfg.windows.recent_steps is not None:
+        return cfg
+    out = dataclasses.replace(cfg, windows=dataclasses.replace(
+        cfg.windows, recent_steps=recent_steps(arrays, cfg), lookback_horizons=None))
+    out.explicit = cfg.explicit
+    return out
 
 
 def padded_rows(rows: list[dict], arrays: SeriesArrays, windows) -> list[dict]:

@@ -11,11 +11,15 @@ target). Covariates are aligned row for row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.data.calendar import NS, Freq, label
 from pipeline.errors import DataError
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 STATUS = {0: "ok", 1: "too_short", 2: "nan_target_dropped", 3: "no_finite_values",
           4: "negative_values"}
@@ -109,6 +113,13 @@ class SeriesArrays:
             static={k: cat([p.static[k] for p in parts]) for k in first.static},
             groups=cat([p.groups for p in parts]) if first.groups is not None else None,
         )
+
+
+def season_of(cfg: Config, arrays: SeriesArrays) -> int:
+    """m for MASE, seasonal naive and `window_recent`'s centre: evaluate.season, else the
+    frequency's default season (`Freq.default_season`: 24 hourly, 7 daily, 5 business-daily,
+    52 or 1 weekly, 12 monthly, 4 quarterly, 1 yearly)."""
+    return cfg.evaluate.season or arrays.freq.default_season(arrays.lengths)
 
 
 def _check_unique_ids(parts: list[SeriesArrays], labels: list[str] | None) -> None:

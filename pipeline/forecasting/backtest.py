@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.data.loader import loader_at
-from pipeline.data.series import SeriesArrays
+from pipeline.data.series import SeriesArrays, season_of
 from pipeline.data.windows import backtest_windows, cutoff_positions
 from pipeline.evaluation import metrics as E
 from pipeline.forecasting.predict import history, long_frame, predict_job, quantile_column
@@ -38,13 +38,6 @@ def fallback_name(cfg: Config) -> str:
     """The `model` value of fallback forecasts: "fallback:seasonal_naive" or
     "fallback:auto_ets" (`evaluate.fallback`)."""
     return f"fallback:{cfg.evaluate.fallback}"
-
-
-def season_of(cfg: Config, arrays: SeriesArrays) -> int:
-    """m for MASE and seasonal naive: evaluate.season, else the frequency's default season
-    (`Freq.default_season`: 24 hourly, 7 daily, 5 business-daily, 52 or 1 weekly, 12 monthly,
-    4 quarterly, 1 yearly)."""
-    return cfg.evaluate.season or arrays.freq.default_season(arrays.lengths)
 
 
 class Block(NamedTuple):

@@ -20,7 +20,7 @@ import yaml
 
 from pipeline.config import Config, ConfigError, Domain, from_dict
 from pipeline.config.recipes import after_load, before_load
-from pipeline.data.series import SeriesArrays
+from pipeline.data.series import SeriesArrays, season_of
 
 SECTIONS = ("windows.", "model.", "train.")
 FIXED = {"windows.horizon": "it is the forecasting task itself",
@@ -93,8 +93,7 @@ def point_raw(raw: dict, point: dict[str, Any], metric: str) -> dict:
 def trial_config(raw: dict, point: dict[str, Any], metric: str, arrays: SeriesArrays) -> Config:
     """The config a trial trains: the point's mapping, resolved for the data."""
     cfg = before_load(from_dict(point_raw(raw, point, metric)))
-    season = cfg.evaluate.season or arrays.freq.default_season(arrays.lengths)
-    return after_load(cfg, arrays.lengths[arrays.status == 0], season,
+    return after_load(cfg, arrays.lengths[arrays.status == 0], season_of(cfg, arrays),
                       arrays.freq.auto_features())[0]
 
 
