@@ -199,15 +199,23 @@ def _scheduler(cfg: Config):
                          reduction_factor=t.reduction_factor)
 
 
-def _searcher(cfg: Config):
+def _searcher(cfg: Config, space: dict | None = None, kept: list[TrialRecord] = ()):
+    """The search's sampler; with trials `kept` from an earlier search, Optuna is told their
+    points and scores (over `space`, the param space it then owns) and random search draws
+    from another seed."""
     t = cfg.tune
     if t.search == "optuna":
         import optuna  # only for this search
         from ray.tune.search.optuna import OptunaSearch
         optuna.logging.set_verbosity(optuna.logging.WARNING)   # no "study created" line
-        return OptunaSearch(seed=t.seed)
+        if not kept:
+            return OptunaSearch(seed=t.seed)
+        told = [r for r in kept if math.isfinite(r.score)]
+        return OptunaSearch(space=OptunaSearch.convert_search_space(space), metric="score",
+                            mode="min", seed=t.seed, points_to_evaluate=[r.point for r in told],
+                            evaluated_rewards=[r.score for r in told])
     from ray.tune.search import BasicVariantGenerator
-    return BasicVariantGenerator(random_state=t.seed)
+    return BasicVariantGenerator(random_state=t.seed + len(kept))
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
@@ -300,27 +308,17 @@ def _fresh_search(cfg: Config, domains: dict[str, Domain], grid: bool,
     space = {k: _domain(d, grid) for k, d in domains.items()}
     if not kept:
         return space, _searcher(cfg), t.trials
-    done = [r.point for r in kept]
     if grid:
         from ray.tune.search import BasicVariantGenerator
         todo = [dict(zip(domains, values, strict=True)) for values in itertools.product(
             *(d.values for d in domains.values()))] * t.trials
-        for p in done:                           # a multiset difference
-            if p in todo:
-                todo.remove(p)
+        for r in kept:                           # a multiset difference
+            if r.point in todo:
+                todo.remove(r.point)
         return ({k: _domain(d, False) for k, d in domains.items()},
                 BasicVariantGenerator(points_to_evaluate=todo), len(todo))
-    left = max(0, t.trials - len(kept))
-    if t.search == "optuna":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        told = [r for r in kept if math.isfinite(r.score)]
-        return {}, OptunaSearch(space=OptunaSearch.convert_search_space(space), metric="score",
-                                mode="min", seed=t.seed, points_to_evaluate=[r.point for r in told],
-                                evaluated_rewards=[r.score for r in told]), left
-    from ray.tune.search import BasicVariantGenerator
-    return space, BasicVariantGenerator(random_state=t.seed + len(kept)), left
+    searcher = _searcher(cfg, space, kept)
+    return {} if t.search == "optuna" else space, searcher, max(0, t.trials - len(kept))
 
 
 def _record(result, group: str | None) -> TrialRecord:

@@ -61,7 +61,7 @@ def journal_append(path: str, record: TrialRecord) -> None:
 def journal_read(path: str) -> list[TrialRecord]:
     """The finished (and early-stopped) trials of the journal; a line cut short by a kill is
     skipped. Failed trials are not kept: they run again, as in Ray's resume."""
-    out, fields = [], {f.name for f in dataclasses.fields(TrialRecord)}
+    out, seen, fields = [], set(), {f.name for f in dataclasses.fields(TrialRecord)}
     try:
         with open(os.path.join(path, JOURNAL)) as f:
             lines = f.read().splitlines()
@@ -73,6 +73,7 @@ def journal_read(path: str) -> list[TrialRecord]:
             r = TrialRecord(**{k: v for k, v in row.items() if k in fields})
         except (ValueError, TypeError):
             continue
-        if r.status in ("finished", "stopped") and r.trial_id not in {k.trial_id for k in out}:
+        if r.status in ("finished", "stopped") and r.trial_id not in seen:
+            seen.add(r.trial_id)
             out.append(r)
     return out
