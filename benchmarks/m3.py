@@ -121,7 +121,8 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", choices=list(FREQS),
                     help="frequencies (default: all the competition has)")
     ap.add_argument("--work", default=None, help="folder for data and outputs (default: temp)")
-    ap.add_argument("--comparators", nargs="*", default=["auto_ets", "auto_theta"],
+    ap.add_argument("--comparators", nargs="*",
+                    default=["auto_ets", "auto_theta", "dynamic_theta"],
                     help="statsforecast models scored beside the pipeline (none: --comparators)")
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix=f"{args.competition}-bench-")
@@ -162,7 +163,8 @@ def print_table(rows: list[dict], cmp: list[str], competition: str) -> dict[str,
     """One line per frequency (sMAPE, MASE, MAPE of each method; M3's published sMAPE), then,
     when every frequency ran, the average sMAPE over series; returns those averages."""
     label = {"pipeline": "pipeline", "seasonal_naive": "seas.naive", "auto_ets": "AutoETS",
-             "auto_theta": "AutoTheta", "auto_arima": "AutoARIMA"}
+             "auto_theta": "AutoTheta", "auto_arima": "AutoARIMA",
+             "dynamic_theta": "DynOptTheta"}
     methods = ["pipeline", "seasonal_naive", *cmp]
     published = competition == "m3"
     print(f"{'frequency':<10} {'series':>6} "

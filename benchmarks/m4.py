@@ -174,7 +174,8 @@ def main() -> None:
         seconds = time.perf_counter() - w0
         for name in args.comparators:
             label = {"auto_ets": "AutoETS", "auto_theta": "AutoTheta",
-                     "auto_arima": "AutoARIMA"}[name] + " (statsforecast)"
+                     "auto_arima": "AutoARIMA",
+                     "dynamic_theta": "DynOptTheta"}[name] + " (statsforecast)"
             rows[label] = score(names, train, test, dict(zip(names, got.columns[name],
                                                              strict=True)))
         infos.append({"model": "+".join(args.comparators), "wall_s": round(seconds, 1),

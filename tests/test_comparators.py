@@ -6,13 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from statsforecast import StatsForecast
-from statsforecast.models import AutoARIMA, AutoETS, AutoTheta
+from statsforecast.models import AutoARIMA, AutoETS, AutoTheta, DynamicOptimizedTheta
 
 from pipeline.evaluation import comparators
 from pipeline.evaluation.comparators import COMPARATORS, Fallback, forecast
 
-NAMES = ["auto_ets", "auto_theta", "auto_arima"]
-CLASSES = {"auto_ets": AutoETS, "auto_theta": AutoTheta, "auto_arima": AutoARIMA}
+NAMES = ["auto_ets", "auto_theta", "auto_arima", "dynamic_theta"]
+CLASSES = {"auto_ets": AutoETS, "auto_theta": AutoTheta, "auto_arima": AutoARIMA,
+           "dynamic_theta": DynamicOptimizedTheta}
 LEVELS = [80, 95]
 
 
@@ -79,10 +80,11 @@ def test_a_three_point_series_falls_back_to_seasonal_naive_and_is_reported():
     histories = [YEARLY[0], short]
     before = [y.copy() for y in histories]
     got = forecast(histories, 4, 12, NAMES, LEVELS)
-    # AutoETS and AutoTheta refuse 3 points ("tiny datasets"); AutoARIMA fits a mean
-    assert [(f.series, f.model) for f in got.fallbacks] == [(1, "auto_ets"), (1, "auto_theta")]
+    # AutoETS and the Theta models refuse 3 points ("tiny datasets"); AutoARIMA fits a mean
+    refused = ["auto_ets", "auto_theta", "dynamic_theta"]
+    assert [(f.series, f.model) for f in got.fallbacks] == [(1, name) for name in refused]
     assert all(f.reason == "NotImplementedError: tiny datasets" for f in got.fallbacks)
-    for name in ("auto_ets", "auto_theta"):
+    for name in refused:
         for key in [name, *(f"{name}-{s}-{l}" for l in LEVELS for s in ("lo", "hi"))]:
             np.testing.assert_array_equal(got.columns[key][1], [5.0] * 4)   # shorter than m
         np.testing.assert_array_equal(got.fell_back(name), [False, True])

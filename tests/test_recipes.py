@@ -68,20 +68,27 @@ def test_short_series_get_a_causal_cnn_that_covers_the_longest_lookback():
 
 def test_short_series_combine_the_network_with_the_comparators_long_ones_do_not():
     """Under 10 horizons of history (median): the forecast averages the ensemble with
-    AutoETS and AutoTheta, those of them the comparators run; the user's key wins."""
+    AutoETS, AutoTheta and DynamicOptimizedTheta (added to the default comparators), those
+    of them the comparators run where the user named them; the user's key wins."""
     short, long = np.full(100, 9 * 18 + 18), np.full(100, 10 * 18 + 18)
-    assert choose(auto("windows.horizon=18", "windows.n_windows=1"), short, 12)[
-        "evaluate.combine"] == ["auto_ets", "auto_theta"]
-    assert choose(auto("windows.horizon=18", "windows.n_windows=1"), long, 12)[
-        "evaluate.combine"] == []
+    three = ["auto_ets", "auto_theta", "dynamic_theta"]
+    got = choose(auto("windows.horizon=18", "windows.n_windows=1"), short, 12)
+    assert got["evaluate.combine"] == got["evaluate.comparators"] == three
+    cfg, _ = after_load(auto("windows.horizon=18", "windows.n_windows=1"), short, 12)
+    assert cfg.evaluate.combine == cfg.evaluate.comparators == three
+    got = choose(auto("windows.horizon=18", "windows.n_windows=1"), long, 12)
+    assert got["evaluate.combine"] == [] and got["evaluate.comparators"] == three[:2]
     theta = auto("windows.horizon=18", "windows.n_windows=1", "evaluate.comparators=[auto_theta]")
     assert choose(theta, short, 12)["evaluate.combine"] == ["auto_theta"]
+    assert "evaluate.comparators" not in choose(theta, short, 12)
+    two = auto("windows.horizon=18", "evaluate.comparators=[auto_ets, auto_theta]")
+    assert choose(two, short, 12)["evaluate.combine"] == three[:2]
     assert choose(auto("windows.horizon=18", "evaluate.comparators=[]"), short, 12)[
         "evaluate.combine"] == []
     mine = auto("windows.horizon=18", "windows.n_windows=1", "evaluate.combine=[auto_ets]")
     assert "evaluate.combine" not in choose(mine, short, 12)
     cfg, _ = after_load(mine, short, 12)
-    assert cfg.evaluate.combine == ["auto_ets"]
+    assert cfg.evaluate.combine == ["auto_ets"] and cfg.evaluate.comparators == three[:2]
 
 
 def test_short_series_with_one_cutoff_publish_the_combination_without_selection():

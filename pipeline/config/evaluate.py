@@ -9,7 +9,7 @@ from pipeline.config.checks import choice as _choice
 from pipeline.config.checks import positive as _positive
 
 # the names of pipeline.evaluation.comparators.COMPARATORS
-STATISTICAL = ("auto_ets", "auto_theta", "auto_arima")
+STATISTICAL = ("auto_ets", "auto_theta", "auto_arima", "dynamic_theta")
 
 
 @dataclass

@@ -17,6 +17,7 @@ BASELINE_STYLE = {"seasonal_naive": ("--", "tab:green", "seasonal naive"),
                   "auto_ets": ("-.", "tab:red", "AutoETS"),      # the comparators
                   "auto_theta": ("-.", "tab:brown", "AutoTheta"),
                   "auto_arima": ("-.", "tab:pink", "AutoARIMA"),
+                  "dynamic_theta": ("-.", "tab:cyan", "DynamicOptimizedTheta"),
                   "combination": ("-.", "tab:olive", "combination")}
 OTHER_STYLE = ("-", "0.6")       # a model without a style of its own (the network, drawn
                                  # beside a comparator that was published)
