@@ -131,7 +131,9 @@ def choose(cfg: Config, lengths: np.ndarray, season: int, calendar: list[str] | 
         "train.steps_per_epoch": int(np.clip(n // 8, 20, 100)),
         "train.epochs": 60 if mlp else 20, "train.patience": 10 if mlp else 5,
         "train.lr": 1e-3, "train.scheduler": "cosine",
-        "evaluate.comparators": comparators, "evaluate.combine": combine,
+        **({"evaluate.comparators": comparators}
+           if comparators != cfg.evaluate.comparators else {}),
+        "evaluate.combine": combine,
         **({"evaluate.select": "network"} if w.n_windows == 1 and (
             cfg.evaluate.combine if "evaluate.combine" in keep else combine) else {}),
         **({"data.calendar": []} if calendar == ["month"] else {}),
